@@ -1,0 +1,1 @@
+"""Input pipelines: the embedded digits, TFDS ImageNet and cached VAE latents."""
