@@ -1,0 +1,304 @@
+"""Building blocks of the xAR network: RMSNorm, 2-D RoPE, attention, gated MLP, adaLN block.
+
+Shapes: B batch, T tokens of this call, N tokens of the whole sequence, D width, H heads, d head dim,
+K entities. Parameters are float32; ``dtype`` is the compute dtype of matrix products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+
+dense_init = nn.initializers.xavier_uniform()
+
+
+def param_dense(features: int, name: str, dtype: Any, axes: tuple[str, str]) -> nn.Dense:
+    """A Linear layer with the reference's init (xavier uniform, zero bias) and logical axes."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(dense_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+def rms_normalize(x: Array) -> Array:
+    """``x * rsqrt(mean(x^2) + 1e-6)`` computed in float32, returned in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight (``z_proj_ln``, ``encoder_norm``, ``decoder_norm``)."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param(
+            "weight", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+        )
+        return rms_normalize(x) * weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding.
+def rope_frequencies(head_dim: int) -> np.ndarray:
+    """The ``head_dim // 4`` frequencies ``10000^(-2k/half)`` of the 2-D RoPE (half = head_dim/2)."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}.")
+    half = head_dim // 2
+    return (10000.0 ** (-np.arange(0, half, 2, dtype=np.float64) / half)).astype(np.float32)
+
+
+def rope_tables(positions: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables ``(N, head_dim)`` for tokens at ``positions`` (N, 2) = (row, col).
+
+    Angles are ``[r f0, r f0, r f1, r f1, ..., c f0, c f0, ...]``: the first half from the row, the
+    second from the column, every frequency twice on adjacent features (the release's layout).
+    """
+    freqs = rope_frequencies(head_dim)
+    pos = positions.astype(np.float32)
+    rows = np.repeat(pos[:, :1] * freqs[None], 2, axis=-1)
+    cols = np.repeat(pos[:, 1:] * freqs[None], 2, axis=-1)
+    angles = np.concatenate([rows, cols], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """``x * cos + rotate_half(x) * sin`` on ``x`` (B, T, H, d) with tables (T, d) or (B, T, d).
+
+    rotate_half maps each adjacent pair (x[2j], x[2j+1]) to (-x[2j+1], x[2j]).
+    """
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    if cos.ndim == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x * cos + rotated * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention.
+@dataclasses.dataclass(frozen=True)
+class KVContext:
+    """Keys/values of finished entities for cached sampling.
+
+    keys/values: (B, Nc, H, d) post-RoPE; visible: (Nc,) bool, which cached positions may be attended.
+    """
+
+    keys: Array
+    values: Array
+    visible: Array
+
+
+def _masked_softmax_attention(q, k, v, mask, scale, dropout_fn):
+    """Plain XLA attention. q (B,T,H,d), k/v (B,S,H,d), mask (T,S) bool or None."""
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask[None, None], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = dropout_fn(probs).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def _two_part_attention(q, k, v, ctx: KVContext, scale):
+    """Attention of T new tokens over [visible cached keys, their own keys] with one softmax.
+
+    The cache is not concatenated with the new keys (that would copy it every flow step): the two
+    logit blocks are normalised jointly instead.
+    """
+    l_cache = jnp.einsum("bthd,bshd->bhts", q, ctx.keys, preferred_element_type=jnp.float32) * scale
+    l_cache = jnp.where(ctx.visible[None, None, None, :], l_cache, -jnp.inf)
+    l_own = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    m = jnp.maximum(l_cache.max(-1, keepdims=True), l_own.max(-1, keepdims=True))
+    p_cache, p_own = jnp.exp(l_cache - m), jnp.exp(l_own - m)
+    denom = p_cache.sum(-1, keepdims=True) + p_own.sum(-1, keepdims=True)
+    out = jnp.einsum("bhts,bshd->bthd", (p_cache / denom).astype(v.dtype), ctx.values)
+    return out + jnp.einsum("bhts,bshd->bthd", (p_own / denom).astype(v.dtype), v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with 2-D RoPE and a block mask (``attn.qkv``, ``attn.proj``)."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+    attn_dropout: float = 0.0
+    proj_dropout: float = 0.0
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv_context: KVContext | None, deterministic: bool):
+        b, t, d_model = x.shape
+        h = self.num_heads
+        head_dim = d_model // h
+        qkv = param_dense(3 * d_model, "qkv", self.dtype, ("embed", "qkv"))(x)
+        qkv = qkv.reshape(b, t, 3, h, head_dim)  # Output features laid out as (3, H, head_dim).
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "heads", "head_dim"))
+        scale = 1.0 / np.sqrt(head_dim)
+        if kv_context is not None:
+            out = _two_part_attention(q, k, v, kv_context, scale)
+        elif self.impl == "xla":
+            drop = nn.Dropout(self.attn_dropout, name="attn_drop")
+            out = _masked_softmax_attention(
+                q, k, v, mask, scale, lambda p: drop(p, deterministic=deterministic)
+            )
+        else:
+            if self.attn_dropout > 0 and not deterministic:
+                raise ValueError(
+                    f"model.attention_impl={self.impl!r} has no dropout on attention probabilities; "
+                    "set model.attn_dropout=0.0 or model.attention_impl='xla'."
+                )
+            impl = None if self.impl == "dot_product" else self.impl
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=None if mask is None else mask[None, None], implementation=impl
+            )
+        out = out.reshape(b, t, d_model)
+        out = param_dense(d_model, "proj", self.dtype, ("qkv_out", "embed"))(out)
+        out = nn.Dropout(self.proj_dropout, name="proj_drop")(out, deterministic=deterministic)
+        return out, (k, v)
+
+
+class GatedMLP(nn.Module):
+    """``fc2(GELU(fc1_g(x)) * fc1_x(x))`` with exact GELU.
+
+    ``hidden_padded`` >= ``hidden`` zero-pads the hidden width (to suit matrix units): padded
+    units start at zero and receive zero gradient, so the function and its training are unchanged.
+    """
+
+    hidden: int
+    hidden_padded: int
+    dtype: Any = jnp.float32
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        d_model = x.shape[-1]
+        width = self.hidden_padded
+        g = self._fc1("fc1_g", width)(x)
+        u = self._fc1("fc1_x", width)(x)
+        hidden = jax.nn.gelu(g, approximate=False) * u
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        hidden = nn.Dropout(self.dropout, name="drop1")(hidden, deterministic=deterministic)
+        fc2_init = dense_init
+        if width != self.hidden:
+            fc2_init = _zero_padded(dense_init, self.hidden, axis=0)
+        out = nn.Dense(
+            d_model,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(fc2_init, ("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="fc2",
+        )(hidden)
+        return nn.Dropout(self.dropout, name="drop2")(out, deterministic=deterministic)
+
+    def _fc1(self, name, width):
+        init = dense_init if width == self.hidden else _zero_padded(dense_init, self.hidden, axis=1)
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+            name=name,
+        )
+
+
+def _zero_padded(init, true_width: int, axis: int):
+    """Initialiser drawing the unpadded block with ``init`` (same fan) and zeros elsewhere."""
+
+    def padded_init(key, shape, dtype=jnp.float32):
+        true_shape = list(shape)
+        true_shape[axis] = true_width
+        w = init(key, tuple(true_shape), dtype)
+        pad = [(0, 0)] * len(shape)
+        pad[axis] = (0, shape[axis] - true_width)
+        return jnp.pad(w, pad)
+
+    return padded_init
+
+
+class Block(nn.Module):
+    """adaLN transformer block (the release's ``AdaLNSelfAttn``).
+
+    ``ada = Linear(SiLU(c))`` per entity -> gamma1, gamma2, scale1, scale2, shift1, shift2;
+    ``x += gamma1 * Attn(RMSNorm(x) * (1 + scale1) + shift1)``;
+    ``x += gamma2 * MLP(RMSNorm(x) * (1 + scale2) + shift2)``.
+    """
+
+    num_heads: int
+    mlp_hidden: int
+    mlp_hidden_padded: int
+    dtype: Any = jnp.float32
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, cond, token_entity, cos, sin, mask, kv_context, deterministic: bool):
+        """x (B,T,D); cond (B,K',D) per-entity conditioning; token_entity (T,) row of cond per token.
+
+        The adaLN projection runs once per entity (not per token), then is gathered to tokens.
+        """
+        d_model = x.shape[-1]
+        ada = param_dense(6 * d_model, "ada_lin", self.dtype, ("embed", "ada"))(nn.silu(cond))
+        ada = jnp.take(ada.astype(jnp.float32), token_entity, axis=1)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada, 6, axis=-1)
+        h = (rms_normalize(x) * (1 + scale1) + shift1).astype(self.dtype)
+        attn_out, kv = Attention(
+            self.num_heads,
+            dtype=self.dtype,
+            attn_dropout=self.attn_dropout,
+            proj_dropout=self.dropout,
+            impl=self.attention_impl,
+            name="attn",
+        )(h, cos, sin, mask, kv_context, deterministic)
+        x = x + gamma1 * attn_out
+        h = (rms_normalize(x) * (1 + scale2) + shift2).astype(self.dtype)
+        mlp_out = GatedMLP(
+            self.mlp_hidden, self.mlp_hidden_padded, self.dtype, self.dropout, name="mlp"
+        )(h, deterministic)
+        x = x + gamma2 * mlp_out
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, kv
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning.
+def time_index(t: Array) -> Array:
+    """``trunc(float32(t) * 1000)`` in float32 arithmetic (float64 would differ: 0.68 -> 679)."""
+    return jnp.trunc(t.astype(jnp.float32) * jnp.float32(1000.0))
+
+
+def timestep_features(tidx: Array, dim: int = 256) -> Array:
+    """Sinusoid ``[cos(tidx * f), sin(tidx * f)]``, ``f_i = exp(-ln(10000) i / (dim/2))``."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = tidx.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """``Linear(256 -> D), SiLU, Linear(D -> D)`` of the time index (``time_embed.mlp.{0,2}``)."""
+
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: Array) -> Array:
+        h = timestep_features(time_index(t))
+        h = param_dense(self.width, "mlp_0", self.dtype, ("time_freq", "embed"))(h)
+        return param_dense(self.width, "mlp_2", self.dtype, ("embed", "embed_out"))(nn.silu(h))

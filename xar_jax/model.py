@@ -1,0 +1,355 @@
+"""The xAR network (encoder then decoder stacks of adaLN blocks) and its size table.
+
+The entity kind only changes the layout: the token order, the block-causal mask, RoPE positions and
+which conditioning row each token uses. Everything else is the release's network.
+
+Entry points:
+  ``model.apply({'params': p}, x_t, t, labels, train=False)`` -> velocity (B, N, C) for all tokens.
+  ``model.apply(..., method=XAR.entity_forward)`` runs one entity's tokens against cached keys and
+  values of finished entities (sampling), optionally returning the entity's own keys/values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from xar_jax import entities as ent
+from xar_jax.layers import (
+    ATTENTION_IMPLS,
+    Block,
+    KVContext,
+    RMSNorm,
+    TimestepEmbedder,
+    param_dense,
+    rope_tables,
+)
+
+NULL_CLASS = 1000  # Label of the unconditional (dropped / guidance) class; embedding row 1000.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    width: int
+    encoder_depth: int
+    decoder_depth: int
+    num_heads: int
+    params_millions: float  # Published count, checked by the tests.
+
+
+# The published sizes (one table: configs and tests read it).
+PRESETS: dict[str, Size] = {
+    "xar_b": Size(768, 8, 8, 12, 172.64),
+    "xar_l": Size(1024, 16, 16, 16, 608.40),
+    "xar_h": Size(1280, 20, 20, 16, 1186.02),
+}
+
+
+def mlp_hidden_width(width: int, mlp_ratio: float = 4.0) -> int:
+    """The release's gated-MLP width ``int(D * ratio * 2/3)`` (768 -> 2048, 1024 -> 2730, 1280 -> 3413)."""
+    return int(width * mlp_ratio * 2 / 3)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values of a whole sequence, stacked over layers: (L, B, N, H, d) each."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
+class _LayerBlock(Block):
+    """A Block whose call-invariant switches are attributes, so nn.scan / nn.remat can wrap it.
+
+    Call: ``(x, cond, token_entity, cos, sin, mask, cache, visible) -> (x, kv or None)``, where
+    ``cache`` is this layer's (keys, values) or None; the (carry, output) shape suits nn.scan.
+    """
+
+    deterministic: bool = True
+    return_kv: bool = False
+
+    def __call__(self, x, cond, token_entity, cos, sin, mask, cache, visible):
+        context = None if cache is None else KVContext(cache[0], cache[1], visible)
+        x, kv = super().__call__(x, cond, token_entity, cos, sin, mask, context, self.deterministic)
+        return x, (kv if self.return_kv else None)
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class BlockStack(nn.Module):
+    """``depth`` blocks, unrolled (params ``block_{i}``) or scanned (params ``blocks``, stacked)."""
+
+    depth: int
+    block_kwargs: tuple[tuple[str, Any], ...]
+    scan_layers: bool = False
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, x, cond, token_entity, cos, sin, mask, cache, visible, *, deterministic,
+                 return_kv):
+        """Returns x and, with ``return_kv``, the stacked (keys, values) of shape (L, B, T, H, d)."""
+        block_cls = _LayerBlock
+        if self.remat != "none":
+            block_cls = nn.remat(block_cls, policy=_REMAT[self.remat], prevent_cse=not self.scan_layers)
+        make = lambda name: block_cls(
+            **dict(self.block_kwargs), deterministic=deterministic, return_kv=return_kv, name=name
+        )
+        args = (cond, token_entity, cos, sin, mask)
+        if self.scan_layers:
+            scanned = nn.scan(
+                lambda module, carry, *xs: module(carry, *xs),
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                metadata_params={nn.PARTITION_NAME: "layers"},
+                in_axes=(nn.broadcast,) * len(args) + (0, nn.broadcast),
+                length=self.depth,
+            )
+            return scanned(make("blocks"), x, *args, cache, visible)
+        kvs = []
+        for i in range(self.depth):
+            layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+            x, kv = make(f"block_{i}")(x, *args, layer_cache, visible)
+            kvs.append(kv)
+        if not return_kv:
+            return x, None
+        return x, (jnp.stack([k for k, _ in kvs]), jnp.stack([v for _, v in kvs]))
+
+
+class XAR(nn.Module):
+    """The xAR transformer over one entity layout.
+
+    Attributes:
+      layout: the entity layout (token order, mask, positions).
+      width: model width D (encoder and decoder share it, as in the release).
+      encoder_depth / decoder_depth: number of blocks.
+      encoder_heads / decoder_heads: attention heads of each stack.
+      in_channels: latent channels C (16 for KL-16).
+      num_classes: class labels; the embedding has one extra row, the null class.
+      mlp_ratio: MLP hidden width is ``int(D * mlp_ratio * 2/3)``.
+      mlp_multiple: pad the MLP hidden width up to this multiple (1 = no padding; exact either way).
+      dropout / attn_dropout: training dropout after proj/MLP and on attention probabilities.
+      dtype: compute dtype (params stay float32).
+      attention_impl: 'xla' (einsum + mask, supports attention dropout), 'dot_product'
+        (jax.nn.dot_product_attention, backend's choice), 'cudnn' (fused, GPU bf16/fp16).
+      scan_layers: scan over blocks (compile time flat in depth; params stacked on a leading axis).
+      remat: rematerialisation policy of each block: 'none', 'full', 'dots', 'dots_no_batch'.
+    """
+
+    layout: ent.EntityLayout
+    width: int
+    encoder_depth: int
+    decoder_depth: int
+    encoder_heads: int
+    decoder_heads: int
+    in_channels: int = 16
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    mlp_multiple: int = 1
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    dtype: Any = jnp.float32
+    attention_impl: str = "xla"
+    scan_layers: bool = False
+    remat: str = "none"
+
+    def setup(self):
+        d = self.width
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"model.attention_impl={self.attention_impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}."
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}.")
+        for name, heads in (("encoder_heads", self.encoder_heads), ("decoder_heads", self.decoder_heads)):
+            if d % heads or (d // heads) % 4:
+                raise ValueError(
+                    f"model.{name}={heads} must divide width {d} into heads of a size divisible by 4."
+                )
+        n = self.layout.num_tokens
+        pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "length", "embed"))
+        self.class_emb = nn.Embed(
+            self.num_classes + 1,
+            d,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="class_emb",
+        )
+        self.time_embed = TimestepEmbedder(d, self.dtype, name="time_embed")
+        self.z_proj = param_dense(d, "z_proj", self.dtype, ("latent", "embed"))
+        self.z_proj_ln = RMSNorm(name="z_proj_ln")
+        self.encoder_pos_embed_learned = self.param("encoder_pos_embed_learned", pos_init, (1, n, d))
+        self.decoder_pos_embed_learned = self.param("decoder_pos_embed_learned", pos_init, (1, n, d))
+        self.encoder_blocks = self._stack(self.encoder_depth, self.encoder_heads, "encoder_blocks")
+        self.encoder_norm = RMSNorm(name="encoder_norm")
+        self.decoder_embed = param_dense(d, "decoder_embed", self.dtype, ("embed", "embed_out"))
+        self.decoder_blocks = self._stack(self.decoder_depth, self.decoder_heads, "decoder_blocks")
+        self.decoder_norm = RMSNorm(name="decoder_norm")
+        self.pred = param_dense(self.in_channels, "pred", self.dtype, ("embed", "latent"))
+
+    @property
+    def mlp_hidden(self) -> int:
+        return mlp_hidden_width(self.width, self.mlp_ratio)
+
+    def _stack(self, depth, heads, name):
+        kwargs = (
+            ("num_heads", heads),
+            ("mlp_hidden", self.mlp_hidden),
+            ("mlp_hidden_padded", round_up(self.mlp_hidden, self.mlp_multiple)),
+            ("dtype", self.dtype),
+            ("dropout", self.dropout),
+            ("attn_dropout", self.attn_dropout),
+            ("attention_impl", self.attention_impl),
+        )
+        return BlockStack(depth, kwargs, self.scan_layers, self.remat, name=name)
+
+    # ------------------------------------------------------------------------------------------
+    def conditioning(self, t: jax.Array, labels: jax.Array) -> jax.Array:
+        """Per-entity conditioning ``class_emb[label] + time_embed(t)``: t (B, K), labels (B,) -> (B, K, D)."""
+        c = self.class_emb(labels)[:, None, :].astype(jnp.float32)
+        return c + self.time_embed(t).astype(jnp.float32)
+
+    def _rope(self, heads):
+        return rope_tables(self.layout.positions, self.width // heads)
+
+    def __call__(self, x_t: jax.Array, t: jax.Array, labels: jax.Array, train: bool = False):
+        """Velocity of every token.
+
+        Args:
+          x_t: (B, N, C) noisy tokens in entity order.
+          t: (B, K) flow time of every entity (1 = noise).
+          labels: (B,) int class labels (`NULL_CLASS` = unconditional).
+          train: enables dropout (needs a 'dropout' rng).
+
+        Returns:
+          (B, N, C) float32 predicted velocity ``eps - x``.
+        """
+        n = self.layout.num_tokens
+        if x_t.shape[1] != n or t.shape[1] != self.layout.num_entities:
+            raise ValueError(
+                f"x_t {x_t.shape} / t {t.shape} do not match the layout "
+                f"(N={n}, K={self.layout.num_entities})."
+            )
+        cond = self.conditioning(t, labels)
+        mask = jnp.asarray(self.layout.attention_mask)
+        token_entity = jnp.asarray(self.layout.entity_of_token)
+        out, _ = self._run(x_t, cond, 0, token_entity, mask, None, None, not train, False)
+        return out
+
+    def entity_forward(
+        self,
+        x_t: jax.Array,
+        t: jax.Array,
+        labels: jax.Array,
+        start: jax.Array | int,
+        caches: dict[str, KVCache] | None,
+        visible: jax.Array | None,
+        return_kv: bool = False,
+    ):
+        """One entity's tokens against cached keys/values (inference only).
+
+        Args:
+          x_t: (B, n, C) the entity's tokens; t: (B,) its time; labels: (B,).
+          start: sequence index of the entity's first token (may be traced).
+          caches: {'encoder': KVCache, 'decoder': KVCache} of shapes (L, B, N, H, d), or None.
+          visible: (N,) bool, which cached positions are finished entities.
+          return_kv: also return the entity's own {'encoder'|'decoder': KVCache (L, B, n, H, d)}.
+
+        Returns:
+          velocity (B, n, C), and the own keys/values if ``return_kv``.
+        """
+        n = x_t.shape[1]
+        cond = self.conditioning(t[:, None], labels)
+        token_entity = jnp.zeros((n,), jnp.int32)
+        out, kvs = self._run(x_t, cond, start, token_entity, None, caches, visible, True, return_kv)
+        return (out, kvs) if return_kv else out
+
+    def _run(self, x, cond, start, token_entity, mask, caches, visible, deterministic, return_kv):
+        n = x.shape[1]
+        rope_e = [jnp.asarray(a) for a in self._rope(self.encoder_heads)]
+        rope_d = [jnp.asarray(a) for a in self._rope(self.decoder_heads)]
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, n, axis=a.ndim - 2)
+        h = self.z_proj(x) + take(self.encoder_pos_embed_learned)
+        h = self.z_proj_ln(h)
+        cache_e = None if caches is None else tuple(caches["encoder"])
+        cache_d = None if caches is None else tuple(caches["decoder"])
+        flags = dict(deterministic=deterministic, return_kv=return_kv)
+        h, kv_e = self.encoder_blocks(
+            h, cond, token_entity, *map(take, rope_e), mask, cache_e, visible, **flags
+        )
+        h = self.encoder_norm(h)
+        h = self.decoder_embed(h) + take(self.decoder_pos_embed_learned)
+        h, kv_d = self.decoder_blocks(
+            h, cond, token_entity, *map(take, rope_d), mask, cache_d, visible, **flags
+        )
+        h = self.decoder_norm(h)
+        out = self.pred(h).astype(jnp.float32)
+        kvs = {"encoder": KVCache(*kv_e), "decoder": KVCache(*kv_d)} if return_kv else None
+        return out, kvs
+
+
+# ----------------------------------------------------------------------------------------------
+def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_classes: int) -> XAR:
+    """Builds `XAR` from a config's ``model`` section (see configs/*.py for every field)."""
+    if model_cfg.get("preset"):
+        preset = model_cfg.preset
+        if preset not in PRESETS:
+            raise ValueError(f"model.preset={preset!r}; allowed: {', '.join(PRESETS)} or ''.")
+        size = PRESETS[preset]
+        width, enc, dec, heads = size.width, size.encoder_depth, size.decoder_depth, size.num_heads
+        enc_heads = dec_heads = heads
+    else:
+        width, enc, dec = model_cfg.width, model_cfg.encoder_depth, model_cfg.decoder_depth
+        enc_heads = dec_heads = model_cfg.num_heads
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if model_cfg.dtype not in dtypes:
+        raise ValueError(f"model.dtype={model_cfg.dtype!r}; allowed: {', '.join(dtypes)}.")
+    return XAR(
+        layout=layout,
+        width=width,
+        encoder_depth=enc,
+        decoder_depth=dec,
+        encoder_heads=enc_heads,
+        decoder_heads=dec_heads,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        mlp_multiple=model_cfg.get("mlp_multiple", 1),
+        dropout=model_cfg.dropout,
+        attn_dropout=model_cfg.attn_dropout,
+        dtype=dtypes[model_cfg.dtype],
+        attention_impl=model_cfg.attention_impl,
+        scan_layers=model_cfg.scan_layers,
+        remat=model_cfg.remat,
+    )
+
+
+def abstract_params(model: XAR, batch_size: int = 1) -> Any:
+    """Parameter shapes (ShapeDtypeStructs, boxed with logical axes) without allocating them."""
+    layout = model.layout
+    x = jnp.zeros((batch_size, layout.num_tokens, model.in_channels), jnp.float32)
+    t = jnp.zeros((batch_size, layout.num_entities), jnp.float32)
+    y = jnp.zeros((batch_size,), jnp.int32)
+    return jax.eval_shape(lambda k: model.init(k, x, t, y)["params"], jax.random.key(0))
+
+
+def count_params(params: Any, *, model: XAR | None = None) -> int:
+    """Number of parameters; with ``model``, MLP zero-padding is not counted (the published count)."""
+    leaves = jax.tree.leaves(nn.meta.unbox(params))
+    total = int(sum(np.prod(x.shape) for x in leaves))
+    if model is not None and model.mlp_multiple > 1:
+        pad = round_up(model.mlp_hidden, model.mlp_multiple) - model.mlp_hidden
+        per_block = pad * (3 * model.width + 2)  # fc1_g, fc1_x kernels+biases, fc2 kernel rows.
+        total -= pad and per_block * (model.encoder_depth + model.decoder_depth)
+    return total

@@ -1,0 +1,256 @@
+"""Sampling: entities generated in order, each by an SDE/ODE solve with classifier-free guidance.
+
+Finished entities are clean context (t = 0) held as keys/values in a KV cache, so every flow step
+runs only the current entity's tokens. The whole generation is one jit-compiled function: flow
+steps are a `lax.fori_loop`; entities are a `lax.fori_loop` too when they all have the same size
+(every kind but ``scale``, whose few entities are unrolled).
+
+Euler-Maruyama (the release): grid ``t_0 = 1 > ... > t_{S-1} = 0.04`` (S = num_steps points,
+linear, float64), then 0. Drift ``d = (2 - t) v + x`` (= ``v - t * score`` on the linear path),
+guided ``d = d_u + w (d_c - d_u)``, update ``x += d dt + sqrt(2 t) sqrt(|dt|) n``; the last step
+has no noise. The network sees ``float32(t_i)``. Euler (ODE): ``t`` linear from 1 to 0 in
+num_steps steps, ``x += v dt`` with guided v.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xar_jax.model import NULL_CLASS, XAR, KVCache
+
+SAMPLERS = ("sde", "ode")
+CFG_SCHEDULES = ("linear", "constant")
+SDE_T_END = 0.04
+
+
+def time_grid(num_steps: int, sampler: str = "sde") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-step (t seen by the network float32, dt, noise scale), each of length ``num_steps``.
+
+    Built in float64 then cast, as the release does: the network's time index comes from
+    ``float32(t_i)`` (for 4 steps the grid point 0.68 must map to index 680).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sample.sampler={sampler!r}; allowed: {', '.join(SAMPLERS)}.")
+    if num_steps < 1 or (sampler == "sde" and num_steps < 2):
+        raise ValueError(f"sample.num_steps={num_steps} must be >= 2 for 'sde', >= 1 for 'ode'.")
+    if sampler == "sde":
+        t = np.append(np.linspace(1.0, SDE_T_END, num_steps, dtype=np.float64), 0.0)
+        dt = np.diff(t)
+        scale = np.sqrt(2.0 * t[:-1]) * np.sqrt(np.abs(dt))
+        scale[-1] = 0.0  # The final step to t = 0 is deterministic.
+    else:
+        t = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
+        dt = np.diff(t)
+        scale = np.zeros(num_steps)
+    return t[:-1].astype(np.float32), dt, scale
+
+
+def guidance_scales(num_entities: int, cfg: float, schedule: str = "linear") -> np.ndarray:
+    """Guidance scale of each entity: linear ``1 + (cfg - 1) s / (K - 1)`` or constant ``cfg``."""
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"sample.cfg_schedule={schedule!r}; allowed: {', '.join(CFG_SCHEDULES)}.")
+    if schedule == "constant" or num_entities == 1:
+        return np.full((num_entities,), cfg, np.float64)
+    return 1.0 + (cfg - 1.0) * np.arange(num_entities) / (num_entities - 1)
+
+
+def _step_tables(model: XAR, num_steps, steps_per_entity, sampler):
+    """(K, S_max) tables of t, dt, noise scale, and (K,) step counts."""
+    k = model.layout.num_entities
+    steps = [int(num_steps)] * k if steps_per_entity is None else [int(s) for s in steps_per_entity]
+    if len(steps) != k:
+        raise ValueError(f"sample.steps_per_entity has {len(steps)} entries; the layout has {k} entities.")
+    s_max = max(steps)
+    t_tab = np.zeros((k, s_max), np.float32)
+    dt_tab = np.zeros((k, s_max), np.float64)
+    sc_tab = np.zeros((k, s_max), np.float64)
+    for e, s in enumerate(steps):
+        t_tab[e, :s], dt_tab[e, :s], sc_tab[e, :s] = time_grid(s, sampler)
+    return t_tab, dt_tab, sc_tab, np.asarray(steps, np.int32)
+
+
+def sample(
+    model: XAR,
+    params: Any,
+    labels: jax.Array,
+    *,
+    num_steps: int,
+    cfg: float,
+    key: jax.Array | None = None,
+    noise: dict[str, jax.Array] | None = None,
+    sampler: str = "sde",
+    cfg_schedule: str = "linear",
+    steps_per_entity: tuple[int, ...] | None = None,
+    use_cache: bool = True,
+    state_dtype: Any = jnp.float32,
+) -> jax.Array:
+    """Generates latents for ``labels``.
+
+    Args:
+      model: the `XAR` module (its ``dtype`` is the network's compute dtype).
+      params: its params.
+      labels: (B,) int class labels.
+      num_steps: flow steps per entity (grid points for 'sde').
+      cfg: guidance scale (1.0 disables guidance and the doubled batch).
+      key: PRNG key for all noise (needed unless ``noise`` replaces every draw).
+      noise: optional ``{'init': (K, B, n, C), 'steps': (K, S-1, B, n, C)}`` replacing the initial
+        noise of each entity and the Euler-Maruyama noise of each step (uniform entities only).
+      sampler: 'sde' (Euler-Maruyama, the release) or 'ode' (Euler).
+      cfg_schedule: 'linear' over entities (the release) or 'constant'.
+      steps_per_entity: optional per-entity step counts (e.g. decreasing 50 -> 5).
+      use_cache: KV cache for finished entities (False recomputes the whole prefix every step).
+      state_dtype: dtype of the sampler state x (float64 needs ``jax_enable_x64``).
+
+    Returns:
+      (B, H, W, C) float32 latents.
+    """
+    if key is None and noise is None:
+        raise ValueError("sample() needs a PRNG `key` or injected `noise`.")
+    if noise is not None and not model.layout.uniform:
+        raise ValueError("Injected noise is supported for layouts whose entities have equal sizes.")
+    fn = make_sampler(
+        model,
+        num_steps=num_steps,
+        cfg=float(cfg),
+        sampler=sampler,
+        cfg_schedule=cfg_schedule,
+        steps_per_entity=None if steps_per_entity is None else tuple(steps_per_entity),
+        use_cache=use_cache,
+        state_dtype=jnp.dtype(state_dtype),
+    )
+    key = jax.random.key(0) if key is None else key
+    return fn(params, jnp.asarray(labels, jnp.int32), key, noise)
+
+
+@functools.lru_cache(maxsize=32)
+def make_sampler(
+    model: XAR,
+    *,
+    num_steps: int,
+    cfg: float,
+    sampler: str = "sde",
+    cfg_schedule: str = "linear",
+    steps_per_entity: tuple[int, ...] | None = None,
+    use_cache: bool = True,
+    state_dtype: Any = jnp.float32,
+):
+    """A jitted ``fn(params, labels, key, noise=None) -> latents`` for fixed settings."""
+    layout = model.layout
+    k = layout.num_entities
+    t_tab, dt_tab, sc_tab, steps = _step_tables(model, num_steps, steps_per_entity, sampler)
+    w_tab = guidance_scales(k, cfg, cfg_schedule)
+    guided = cfg != 1.0
+    entity_of_token = jnp.asarray(layout.entity_of_token)
+    starts = layout.entity_starts
+
+    def generate(params, labels, key, noise):
+        b = labels.shape[0]
+        c = model.in_channels
+        lab = jnp.concatenate([labels, jnp.full_like(labels, NULL_CLASS)]) if guided else labels
+        tab = jax.tree.map(jnp.asarray, (t_tab, dt_tab.astype(np.float32), sc_tab.astype(np.float32), w_tab.astype(np.float32), steps))
+        t_net, dt, scale, w, n_steps = tab
+
+        def velocity(x, t_scalar, e, start, n, caches, seq):
+            xin = jnp.concatenate([x, x]) if guided else x
+            xin = xin.astype(jnp.float32)
+            t_b = jnp.full((lab.shape[0],), t_scalar, jnp.float32)
+            if use_cache:
+                visible = entity_of_token < e
+                return model.apply(
+                    {"params": params}, xin, t_b, lab, start, caches, visible,
+                    method=XAR.entity_forward,
+                )
+            return _uncached_velocity(model, params, xin, t_b, lab, e, start, n, seq, guided)
+
+        def solve_entity(e, n, start, carry):
+            seq, caches = carry
+            key_e = jax.random.fold_in(key, e)
+            if noise is not None:
+                x = jnp.asarray(noise["init"])[e].astype(state_dtype)
+            else:
+                x = jax.random.normal(jax.random.fold_in(key_e, -1), (b, n, c), state_dtype)
+
+            def flow_step(i, x):
+                t = t_net[e, i]
+                v = velocity(x, t, e, start, n, caches, seq).astype(state_dtype)
+                xin = jnp.concatenate([x, x]) if guided else x
+                d = (2.0 - t) * v + xin if sampler == "sde" else v
+                if guided:
+                    d_c, d_u = d[:b], d[b:]
+                    d = d_u + w[e] * (d_c - d_u)
+                if noise is not None:
+                    steps_noise = jnp.asarray(noise["steps"])
+                    last = steps_noise.shape[1] - 1
+                    eps = steps_noise[e, jnp.minimum(i, last)].astype(state_dtype)
+                else:
+                    eps = jax.random.normal(jax.random.fold_in(key_e, i), x.shape, state_dtype)
+                return x + d * dt[e, i] + scale[e, i] * eps
+
+            x = jax.lax.fori_loop(0, n_steps[e], flow_step, x)
+            seq = jax.lax.dynamic_update_slice_in_dim(seq, x.astype(jnp.float32), start, axis=1)
+            if use_cache:
+                xin = jnp.concatenate([x, x]) if guided else x
+                zeros = jnp.zeros((lab.shape[0],), jnp.float32)
+                _, kv = model.apply(
+                    {"params": params}, xin.astype(jnp.float32), zeros, lab, start, caches,
+                    entity_of_token < e, True, method=XAR.entity_forward,
+                )
+                caches = {
+                    name: KVCache(*(
+                        jax.lax.dynamic_update_slice_in_dim(full, new.astype(full.dtype), start, axis=2)
+                        for full, new in zip(caches[name], kv[name])
+                    ))
+                    for name in caches
+                }
+            return seq, caches
+
+        seq = jnp.zeros((b, layout.num_tokens, c), jnp.float32)
+        caches = _empty_caches(model, lab.shape[0]) if use_cache else {}
+        carry = (seq, caches)
+        if layout.uniform:
+            n = layout.entity_sizes[0]
+            carry = jax.lax.fori_loop(
+                0, k, lambda e, cr: solve_entity(e, n, e * n, cr), carry
+            )
+        else:
+            for e in range(k):
+                carry = solve_entity(e, layout.entity_sizes[e], int(starts[e]), carry)
+        return layout.from_sequence(carry[0])
+
+    jitted = jax.jit(generate)
+
+    def fn(params, labels, key, noise=None):
+        return jitted(params, labels, key, noise)
+
+    return fn
+
+
+def _empty_caches(model: XAR, batch: int) -> dict[str, KVCache]:
+    n = model.layout.num_tokens
+    cache_dtype = jnp.dtype(model.dtype)
+    out = {}
+    for name, depth, heads in (
+        ("encoder", model.encoder_depth, model.encoder_heads),
+        ("decoder", model.decoder_depth, model.decoder_heads),
+    ):
+        shape = (depth, batch, n, heads, model.width // heads)
+        out[name] = KVCache(jnp.zeros(shape, cache_dtype), jnp.zeros(shape, cache_dtype))
+    return out
+
+
+def _uncached_velocity(model, params, xin, t_b, lab, e, start, n, seq, guided):
+    """The current entity's velocity from a full forward over [clean context, current entity].
+
+    Future entities' tokens are zeros; the block-causal mask keeps them from mattering.
+    """
+    full = jnp.concatenate([seq, seq]) if guided else seq
+    full = jax.lax.dynamic_update_slice_in_dim(full, xin, start, axis=1)
+    k = model.layout.num_entities
+    t_all = jnp.where(jnp.arange(k)[None, :] == e, t_b[:, None], 0.0)
+    v = model.apply({"params": params}, full, t_all, lab)
+    return jax.lax.dynamic_slice_in_dim(v, start, n, axis=1)
