@@ -30,7 +30,7 @@ from xar_jax.layers import (
     rope_tables,
 )
 
-NULL_CLASS = 1000  # Label of the unconditional (dropped / guidance) class; embedding row 1000.
+NULL_CLASS = 1000  # ImageNet's unconditional label: the extra embedding row (== num_classes).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -230,7 +230,7 @@ class XAR(nn.Module):
         Args:
           x_t: (B, N, C) noisy tokens in entity order.
           t: (B, K) flow time of every entity (1 = noise).
-          labels: (B,) int class labels (`NULL_CLASS` = unconditional).
+          labels: (B,) int class labels (``num_classes`` = the null class, unconditional).
           train: enables dropout (needs a 'dropout' rng).
 
         Returns:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xar_jax.model import NULL_CLASS, XAR, KVCache
+from xar_jax.model import XAR, KVCache
 
 SAMPLERS = ("sde", "ode")
 CFG_SCHEDULES = ("linear", "constant")
@@ -151,7 +151,8 @@ def make_sampler(
     def generate(params, labels, key, noise):
         b = labels.shape[0]
         c = model.in_channels
-        lab = jnp.concatenate([labels, jnp.full_like(labels, NULL_CLASS)]) if guided else labels
+        null = jnp.full_like(labels, model.num_classes)  # The null class is the extra last row.
+        lab = jnp.concatenate([labels, null]) if guided else labels
         tab = jax.tree.map(jnp.asarray, (t_tab, dt_tab.astype(np.float32), sc_tab.astype(np.float32), w_tab.astype(np.float32), steps))
         t_net, dt, scale, w, n_steps = tab
 
@@ -169,11 +170,11 @@ def make_sampler(
 
         def solve_entity(e, n, start, carry):
             seq, caches = carry
-            key_e = jax.random.fold_in(key, e)
+            key_init, key_steps = jax.random.split(jax.random.fold_in(key, e))
             if noise is not None:
                 x = jnp.asarray(noise["init"])[e].astype(state_dtype)
             else:
-                x = jax.random.normal(jax.random.fold_in(key_e, -1), (b, n, c), state_dtype)
+                x = jax.random.normal(key_init, (b, n, c), state_dtype)
 
             def flow_step(i, x):
                 t = t_net[e, i]
@@ -188,7 +189,7 @@ def make_sampler(
                     last = steps_noise.shape[1] - 1
                     eps = steps_noise[e, jnp.minimum(i, last)].astype(state_dtype)
                 else:
-                    eps = jax.random.normal(jax.random.fold_in(key_e, i), x.shape, state_dtype)
+                    eps = jax.random.normal(jax.random.fold_in(key_steps, i), x.shape, state_dtype)
                 return x + d * dt[e, i] + scale[e, i] * eps
 
             x = jax.lax.fori_loop(0, n_steps[e], flow_step, x)
