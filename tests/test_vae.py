@@ -165,12 +165,14 @@ def test_encode_rejects_nchw_and_integer_images(converted, golden):
         vae_lib.encode(params, np.zeros((1, 32, 32, 3), np.uint8), model=model)
 
 
-def test_decode_rejects_wrong_latent_channels_and_scale(converted):
+def test_decode_rejects_wrong_latents_scale_and_wrapped_params(converted):
     model, params = converted
     with pytest.raises(ValueError, match=r"\(B, h, w, 16\)"):
         vae_lib.decode(params, np.zeros((1, 2, 2, 32), np.float32), model=model)
     with pytest.raises(ValueError, match="scale must be positive"):
         vae_lib.decode(params, np.zeros((1, 2, 2, 16), np.float32), model=model, scale=0.0)
+    with pytest.raises(ValueError, match=r"variables\['params'\]"):
+        vae_lib.decode({"params": params}, np.zeros((1, 2, 2, 16), np.float32), model=model)
 
 
 def test_model_config_errors_name_allowed_values():
@@ -300,24 +302,25 @@ _SHARDED_SCRIPT = textwrap.dedent(
     from jax.sharding import NamedSharding, PartitionSpec as P
     from xar_jax import vae
 
-    model = vae.VAE(ch=32, ch_mult=(1, 2), resolution=32, attn_resolutions=(16,))
+    model = vae.VAE(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, attn_resolutions=(16,))
     params = vae.init_params(model, jax.random.key(0))
     images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = jax.device_put(images, NamedSharding(mesh, P("data")))
-    moments = vae.encode(params, sharded, model=model)
+    batch = NamedSharding(mesh, P("data"))
+    moments = vae.encode(params, jax.device_put(images, batch), model=model)
     assert moments.sharding.spec == P("data"), moments.sharding
-    alone = np.concatenate([vae.encode(params, images[i:i + 1], model=model) for i in range(4)])
-    np.testing.assert_allclose(moments, alone, rtol=1e-5, atol=1e-6)
-    latents = vae.latents_mode(moments)
-    out = vae.decode(params, jax.device_put(latents, NamedSharding(mesh, P("data"))), model=model)
+    # Changing one example changes only its own moments (same compiled function).
+    changed = vae.encode(params, jax.device_put(images.at[0].multiply(-1), batch), model=model)
+    assert not np.allclose(changed[0], moments[0])
+    np.testing.assert_array_equal(changed[1:], moments[1:])
+    out = vae.decode(params, jax.device_put(vae.latents_mode(moments), batch), model=model)
     assert out.shape == (4, 32, 32, 3) and out.sharding.spec == P("data"), out.sharding
     print("OK")
     """
 )
 
 
-def test_batch_sharded_encode_equals_per_example_encode():
+def test_batch_sharded_encode_and_decode_keep_examples_independent():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "JAX_PLATFORMS": "cpu"}

@@ -394,9 +394,11 @@ def latents_mode(moments: jax.Array, scale: float = LATENT_SCALE) -> jax.Array:
 # sizes) fail with a clear message before tracing or compiling anything.
 
 
-def _check_model(model: Any) -> None:
+def _check_model_and_params(model: Any, params: Any) -> None:
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a xar_jax.vae.VAE, got {type(model).__name__}.")
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        raise ValueError("params must be the inner params tree: pass variables['params'].")
 
 
 def _check_images(images: Any, model: VAE) -> None:
@@ -448,7 +450,7 @@ def encode(params: Any, images: jax.Array, *, model: VAE) -> jax.Array:
       (B, H/16, W/16, 2 * embed_dim) float32 moments ``[mean, logvar]``, logvar *not* clamped
       (``sample_latents``/``latents_mode`` clamp it).
     """
-    _check_model(model)
+    _check_model_and_params(model, params)
     _check_images(images, model)
     return _encode_jit(params, images, model)
 
@@ -467,10 +469,11 @@ def decode(params: Any, latents: jax.Array, *, model: VAE, scale: float = LATENT
     Returns:
       (B, 16h, 16w, 3) float32 images.
     """
-    _check_model(model)
+    _check_model_and_params(model, params)
     _check_latents(latents, model)
-    if not scale > 0:
+    if isinstance(scale, (int, float)) and not scale > 0:
         raise ValueError(
             f"scale must be positive (MAR's latent scale is {LATENT_SCALE}); got {scale}."
         )
-    return _decode_jit(params, latents, jnp.float32(scale), jnp.bool_(clip), model)
+    return _decode_jit(params, latents, jnp.asarray(scale, jnp.float32), jnp.asarray(clip, bool),
+                       model)
