@@ -143,3 +143,16 @@ def test_mlp_padding_units_stay_zero_under_training(scanned_padded_model, xar_go
     assert float(jnp.abs(mlp["fc1_x"]["bias"][..., hidden:]).max()) == 0.0
     assert float(jnp.abs(mlp["fc2"]["kernel"][:, hidden:]).max()) == 0.0
     assert float(jnp.abs(mlp["fc2"]["kernel"][:, :hidden]).max()) > 0.0
+
+
+def test_convert_cli_writes_a_loadable_directory_and_reports_errors(tmp_path, xar_golden_state_dict):
+    from xar_jax.convert.__main__ import main
+
+    src = tmp_path / "tiny.npz"
+    np.savez(src, **xar_golden_state_dict)
+    out = tmp_path / "out"
+    assert main(["xar", "--src", str(src), "--out", str(out)]) == 0
+    model, params = xar_convert.load_converted(str(out))
+    assert model.width == 64 and model.encoder_heads == 4
+    assert main(["xar", "--src", str(src), "--out", str(out)]) == 1  # Exists: refused.
+    assert main(["xar", "--src", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o2")]) == 1
