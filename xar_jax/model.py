@@ -244,7 +244,8 @@ class XAR(nn.Module):
             )
         cond = self.conditioning(t, labels)
         mask = jnp.asarray(self.layout.attention_mask)
-        token_entity = jnp.asarray(self.layout.entity_of_token)
+        # Equal entities broadcast their conditioning through a reshape; 'scale' gathers it.
+        token_entity = None if self.layout.uniform else jnp.asarray(self.layout.entity_of_token)
         out, _ = self._run(x_t, cond, 0, token_entity, mask, None, None, not train, False)
         return out
 
@@ -272,7 +273,7 @@ class XAR(nn.Module):
         """
         n = x_t.shape[1]
         cond = self.conditioning(t[:, None], labels)
-        token_entity = jnp.zeros((n,), jnp.int32)
+        token_entity = None  # One entity: its conditioning row covers every token.
         out, kvs = self._run(x_t, cond, start, token_entity, None, caches, visible, True, return_kv)
         return (out, kvs) if return_kv else out
 

@@ -139,7 +139,7 @@ def make_sampler(
     use_cache: bool = True,
     state_dtype: Any = jnp.float32,
 ):
-    """A jitted ``fn(params, labels, key, noise=None) -> latents`` for fixed settings."""
+    """A jitted ``fn(params, labels, key, noise) -> latents`` for fixed settings (noise may be None)."""
     layout = model.layout
     k = layout.num_entities
     t_tab, dt_tab, sc_tab, steps = _step_tables(model, num_steps, steps_per_entity, sampler)
@@ -223,12 +223,7 @@ def make_sampler(
                 carry = solve_entity(e, layout.entity_sizes[e], int(starts[e]), carry)
         return layout.from_sequence(carry[0])
 
-    jitted = jax.jit(generate)
-
-    def fn(params, labels, key, noise=None):
-        return jitted(params, labels, key, noise)
-
-    return fn
+    return jax.jit(generate)
 
 
 def _empty_caches(model: XAR, batch: int) -> dict[str, KVCache]:
