@@ -526,7 +526,7 @@ def test_example_env_files_drive_the_scripts(launch, env_file):
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "fake python: $*"
 for a in "$@"; do [[ $a == --exit-now ]] && exit 0; done
-trap 'echo "got TERM"; exit 143' TERM
+if [[ " $* " == *" --ignore-term "* ]]; then trap '' TERM; else trap 'echo "got TERM"; exit 143' TERM; fi
 while :; do sleep 0.1; done
 """
 
@@ -586,12 +586,100 @@ def test_worker_runs_one_detached_job_logs_it_and_stops_it_by_pid(worker_home):
     assert not (home / "xar_logs" / "train.pid").exists()
 
 
+def test_worker_kills_a_job_that_ignores_sigterm_after_the_timeout(worker_home):
+    home, worker = worker_home
+    worker("start", "train", "", "--ignore-term")
+    _wait_for(lambda: (home / "xar_logs" / "train.pid").exists())
+    assert "did not exit within 1s: killed" in worker("stop", "train", "1").stdout
+    _wait_for(lambda: worker("status", "train").stdout.split()[-1] != "running")
+    assert worker("status", "train").stdout.split()[-1] == "failed:137"
+
+
 def test_worker_reports_a_finished_job_and_shows_its_log(worker_home):
     home, worker = worker_home
     worker("start", "train", "", "--exit-now")
     _wait_for(lambda: worker("status", "train").stdout.split()[-1] == "finished")
     assert "exit status 0" in worker("log", "train", "5", "0").stdout
     assert "no running xar-train job" in worker("stop", "train", "1").stdout
+
+
+def _fake_tool(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def installer(tmp_path, sandbox):
+    """A worker home with an installed old tree and a freshly unpacked new one; uv, tmux and
+    gsutil are stand-ins that log their arguments (the real ones need the network or a TPU)."""
+    home, fake_bin = tmp_path / "home", tmp_path / "bin"
+    (home / "xar-jax").mkdir(parents=True)
+    (home / "xar-jax" / "old-file").write_text("from the previous install\n")
+    shutil.copytree(sandbox, home / "xar-jax.new", ignore=shutil.ignore_patterns(".git"))
+    fake_bin.mkdir()
+    log = tmp_path / "calls"
+    # What `uv venv` puts into the virtualenv: a python that knows its version and logs the rest.
+    _fake_tool(
+        fake_bin,
+        "venv-python",
+        (
+            'for a in "$@"; do [[ $a == *version_info* ]] && { echo 3.12; exit 0; }; done\n'
+            f'echo "python $*" >> "{log}"\n'
+        ),
+    )
+    _fake_tool(
+        fake_bin,
+        "uv",
+        (
+            f'echo "uv $*" >> "{log}"\n'
+            "if [[ $1 == venv ]]; then\n"
+            '  mkdir -p "${@: -1}/bin" && cp "$(dirname "$0")/venv-python" "${@: -1}/bin/python"\n'
+            "fi\n"
+        ),
+    )
+    _fake_tool(fake_bin, "tmux", 'printf "%s" "${FAKE_TMUX_SESSIONS:-}"\n')
+    _fake_tool(fake_bin, "gsutil", f'echo "gsutil $*" >> "{log}"; exit 1\n')
+    env = {"HOME": str(home), "PATH": f"{fake_bin}:{os.environ['PATH']}", "LC_ALL": "C"}
+
+    def install(**extra: str) -> subprocess.CompletedProcess:
+        argv = [
+            "bash",
+            str(home / "xar-jax.new/launch/remote/install_worker.sh"),
+            "--commit=0123abcd",
+            "--python=3.12",
+            "--jax=jax[tpu]",
+            "--weights=gs://b/w",
+        ]
+        return subprocess.run(
+            argv, env={**env, **extra}, capture_output=True, text=True, timeout=30
+        )
+
+    return home, log, install
+
+
+def test_worker_install_swaps_in_the_new_tree_and_installs_it_with_jax(installer):
+    home, log, install = installer
+    proc = install()
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "xar-jax" / "launch" / "remote" / "worker.sh").exists()
+    assert not (home / "xar-jax" / "old-file").exists()
+    assert not (home / "xar-jax.new").exists() and not (home / "xar-jax.old").exists()
+    assert (home / "xar-jax" / ".xar_commit").read_text().strip() == "0123abcd"
+    calls = log.read_text().splitlines()
+    assert f"uv venv --quiet --python 3.12 {home}/xar_venv" in calls
+    assert (
+        f"uv pip install --quiet --python {home}/xar_venv/bin/python -e {home}/xar-jax jax[tpu]"
+    ) in calls
+    assert "gsutil -q ls gs://b/w" in calls and "no weights at gs://b/w" in proc.stdout
+
+
+def test_worker_install_refuses_while_a_job_runs_and_keeps_the_old_tree(installer):
+    home, log, install = installer
+    proc = install(FAKE_TMUX_SESSIONS="xar-train\n")
+    assert proc.returncode == 1 and "xar-train" in proc.stderr and "stop" in proc.stderr
+    assert (home / "xar-jax" / "old-file").exists()
+    assert not log.exists()  # nothing installed
 
 
 # ---- the runbook ----------------------------------------------------------------------------

@@ -82,6 +82,12 @@ cmd_stop() {
   else
     printf '[%s] no running xar-%s job\n' "${HOST}" "${mode}"
   fi
+  # Let run_main.sh record the exit status and close the session itself (up to 10 s).
+  local tries=0
+  while tmux has-session -t "xar-${mode}" 2>/dev/null && ((tries < 50)); do
+    sleep 0.2
+    tries=$((tries + 1))
+  done
   tmux kill-session -t "xar-${mode}" 2>/dev/null || true
 }
 
