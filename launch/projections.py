@@ -73,36 +73,56 @@ def sample_flops_per_image(m: Model, cfg: bool = True) -> float:
     return total * (2 if cfg else 1)
 
 
-def vae_encoder_flops_per_image(
-    ch: int = 128, mult=(1, 1, 2, 2, 4), res_blocks: int = 2, size: int = 256, z_channels: int = 16
-) -> float:
-    """Forward FLOPs of MAR's KL-16 encoder (convolutions and attention; norms ignored)."""
+# ---- MAR's KL-16 VAE (convolutions and attention; norms and activations ignored) ----------
+VAE_CH, VAE_MULT, VAE_RES_BLOCKS, IMAGE_SIZE = 128, (1, 1, 2, 2, 4), 2, 256
 
-    def conv(k: int, cin: int, cout: int, hw: int) -> float:
-        return 2.0 * k * k * cin * cout * hw * hw
 
-    def attention(c: int, hw: int) -> float:
-        return 4 * 2.0 * c * c * hw * hw + 2 * 2.0 * (hw * hw) ** 2 * c
+def _conv(k: int, cin: int, cout: int, hw: int) -> float:
+    return 2.0 * k * k * cin * cout * hw * hw
 
-    def resblock(cin: int, cout: int, hw: int) -> float:
-        shortcut = conv(1, cin, cout, hw) if cin != cout else 0.0
-        return conv(3, cin, cout, hw) + conv(3, cout, cout, hw) + shortcut
 
-    hw, cin = size, ch
-    total = conv(3, 3, ch, hw)
-    for level, m in enumerate(mult):
-        cout = ch * m
-        for _ in range(res_blocks):
-            total += resblock(cin, cout, hw)
+def _attention(c: int, hw: int) -> float:  # q, k, v, proj 1x1 convs + scores + mixing
+    return 4 * _conv(1, c, c, hw) + 2 * 2.0 * (hw * hw) ** 2 * c
+
+
+def _resblock(cin: int, cout: int, hw: int) -> float:
+    shortcut = _conv(1, cin, cout, hw) if cin != cout else 0.0
+    return _conv(3, cin, cout, hw) + _conv(3, cout, cout, hw) + shortcut
+
+
+def vae_encoder_flops_per_image() -> float:
+    """Encoder forward: levels of 2 res blocks, attention at 16x16, stride-2 downsampling."""
+    hw, cin = IMAGE_SIZE, VAE_CH
+    total = _conv(3, 3, VAE_CH, hw)
+    for level, m in enumerate(VAE_MULT):
+        cout = VAE_CH * m
+        for _ in range(VAE_RES_BLOCKS):
+            total += _resblock(cin, cout, hw) + (_attention(cout, hw) if hw == 16 else 0.0)
             cin = cout
-            if hw == 16:  # attention at 16x16
-                total += attention(cout, hw)
-        if level < len(mult) - 1:
+        if level < len(VAE_MULT) - 1:
             hw //= 2
-            total += conv(3, cout, cout, hw)  # stride-2 downsampling
-    total += 2 * resblock(cin, cin, hw) + attention(cin, hw)  # middle
-    total += conv(3, cin, 2 * z_channels, hw) + conv(1, 2 * z_channels, 2 * z_channels, hw)
+            total += _conv(3, cout, cout, hw)
+    total += 2 * _resblock(cin, cin, hw) + _attention(cin, hw)  # middle
+    total += _conv(3, cin, 2 * LATENT_CHANNELS, hw) + _conv(1, 32, 32, hw)  # out, quant_conv
     return total
+
+
+def vae_decoder_flops_per_image() -> float:
+    """Decoder forward: the mirror image with 3 res blocks per level and nearest upsampling
+    followed by a 3x3 conv."""
+    hw = IMAGE_SIZE // 2 ** (len(VAE_MULT) - 1)
+    cin = VAE_CH * VAE_MULT[-1]
+    total = _conv(1, LATENT_CHANNELS, LATENT_CHANNELS, hw) + _conv(3, LATENT_CHANNELS, cin, hw)
+    total += 2 * _resblock(cin, cin, hw) + _attention(cin, hw)  # middle
+    for level in reversed(range(len(VAE_MULT))):
+        cout = VAE_CH * VAE_MULT[level]
+        for _ in range(VAE_RES_BLOCKS + 1):
+            total += _resblock(cin, cout, hw) + (_attention(cout, hw) if hw == 16 else 0.0)
+            cin = cout
+        if level > 0:
+            hw *= 2
+            total += _conv(3, cout, cout, hw)
+    return total + _conv(3, cin, 3, hw)
 
 
 # ---- the hardware and the assumptions ------------------------------------------------------
@@ -120,9 +140,10 @@ CHIPS = (
     Chip("v6e", 918.0, 32.0, 2.70),
 )
 PRICE_NOTE = (
-    "assumed on-demand list prices per chip-hour in US regions as published in 2025 "
-    "(v4 $3.22, v5p $4.20, v6e $2.70); spot assumed 60% cheaper. Check "
-    "https://cloud.google.com/tpu/pricing before planning: prices change and differ by region."
+    "ASSUMED on-demand list prices per chip-hour in US regions (v4 $3.22, v5p $4.20, v6e $2.70), "
+    "as recalled from Google's public TPU pricing page in 2025 and not re-checked; spot assumed "
+    "60% cheaper. Check https://cloud.google.com/tpu/pricing before planning: prices change and "
+    "differ by region."
 )
 SPOT_DISCOUNT = 0.60
 TRAIN_MFU = 0.40  # ASSUMED model-FLOPs utilisation of the training step
@@ -215,17 +236,20 @@ def caching_table() -> str:
 
 
 def eval_table() -> str:
+    """Sampling 50,000 images with guidance, then decoding them with the VAE."""
     rows = [
-        "| model | chip | sampling chip-hours for 50k images | on-demand $ |",
-        "|---|---|---|---|",
+        "| model | chip | chip-hours for 50k images | on-demand $ | VAE decoding share |",
+        "|---|---|---|---|---|",
     ]
+    decode = vae_decoder_flops_per_image()
     for m in MODELS:
         for chip in CHIPS:
-            flops = sample_flops_per_image(m) * FID_SAMPLES
+            flops = (sample_flops_per_image(m) + decode) * FID_SAMPLES
             chip_hours = flops / (chip.peak_bf16_tflops * 1e12 * SAMPLE_MFU) / 3600
             rows.append(
                 f"| {m.name} | {chip.name} | {chip_hours:.1f} | "
-                f"{_fmt(chip_hours * chip.usd_per_chip_hour, 0)} |"
+                f"{_fmt(chip_hours * chip.usd_per_chip_hour, 0)} | "
+                f"{decode / (sample_flops_per_image(m) + decode):.1%} |"
             )
     return "\n".join(rows)
 
