@@ -30,13 +30,8 @@ WORKDIR = "gs://my-bkt/runs/xar_h"
 
 
 def _git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip()
+    ident = ["-c", "user.email=t@example.com", "-c", "user.name=t"]
+    return subprocess.check_output(["git", "-C", str(repo), *ident, *args], text=True).strip()
 
 
 def _make_sandbox(root: Path) -> Path:
@@ -151,23 +146,10 @@ def test_help_describes_the_script(sandbox, guard_bin, script):
 
 
 def test_printed_commands_read_back_to_the_same_arguments(sandbox):
-    tricky = [
-        "plain",
-        "two words",
-        "it's",
-        "--command=cd x && ls --jax='jax[tpu]'",
-        "",
-        "$HOME",
-        'say "hi"!',
-        "a'b\"c$d",
-    ]
-    proc = subprocess.run(
-        ["bash", "-c", 'source "$0"; join_quoted "$@"', str(sandbox / "launch/common.sh"), *tricky],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert shlex.split(proc.stdout) == tricky
+    tricky = ["plain", "two words", "it's", "--command=cd x && ls --jax='jax[tpu]'", ""]
+    tricky += ["$HOME", 'say "hi"!', "a'b\"c$d"]
+    script = ["bash", "-c", 'source "$0"; join_quoted "$@"', str(sandbox / "launch/common.sh")]
+    assert shlex.split(subprocess.check_output([*script, *tricky], text=True)) == tricky
 
 
 # ---- settings and errors --------------------------------------------------------------------
@@ -178,13 +160,8 @@ NEEDS_PROJECT = [(s, ()) for s in SCRIPTS if s != "prepare_data.sh"] + [
 
 @pytest.mark.parametrize("script,args", NEEDS_PROJECT)
 def test_missing_project_stops_before_any_command(launch, script, args):
-    result = launch(
-        script,
-        *args,
-        PROJECT=None,
-        REFERENCE_STATS="gs://my-bkt/ref.npz",
-        VAE_CKPT="gs://my-bkt/src/kl16.ckpt",
-    )
+    needed = {"REFERENCE_STATS": "gs://my-bkt/ref.npz", "VAE_CKPT": "gs://my-bkt/src/kl16.ckpt"}
+    result = launch(script, *args, PROJECT=None, **needed)
     assert result.returncode == 2
     assert "PROJECT is not set" in result.stderr
     assert result.commands == []
@@ -263,12 +240,9 @@ def test_create_tpu_vm_uses_the_runtime_and_zone_of_its_family(launch, accelerat
 
 
 def test_create_passes_capacity_and_extra_flags(launch):
-    create = launch(
-        "create.sh",
-        QUEUED_RESOURCE="0",
-        PREEMPTIBLE="1",
-        CREATE_FLAGS="--network=train-net --internal-ips",
-    ).one("tpu-vm", "create")
+    extra = "--network=train-net --internal-ips"
+    result = launch("create.sh", QUEUED_RESOURCE="0", PREEMPTIBLE="1", CREATE_FLAGS=extra)
+    create = result.one("tpu-vm", "create")
     assert "--preemptible" in create and "--internal-ips" in create
     assert flag(create, "network") == "train-net"
 
@@ -287,12 +261,8 @@ def test_install_ships_the_committed_tree_to_every_worker(sandbox, launch):
     assert flag(ssh, "worker") == "all"
     words = remote(ssh)
     installer = words[words.index("xar-jax.new/launch/remote/install_worker.sh") + 1 :]
-    assert installer == [
-        f"--commit={head[:12]}",
-        "--python=3.12",
-        "--jax=jax[tpu]",
-        "--weights=gs://my-bkt/weights",
-    ]
+    expected = f"--commit={head[:12]} --python=3.12 --jax=jax[tpu] --weights=gs://my-bkt/weights"
+    assert installer == expected.split()
 
 
 def test_install_refuses_uncommitted_changes_unless_allowed(tmp_path, guard_bin):
@@ -316,41 +286,26 @@ def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):
     assert copy[-1].startswith(f"{WORKDIR}/launch/") and copy[-1].endswith("-xar_h.py")
     start = [c for c in result.find("ssh") if "start" in remote(c)]
     assert len(start) == 1 and flag(start[0], "worker") == "all"
-    assert remote(start[0]) == [
-        "bash",
-        "xar-jax/launch/remote/worker.sh",
-        "start",
-        "train",
-        f"{WORKDIR}/logs",
-        "--config=configs/xar_h.py",
-        f"--workdir={WORKDIR}",
-        "--mode=train",
-        "--config.data.source=latents",
-        "--config.data.cache_dir=gs://my-bkt/latents",
-    ]
+    expected = (
+        f"bash xar-jax/launch/remote/worker.sh start train {WORKDIR}/logs"
+        f" --config=configs/xar_h.py --workdir={WORKDIR} --mode=train"
+        " --config.data.source=latents --config.data.cache_dir=gs://my-bkt/latents"
+    )
+    assert remote(start[0]) == expected.split()
 
 
 def test_start_appends_overrides_from_environment_then_command_line(launch):
-    result = launch(
-        "start.sh",
-        "--config.optimizer.lr=1e-4",
-        "--config.seed=3",
-        CONFIG_OVERRIDES="--config.batch_size=1024 --config.seed=1",
-        DATA_SOURCE="imagenet",
-        MODE="sample",
-        CONFIG="configs/xar_b.py",
-    )
+    env = {"DATA_SOURCE": "imagenet", "MODE": "sample", "CONFIG": "configs/xar_b.py"}
+    env["CONFIG_OVERRIDES"] = "--config.batch_size=1024 --config.seed=1"
+    result = launch("start.sh", "--config.optimizer.lr=1e-4", "--config.seed=3", **env)
     words = _start_command(result)
     assert words[3] == "sample" and "--mode=sample" in words
     assert "--config=configs/xar_b.py" in words and "--workdir=gs://my-bkt/runs/xar_b" in words
-    assert words[-6:] == [
-        "--config.data.source=imagenet",
-        "--config.data.data_dir=gs://my-bkt/tfds",
-        "--config.batch_size=1024",
-        "--config.seed=1",
-        "--config.optimizer.lr=1e-4",
-        "--config.seed=3",
-    ]
+    expected = (
+        "--config.data.source=imagenet --config.data.data_dir=gs://my-bkt/tfds"
+        " --config.batch_size=1024 --config.seed=1 --config.optimizer.lr=1e-4 --config.seed=3"
+    )
+    assert words[-6:] == expected.split()
 
 
 def test_a_config_outside_the_repository_is_copied_under_configs_launched(launch, tmp_path):
@@ -438,11 +393,8 @@ def test_resume_does_not_restart_a_finished_job(launch):
 def test_resume_restarts_a_job_missing_on_any_worker_of_a_healthy_slice(launch, job):
     result = launch("resume.sh", DRY_RUN_JOB=job)
     assert result.returncode == 0, result.stderr
-    assert [remote(c)[2] for c in result.find("ssh") if "worker.sh" in flag(c, "command")] == [
-        "status",
-        "stop",
-        "start",
-    ]
+    actions = [remote(c)[2] for c in result.find("ssh") if "worker.sh" in flag(c, "command")]
+    assert actions == ["status", "stop", "start"]
     assert not result.find("create") and not result.find("git", "archive")
 
 
@@ -467,12 +419,10 @@ def test_prepare_data_build_runs_tfds_on_a_cpu_vm_detached(launch):
     assert result.one("compute", "scp")[-3] == "xar-prep:build_imagenet.sh"
     tmux = remote(result.one("compute", "ssh"))
     assert tmux[:5] == ["tmux", "new-session", "-d", "-s", "xar-build-imagenet"]
-    assert shlex.split(tmux[5])[:4] == [
-        "bash",
-        "build_imagenet.sh",
-        "--tars=gs://my-bkt/imagenet_manual",
-        "--data-dir=gs://my-bkt/tfds",
-    ]
+    expected = (
+        "bash build_imagenet.sh --tars=gs://my-bkt/imagenet_manual --data-dir=gs://my-bkt/tfds"
+    )
+    assert shlex.split(tmux[5])[:4] == expected.split()
     assert "--quiet" in launch("prepare_data.sh", "cleanup", YES="1").one("instances", "delete")
     assert launch("prepare_data.sh", "status").find("gsutil", "stat")
 
@@ -480,24 +430,18 @@ def test_prepare_data_build_runs_tfds_on_a_cpu_vm_detached(launch):
 def test_prepare_data_cache_encodes_imagenet_into_the_latent_dir_on_every_worker(launch):
     words = _start_command(launch("prepare_data.sh", "cache", LATENT_DIR="gs://my-bkt/lat256"))
     assert words[3] == "cache_latents" and "--mode=cache_latents" in words
-    assert {
-        "--config.data.source=imagenet",
-        "--config.data.data_dir=gs://my-bkt/tfds",
-        "--config.data.cache_dir=gs://my-bkt/lat256",
-    } <= set(words)
+    expected = "--config.data.source=imagenet --config.data.data_dir=gs://my-bkt/tfds"
+    assert set(f"{expected} --config.data.cache_dir=gs://my-bkt/lat256".split()) <= set(words)
 
 
 def test_convert_weights_runs_on_worker_0_for_each_given_file(launch):
-    result = launch(
-        "convert_weights.sh",
-        VAE_CKPT="gs://my-bkt/src/kl16.ckpt",
-        INCEPTION_PTH="gs://my-bkt/src/inception.pth",
-    )
+    sources = {"VAE_CKPT": "gs://my-bkt/src/kl16.ckpt", "INCEPTION_PTH": "gs://my-bkt/src/i.pth"}
+    result = launch("convert_weights.sh", **sources)
     ssh = result.find("ssh")
     assert [flag(c, "worker") for c in ssh] == ["0", "0"]
     assert [remote(c)[2:] for c in ssh] == [
         ["convert", "vae", "gs://my-bkt/src/kl16.ckpt", "gs://my-bkt/weights"],
-        ["convert", "inception", "gs://my-bkt/src/inception.pth", "gs://my-bkt/weights"],
+        ["convert", "inception", "gs://my-bkt/src/i.pth", "gs://my-bkt/weights"],
     ]
     assert "nothing to convert" in launch("convert_weights.sh").stderr
 
@@ -548,21 +492,12 @@ def worker_home(tmp_path, sandbox):
     (venv_bin / "activate").write_text('PATH="$HOME/xar_venv/bin:$PATH"\n')
     (venv_bin / "python").write_text(FAKE_PYTHON)
     (venv_bin / "python").chmod(0o755)
-    env = {
-        "HOME": str(home),
-        "PATH": os.environ["PATH"],
-        "TMUX_TMPDIR": str(tmp_path),
-        "LC_ALL": "C",
-    }
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "TMUX_TMPDIR": str(tmp_path)}
+    script = str(sandbox / "launch/remote/worker.sh")
 
     def worker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            ["bash", str(sandbox / "launch/remote/worker.sh"), *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        run = dict(env=env, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["bash", script, *args], **run)
         assert not check or proc.returncode == 0, proc.stderr
         return proc
 
@@ -626,41 +561,23 @@ def installer(tmp_path, sandbox):
     shutil.copytree(sandbox, home / "xar-jax.new", ignore=shutil.ignore_patterns(".git"))
     fake_bin.mkdir()
     log = tmp_path / "calls"
-    # What `uv venv` puts into the virtualenv: a python that knows its version and logs the rest.
-    _fake_tool(
-        fake_bin,
-        "venv-python",
-        (
-            'for a in "$@"; do [[ $a == *version_info* ]] && { echo 3.12; exit 0; }; done\n'
-            f'echo "python $*" >> "{log}"\n'
-        ),
-    )
-    _fake_tool(
-        fake_bin,
-        "uv",
-        (
-            f'echo "uv $*" >> "{log}"\n'
-            "if [[ $1 == venv ]]; then\n"
-            '  mkdir -p "${@: -1}/bin" && cp "$(dirname "$0")/venv-python" "${@: -1}/bin/python"\n'
-            "fi\n"
-        ),
-    )
-    _fake_tool(fake_bin, "tmux", 'printf "%s" "${FAKE_TMUX_SESSIONS:-}"\n')
-    _fake_tool(fake_bin, "gsutil", f'echo "gsutil $*" >> "{log}"; exit 1\n')
+    tools = {  # venv-python: what `uv venv` puts in the virtualenv (answers the version query)
+        "venv-python": 'for a in "$@"; do [[ $a == *version_info* ]] && { echo 3.12; exit 0; }; '
+        f'done; echo "python $*" >> "{log}"',
+        "uv": f'echo "uv $*" >> "{log}"; [[ $1 != venv ]] || {{ mkdir -p "${{@: -1}}/bin" && '
+        'cp "$(dirname "$0")/venv-python" "${@: -1}/bin/python"; }',
+        "tmux": 'printf "%s" "${FAKE_TMUX_SESSIONS:-}"',
+        "gsutil": f'echo "gsutil $*" >> "{log}"; exit 1',
+    }
+    for name, body in tools.items():
+        _fake_tool(fake_bin, name, body + "\n")
     env = {"HOME": str(home), "PATH": f"{fake_bin}:{os.environ['PATH']}", "LC_ALL": "C"}
 
     def install(**extra: str) -> subprocess.CompletedProcess:
-        argv = [
-            "bash",
-            str(home / "xar-jax.new/launch/remote/install_worker.sh"),
-            "--commit=0123abcd",
-            "--python=3.12",
-            "--jax=jax[tpu]",
-            "--weights=gs://b/w",
-        ]
-        return subprocess.run(
-            argv, env={**env, **extra}, capture_output=True, text=True, timeout=30
-        )
+        script = home / "xar-jax.new/launch/remote/install_worker.sh"
+        flags = "--commit=0123abcd --python=3.12 --jax=jax[tpu] --weights=gs://b/w".split()
+        run = dict(env={**env, **extra}, capture_output=True, text=True, timeout=30)
+        return subprocess.run(["bash", str(script), *flags], **run)
 
     return home, log, install
 
@@ -705,12 +622,7 @@ def test_projection_formulas_reproduce_the_published_parameter_counts():
 def test_runbook_tables_are_the_projection_script_output():
     p = _projections()
     doc = (REPO / "docs" / "tpu.md").read_text()
-    for table in (
-        p.model_table(),
-        p.training_table(),
-        p.memory_table(),
-        p.caching_table(),
-        p.eval_table(),
-    ):
+    tables = (p.model_table, p.training_table, p.memory_table, p.caching_table, p.eval_table)
+    for table in (make() for make in tables):
         for line in table.splitlines():
             assert line in doc, f"docs/tpu.md lacks (run python launch/projections.py): {line}"
