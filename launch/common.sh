@@ -31,6 +31,7 @@
 #   DATA_DIR           TFDS data dir with imagenet2012 [gs://BUCKET/tfds]
 #   LATENT_DIR         cached VAE latents [gs://BUCKET/latents]
 #   CONFIG_OVERRIDES   extra `--config.x=y` flags, space-separated (no spaces inside a value) []
+#   MAIN_FLAGS         other flags of xar_jax.main, e.g. --distributed=on []
 #   WEIGHTS_GCS        converted weights, synced to ~/xar_weights on every worker by install.sh
 #                      [gs://BUCKET/weights]
 #   PYTHON_VERSION     Python of the worker virtualenv [3.12]
@@ -250,6 +251,12 @@ load_run_settings() {
     [[ ${flag} == --config.*=* ]] \
       || die "CONFIG_OVERRIDES holds '${flag}'; each entry must look like --config.field=value"
   done
+  MAIN_FLAGS="${MAIN_FLAGS:-}"
+  read -r -a MAIN_FLAG_LIST <<<"${MAIN_FLAGS}"
+  for flag in "${MAIN_FLAG_LIST[@]}"; do
+    [[ ${flag} == --?* && ${flag} != --config* && ${flag} != --workdir* && ${flag} != --mode* ]] \
+      || die "MAIN_FLAGS holds '${flag}'; give --flag=value entries other than --config, --workdir, --mode (the scripts set those; config fields go into CONFIG_OVERRIDES)"
+  done
 }
 
 # The config path as the workers see it: repository configs keep their path; a file outside
@@ -275,6 +282,9 @@ main_args() {
   local mode=$1
   shift
   printf '%s\n' "$(remote_config_flag)" "--workdir=${WORKDIR}" "--mode=${mode}"
+  if ((${#MAIN_FLAG_LIST[@]} > 0)); then
+    printf '%s\n' "${MAIN_FLAG_LIST[@]}"
+  fi
   case "${DATA_SOURCE}" in
     latents)
       printf '%s\n' "--config.data.source=latents" "--config.data.cache_dir=${LATENT_DIR}" ;;

@@ -191,6 +191,7 @@ def test_missing_bucket_stops_before_any_command(launch, script):
         ),
         ({"DATA_SOURCE": "lmdb"}, "DATA_SOURCE='lmdb' is not allowed"),
         ({"CONFIG_OVERRIDES": "--lr=1"}, "each entry must look like --config.field=value"),
+        ({"MAIN_FLAGS": "--workdir=/tmp"}, "MAIN_FLAGS holds '--workdir=/tmp'"),
         ({"BUCKET": "gs://my-bkt"}, "give the bare name"),
     ],
 )
@@ -297,9 +298,10 @@ def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):
 def test_start_appends_overrides_from_environment_then_command_line(launch):
     env = {"DATA_SOURCE": "imagenet", "MODE": "sample", "CONFIG": "configs/xar_b.py"}
     env["CONFIG_OVERRIDES"] = "--config.batch_size=1024 --config.seed=1"
+    env["MAIN_FLAGS"] = "--distributed=on"
     result = launch("start.sh", "--config.optimizer.lr=1e-4", "--config.seed=3", **env)
     words = _start_command(result)
-    assert words[3] == "sample" and "--mode=sample" in words
+    assert words[7:9] == ["--mode=sample", "--distributed=on"] and words[3] == "sample"
     assert "--config=configs/xar_b.py" in words and "--workdir=gs://my-bkt/runs/xar_b" in words
     expected = (
         "--config.data.source=imagenet --config.data.data_dir=gs://my-bkt/tfds"
