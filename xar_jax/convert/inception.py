@@ -90,7 +90,9 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def convert_file(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> None:
+def convert_file(
+    src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+) -> None:
     """Converts torch-fidelity's ``.pth`` (or an ``.npz`` of it) to a converted-params directory.
 
     Args:
@@ -103,7 +105,9 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     """
     src, out = os.fspath(src), os.fspath(out)
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{out} already exists; pass overwrite=True (--overwrite) to replace it."
+        )
     _, params = inception_from_torch(src)
     metadata = {
         "model": MODEL_KIND,
@@ -126,7 +130,7 @@ def load_converted(ckpt_dir: str | os.PathLike) -> tuple[inception_lib.Inception
 
 
 def load_inception(path: str | os.PathLike) -> Any:
-    """Inception params from a converted directory, or straight from the ``.pth`` / ``.npz`` file."""
+    """Inception params from a converted directory, or directly from the ``.pth`` / ``.npz``."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return load_converted(path)[1]

@@ -16,8 +16,9 @@ Everything is NHWC inside. Convolutions and the classifier run at ``Precision.HI
 TPUs (bf16 passes) and recent GPUs (TF32) would otherwise compute a visibly different FID.
 
 Parameter tree (mirrors the PyTorch names, see ``xar_jax.convert.inception``):
-``params[block][...][conv]['kernel']`` (HWIO), ``params[block][...]['bn']`` with ``scale``, ``bias``,
-``mean``, ``var`` (frozen batch norm, eps 1e-3), ``params['fc']`` with ``kernel`` (2048, 1008), ``bias``.
+``params[block][...]['conv']['kernel']`` (HWIO); ``params[block][...]['bn']`` with ``scale``,
+``bias``, ``mean``, ``var`` (frozen batch norm, eps 1e-3); ``params['fc']`` with ``kernel``
+(2048, 1008) and ``bias``.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ class InceptionA(nn.Module):
         b3 = conv(64, (1, 1), name="branch3x3dbl_1")(x)
         b3 = conv(96, (3, 3), padding=_pad(1, 1), name="branch3x3dbl_2")(b3)
         b3 = conv(96, (3, 3), padding=_pad(1, 1), name="branch3x3dbl_3")(b3)
-        bp = conv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_3x3_excluding_padding(x))
+        bp = conv(self.pool_features, (1, 1), name="branch_pool")(
+            _avg_pool_3x3_excluding_padding(x)
+        )
         return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
@@ -166,7 +169,7 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """8x8 block with split 1x3 / 3x1 branches; ``max_pool`` selects the FID graph's last-block quirk."""
+    """8x8 block with split 1x3 / 3x1 branches; ``max_pool``: the FID graph's last-block quirk."""
 
     max_pool: bool
     precision: Any = jax.lax.Precision.HIGHEST
@@ -241,7 +244,12 @@ class InceptionV3(nn.Module):
         x = InceptionA(64, name="Mixed_5c", **block)(x)
         x = InceptionA(64, name="Mixed_5d", **block)(x)
         x = InceptionB(name="Mixed_6a", **block)(x)  # 17x17
-        for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        for name, c7 in (
+            ("Mixed_6b", 128),
+            ("Mixed_6c", 160),
+            ("Mixed_6d", 160),
+            ("Mixed_6e", 192),
+        ):
             x = InceptionC(c7, name=name, **block)(x)
         x = InceptionD(name="Mixed_7a", **block)(x)  # 8x8
         x = InceptionE(max_pool=False, name="Mixed_7b", **block)(x)
@@ -282,6 +290,7 @@ def tf1_resize_bilinear(images: jax.Array, size: tuple[int, int]) -> jax.Array:
     Returns:
       ``(B, out_h, out_w, C)`` in the input dtype.
     """
+    images = jnp.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}.")
     _, h, w, _ = images.shape
@@ -302,14 +311,14 @@ def check_images(images: Any, data_format: str) -> None:
     shape = tuple(images.shape)
     channel_axis = 3 if data_format == "NHWC" else 1
     if len(shape) != 4 or shape[channel_axis] != 3:
+        expected = "(B, H, W, 3)" if data_format == "NHWC" else "(B, 3, H, W)"
         raise ValueError(
-            f"images must be a {data_format} batch of RGB images "
-            f"({'(B, H, W, 3)' if data_format == 'NHWC' else '(B, 3, H, W)'}), got shape {shape}."
+            f"images must be an {data_format} batch of RGB images {expected}, got shape {shape}."
         )
     if images.dtype != np.uint8:
         raise ValueError(
-            f"images must be uint8 in [0, 255] (as the FID reference statistics were computed from), "
-            f"got dtype {images.dtype}. Convert floats in [-1, 1] with "
+            f"images must be uint8 in [0, 255] (the FID reference statistics were computed from "
+            f"uint8), got dtype {images.dtype}. Convert floats in [-1, 1] with "
             "xar_jax.evaluation.sample_writer.to_uint8."
         )
 
@@ -371,4 +380,3 @@ def param_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
     """``{path: shape}`` of every parameter, path as a tuple of tree keys."""
     flat = jax.tree_util.tree_flatten_with_path(abstract_params())[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
-
