@@ -180,6 +180,16 @@ def test_directory_source_center_crops_and_reads_ranges(tmp_path):
     assert image_sources.adm_center_crop(big, 16).shape == (16, 16, 3)
 
 
+def test_tfds_source_reads_and_center_crops_a_split():
+    tfds = pytest.importorskip("tensorflow_datasets")  # a runtime dependency of xar-jax
+
+    with tfds.testing.mock_data(num_examples=3):
+        source = image_sources.TfdsImages("imagenet2012", "validation", center_crop=8)
+        assert len(source) == 3
+        batch = source.read(1, 5)
+    assert batch.shape == (2, 8, 8, 3) and batch.dtype == np.uint8
+
+
 def test_process_batches_split_images_without_gaps_and_in_step():
     class Counting:
         def __len__(self):

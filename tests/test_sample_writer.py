@@ -133,6 +133,9 @@ def test_restart_with_a_different_plan_is_refused_before_generating(tmp_path):
         sample_writer.write_samples(
             generator, str(tmp_path), progress=False, **{**PLAN, "seed": 12}
         )
+    with pytest.raises(ValueError, match="different plan.*key_data"):
+        key = jax.random.key(5)
+        sample_writer.write_samples(generator, str(tmp_path), key=key, progress=False, **PLAN)
     assert generator.calls == 0
 
 

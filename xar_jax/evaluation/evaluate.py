@@ -183,6 +183,11 @@ def evaluate_images(
     Returns:
       ``{'fid', 'inception_score', 'inception_score_std', 'num_images'}``.
     """
+    if len(source) < fid_lib.ISC_SPLITS:
+        raise ValueError(
+            f"The Inception Score uses {fid_lib.ISC_SPLITS} splits; the source has only "
+            f"{len(source)} images."
+        )
     if isinstance(reference, (str, os.PathLike)):
         reference = fid_lib.load_reference_stats(reference)  # fail early, before the long pass
     mu_ref, sigma_ref = reference

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -96,11 +97,17 @@ class SamplingPlan:
     batch_size: int
     seed: int
     allow_uneven: bool = False
+    key_data: tuple[int, ...] = ()  # the base PRNG key's data when not derived from ``seed``
 
     def __post_init__(self):
-        for field in ("num_images", "num_classes", "batch_size"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be a positive int, got {getattr(self, field)!r}.")
+        for field in ("num_images", "num_classes", "batch_size", "seed"):
+            value = getattr(self, field)
+            try:
+                object.__setattr__(self, field, operator.index(value))
+            except TypeError:
+                raise ValueError(f"{field} must be an integer, got {value!r}.") from None
+            if field != "seed" and getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {value!r}.")
 
     @property
     def num_batches(self) -> int:
@@ -150,6 +157,7 @@ def _check_plan_file(out_dir: str, plan: SamplingPlan) -> None:
     if os.path.exists(path):
         with open(path) as f:
             found = json.load(f)
+        found["key_data"] = tuple(found.get("key_data", ()))
         if found != wanted:
             diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
             raise ValueError(
@@ -234,6 +242,7 @@ def write_samples(
     seed: int = 0,
     key: jax.Array | None = None,
     allow_uneven: bool = False,
+    file_name: str = SAMPLES_FILE,
     png_dir: str | None = None,
     keep_shards: bool = False,
     progress: bool = True,
@@ -251,6 +260,7 @@ def write_samples(
       num_images, num_classes, batch_size, seed, allow_uneven: the plan (see `balanced_labels`).
         ``batch_size`` is the per-call batch of ``generate``.
       key: base PRNG key; default ``jax.random.key(seed)``. Batch b uses ``fold_in(key, b)``.
+      file_name: name of the result inside ``out_dir``.
       png_dir: also write every image as ``png_dir/{index:06d}.png``.
       keep_shards: keep ``out_dir/shards`` after ``samples.npz`` is written (default: delete).
       progress: show a progress bar (tqdm if installed) on process 0.
@@ -259,9 +269,10 @@ def write_samples(
         process 0 assembles (default: a JAX multihost barrier when process_count > 1).
 
     Returns:
-      The path of ``samples.npz`` on process 0, None on other processes.
+      The path of the result (``out_dir/file_name``) on process 0, None on other processes.
     """
-    plan = SamplingPlan(num_images, num_classes, batch_size, seed, allow_uneven)
+    key_data = () if key is None else tuple(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    plan = SamplingPlan(num_images, num_classes, batch_size, seed, allow_uneven, key_data)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -270,7 +281,7 @@ def write_samples(
         )
     labels = plan.labels()  # validates divisibility before any work
     out_dir = os.path.abspath(out_dir)
-    final_path = os.path.join(out_dir, SAMPLES_FILE)
+    final_path = os.path.join(out_dir, file_name)
     os.makedirs(os.path.join(out_dir, SHARD_DIR), exist_ok=True)
     _check_plan_file(out_dir, plan)
     if png_dir is not None:
