@@ -42,3 +42,23 @@ def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = _load_all()
     index = split_indices(split, len(labels))
     return images[index], labels[index]
+
+
+class DigitsSource:
+    """Random-access source of one digits split for Grain (picklable, in memory).
+
+    ``source[i]`` is ``{'images': (8, 8, 1) float32 in [-1, 1], 'labels': int32}``.
+    """
+
+    def __init__(self, split: str):
+        self.split = split
+        self._images, self._labels = load_digits_split(split)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"images": self._images[index], "labels": self._labels[index]}
+
+    def __repr__(self) -> str:
+        return f"DigitsSource(split={self.split!r}, {len(self)} examples)"
