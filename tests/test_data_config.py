@@ -1,4 +1,4 @@
-"""The data config: defaults that validate, and errors that name the field and the allowed values."""
+"""The data config: defaults that validate; errors name the field and the allowed values."""
 
 import pytest
 
@@ -15,17 +15,20 @@ def test_defaults_of_every_source_validate(source):
     assert cfg.random_flip == (source != "digits")
 
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("source", "cifar", "digits | imagenet | latents"),
-    ("split", "test", "train | heldout | all"),
-    ("image_size", 250, "multiple of 16"),
-    ("image_decoder", "cv2", "pil | tfds"),
-    ("latent_sampling", "both", "device | host"),
-    ("cache_dtype", "bfloat16", "float32 | float16"),
-    ("num_workers", -1, "integer >= 0"),
-    ("shuffle_seed", 2**40, r"\[0, 2\*\*32\)"),
-    ("device_prefetch", -1, "integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("source", "cifar", "digits | imagenet | latents"),
+        ("split", "test", "train | heldout | all"),
+        ("image_size", 250, "multiple of 16"),
+        ("image_decoder", "cv2", "pil | tfds"),
+        ("latent_sampling", "both", "device | host"),
+        ("cache_dtype", "bfloat16", "float32 | float16"),
+        ("num_workers", -1, "integer >= 0"),
+        ("shuffle_seed", 2**40, r"\[0, 2\*\*32\)"),
+        ("device_prefetch", -1, "integer >= 0"),
+    ],
+)
 def test_a_bad_value_is_reported_with_its_field_and_the_allowed_values(field, value, allowed):
     cfg = config_lib.get_data_config("digits")
     with cfg.unlocked():

@@ -17,14 +17,15 @@ NUM_MOCK = 16  # the mock's first 16 images include every resize case (checked b
 
 
 def reference_preprocess(pil_image, image_size):
-    """ADM's center_crop_arr followed by ToTensor and Normalize(0.5, 0.5), written out from the paper's
-    code description: BOX halving while the short side >= 2 * size, BICUBIC resize of the short side
+    """ADM's center_crop_arr followed by ToTensor and Normalize(0.5, 0.5), as the reference code
+    describes it: BOX halving while the short side >= 2 * size, BICUBIC resize of the short side
     to size (sides rounded), centre crop, x / 255 then (x - 0.5) / 0.5 in float32. Returns NHWC."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
-                                 resample=Image.BICUBIC)
+    pil_image = pil_image.resize(
+        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
+    )
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
@@ -34,7 +35,7 @@ def reference_preprocess(pil_image, image_size):
 
 
 def _prepared_data_dir(tmp_path, file_format="array_record"):
-    """The metadata our preparation check reads (TFDS itself is mocked and ignores the directory)."""
+    """The metadata our preparation check reads (mocked TFDS itself ignores the directory)."""
     version_dir = tmp_path / "imagenet2012" / "5.1.0"
     version_dir.mkdir(parents=True)
     (version_dir / "dataset_info.json").write_text(json.dumps({"fileFormat": file_format}))
@@ -52,9 +53,13 @@ def mocked_imagenet(tmp_path_factory):
     """Mocked imagenet2012 (random images of random non-square sizes) and its reference crops."""
     data_dir = _prepared_data_dir(tmp_path_factory.mktemp("tfds"))
     with tfds.testing.mock_data(num_examples=NUM_MOCK):
-        source = imagenet.open_tfds_source(data_dir, "imagenet2012", "validation", image_decoder="tfds")
+        source = imagenet.open_tfds_source(
+            data_dir, "imagenet2012", "validation", image_decoder="tfds"
+        )
         examples = [source[i] for i in range(NUM_MOCK)]
-        expected = np.stack([reference_preprocess(Image.fromarray(e["image"]), SIZE) for e in examples])
+        expected = np.stack(
+            [reference_preprocess(Image.fromarray(e["image"]), SIZE) for e in examples]
+        )
         yield data_dir, examples, expected
 
 
@@ -70,15 +75,21 @@ def test_mock_images_cover_halving_downscaling_and_upscaling(mocked_imagenet):
 def test_mock_tfds_eval_pass_matches_the_reference_crop_in_order(mocked_imagenet):
     data_dir, examples, expected = mocked_imagenet
     with tfds.testing.mock_data(num_examples=NUM_MOCK):
-        batches = list(pipeline.make_eval_iterator(
-            _imagenet_cfg(data_dir, image_decoder="tfds", eval_split="validation"),
-            global_batch_size=4, process_index=0, process_count=1))
+        batches = list(
+            pipeline.make_eval_iterator(
+                _imagenet_cfg(data_dir, image_decoder="tfds", eval_split="validation"),
+                global_batch_size=4,
+                process_index=0,
+                process_count=1,
+            )
+        )
     assert len(batches) == NUM_MOCK // 4
     images = np.concatenate([b["images"] for b in batches])
     assert images.shape == (NUM_MOCK, SIZE, SIZE, 3) and images.dtype == np.float32
     np.testing.assert_array_equal(images, expected)
-    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches]),
-                                  [e["label"] for e in examples])
+    np.testing.assert_array_equal(
+        np.concatenate([b["labels"] for b in batches]), [e["label"] for e in examples]
+    )
 
 
 def test_mock_tfds_train_epoch_is_a_shuffled_randomly_flipped_permutation(mocked_imagenet):
@@ -86,7 +97,11 @@ def test_mock_tfds_train_epoch_is_a_shuffled_randomly_flipped_permutation(mocked
     with tfds.testing.mock_data(num_examples=NUM_MOCK):
         it = pipeline.make_train_iterator(
             _imagenet_cfg(data_dir, image_decoder="tfds", split="validation"),
-            global_batch_size=4, process_index=0, process_count=1, seed=5)
+            global_batch_size=4,
+            process_index=0,
+            process_count=1,
+            seed=5,
+        )
         images = np.concatenate([next(it)["images"] for _ in range(NUM_MOCK // 4)])
     found, flips = [], []
     for image in images:
@@ -115,11 +130,17 @@ JPEG_SIZES = [(500, 375, "RGB"), (90, 64, "RGB"), (40, 23, "RGB"), (13, 29, "RGB
 
 
 def test_jpeg_bytes_are_decoded_and_cropped_exactly_like_the_reference():
-    records = [{"image": _jpeg(w, h, mode, seed=i), "label": i} for i, (w, h, mode) in enumerate(JPEG_SIZES)]
+    records = [
+        {"image": _jpeg(w, h, mode, seed=i), "label": i}
+        for i, (w, h, mode) in enumerate(JPEG_SIZES)
+    ]
     cfg = _imagenet_cfg("", image_decoder="pil", image_size=32)
-    batch = next(pipeline.make_eval_iterator(cfg, global_batch_size=len(records), process_index=0,
-                                             process_count=1, records=records))
-    for image, record in zip(batch["images"], records):
+    batch = next(
+        pipeline.make_eval_iterator(
+            cfg, global_batch_size=len(records), process_index=0, process_count=1, records=records
+        )
+    )
+    for image, record in zip(batch["images"], records, strict=True):
         reference = reference_preprocess(Image.open(io.BytesIO(record["image"])).convert("RGB"), 32)
         np.testing.assert_array_equal(image, reference)
     np.testing.assert_array_equal(batch["labels"], np.arange(len(records)))
@@ -130,11 +151,17 @@ def test_corrupt_jpeg_is_reported_with_its_index_unless_skipping_is_allowed():
     records[2] = {"image": records[2]["image"][:100], "label": 2}  # truncated file
     cfg = _imagenet_cfg("", image_decoder="pil")
     with pytest.raises(CorruptRecordError, match="example 2"):
-        list(pipeline.make_eval_iterator(cfg, global_batch_size=4, process_index=0, process_count=1,
-                                         records=records))
+        list(
+            pipeline.make_eval_iterator(
+                cfg, global_batch_size=4, process_index=0, process_count=1, records=records
+            )
+        )
     cfg.allow_corrupt_records = True
-    batch = next(pipeline.make_eval_iterator(cfg, global_batch_size=4, process_index=0,
-                                             process_count=1, records=records))
+    batch = next(
+        pipeline.make_eval_iterator(
+            cfg, global_batch_size=4, process_index=0, process_count=1, records=records
+        )
+    )
     np.testing.assert_array_equal(batch["skipped_records"], [0, 0, 1, 0])
     np.testing.assert_array_equal(batch["labels"], [0, 1, 3, 3])  # record 3 stands in for 2
 

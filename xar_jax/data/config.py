@@ -1,6 +1,6 @@
-"""The input-pipeline configuration: every field, its default, and the checks run before any data is read.
+"""The input-pipeline configuration: every field, its default, and the checks run before reading.
 
-The trainer's config holds this as ``config.data``; ``configs/demo.py`` uses the defaults (embedded digits),
+The trainer's config holds this as ``config.data``; ``configs/demo.py`` uses the defaults (digits),
 ImageNet configs start from ``get_data_config('latents')`` (the paper's way: cached VAE moments) or
 ``get_data_config('imagenet')`` (raw images, e.g. for caching or for models without a VAE).
 """
@@ -15,14 +15,19 @@ LATENT_SAMPLING = ("device", "host")
 CACHE_DTYPES = ("float32", "float16")
 DIGITS_SPLITS = ("train", "heldout", "all")
 
-_DEFAULT_SPLITS = {"digits": ("train", "heldout"), "imagenet": ("train", "validation"),
-                   "latents": ("train", "validation")}
+_DEFAULT_SPLITS = {
+    "digits": ("train", "heldout"),
+    "imagenet": ("train", "validation"),
+    "latents": ("train", "validation"),
+}
 
 
 def get_data_config(source: str = "digits") -> ml_collections.ConfigDict:
-    """Returns the data config with defaults suited to ``source`` ('digits' | 'imagenet' | 'latents')."""
+    """The data config with defaults suited to ``source`` ('digits' | 'imagenet' | 'latents')."""
     if source not in SOURCES:
-        raise ValueError(f"get_data_config: source={source!r} is not allowed; choose one of {SOURCES}.")
+        raise ValueError(
+            f"get_data_config: source={source!r} is not allowed; choose one of {SOURCES}."
+        )
     train_split, eval_split = _DEFAULT_SPLITS[source]
     c = ml_collections.ConfigDict()
     # Where examples come from: 'digits' (8x8 digits shipped with scikit-learn, no download),
@@ -43,7 +48,7 @@ def get_data_config(source: str = "digits") -> ml_collections.ConfigDict:
     # does; 'tfds' lets TFDS decode (OpenCV when installed: faster, may differ by JPEG rounding).
     c.image_decoder = "pil"
     # Side of the square training image (ADM center crop): 256 or 512 for ImageNet. A multiple of
-    # 16 (the VAE's downsampling). Ignored by 'digits' (always 8x8) and 'latents' (fixed by the cache).
+    # 16 (the VAE's downsampling). Ignored by 'digits' (always 8x8) and 'latents' (cached).
     c.image_size = 256
     # Root of the latent cache: shards of split S live in <cache_dir>/<S>/. Needed for 'latents'.
     c.cache_dir = ""
@@ -76,7 +81,9 @@ def get_data_config(source: str = "digits") -> ml_collections.ConfigDict:
 
 def _require(cond: bool, field: str, value, allowed: str) -> None:
     if not cond:
-        raise ValueError(f"data config field '{field}'={value!r} is not allowed; allowed: {allowed}.")
+        raise ValueError(
+            f"data config field '{field}'={value!r} is not allowed; allowed: {allowed}."
+        )
 
 
 def _is_int(value) -> bool:
@@ -95,24 +102,59 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
             _require(value in DIGITS_SPLITS, field, value, " | ".join(DIGITS_SPLITS) + " (digits)")
         else:
             _require(isinstance(value, str) and value != "", field, value, "a non-empty split name")
-    _require(cfg.image_decoder in IMAGE_DECODERS, "image_decoder", cfg.image_decoder,
-             " | ".join(IMAGE_DECODERS))
-    _require(_is_int(cfg.image_size) and cfg.image_size >= 16 and cfg.image_size % 16 == 0,
-             "image_size", cfg.image_size, "a positive multiple of 16 (256 or 512 for ImageNet)")
-    _require(cfg.latent_sampling in LATENT_SAMPLING, "latent_sampling", cfg.latent_sampling,
-             " | ".join(LATENT_SAMPLING))
-    _require(cfg.cache_dtype in CACHE_DTYPES, "cache_dtype", cfg.cache_dtype, " | ".join(CACHE_DTYPES))
+    _require(
+        cfg.image_decoder in IMAGE_DECODERS,
+        "image_decoder",
+        cfg.image_decoder,
+        " | ".join(IMAGE_DECODERS),
+    )
+    _require(
+        _is_int(cfg.image_size) and cfg.image_size >= 16 and cfg.image_size % 16 == 0,
+        "image_size",
+        cfg.image_size,
+        "a positive multiple of 16 (256 or 512 for ImageNet)",
+    )
+    _require(
+        cfg.latent_sampling in LATENT_SAMPLING,
+        "latent_sampling",
+        cfg.latent_sampling,
+        " | ".join(LATENT_SAMPLING),
+    )
+    _require(
+        cfg.cache_dtype in CACHE_DTYPES, "cache_dtype", cfg.cache_dtype, " | ".join(CACHE_DTYPES)
+    )
     if cfg.source == "latents":
-        _require(isinstance(cfg.cache_dir, str) and cfg.cache_dir != "", "cache_dir", cfg.cache_dir,
-                 "the latent cache root (made by `python -m xar_jax.data.latent_cache`)")
+        _require(
+            isinstance(cfg.cache_dir, str) and cfg.cache_dir != "",
+            "cache_dir",
+            cfg.cache_dir,
+            "the latent cache root (made by `python -m xar_jax.data.latent_cache`)",
+        )
     if cfg.source == "imagenet":
-        _require(isinstance(cfg.tfds_name, str) and cfg.tfds_name != "", "tfds_name", cfg.tfds_name,
-                 "a TFDS name such as 'imagenet2012'")
-    _require(isinstance(cfg.data_dir, str), "data_dir", cfg.data_dir, "a path string ('' = default)")
+        _require(
+            isinstance(cfg.tfds_name, str) and cfg.tfds_name != "",
+            "tfds_name",
+            cfg.tfds_name,
+            "a TFDS name such as 'imagenet2012'",
+        )
+    _require(
+        isinstance(cfg.data_dir, str), "data_dir", cfg.data_dir, "a path string ('' = default)"
+    )
     for field in ("random_flip", "allow_corrupt_records"):
         _require(isinstance(cfg[field], bool), field, cfg[field], "True | False")
-    _require(_is_int(cfg.shuffle_seed) and 0 <= cfg.shuffle_seed < 2**32, "shuffle_seed",
-             cfg.shuffle_seed, "an integer in [0, 2**32)")
-    for field, low in (("num_workers", 0), ("worker_buffer_size", 1), ("read_threads", 0),
-                       ("prefetch_buffer", 0), ("device_prefetch", 0)):
-        _require(_is_int(cfg[field]) and cfg[field] >= low, field, cfg[field], f"an integer >= {low}")
+    _require(
+        _is_int(cfg.shuffle_seed) and 0 <= cfg.shuffle_seed < 2**32,
+        "shuffle_seed",
+        cfg.shuffle_seed,
+        "an integer in [0, 2**32)",
+    )
+    for field, low in (
+        ("num_workers", 0),
+        ("worker_buffer_size", 1),
+        ("read_threads", 0),
+        ("prefetch_buffer", 0),
+        ("device_prefetch", 0),
+    ):
+        _require(
+            _is_int(cfg[field]) and cfg[field] >= low, field, cfg[field], f"an integer >= {low}"
+        )

@@ -18,7 +18,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
-def to_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+def to_global_batch(
+    batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
     """Makes global arrays from this process's batch.
 
     Args:
@@ -29,11 +31,14 @@ def to_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Shardin
     Returns:
       dict of ``jax.Array`` with leading axis ``b_local * process_count``.
     """
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+    )
 
 
-def prefetch_to_device(ds: grain.IterDataset, sharding: jax.sharding.Sharding, *,
-                       buffer_size: int = 2) -> grain.IterDataset:
+def prefetch_to_device(
+    ds: grain.IterDataset, sharding: jax.sharding.Sharding, *, buffer_size: int = 2
+) -> grain.IterDataset:
     """Maps batches to global arrays and keeps ``buffer_size`` of them ready (0 = no prefetch)."""
     ds = ds.map(functools.partial(to_global_batch, sharding=sharding))
     if buffer_size > 0:
@@ -41,12 +46,14 @@ def prefetch_to_device(ds: grain.IterDataset, sharding: jax.sharding.Sharding, *
     return ds
 
 
-def local_data_parallel(fn: Callable[[jax.Array], Any], devices: Sequence[jax.Device] | None = None):
+def local_data_parallel(
+    fn: Callable[[jax.Array], Any], devices: Sequence[jax.Device] | None = None
+):
     """Runs ``fn`` data-parallel over this process's devices; returns NumPy.
 
     For per-process work such as latent caching: every process handles its own shards, so the
-    computation must not span hosts. ``fn`` maps a batch ``(B, ...)`` to outputs with leading axis B;
-    B must be divisible by the number of local devices.
+    computation must not span hosts. ``fn`` maps a batch ``(B, ...)`` to outputs with leading
+    axis B; B must be divisible by the number of local devices.
     """
     devices = list(devices or jax.local_devices())
     mesh = Mesh(np.array(devices), ("batch",))
@@ -55,7 +62,9 @@ def local_data_parallel(fn: Callable[[jax.Array], Any], devices: Sequence[jax.De
 
     def run(batch: np.ndarray) -> np.ndarray:
         if batch.shape[0] % len(devices):
-            raise ValueError(f"batch of {batch.shape[0]} does not split over {len(devices)} local devices.")
+            raise ValueError(
+                f"batch of {batch.shape[0]} does not split over {len(devices)} local devices."
+            )
         return jax.tree.map(np.asarray, jitted(jax.device_put(batch, sharding)))
 
     return run

@@ -1,4 +1,4 @@
-"""The embedded default dataset: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes).
+"""The embedded default dataset: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes).
 
 It ships inside the installed scikit-learn package, so the demo and the tests need no download. The
 demo has no VAE: a digit's 8x8 pixels are its latent grid (one channel), scaled to [-1, 1].
@@ -27,7 +27,7 @@ def split_indices(split: str, num_examples: int) -> np.ndarray:
     return index[heldout] if split == "heldout" else index[~heldout]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_all() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 

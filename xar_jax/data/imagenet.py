@@ -6,8 +6,8 @@ the target, resize so that the short side equals the target with BICUBIC (new si
 ``round(side * scale)``), crop the centre, then ``ToTensor`` and ``Normalize(0.5, 0.5)``, i.e.
 ``(x / 255 - 0.5) / 0.5``. The flip happens later, in the Grain pipeline.
 
-The dataset is read with ``tfds.data_source`` (ArrayRecord, no TensorFlow needed); preparing it needs
-TensorFlow once, in a separate environment (docs/data.md).
+The dataset is read with ``tfds.data_source`` (ArrayRecord, no TensorFlow needed); preparing it
+needs TensorFlow once, in a separate environment (docs/data.md).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:
-    """uint8 pixels to float32 in [-1, 1], computed like torchvision's ToTensor + Normalize(0.5, 0.5)."""
+    """uint8 pixels to float32 in [-1, 1], as torchvision's ToTensor + Normalize(0.5, 0.5)."""
     x = pixels.astype(np.float32) / np.float32(255.0)
     return (x - np.float32(0.5)) / np.float32(0.5)
 
@@ -51,35 +51,41 @@ def open_rgb(image: Any) -> Image.Image:
             return opened.convert("RGB")
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
-        raise ValueError(f"expected encoded bytes or a uint8 (h, w[, c]) image, got {pixels.dtype} "
-                         f"{pixels.shape}")
+        raise ValueError(
+            f"expected encoded bytes or a uint8 (h, w[, c]) image, got {pixels.dtype} "
+            f"{pixels.shape}"
+        )
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     return Image.fromarray(pixels).convert("RGB")
 
 
 def decode_imagenet_example(example: dict[str, Any], *, image_size: int) -> dict[str, np.ndarray]:
-    """A TFDS imagenet2012 example to ``{'images': (S, S, 3) float32 in [-1, 1], 'labels': int32}``."""
+    """A TFDS imagenet2012 example -> ``{'images': (S, S, 3) float32 [-1, 1], 'labels': int32}``."""
     pixels = adm_center_crop(open_rgb(example["image"]), image_size)
     return {"images": to_unit_range(pixels), "labels": np.int32(example["label"])}
 
 
 def resolve_data_dir(data_dir: str) -> str:
     """The TFDS data dir: ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
-    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    return (
+        data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    )
 
 
 def prepare_command(data_dir: str, tfds_name: str) -> str:
     """The command (TensorFlow environment) that prepares ``tfds_name`` as ArrayRecord."""
-    return (f"tfds build {tfds_name.partition(':')[0]} --data_dir={data_dir} "
-            "--file_format=array_record")
+    return (
+        f"tfds build {tfds_name.partition(':')[0]} --data_dir={data_dir} --file_format=array_record"
+    )
 
 
 def _not_prepared_error(data_dir: str, tfds_name: str, problem: str) -> FileNotFoundError:
     manual = os.path.join(data_dir, MANUAL_DIR)
     return FileNotFoundError(
         f"{problem}\nPrepare it once, in an environment with TensorFlow (docs/data.md): put "
-        f"{' and '.join(IMAGENET_TARS)} in {manual}/ and run\n  {prepare_command(data_dir, tfds_name)}"
+        f"{' and '.join(IMAGENET_TARS)} in {manual}/ and run\n"
+        f"  {prepare_command(data_dir, tfds_name)}"
     )
 
 
@@ -89,7 +95,10 @@ def _version_key(path) -> tuple:
 
 
 def check_tfds_prepared(data_dir: str, tfds_name: str) -> str:
-    """Checks that ``tfds_name`` is prepared as ArrayRecord under ``data_dir``; returns the version dir.
+    """Checks that ``tfds_name`` is prepared as ArrayRecord under ``data_dir``.
+
+    Returns:
+      The version directory (e.g. ``<data_dir>/imagenet2012/5.1.0``).
 
     Raises:
       FileNotFoundError: naming the path looked at and the command that prepares the dataset.
@@ -105,16 +114,21 @@ def check_tfds_prepared(data_dir: str, tfds_name: str) -> str:
     prepared = [p for p in candidates if (p / "dataset_info.json").exists()]
     if not prepared:
         where = candidates[0] if version else root
-        raise _not_prepared_error(data_dir, tfds_name,
-                                  f"No prepared TFDS dataset {tfds_name!r} at {where} "
-                                  "(no <version>/dataset_info.json).")
+        raise _not_prepared_error(
+            data_dir,
+            tfds_name,
+            f"No prepared TFDS dataset {tfds_name!r} at {where} (no <version>/dataset_info.json).",
+        )
     version_dir = prepared[-1]
     info = json.loads((version_dir / "dataset_info.json").read_text())
     file_format = info.get("fileFormat", "tfrecord")
     if file_format != "array_record":
-        raise _not_prepared_error(data_dir, tfds_name,
-                                  f"{version_dir} was prepared as {file_format!r}; random access "
-                                  "(tfds.data_source) needs file_format=array_record.")
+        raise _not_prepared_error(
+            data_dir,
+            tfds_name,
+            f"{version_dir} was prepared as {file_format!r}; random access "
+            "(tfds.data_source) needs file_format=array_record.",
+        )
     return os.fspath(version_dir)
 
 
@@ -137,8 +151,13 @@ def open_tfds_source(data_dir: str, tfds_name: str, split: str, *, image_decoder
     version = os.path.basename(check_tfds_prepared(data_dir, tfds_name))
     decoders = {"image": tfds.decode.SkipDecoding()} if image_decoder == "pil" else None
     # Name the version found on disk: TFDS would otherwise look for its code's default version.
-    return tfds.data_source(f"{tfds_name.partition(':')[0]}:{version}", split=split,
-                            data_dir=data_dir, download=False, decoders=decoders)
+    return tfds.data_source(
+        f"{tfds_name.partition(':')[0]}:{version}",
+        split=split,
+        data_dir=data_dir,
+        download=False,
+        decoders=decoders,
+    )
 
 
 def describe_tfds_index(source, index: int) -> str:

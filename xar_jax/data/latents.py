@@ -21,7 +21,9 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 def _split_moments(moments):
     channels = moments.shape[-1]
     if channels % 2:
-        raise ValueError(f"moments must have an even channel count [mean, logvar]; got shape {moments.shape}.")
+        raise ValueError(
+            f"moments must have an even channel count [mean, logvar]; got shape {moments.shape}."
+        )
     return moments[..., : channels // 2], moments[..., channels // 2 :]
 
 
@@ -42,9 +44,10 @@ def sample_latents(moments: jax.Array, key: jax.Array, scale: float = LATENT_SCA
     return (mean + std * noise) * scale
 
 
-def sample_latents_host(moments: np.ndarray, rng: np.random.Generator,
-                        scale: float = LATENT_SCALE) -> np.ndarray:
-    """NumPy twin of :func:`sample_latents` for input workers: ``(..., 2*C) -> (..., C)`` float32."""
+def sample_latents_host(
+    moments: np.ndarray, rng: np.random.Generator, scale: float = LATENT_SCALE
+) -> np.ndarray:
+    """NumPy twin of :func:`sample_latents` for input workers: ``(..., 2*C) -> (..., C)``."""
     mean, logvar = _split_moments(np.asarray(moments, np.float32))
     std = np.exp(np.float32(0.5) * np.clip(logvar, LOGVAR_MIN, LOGVAR_MAX))
     noise = rng.standard_normal(mean.shape, dtype=np.float32)

@@ -1,12 +1,13 @@
-"""The Grain input pipeline shared by every source: shuffle, shard by process, augment, batch, prefetch.
+"""The Grain input pipeline shared by every source: shuffle, shard, augment, batch, prefetch.
 
-Train pipeline (identical for digits, ImageNet and cached latents; only the source differs)::
+Train pipeline (identical for digits, ImageNet and cached latents; only the reader differs)::
 
-    source -> seed -> global shuffle -> repeat forever (reshuffled each epoch)
-           -> augment (flip; latents: choose flip, optionally sample z)  [seeded by global position]
-           -> [process_index::process_count] -> batch(global // process_count, drop remainder)
-           -> threads (read_threads, prefetch_buffer) -> worker processes (num_workers)
-           -> optionally: global jax.Arrays prefetched to device
+    range(N) -> seed -> global shuffle of example indices -> repeat forever (reshuffled each epoch)
+             -> draw the flip (and host noise) from the position in the global stream, then read
+                that example in that orientation (cached latents: only that record)
+             -> [process_index::process_count] -> batch(global // process_count, drop remainder)
+             -> threads (read_threads, prefetch_buffer) -> worker processes (num_workers)
+             -> optionally: global jax.Arrays prefetched to device
 
 Every step is a ``grain.MapDataset`` transformation, so the iterator state is just a position: it
 is saved in the Orbax checkpoint (``grain.checkpoint.CheckpointSave(it)``) and a restored iterator
@@ -41,7 +42,9 @@ Batch = dict[str, np.ndarray]
 def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+    if not (
+        isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count
+    ):
         raise ValueError(f"process_index={index} must lie in [0, process_count={count}).")
     return index, count
 
@@ -50,31 +53,30 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise ValueError(f"global_batch_size={global_batch_size!r} must be a positive integer.")
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} must be divisible by "
-                         f"process_count={process_count}.")
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be divisible by "
+            f"process_count={process_count}."
+        )
     return global_batch_size // process_count
 
 
-def _finish_example(example: dict[str, Any], rng: np.random.Generator, *, random_flip: bool,
-                    latent_sampling: str) -> dict[str, Any]:
-    """Applies the random flip and, for cached latents, picks moments or samples the latent."""
-    example = dict(example)
-    flip = random_flip and rng.random() < 0.5
-    if "moments" in example:
-        moments, moments_flipped = example.pop("moments"), example.pop("moments_flipped")
-        moments = moments_flipped if flip else moments
-        if latent_sampling == "host":
-            example["latents"] = latents_lib.sample_latents_host(moments, rng)
-        else:
-            example["moments"] = moments
-    elif flip:
-        example["images"] = np.ascontiguousarray(example["images"][:, ::-1])
+def _sample_on_host(example: dict[str, Any], rng: np.random.Generator, latent_sampling: str):
+    if latent_sampling == "host" and "moments" in example:
+        example["latents"] = latents_lib.sample_latents_host(example.pop("moments"), rng)
     return example
 
 
-def _finisher(data_cfg: ml_collections.ConfigDict, *, random_flip: bool):
-    return functools.partial(_finish_example, random_flip=random_flip,
-                             latent_sampling=data_cfg.latent_sampling)
+def _load_train_example(
+    index: int,
+    rng: np.random.Generator,
+    *,
+    reader: sources.CheckedReader,
+    random_flip: bool,
+    latent_sampling: str,
+) -> dict[str, Any]:
+    """Draws the flip, reads example ``index`` that way round, samples z on the host if asked."""
+    mirrored = random_flip and rng.random() < 0.5
+    return _sample_on_host(reader.read(index, mirrored), rng, latent_sampling)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -87,20 +89,31 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def parallel_read(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict) -> grain.IterDataset:
-    """Reads the elements of ``ds`` with ``read_threads`` threads, then in ``num_workers`` processes."""
-    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
-                                               prefetch_buffer_size=data_cfg.prefetch_buffer))
+    """Reads elements of ``ds`` with ``read_threads`` threads, then in ``num_workers`` processes."""
+    ids = ds.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.prefetch_buffer
+        )
+    )
     if data_cfg.num_workers > 0:
         _ensure_absl_flags_parsed()
-        ids = ids.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size))
+        ids = ids.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size
+            )
+        )
     return ids
 
 
-def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
-                       process_index: int | None = None, process_count: int | None = None,
-                       seed: int | None = None,
-                       records: sources.RecordSource | None = None) -> grain.IterDataset:
+def make_train_dataset(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    seed: int | None = None,
+    records: Any = None,
+) -> grain.IterDataset:
     """The endless, shuffled training dataset of this process (see the module docstring).
 
     Args:
@@ -118,29 +131,52 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, global_batch_size
     config_lib.validate_data_config(data_cfg)
     index, count = resolve_process(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, count)
-    source = sources.build_source(data_cfg, data_cfg.split, records=records)
-    if len(source) < global_batch_size:
-        raise ValueError(f"split {data_cfg.split!r} has {len(source)} examples, fewer than "
-                         f"global_batch_size={global_batch_size}.")
-    ds = grain.MapDataset.source(source).seed(data_cfg.shuffle_seed if seed is None else seed)
+    reader = sources.build_reader(data_cfg, data_cfg.split, records=records)
+    if len(reader) < global_batch_size:
+        raise ValueError(
+            f"split {data_cfg.split!r} has {len(reader)} examples, fewer than "
+            f"global_batch_size={global_batch_size}."
+        )
+    # The elements are example indices: shuffled globally, reshuffled every epoch; the flip and the
+    # noise are drawn from the position in the global stream, then only that record is read.
+    ds = grain.MapDataset.range(len(reader)).seed(data_cfg.shuffle_seed if seed is None else seed)
     ds = ds.shuffle().repeat()
-    ds = ds.random_map(_finisher(data_cfg, random_flip=data_cfg.random_flip))
+    ds = ds.random_map(
+        functools.partial(
+            _load_train_example,
+            reader=reader,
+            random_flip=data_cfg.random_flip,
+            latent_sampling=data_cfg.latent_sampling,
+        )
+    )
     ds = ds[index::count].batch(local_batch, drop_remainder=True)
     return parallel_read(ds, data_cfg)
 
 
-def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
-                        process_index: int | None = None, process_count: int | None = None,
-                        seed: int | None = None, sharding: jax.sharding.Sharding | None = None,
-                        records: sources.RecordSource | None = None) -> grain.DatasetIterator:
-    """Iterator over :func:`make_train_dataset`; checkpoint it with ``grain.checkpoint.CheckpointSave``.
+def make_train_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    seed: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    records: Any = None,
+) -> grain.DatasetIterator:
+    """Iterator over :func:`make_train_dataset`; checkpoint with grain.checkpoint.CheckpointSave.
 
     With ``sharding`` (e.g. ``NamedSharding(mesh, P('data'))``), batches are global ``jax.Array``s
     assembled from every process's share and ``data_cfg.device_prefetch`` of them are placed on
     device ahead of use; the iterator stays checkpointable.
     """
-    ds = make_train_dataset(data_cfg, global_batch_size=global_batch_size, process_index=process_index,
-                            process_count=process_count, seed=seed, records=records)
+    ds = make_train_dataset(
+        data_cfg,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        records=records,
+    )
     if sharding is not None:
         from xar_jax.data import device
 
@@ -148,64 +184,82 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_siz
     return iter(ds)
 
 
-class _PaddedProcessShard:
-    """This process's share ``[index::count]`` of a source, padded to ``length`` with masked copies.
-
-    Every process gets the same ``length`` so that multi-host eval loops run the same number of
-    steps; padding repeats example 0 with ``mask=False``.
-    """
-
-    def __init__(self, source, index: int, count: int, length: int):
-        self.source, self.index, self.count, self.length = source, index, count, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        global_index = self.index + int(position) * self.count
-        real = global_index < len(self.source)
-        example = dict(self.source[global_index if real else 0])
-        example["mask"] = np.bool_(real)
-        return example
-
-    def __repr__(self) -> str:
-        return f"_PaddedProcessShard({self.source!r}, {self.index} of {self.count})"
+def _load_eval_example(
+    position: int,
+    rng: np.random.Generator,
+    *,
+    reader: sources.CheckedReader,
+    index: int,
+    count: int,
+    latent_sampling: str,
+) -> dict[str, Any]:
+    """Example ``index + position * count`` unflipped, or a copy of example 0 with mask False."""
+    global_index = index + int(position) * count
+    real = global_index < len(reader)
+    example = reader.read(global_index if real else 0, False)
+    example["mask"] = np.bool_(real)
+    return _sample_on_host(example, rng, latent_sampling)
 
 
-def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
-                      process_index: int | None = None, process_count: int | None = None,
-                      seed: int | None = None,
-                      records: sources.RecordSource | None = None) -> grain.IterDataset:
+def make_eval_dataset(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    seed: int | None = None,
+    records: Any = None,
+) -> grain.IterDataset:
     """One pass over ``data_cfg.eval_split`` in order, no flip; batches carry ``'mask'`` (b,) bool.
 
     Process ``i`` of ``n`` reads examples ``i, i + n, ...``; all processes yield
-    ``ceil(ceil(N / n) / b)`` batches, the last ones padded (mask False). Host-sampled latents use
+    ``ceil(ceil(N / n) / b)`` batches, the last ones padded (copies of example 0, mask False), so
+    multi-host eval loops stay in step. Host-sampled latents use
     ``seed`` (default ``data_cfg.shuffle_seed``), so evaluation is repeatable.
     """
     config_lib.validate_data_config(data_cfg)
     index, count = resolve_process(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, count)
-    source = sources.build_source(data_cfg, data_cfg.eval_split, records=records)
-    per_process = math.ceil(len(source) / count)
+    reader = sources.build_reader(data_cfg, data_cfg.eval_split, records=records)
+    per_process = math.ceil(len(reader) / count)
     length = math.ceil(per_process / local_batch) * local_batch
-    ds = grain.MapDataset.source(_PaddedProcessShard(source, index, count, length))
-    ds = ds.seed(data_cfg.shuffle_seed if seed is None else seed)
-    ds = ds.random_map(_finisher(data_cfg, random_flip=False))
+    ds = grain.MapDataset.range(length).seed(data_cfg.shuffle_seed if seed is None else seed)
+    ds = ds.random_map(
+        functools.partial(
+            _load_eval_example,
+            reader=reader,
+            index=index,
+            count=count,
+            latent_sampling=data_cfg.latent_sampling,
+        )
+    )
     ds = ds.batch(local_batch, drop_remainder=True)
     return parallel_read(ds, data_cfg)
 
 
-def make_eval_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
-                       process_index: int | None = None, process_count: int | None = None,
-                       seed: int | None = None,
-                       records: sources.RecordSource | None = None) -> grain.DatasetIterator:
+def make_eval_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    seed: int | None = None,
+    records: Any = None,
+) -> grain.DatasetIterator:
     """Iterator over :func:`make_eval_dataset` (finite: a single pass)."""
-    return iter(make_eval_dataset(data_cfg, global_batch_size=global_batch_size,
-                                  process_index=process_index, process_count=process_count,
-                                  seed=seed, records=records))
+    return iter(
+        make_eval_dataset(
+            data_cfg,
+            global_batch_size=global_batch_size,
+            process_index=process_index,
+            process_count=process_count,
+            seed=seed,
+            records=records,
+        )
+    )
 
 
 def dataset_size(data_cfg: ml_collections.ConfigDict, split: str | None = None) -> int:
-    """Number of examples in ``split`` (default ``data_cfg.split``), e.g. to convert epochs to steps."""
+    """Number of examples in ``split`` (default ``data_cfg.split``), e.g. for epochs -> steps."""
     config_lib.validate_data_config(data_cfg)
-    return len(sources.build_source(data_cfg, split or data_cfg.split))
+    return len(sources.build_reader(data_cfg, split or data_cfg.split))
