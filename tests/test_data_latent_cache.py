@@ -10,7 +10,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from xar_jax.data import config as config_lib
-from xar_jax.data import latent_cache, latent_format, latents, pipeline, sources
+from xar_jax.data import device, latent_cache, latent_format, latents, pipeline, sources
 from xar_jax.data.sources import CorruptRecordError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,3 +284,11 @@ def test_missing_cache_names_the_path_and_the_caching_command(tmp_path):
         r"python -m xar_jax.data.latent_cache --split=heldout",
     ):
         pipeline.make_train_iterator(_latents_cfg(tmp_path), global_batch_size=8)
+
+
+def test_local_data_parallel_runs_the_encoder_over_local_devices():
+    images = np.random.default_rng(1).uniform(-1, 1, (2 * jax.local_device_count(), 8, 8, 1))
+    encode = device.local_data_parallel(lambda x: x.reshape(x.shape[0], 4, 2, 4, 2, 1).mean((2, 4)))
+    pooled = encode(images.astype(np.float32))
+    assert isinstance(pooled, np.ndarray)
+    np.testing.assert_allclose(pooled, fake_encode(images)[..., :1], rtol=1e-6)

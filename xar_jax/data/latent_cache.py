@@ -234,37 +234,51 @@ def cache_latents(
     if not plan:
         return summary
 
+    batches = iter(
+        pipeline.parallel_read(
+            grain.MapDataset.source(_ShardBatches(reader, plan, batch_size)), data_cfg
+        )
+    )
+    try:
+        _write_shards(batches, encode_fn, finals, sizes, data_cfg.cache_dtype, summary)
+    finally:
+        batches.close()  # stops Grain's worker processes and threads
+    return summary
+
+
+def _write_shards(batches, encode_fn, finals, sizes, dtype, summary) -> None:
+    """Encodes the planned batches (grouped by shard, in order) and commits each finished shard."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    batches = pipeline.parallel_read(
-        grain.MapDataset.source(_ShardBatches(reader, plan, batch_size)), data_cfg
-    )
     writer, shard, written = None, None, 0
-    for batch in batches:
-        if int(batch["shard"]) != shard:
-            shard, written = int(batch["shard"]), 0
-            tmp = finals[shard] + INCOMPLETE_SUFFIX
-            if os.path.exists(tmp):  # left by an interrupted run
-                os.remove(tmp)
-            writer = ArrayRecordWriter(tmp, latent_format.WRITER_OPTIONS)
-        images = batch["images"]
-        moments = _encode(encode_fn, images)
-        moments_flipped = _encode(encode_fn, np.ascontiguousarray(images[:, :, ::-1]))
-        for k in range(int(batch["count"])):
-            for mirrored, m in ((False, moments), (True, moments_flipped)):
-                writer.write(
-                    latent_format.encode_record(
-                        m[k], batch["labels"][k], mirrored=mirrored, dtype=data_cfg.cache_dtype
+    try:
+        for batch in batches:
+            if int(batch["shard"]) != shard:
+                shard, written = int(batch["shard"]), 0
+                tmp = finals[shard] + INCOMPLETE_SUFFIX
+                if os.path.exists(tmp):  # left by an interrupted run
+                    os.remove(tmp)
+                writer = ArrayRecordWriter(tmp, latent_format.WRITER_OPTIONS)
+            images = batch["images"]
+            moments = _encode(encode_fn, images)
+            moments_flipped = _encode(encode_fn, np.ascontiguousarray(images[:, :, ::-1]))
+            for k in range(int(batch["count"])):
+                for mirrored, m in ((False, moments), (True, moments_flipped)):
+                    record = latent_format.encode_record(
+                        m[k], batch["labels"][k], mirrored=mirrored, dtype=dtype
                     )
-                )
-        written += int(batch["count"])
-        summary["skipped_records"] += int(batch["skipped"])
-        if written == sizes[shard]:
+                    writer.write(record)
+            written += int(batch["count"])
+            summary["skipped_records"] += int(batch["skipped"])
+            if written == sizes[shard]:
+                writer.close()
+                writer = None
+                _commit(tmp, finals[shard])
+                summary["written"].append(shard)
+                logging.info("latent cache: wrote %s", finals[shard])
+    finally:
+        if writer is not None:  # interrupted mid-shard: the .incomplete file is never renamed
             writer.close()
-            _commit(tmp, finals[shard])
-            summary["written"].append(shard)
-            logging.info("latent cache: wrote %s", finals[shard])
-    return summary
 
 
 def _load_encoder(spec: str, arg: str | None) -> EncodeFn:

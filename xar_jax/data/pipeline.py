@@ -36,10 +36,9 @@ from xar_jax.data import config as config_lib
 from xar_jax.data import latents as latents_lib
 from xar_jax.data import sources
 
-Batch = dict[str, np.ndarray]
-
 
 def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """``(process_index, process_count)``, defaulting to JAX's; checks that they are consistent."""
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not (
@@ -123,7 +122,8 @@ def make_train_dataset(
       process_index, process_count: default to ``jax.process_index()`` / ``jax.process_count()``.
       seed: pipeline seed (shuffle, flips, host noise); default ``data_cfg.shuffle_seed``. Must be
         the same on every process.
-      records: optional raw records replacing those ``data_cfg.source`` would open (same decoding).
+      records: optional data replacing what ``data_cfg.source`` would open: raw image records
+        (decoded as the source decodes them) or an ``ExampleReader`` (see ``sources.build_reader``).
 
     Returns:
       A ``grain.IterDataset`` of batch dicts.
@@ -185,18 +185,11 @@ def make_train_iterator(
 
 
 def _load_eval_example(
-    position: int,
-    rng: np.random.Generator,
-    *,
-    reader: sources.CheckedReader,
-    index: int,
-    count: int,
-    latent_sampling: str,
+    position: int, rng: np.random.Generator, *, reader: sources.CheckedReader, latent_sampling: str
 ) -> dict[str, Any]:
-    """Example ``index + position * count`` unflipped, or a copy of example 0 with mask False."""
-    global_index = index + int(position) * count
-    real = global_index < len(reader)
-    example = reader.read(global_index if real else 0, False)
+    """Example ``position`` unflipped, or past the end (padding) a copy of example 0, mask False."""
+    real = position < len(reader)
+    example = reader.read(position if real else 0, False)
     example["mask"] = np.bool_(real)
     return _sample_on_host(example, rng, latent_sampling)
 
@@ -214,26 +207,22 @@ def make_eval_dataset(
 
     Process ``i`` of ``n`` reads examples ``i, i + n, ...``; all processes yield
     ``ceil(ceil(N / n) / b)`` batches, the last ones padded (copies of example 0, mask False), so
-    multi-host eval loops stay in step. Host-sampled latents use
-    ``seed`` (default ``data_cfg.shuffle_seed``), so evaluation is repeatable.
+    multi-host eval loops stay in step. Host-sampled latents use ``seed`` (default
+    ``data_cfg.shuffle_seed``) and the example's index, so evaluation is repeatable.
     """
     config_lib.validate_data_config(data_cfg)
     index, count = resolve_process(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, count)
     reader = sources.build_reader(data_cfg, data_cfg.eval_split, records=records)
     per_process = math.ceil(len(reader) / count)
-    length = math.ceil(per_process / local_batch) * local_batch
-    ds = grain.MapDataset.range(length).seed(data_cfg.shuffle_seed if seed is None else seed)
+    padded = math.ceil(per_process / local_batch) * local_batch * count
+    ds = grain.MapDataset.range(padded).seed(data_cfg.shuffle_seed if seed is None else seed)
     ds = ds.random_map(
         functools.partial(
-            _load_eval_example,
-            reader=reader,
-            index=index,
-            count=count,
-            latent_sampling=data_cfg.latent_sampling,
+            _load_eval_example, reader=reader, latent_sampling=data_cfg.latent_sampling
         )
     )
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds[index::count].batch(local_batch, drop_remainder=True)
     return parallel_read(ds, data_cfg)
 
 
