@@ -11,7 +11,8 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,9 @@ def flop_counts(model: xar_model.XAR) -> dict[str, float]:
     top = 16 * d + 2 * d * d + d * d + d * 16  # z_proj, time MLP (per entity), decoder_embed, pred.
     attention = 2 * 2 * n * n * d * layers  # QK^T and PV over the full (masked) sequence.
     issue = 2 * n * (layers * (block_no_ada + ada) + top) + attention
-    actual = 2 * n * (layers * (4 * d * d + 3 * d * padded) + top) + 2 * k * layers * ada + attention
+    actual = (
+        2 * n * (layers * (4 * d * d + 3 * d * padded) + top) + 2 * k * layers * ada + attention
+    )
     return {"issue": float(issue), "actual": float(actual)}
 
 
@@ -91,10 +94,10 @@ def device_name() -> str:
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
-    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     print("-|-".join("-" * w for w in widths))
     for r in rows:
-        print(" | ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+        print(" | ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
 def update_json(section: str, results: dict[str, Any], path: str | None = None) -> str:

@@ -30,7 +30,9 @@ def run_one(name, args):
     steps = args.num_steps or steps
     overrides = {"mlp_multiple": args.mlp_multiple, "dtype": jnp.dtype(args.dtype)}
     if args.tiny:
-        overrides |= dict(width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4)
+        overrides |= dict(
+            width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4
+        )
     model = common.build(name, **overrides)
     params = common.random_params(model)
     labels = jax.random.randint(jax.random.key(1), (args.batch,), 0, 1000)
@@ -69,7 +71,9 @@ def run_one(name, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="xar_b,xar_l,xar_h")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--num_steps", type=int, default=0, help="0 = the published count")
@@ -87,8 +91,21 @@ def main():
         rows.append(run_one(name, args))
         common.print_table(rows[-1:], ["model", "img_per_s", "sec_per_batch", "compile_s"])
     print(f"\ndevice: {common.device_name()}")
-    common.print_table(rows, ["model", "batch", "num_steps", "cfg", "img_per_s", "sec_per_batch",
-                              "compile_s", "peak_gib", "tflops", "mfu"])
+    common.print_table(
+        rows,
+        [
+            "model",
+            "batch",
+            "num_steps",
+            "cfg",
+            "img_per_s",
+            "sec_per_batch",
+            "compile_s",
+            "peak_gib",
+            "tflops",
+            "mfu",
+        ],
+    )
     if not args.no_json and not args.tiny:
         path = common.update_json("sample", {r["model"]: r for r in rows})
         print(f"wrote {path}")

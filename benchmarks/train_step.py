@@ -39,11 +39,17 @@ def run_one(name, args):
         "scan_layers": not args.unrolled,
     }
     if args.tiny:
-        overrides |= dict(width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4)
+        overrides |= dict(
+            width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4
+        )
     model = common.build(name, **overrides)
     boxed = xar_model.abstract_params(model)
     optimizer = ts.make_optimizer(
-        learning_rate=4e-4, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
+        learning_rate=4e-4,
+        b1=0.9,
+        b2=0.96,
+        weight_decay=0.02,
+        clip_norm=1.0,
         weight_decay_mask=ts.weight_decay_mask_fn(boxed),
     )
     state = ts.create_train_state(model, optimizer, seed=0)
@@ -97,7 +103,9 @@ def run_one(name, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="xar_b,xar_l,xar_h")
     parser.add_argument("--batch", type=int, default=0, help="0 = B 256, L 128, H 64")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed chunk")
@@ -110,8 +118,12 @@ def main():
     parser.add_argument("--mlp_multiple", type=int, default=128)
     parser.add_argument("--unrolled", action="store_true", help="no layer scan")
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
-    parser.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "rbg", "unsafe_rbg"],
-                        help="PRNG behind dropout masks (rbg: far cheaper bits on GPU/TPU)")
+    parser.add_argument(
+        "--prng",
+        default="threefry2x32",
+        choices=["threefry2x32", "rbg", "unsafe_rbg"],
+        help="PRNG behind dropout masks (rbg: far cheaper bits on GPU/TPU)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the JSON key (variants)")
     parser.add_argument("--no_json", action="store_true")
     args = parser.parse_args()
@@ -121,8 +133,22 @@ def main():
         rows.append(run_one(name, args))
         common.print_table(rows[-1:], ["model", "img_per_s", "step_s", "compile_s", "mfu"])
     print(f"\ndevice: {common.device_name()}")
-    common.print_table(rows, ["model", "batch", "img_per_s", "step_s", "mfu", "hw_flops_util",
-                              "peak_gib", "compile_s", "attention_impl", "attn_dropout", "prng"])
+    common.print_table(
+        rows,
+        [
+            "model",
+            "batch",
+            "img_per_s",
+            "step_s",
+            "mfu",
+            "hw_flops_util",
+            "peak_gib",
+            "compile_s",
+            "attention_impl",
+            "attn_dropout",
+            "prng",
+        ],
+    )
     if not args.no_json and not args.tiny:
         path = common.update_json("train", {r["model"] + args.tag: r for r in rows})
         print(f"wrote {path}")

@@ -20,7 +20,7 @@ def xar_golden():
 
 @pytest.fixture(scope="session")
 def xar_golden_state_dict(xar_golden):
-    return {k[len("param/"):]: v for k, v in xar_golden.items() if k.startswith("param/")}
+    return {k[len("param/") :]: v for k, v in xar_golden.items() if k.startswith("param/")}
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ def _grid(layout, batch=2, channels=3, seed=0):
     return jax.random.normal(jax.random.key(seed), (batch, h, w, channels))
 
 
-@pytest.mark.parametrize("layout", ALL_KINDS, ids=lambda l: f"{l.kind}-{l.grid_size[0]}")
+@pytest.mark.parametrize("layout", ALL_KINDS, ids=lambda lay: f"{lay.kind}-{lay.grid_size[0]}")
 def test_grid_sequence_round_trip_is_exact(layout):
     grid = _grid(layout)
     seq = jax.jit(layout.to_sequence)(grid)
@@ -30,7 +30,7 @@ def test_grid_sequence_round_trip_is_exact(layout):
     np.testing.assert_array_equal(jax.jit(layout.from_sequence)(seq), grid)
 
 
-@pytest.mark.parametrize("layout", ALL_KINDS, ids=lambda l: f"{l.kind}-{l.grid_size[0]}")
+@pytest.mark.parametrize("layout", ALL_KINDS, ids=lambda lay: f"{lay.kind}-{lay.grid_size[0]}")
 def test_mask_is_block_causal_over_entities(layout):
     mask = layout.attention_mask
     e = layout.entity_of_token

@@ -66,7 +66,7 @@ def _train(layout, images, labels, objective):
         ent.make_layout("scale", 8, scale_sizes=(1, 2, 4, 8)),
         ent.make_layout("image", 8),
     ],
-    ids=lambda l: l.kind,
+    ids=lambda lay: lay.kind,
 )
 def test_each_entity_kind_lowers_the_loss(layout, digits):
     before, after = _train(layout, *digits, "ncl")
@@ -76,8 +76,9 @@ def test_each_entity_kind_lowers_the_loss(layout, digits):
 
 def test_teacher_forcing_objective_trains_and_noises_one_entity(digits):
     layout = ent.make_layout("cell", 8, cell_size=4)
-    inputs = flow.draw_flow_inputs(jax.random.key(0), layout, jnp.arange(6), 1,
-                                   objective="teacher_forcing", null_class=10)
+    inputs = flow.draw_flow_inputs(
+        jax.random.key(0), layout, jnp.arange(6), 1, objective="teacher_forcing", null_class=10
+    )
     assert ((np.asarray(inputs.t) > 0).sum(axis=1) == 1).all()  # One noised entity per image.
     np.testing.assert_allclose(np.asarray(inputs.loss_weight).sum(axis=1), 1.0, rtol=1e-6)
     before, after = _train(layout, *digits, "teacher_forcing")

@@ -20,7 +20,11 @@ def test_sampler_matches_reference_given_recorded_noise(golden_model, xar_golden
     g = xar_golden
     noise = {"init": g["smp/init_noise"], "steps": g["smp/eps"]}
     out = sampling.sample(
-        model, params, g["smp/labels"], num_steps=int(g["smp/num_steps"]), cfg=float(g["smp/cfg"]),
+        model,
+        params,
+        g["smp/labels"],
+        num_steps=int(g["smp/num_steps"]),
+        cfg=float(g["smp/cfg"]),
         noise=noise,
     )
     assert out.shape == (2, 16, 16, 16)
@@ -65,11 +69,11 @@ def _tiny(layout, **kw):
     # Perturb the zero-initialised biases and adaLN outputs so every path carries signal.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys)]
+    leaves = [x + 0.05 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys, strict=True)]
     return model, jax.tree.unflatten(tree, leaves)
 
 
-@pytest.mark.parametrize("layout", KIND_LAYOUTS, ids=lambda l: l.kind)
+@pytest.mark.parametrize("layout", KIND_LAYOUTS, ids=lambda lay: lay.kind)
 def test_cached_sampling_matches_full_forward(layout):
     model, params = _tiny(layout)
     labels = jnp.array([3, 7])
@@ -90,7 +94,13 @@ def test_per_entity_step_counts_and_ode_sampler_run_and_differ():
     again = sampling.sample(model, params, labels, num_steps=4, cfg=1.5, key=key, sampler="ode")
     np.testing.assert_array_equal(base, again)  # Deterministic given the key.
     fewer = sampling.sample(
-        model, params, labels, num_steps=4, cfg=1.5, key=key, sampler="ode",
+        model,
+        params,
+        labels,
+        num_steps=4,
+        cfg=1.5,
+        key=key,
+        sampler="ode",
         steps_per_entity=(4, 3, 2, 2),
     )
     # The first entity is solved identically; later ones with fewer steps differ.
@@ -98,7 +108,9 @@ def test_per_entity_step_counts_and_ode_sampler_run_and_differ():
     np.testing.assert_allclose(np.asarray(layout.to_sequence(fewer))[:, :16], first, rtol=1e-5)
     assert rel_l2(fewer, base) > 1e-3
     with pytest.raises(ValueError, match="steps_per_entity"):
-        sampling.sample(model, params, labels, num_steps=4, cfg=1.5, key=key, steps_per_entity=(4, 3))
+        sampling.sample(
+            model, params, labels, num_steps=4, cfg=1.5, key=key, steps_per_entity=(4, 3)
+        )
 
 
 def test_no_guidance_uses_a_single_batch_and_differs_from_guided():
@@ -114,8 +126,15 @@ def test_sampler_rejects_bad_settings():
     layout = ent.make_layout("cell", 8, cell_size=4)
     model, params = _tiny(layout)
     with pytest.raises(ValueError, match="sampler"):
-        sampling.sample(model, params, jnp.array([1]), num_steps=3, cfg=1.0, key=jax.random.key(0),
-                        sampler="heun")
+        sampling.sample(
+            model,
+            params,
+            jnp.array([1]),
+            num_steps=3,
+            cfg=1.0,
+            key=jax.random.key(0),
+            sampler="heun",
+        )
     with pytest.raises(ValueError, match="num_steps"):
         sampling.sample(model, params, jnp.array([1]), num_steps=1, cfg=1.0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="key"):

@@ -75,7 +75,9 @@ def test_time_index_uses_float32_arithmetic():
     assert float(time_index(jnp.asarray(0.68, jnp.float32))) == 680.0
 
 
-def test_converter_round_trip_is_identity(golden_model, xar_golden_state_dict, scanned_padded_model):
+def test_converter_round_trip_is_identity(
+    golden_model, xar_golden_state_dict, scanned_padded_model
+):
     derived = [k for k in xar_golden_state_dict if xar_convert._is_derived(k)]
     expected = {k: v for k, v in xar_golden_state_dict.items() if k not in derived}
     for model, params in (golden_model, scanned_padded_model):
@@ -122,8 +124,14 @@ def test_presets_have_the_published_parameter_counts(name):
     from xar_jax.entities import make_layout
 
     model = xar_model.XAR(
-        make_layout("cell", 16, cell_size=8), size.width, size.encoder_depth, size.decoder_depth,
-        size.num_heads, size.num_heads, scan_layers=True, mlp_multiple=128,
+        make_layout("cell", 16, cell_size=8),
+        size.width,
+        size.encoder_depth,
+        size.decoder_depth,
+        size.num_heads,
+        size.num_heads,
+        scan_layers=True,
+        mlp_multiple=128,
     )
     count = xar_model.count_params(xar_model.abstract_params(model), model=model)
     assert round(count / 1e6, 2) == size.params_millions
@@ -145,7 +153,9 @@ def test_mlp_padding_units_stay_zero_under_training(scanned_padded_model, xar_go
     assert float(jnp.abs(mlp["fc2"]["kernel"][:, :hidden]).max()) > 0.0
 
 
-def test_convert_cli_writes_a_loadable_directory_and_reports_errors(tmp_path, xar_golden_state_dict):
+def test_convert_cli_writes_a_loadable_directory_and_reports_errors(
+    tmp_path, xar_golden_state_dict
+):
     from xar_jax.convert.__main__ import main
 
     src = tmp_path / "tiny.npz"

@@ -99,12 +99,15 @@ class BlockStack(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, x, cond, token_entity, cos, sin, mask, cache, visible, *, deterministic,
-                 return_kv):
+    def __call__(
+        self, x, cond, token_entity, cos, sin, mask, cache, visible, *, deterministic, return_kv
+    ):
         """Returns x and, with ``return_kv``, the stacked (keys, values) of shape (L, B, T, H, d)."""
         block_cls = _LayerBlock
         if self.remat != "none":
-            block_cls = nn.remat(block_cls, policy=_REMAT[self.remat], prevent_cse=not self.scan_layers)
+            block_cls = nn.remat(
+                block_cls, policy=_REMAT[self.remat], prevent_cse=not self.scan_layers
+            )
         make = lambda name: block_cls(
             **dict(self.block_kwargs), deterministic=deterministic, return_kv=return_kv, name=name
         )
@@ -174,24 +177,35 @@ class XAR(nn.Module):
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}.")
-        for name, heads in (("encoder_heads", self.encoder_heads), ("decoder_heads", self.decoder_heads)):
+        for name, heads in (
+            ("encoder_heads", self.encoder_heads),
+            ("decoder_heads", self.decoder_heads),
+        ):
             if d % heads or (d // heads) % 4:
                 raise ValueError(
                     f"model.{name}={heads} must divide width {d} into heads of a size divisible by 4."
                 )
         n = self.layout.num_tokens
-        pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "length", "embed"))
+        pos_init = nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, "length", "embed")
+        )
         self.class_emb = nn.Embed(
             self.num_classes + 1,
             d,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
             name="class_emb",
         )
         self.time_embed = TimestepEmbedder(d, self.dtype, name="time_embed")
         self.z_proj = param_dense(d, "z_proj", self.dtype, ("latent", "embed"))
         self.z_proj_ln = RMSNorm(name="z_proj_ln")
-        self.encoder_pos_embed_learned = self.param("encoder_pos_embed_learned", pos_init, (1, n, d))
-        self.decoder_pos_embed_learned = self.param("decoder_pos_embed_learned", pos_init, (1, n, d))
+        self.encoder_pos_embed_learned = self.param(
+            "encoder_pos_embed_learned", pos_init, (1, n, d)
+        )
+        self.decoder_pos_embed_learned = self.param(
+            "decoder_pos_embed_learned", pos_init, (1, n, d)
+        )
         self.encoder_blocks = self._stack(self.encoder_depth, self.encoder_heads, "encoder_blocks")
         self.encoder_norm = RMSNorm(name="encoder_norm")
         self.decoder_embed = param_dense(d, "decoder_embed", self.dtype, ("embed", "embed_out"))
@@ -271,7 +285,6 @@ class XAR(nn.Module):
         Returns:
           velocity (B, n, C), and the own keys/values if ``return_kv``.
         """
-        n = x_t.shape[1]
         cond = self.conditioning(t[:, None], labels)
         token_entity = None  # One entity: its conditioning row covers every token.
         out, kvs = self._run(x_t, cond, start, token_entity, None, caches, visible, True, return_kv)

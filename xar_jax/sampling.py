@@ -64,7 +64,9 @@ def _step_tables(model: XAR, num_steps, steps_per_entity, sampler):
     k = model.layout.num_entities
     steps = [int(num_steps)] * k if steps_per_entity is None else [int(s) for s in steps_per_entity]
     if len(steps) != k:
-        raise ValueError(f"sample.steps_per_entity has {len(steps)} entries; the layout has {k} entities.")
+        raise ValueError(
+            f"sample.steps_per_entity has {len(steps)} entries; the layout has {k} entities."
+        )
     s_max = max(steps)
     t_tab = np.zeros((k, s_max), np.float32)
     dt_tab = np.zeros((k, s_max), np.float64)
@@ -153,7 +155,16 @@ def make_sampler(
         c = model.in_channels
         null = jnp.full_like(labels, model.num_classes)  # The null class is the extra last row.
         lab = jnp.concatenate([labels, null]) if guided else labels
-        tab = jax.tree.map(jnp.asarray, (t_tab, dt_tab.astype(np.float32), sc_tab.astype(np.float32), w_tab.astype(np.float32), steps))
+        tab = jax.tree.map(
+            jnp.asarray,
+            (
+                t_tab,
+                dt_tab.astype(np.float32),
+                sc_tab.astype(np.float32),
+                w_tab.astype(np.float32),
+                steps,
+            ),
+        )
         t_net, dt, scale, w, n_steps = tab
 
         def velocity(x, t_scalar, e, start, n, caches, seq):
@@ -163,7 +174,13 @@ def make_sampler(
             if use_cache:
                 visible = entity_of_token < e
                 return model.apply(
-                    {"params": params}, xin, t_b, lab, start, caches, visible,
+                    {"params": params},
+                    xin,
+                    t_b,
+                    lab,
+                    start,
+                    caches,
+                    visible,
                     method=XAR.entity_forward,
                 )
             return _uncached_velocity(model, params, xin, t_b, lab, e, start, n, seq, guided)
@@ -198,14 +215,25 @@ def make_sampler(
                 xin = jnp.concatenate([x, x]) if guided else x
                 zeros = jnp.zeros((lab.shape[0],), jnp.float32)
                 _, kv = model.apply(
-                    {"params": params}, xin.astype(jnp.float32), zeros, lab, start, caches,
-                    entity_of_token < e, True, method=XAR.entity_forward,
+                    {"params": params},
+                    xin.astype(jnp.float32),
+                    zeros,
+                    lab,
+                    start,
+                    caches,
+                    entity_of_token < e,
+                    True,
+                    method=XAR.entity_forward,
                 )
                 caches = {
-                    name: KVCache(*(
-                        jax.lax.dynamic_update_slice_in_dim(full, new.astype(full.dtype), start, axis=2)
-                        for full, new in zip(caches[name], kv[name])
-                    ))
+                    name: KVCache(
+                        *(
+                            jax.lax.dynamic_update_slice_in_dim(
+                                full, new.astype(full.dtype), start, axis=2
+                            )
+                            for full, new in zip(caches[name], kv[name], strict=True)
+                        )
+                    )
                     for name in caches
                 }
             return seq, caches
@@ -215,9 +243,7 @@ def make_sampler(
         carry = (seq, caches)
         if layout.uniform:
             n = layout.entity_sizes[0]
-            carry = jax.lax.fori_loop(
-                0, k, lambda e, cr: solve_entity(e, n, e * n, cr), carry
-            )
+            carry = jax.lax.fori_loop(0, k, lambda e, cr: solve_entity(e, n, e * n, cr), carry)
         else:
             for e in range(k):
                 carry = solve_entity(e, layout.entity_sizes[e], int(starts[e]), carry)

@@ -1,8 +1,8 @@
 """Command line: convert released PyTorch checkpoints into Orbax params directories.
 
-  python -m xar_jax.convert xar --src xAR-H.pth --out ckpt/xar_h      # EMA weights by default
-  python -m xar_jax.convert vae --src kl16.ckpt --out ckpt/vae
-  python -m xar_jax.convert inception --src pt_inception-2015-12-05.pth --out ckpt/inception
+python -m xar_jax.convert xar --src xAR-H.pth --out ckpt/xar_h      # EMA weights by default
+python -m xar_jax.convert vae --src kl16.ckpt --out ckpt/vae
+python -m xar_jax.convert inception --src pt_inception-2015-12-05.pth --out ckpt/inception
 """
 
 from __future__ import annotations
@@ -19,14 +19,20 @@ KINDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xar_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m xar_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("kind", choices=sorted(KINDS), help="which network the checkpoint holds")
     parser.add_argument("--src", required=True, help=".pth / .ckpt / .npz file to read")
     parser.add_argument("--out", required=True, help="directory to write (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--no-ema", action="store_true",
-                        help="xar only: convert the raw 'model' weights instead of 'model_ema'")
+    parser.add_argument(
+        "--no-ema",
+        action="store_true",
+        help="xar only: convert the raw 'model' weights instead of 'model_ema'",
+    )
     args = parser.parse_args(argv)
     module = importlib.import_module(KINDS[args.kind])
     kwargs = {"overwrite": args.overwrite}
