@@ -123,9 +123,10 @@ class Run:
         self.lr_schedule = ts.make_lr_schedule(
             base_lr=o.lr,
             end_lr=o.end_lr,
-            warmup_steps=min(epochs(o.warmup_epochs), self.total_steps),
-            decay_start_step=min(epochs(o.decay_start_epoch), self.total_steps),
-            total_steps=max(epochs(t.num_epochs), self.total_steps),
+            # The schedule follows the epochs; train.num_steps only ends the run elsewhere.
+            warmup_steps=epochs(o.warmup_epochs),
+            decay_start_step=epochs(o.decay_start_epoch),
+            total_steps=epochs(t.num_epochs),
         )
         boxed = abstract_params(self.model)
         self.num_params = count_params(boxed, model=self.model)

@@ -8,6 +8,9 @@ are rejected by ml_collections itself (configs are locked by ``config_flags``).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from xar_jax import entities, flow, sharding
@@ -20,6 +23,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
 SAMPLERS = ("sde", "ode")
 CFG_SCHEDULES = ("linear", "constant")
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config([arg])`` of a config file, as ``--config=path[:arg]`` would give (unlocked)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"xar_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def default_data_config(source: str) -> ml_collections.ConfigDict:
