@@ -11,7 +11,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from ml_collections import config_flags
 
 from xar_jax.train_config import load_config_file
 
@@ -51,7 +50,8 @@ def _final_params(workdir, config):
 
 
 def _max_diff(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(np.max(np.abs(x - y))) for x, y in pairs)
 
 
 STEPS = 40

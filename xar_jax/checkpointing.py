@@ -45,6 +45,8 @@ class Checkpointer:
             keep_period=keep_period or None,
             enable_async_checkpointing=async_save,
             create=True,
+            # Leftovers of saves interrupted before their atomic rename (never a finished step).
+            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 

@@ -30,7 +30,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _looks_multiprocess() -> bool:
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return len([h for h in hosts.split(",") if h]) > 1

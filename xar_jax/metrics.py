@@ -126,7 +126,9 @@ def format_eta(seconds: float) -> str:
 class Throughput:
     """Steps/s, images/s/device and ETA between successive `report` calls (wall clock)."""
 
-    def __init__(self, *, start_step: int, total_steps: int, global_batch_size: int, num_devices: int):
+    def __init__(
+        self, *, start_step: int, total_steps: int, global_batch_size: int, num_devices: int
+    ):
         self.total_steps = total_steps
         self.batch = global_batch_size
         self.devices = num_devices

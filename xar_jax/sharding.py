@@ -56,7 +56,8 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
             raise ValueError(f"mesh.{name}={size}; allowed: a positive integer or -1 (fill).")
     free = [n for n, s in shape.items() if s == -1]
     if len(free) > 1:
-        raise ValueError(f"At most one mesh axis may be -1; got {', '.join('mesh.' + n for n in free)}.")
+        names = ", ".join("mesh." + n for n in free)
+        raise ValueError(f"At most one mesh axis may be -1; got {names}.")
     fixed = math.prod(s for s in shape.values() if s != -1)
     if free:
         if num_devices % fixed:
@@ -103,7 +104,9 @@ def num_data_shards(mesh: jax.sharding.Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def global_batch(
+    local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array]:
     """This process's rows of the batch -> global arrays sharded over the data axes.
 
     Each process feeds its own shard (rows ``process_index::process_count`` of the global batch

@@ -228,8 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
         global_batch_size=t.global_batch_size,
         num_devices=jax.device_count(),
     )
-    if is_main and step == 0:
-        writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+    if step == 0:
+        writer.write_texts(0, {"config": str(config)})
 
     with jax.set_mesh(run.mesh), run.rules_context():
         pending = None

@@ -75,11 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.entity.scale_sizes = (1, 2, 4, 8, 16)  # Sizes of 'scale', coarse to fine, last = grid.
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = ""  # 'xar_b' | 'xar_l' | 'xar_h' (published sizes), or '' to use the fields below.
+    # 'xar_b' | 'xar_l' | 'xar_h' (the published sizes), or '' to use the four fields below.
+    c.model.preset = ""
     c.model.width = 128  # Model width D (ignored with a preset).
     c.model.encoder_depth = 2  # Encoder blocks (ignored with a preset).
     c.model.decoder_depth = 2  # Decoder blocks (ignored with a preset).
-    c.model.num_heads = 4  # Attention heads; D / heads must be a multiple of 4 (ignored with a preset).
+    c.model.num_heads = 4  # Attention heads; D / heads a multiple of 4 (ignored with a preset).
     c.model.mlp_multiple = 1  # Pad the MLP hidden width to this multiple (exact; 128 helps TPUs).
     c.model.dropout = 0.1  # Dropout after attention proj and in the MLP (paper: 0.1).
     c.model.attn_dropout = 0.1  # Dropout on attention probabilities (paper: 0.1).
@@ -117,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 5000  # Save every N steps (and at the end, and on preemption).
     c.checkpoint.max_to_keep = 3  # Keep the newest K checkpoints...
-    c.checkpoint.keep_period = 100_000  # ...and every checkpoint whose step is a multiple of this (0 = none).
+    c.checkpoint.keep_period = 100_000  # ...and every multiple of this step (0 = none).
     c.checkpoint.async_save = True  # Write in the background while training continues.
 
     c.log = ml_collections.ConfigDict()
@@ -162,7 +163,8 @@ def _check_number(cfg, field: str, low=None, high=None, *, integer=False, low_op
             bound.append(f"{'>' if low_open else '>='} {low}")
         if high is not None:
             bound.append(f"<= {high}")
-        _fail(field, value, f"{'an integer' if integer else 'a number'} {' and '.join(bound)}".strip())
+        kind_name = "an integer" if integer else "a number"
+        _fail(field, value, f"{kind_name} {' and '.join(bound)}".strip())
 
 
 def _get(cfg, field: str):
@@ -201,7 +203,8 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
         _check_number(cfg, "model.num_heads", 1, integer=True)
         w, h = cfg.model.width, cfg.model.num_heads
         if w % h or (w // h) % 4:
-            _fail("model.num_heads", h, f"a divisor of model.width={w} leaving a head size divisible by 4")
+            _fail("model.num_heads", h,
+                  f"a divisor of model.width={w} leaving a head size divisible by 4")
     _check_number(cfg, "model.mlp_multiple", 1, integer=True)
     _check_number(cfg, "model.dropout", 0.0, 1.0)
     _check_number(cfg, "model.attn_dropout", 0.0, 1.0)
@@ -286,9 +289,11 @@ def _validate_data(cfg, layout) -> None:
         validate_data_config(cfg.data)
     source = cfg.data.source
     if source == "digits":
-        if cfg.latent.tokenizer != "identity" or cfg.latent.grid_size != 8 or cfg.latent.channels != 1:
+        lat = cfg.latent
+        if lat.tokenizer != "identity" or lat.grid_size != 8 or lat.channels != 1:
             raise ValueError(
-                "config.data.source='digits' needs latent.tokenizer='identity', latent.grid_size=8, "
+                "config.data.source='digits' needs latent.tokenizer='identity', "
+                "latent.grid_size=8, "
                 f"latent.channels=1 (got {cfg.latent.tokenizer!r}, {cfg.latent.grid_size}, "
                 f"{cfg.latent.channels})."
             )

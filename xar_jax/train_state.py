@@ -109,7 +109,8 @@ def weight_decay_mask_fn(abstract_boxed_params: Any) -> Callable[[Any], Any]:
     """
     is_box = lambda x: isinstance(x, nn.Partitioned)
     decay: dict[str, bool] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_boxed_params, is_leaf=is_box)[0]:
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_boxed_params, is_leaf=is_box)[0]
+    for path, leaf in leaves:
         if is_box(leaf):
             rank = sum(1 for name in leaf.names if name != "layers")
         else:
@@ -134,7 +135,9 @@ def make_optimizer(
     weight_decay_mask: Any = None,
 ) -> optax.GradientTransformation:
     """Global-norm clipping (skipped when ``clip_norm <= 0``) then AdamW with a decay mask."""
-    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask)
+    adamw = optax.adamw(
+        learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask
+    )
     if clip_norm and clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
     return adamw
@@ -204,7 +207,7 @@ def create_train_state(model, optimizer, seed: int, shardings=None) -> TrainStat
 # ----------------------------------------------------------------------------------------------
 # Latents.
 def sample_latents(moments: jax.Array, key: jax.Array, scale: float = LATENT_SCALE) -> jax.Array:
-    """``(mean + exp(0.5 * clip(logvar, -30, 20)) * n) * scale`` from cached moments (B, H, W, 2C)."""
+    """``(mean + exp(0.5 * clip(logvar, -30, 20)) * n) * scale`` from moments (B, H, W, 2C)."""
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
     return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * scale
@@ -226,7 +229,7 @@ def _tree_all_finite(tree) -> jax.Array:
 
 
 def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
-    """(B, ...) -> (A, B/A, ...) with microbatch i = examples i, i + A, ... (keeps batch sharding)."""
+    """(B, ...) -> (A, B/A, ...); microbatch i = examples i, i + A, ... (keeps batch sharding)."""
     b = x.shape[0]
     return jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1)
 
@@ -303,8 +306,9 @@ def make_train_step(
 
             def accumulate(carry, xs):
                 index, (tok, inp) = xs
-                (l, a), g = grad_fn(state.params, tok, inp, jax.random.fold_in(key_dropout, index))
-                return jax.tree.map(jnp.add, carry, (l, a, g)), None
+                key_micro = jax.random.fold_in(key_dropout, index)
+                (micro_loss, micro_aux), g = grad_fn(state.params, tok, inp, key_micro)
+                return jax.tree.map(jnp.add, carry, (micro_loss, micro_aux, g)), None
 
             zeros = jax.tree.map(
                 jnp.zeros_like,
