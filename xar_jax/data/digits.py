@@ -1,4 +1,4 @@
-"""The embedded default dataset: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes).
+"""The embedded default dataset: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes).
 
 It ships inside the installed scikit-learn package, so the demo and the tests need no download. The
 demo has no VAE: a digit's 8x8 pixels are its latent grid (one channel), scaled to [-1, 1].
@@ -27,7 +27,7 @@ def split_indices(split: str, num_examples: int) -> np.ndarray:
     return index[heldout] if split == "heldout" else index[~heldout]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_all() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
@@ -42,3 +42,23 @@ def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = _load_all()
     index = split_indices(split, len(labels))
     return images[index], labels[index]
+
+
+class DigitsSource:
+    """Random-access source of one digits split for Grain (picklable, in memory).
+
+    ``source[i]`` is ``{'images': (8, 8, 1) float32 in [-1, 1], 'labels': int32}``.
+    """
+
+    def __init__(self, split: str):
+        self.split = split
+        self._images, self._labels = load_digits_split(split)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"images": self._images[index], "labels": self._labels[index]}
+
+    def __repr__(self) -> str:
+        return f"DigitsSource(split={self.split!r}, {len(self)} examples)"
