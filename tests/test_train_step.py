@@ -112,12 +112,9 @@ def test_nonfinite_step_is_skipped_under_skip_policy(setup):
     assert _max_diff(resumed.params, state.params) > 1e-4
 
 
-def test_sample_latents_from_moments():
-    mean = np.full((2, 2, 2, 3), 0.5, np.float32)
-    logvar = np.full((2, 2, 2, 3), -100.0, np.float32)  # Clipped to -30: std ~ 3e-7.
-    key = jax.random.key(0)
-    z = ts.sample_latents(np.concatenate([mean, logvar], -1), key, scale=0.2325)
-    np.testing.assert_allclose(z, 0.5 * 0.2325, rtol=1e-5)
-    noise = jax.random.normal(key, mean.shape)
-    z = ts.sample_latents(np.concatenate([mean, np.zeros_like(logvar)], -1), key, scale=2.0)
-    np.testing.assert_allclose(z, (0.5 + noise) * 2.0, rtol=1e-6)
+def test_moments_batches_are_sampled_on_device():
+    moments = np.concatenate([np.full((2, 2, 2, 3), 0.5), np.full((2, 2, 2, 3), -100.0)], -1)
+    z = ts.batch_latents({"moments": moments.astype(np.float32)}, jax.random.key(0), 0.2325)
+    np.testing.assert_allclose(z, 0.5 * 0.2325, rtol=1e-5)  # logvar clipped: std ~ 3e-7.
+    with pytest.raises(KeyError, match="'latents' or 'moments'"):
+        ts.batch_latents({"images": moments}, jax.random.key(0), 1.0)

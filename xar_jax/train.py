@@ -23,9 +23,10 @@ from xar_jax import sampling
 from xar_jax import sharding as sharding_lib
 from xar_jax import train_state as ts
 from xar_jax.checkpointing import Checkpointer
+from xar_jax.data import pipeline
 from xar_jax.entities import EntityLayout, layout_from_config
 from xar_jax.model import NULL_CLASS, XAR, abstract_params, build_model, count_params
-from xar_jax.train_config import IMAGENET_TRAIN_SIZE, validate_config
+from xar_jax.train_config import validate_config
 
 log = logging.getLogger("xar_jax.train")
 
@@ -37,56 +38,27 @@ class NonFiniteError(FloatingPointError):
 # ----------------------------------------------------------------------------------------------
 # Input.
 def dataset_size(config) -> int:
-    """Examples per epoch: ``train.dataset_size`` or the source's known size."""
+    """Examples per epoch: ``train.dataset_size`` or the size of the configured split."""
     if config.train.dataset_size > 0:
         return config.train.dataset_size
-    if config.data.source == "digits":
-        from xar_jax.data.digits import load_digits_split
-
-        return len(load_digits_split(config.data.split)[1])
-    return IMAGENET_TRAIN_SIZE
+    return pipeline.dataset_size(config.data)
 
 
-def make_data_iterator(config, *, seed: int):
-    """This process's checkpointable Grain iterator of local batches (dicts of numpy arrays)."""
-    batch = config.train.global_batch_size
-    try:
-        from xar_jax.data.pipeline import make_train_iterator
-    except ImportError:
-        return _digits_iterator(config, batch // jax.process_count(), seed)
-    return make_train_iterator(
+def make_data_iterator(config, mesh: jax.sharding.Mesh):
+    """This process's checkpointable Grain iterator of global, batch-sharded device arrays."""
+    return pipeline.make_train_iterator(
         config.data,
-        global_batch_size=batch,
+        global_batch_size=config.train.global_batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        seed=seed,
+        seed=config.seed,
+        sharding=sharding_lib.batch_sharding(mesh),
     )
 
 
-def _digits_iterator(config, local_batch: int, seed: int):
-    """Stand-in until `xar_jax.data.pipeline` is on this branch: shuffled digits, repeated."""
-    import grain
-
-    from xar_jax.data.digits import load_digits_split
-
-    if config.data.source != "digits":
-        raise NotImplementedError(
-            f"data.source={config.data.source!r} needs xar_jax.data.pipeline (not installed)."
-        )
-    images, labels = load_digits_split(config.data.split)
-    source = [{"images": images[i], "labels": labels[i]} for i in range(len(labels))]
-    ds = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=config.data.shuffle_seed + seed)
-        .repeat()[jax.process_index():: jax.process_count()]
-        .batch(local_batch, drop_remainder=True)
-    )
-    return iter(ds.to_iter_dataset())
-
-
-def to_model_batch(batch: dict[str, np.ndarray], tokenizer: str) -> dict[str, np.ndarray]:
+def to_model_batch(batch: dict[str, Any], tokenizer: str) -> dict[str, Any]:
     """Pipeline batch -> train-step batch: ``labels`` and ``latents`` or ``moments``."""
-    out = {"labels": np.asarray(batch["labels"], np.int32)}
+    out = {"labels": batch["labels"]}
     if "latents" in batch:
         out["latents"] = batch["latents"]
     elif "moments" in batch:
@@ -197,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
         run.num_params, dict(run.mesh.shape), run.total_steps, run.steps_per_epoch,
         config.train.global_batch_size,
     )
-    data_iterator = make_data_iterator(config, seed=config.seed)
+    data_iterator = make_data_iterator(config, run.mesh)
     state = run.init_or_restore(data_iterator)
     step = int(jax.device_get(state.step))
     check_finite(state, config.train.nan_policy)
@@ -235,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
         pending = None
         while step < run.total_steps:
             batch = to_model_batch(next(data_iterator), config.latent.tokenizer)
-            state, pending = jit_step(state, sharding_lib.global_batch(batch, run.mesh))
+            state, pending = jit_step(state, batch)
             step += 1
             last = step == run.total_steps
             if step % config.log.every_steps == 0 or last:

@@ -14,6 +14,7 @@ import os
 import ml_collections
 
 from xar_jax import entities, flow, sharding
+from xar_jax.data.config import get_data_config, validate_data_config
 from xar_jax.model import NULL_CLASS, PRESETS, REMAT_POLICIES
 from xar_jax.train_state import NAN_POLICIES
 
@@ -34,30 +35,12 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     return module.get_config() if arg is None else module.get_config(arg)
 
 
-def default_data_config(source: str) -> ml_collections.ConfigDict:
-    """The input pipeline's own config (`xar_jax.data.config`), or a minimal stand-in.
-
-    The stand-in only exists until the Grain pipeline lands on this branch; it supports the
-    embedded digits (the demo and the tests) and nothing else.
-    """
-    try:
-        from xar_jax.data.config import get_data_config
-    except ImportError:
-        c = ml_collections.ConfigDict()
-        c.source = source  # 'digits' only in the stand-in.
-        c.split = "train"  # digits: 'train' | 'heldout' | 'all'.
-        c.eval_split = "heldout"
-        c.shuffle_seed = 0  # Seed of the per-epoch shuffle.
-        return c
-    return get_data_config(source)
-
-
 def base_config() -> ml_collections.ConfigDict:
     """Every field of a training config, with the paper's recipe where one exists."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seed of params init and of the per-step RNG (fold_in(key, step)).
 
-    c.data = default_data_config("digits")  # Input pipeline; see xar_jax/data/config.py.
+    c.data = get_data_config("digits")  # Input pipeline; see xar_jax/data/config.py.
 
     c.latent = ml_collections.ConfigDict()
     # How an example becomes the latent grid the model sees. 'identity': the example's image is
@@ -281,12 +264,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
 
 def _validate_data(cfg, layout) -> None:
     """The data section (its own validator if present) and its fit with the latent settings."""
-    try:
-        from xar_jax.data.config import validate_data_config
-    except ImportError:
-        validate_data_config = None
-    if validate_data_config is not None:
-        validate_data_config(cfg.data)
+    validate_data_config(cfg.data)
     source = cfg.data.source
     if source == "digits":
         lat = cfg.latent
@@ -322,7 +300,7 @@ def paper_config(preset: str, sample_steps: int, cfg_scale: float):
       cfg_scale: published guidance scale.
     """
     c = base_config()
-    c.data = default_data_config("latents")  # Cached VAE moments: set --config.data.cache_dir.
+    c.data = get_data_config("latents")  # Cached VAE moments: set --config.data.cache_dir.
     c.latent.tokenizer = "kl16"
     c.latent.grid_size = 16
     c.latent.channels = 16

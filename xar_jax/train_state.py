@@ -7,7 +7,7 @@ jittable functions out; the trainer (`xar_jax.train`) reads the config and passe
 
 Batches are dicts of arrays with a leading global batch axis B:
   ``labels`` (B,) int32 and one of ``latents`` (B, H, W, C) or ``moments`` (B, H, W, 2C) (cached
-  VAE mean/logvar; the latent is sampled on device, `sample_latents`).
+  VAE mean/logvar; the latent is sampled on device by `xar_jax.data.latents.sample_latents`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import optax
 from flax import linen as nn
 
 from xar_jax import flow
+from xar_jax.data.latents import LATENT_SCALE, sample_latents
 from xar_jax.entities import EntityLayout
 
 NAN_POLICIES = ("stop", "skip")
-LATENT_SCALE = 0.2325  # MAR's KL-16 latent scaling.
 NO_NONFINITE = -1  # `TrainState.nonfinite_step` while every step so far was finite.
 
 
@@ -206,13 +206,6 @@ def create_train_state(model, optimizer, seed: int, shardings=None) -> TrainStat
 
 # ----------------------------------------------------------------------------------------------
 # Latents.
-def sample_latents(moments: jax.Array, key: jax.Array, scale: float = LATENT_SCALE) -> jax.Array:
-    """``(mean + exp(0.5 * clip(logvar, -30, 20)) * n) * scale`` from moments (B, H, W, 2C)."""
-    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
-    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
-    return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * scale
-
-
 def batch_latents(batch: dict[str, jax.Array], key: jax.Array, scale: float) -> jax.Array:
     """The (B, H, W, C) training latents of a batch holding ``latents`` or ``moments``."""
     if "latents" in batch:
