@@ -1,0 +1,101 @@
+"""Config files: they validate, xar_b/l/h build with the published parameter counts, command-line
+overrides apply, and wrong names or impossible values fail with a message naming the field."""
+
+import os
+
+import jax
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from xar_jax import sharding
+from xar_jax.entities import layout_from_config
+from xar_jax.model import NULL_CLASS, PRESETS, abstract_params, build_model, count_params
+from xar_jax.train_config import load_config_file, validate_config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(name):
+    return load_config_file(os.path.join(CONFIGS, f"{name}.py"))
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny", "xar_b", "xar_l", "xar_h"])
+def test_config_validates(name):
+    config = load(name)
+    if name.startswith("xar_"):
+        with pytest.raises(ValueError, match="cache_dir"):  # Must be given on the command line.
+            validate_config(config, num_devices=256)
+        config.data.cache_dir = "/data/latent_cache"
+    validate_config(config, num_devices=1 if name in ("demo", "tiny") else 256)
+
+
+@pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
+def test_paper_configs_build_with_published_param_counts(name):
+    config = load(name)
+    assert config.train.global_batch_size == 2048
+    assert (config.optim.b1, config.optim.b2, config.optim.weight_decay) == (0.9, 0.96, 0.02)
+    assert (config.optim.lr, config.optim.end_lr, config.optim.clip_norm) == (4e-4, 1e-5, 1.0)
+    assert (config.optim.warmup_epochs, config.optim.decay_start_epoch) == (100, 600)
+    assert (config.train.num_epochs, config.optim.ema_decay) == (800, 0.9999)
+    assert (config.train.label_drop_prob, config.model.dropout, config.model.dtype) == (
+        0.1, 0.1, "bfloat16")
+    assert (config.entity.kind, config.entity.cell_size, config.latent.grid_size) == ("cell", 8, 16)
+    layout = layout_from_config(config.entity, config.latent.grid_size)
+    model = build_model(config.model, layout, in_channels=config.latent.channels,
+                        num_classes=NULL_CLASS)
+    params = abstract_params(model)  # jax.eval_shape: nothing allocated.
+    millions = count_params(params, model=model) / 1e6
+    assert round(millions, 2) == PRESETS[name].params_millions
+
+
+def _parse(argv):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_command_line_overrides_apply_and_unknown_fields_fail():
+    demo = f"--config={os.path.join(CONFIGS, 'demo.py')}"
+    config = _parse(["prog", demo, "--config.train.num_steps=7", "--config.mesh.fsdp=2",
+                     "--config.model.dtype=bfloat16"])
+    assert (config.train.num_steps, config.mesh.fsdp, config.model.dtype) == (7, 2, "bfloat16")
+    with pytest.raises((flags.Error, KeyError, AttributeError), match="lerning_rate"):
+        _parse(["prog", demo, "--config.optim.lerning_rate=1"])
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.dtype", "fp8", "config.model.dtype='fp8' is not allowed; allowed: float32 |"),
+        ("entity.cell_size", 3, "entity.cell_size=3 must be a positive divisor of the grid 8x8"),
+        ("train.grad_accum_steps", 3, "config.train.grad_accum_steps=3 is not allowed"),
+        ("optim.decay_start_epoch", 1000.0, "config.optim.decay_start_epoch=1000.0"),
+        ("model.num_heads", 5, "config.model.num_heads=5 is not allowed"),
+        ("latent.num_classes", 1001, "config.latent.num_classes=1001"),
+        ("sample.num_steps", 1, "config.sample.num_steps=1"),
+        ("mesh.fsdp", 0, "mesh.fsdp=0"),
+    ],
+)
+def test_impossible_values_fail_naming_the_field(field, value, message):
+    config = load("demo")
+    section, leaf = field.split(".")
+    config[section][leaf] = value
+    with pytest.raises(ValueError) as err:
+        validate_config(config, num_devices=1)
+    assert message in str(err.value)
+
+
+def test_mesh_must_cover_devices_and_batch_must_split():
+    config = load("demo")
+    config.mesh.data, config.mesh.fsdp = 3, 1
+    with pytest.raises(ValueError, match="must equal the 8 devices"):
+        validate_config(config, num_devices=8)
+    config.mesh.data, config.mesh.fsdp = -1, 1
+    config.train.global_batch_size = 60
+    with pytest.raises(ValueError, match="global_batch_size=60"):
+        validate_config(config, num_devices=8)
+    assert sharding.resolve_mesh_shape(-1, 2, 1, 8) == (4, 2, 1)
+    assert jax.device_count() == 1  # The rest of the suite runs on one device.

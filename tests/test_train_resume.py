@@ -1,0 +1,132 @@
+"""Checkpoints: SIGKILL + restart equals an uninterrupted run; damaged newest checkpoint is
+skipped; sample mode writes a grid and an .npz. All with configs/tiny.py (seconds per run)."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from xar_jax.train_config import load_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def tiny_config(**overrides):
+    config = load_config_file(TINY)
+    for field, value in overrides.items():
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _cli(workdir, *extra):
+    return [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+            *extra]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _final_params(workdir, config):
+    from xar_jax.train import Run
+
+    run = Run(config, str(workdir))
+    state, step = run.checkpointer.restore_latest(run.abstract_state)
+    run.checkpointer.close()
+    return jax.device_get(state.params), step
+
+
+def _max_diff(a, b):
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(np.max(np.abs(x - y))) for x, y in pairs)
+
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(_cli(workdir, f"--config.train.num_steps={STEPS}"), env=_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, uninterrupted):
+    workdir = tmp_path / "killed"
+    args = _cli(workdir, f"--config.train.num_steps={STEPS}")
+    proc = subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = workdir / "checkpoints" / "4"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < STEPS, saved
+
+    resumed = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from checkpoint step {saved[-1]}" in resumed.stderr
+
+    config = tiny_config(**{"train.num_steps": STEPS})
+    expected, step_a = _final_params(uninterrupted, config)
+    got, step_b = _final_params(workdir, config)
+    assert step_a == step_b == STEPS
+    assert _max_diff(expected, got) < 1e-6
+
+
+def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupted, caplog):
+    import shutil
+
+    from xar_jax.train import Run, sample_to_workdir
+
+    workdir = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, workdir)
+    newest = workdir / "checkpoints" / str(STEPS)
+    for path in (newest / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 2)
+    config = tiny_config(**{"train.num_steps": STEPS})
+    run = Run(config, str(workdir))
+    with caplog.at_level(logging.WARNING, logger="xar_jax.train"):
+        state = run.init_or_restore()
+    run.checkpointer.close()
+    previous = max(s for s in range(0, STEPS, config.checkpoint.every_steps))
+    assert int(state.step) == previous
+    assert any(f"step {STEPS}" in r.getMessage() and "unreadable" in r.getMessage()
+               for r in caplog.records)
+    # Nothing is deleted: the damaged directory is moved aside.
+    assert any((workdir / "checkpoints_unreadable").iterdir())
+
+    paths = sample_to_workdir(config, str(workdir))
+    assert os.path.exists(paths["png"])
+    with np.load(paths["npz"]) as data:
+        assert data["images"].shape == (config.sample.num_images, 8, 8, 1)
+        np.testing.assert_array_equal(data["labels"][:12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+        assert np.all(np.isfinite(data["images"]))
+
+
+def test_bad_config_value_fails_before_compilation(tmp_path):
+    proc = subprocess.run(_cli(tmp_path, "--config.train.nan_policy=ignore"), env=_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "config.train.nan_policy='ignore' is not allowed; allowed: stop | skip" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,163 @@
+"""Training metrics: a TensorBoard writer without TensorFlow, console lines, throughput and ETA.
+
+``clu.metric_writers`` imports TensorFlow at import time (clu 0.0.12), so `TensorBoardWriter`
+implements the same writer interface (write_scalars / write_images / write_texts / write_hparams /
+flush / close) on ``tensorboardX`` (numpy + protobuf). `MultiWriter` fans out to several writers;
+only process 0 writes (`create_writer` returns a no-op writer elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("xar_jax.train")
+
+
+class NullWriter:
+    """Writes nothing (processes other than 0)."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None: ...
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None: ...
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None: ...
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class TensorBoardWriter(NullWriter):
+    """TensorBoard event files in ``logdir`` via tensorboardX (no TensorFlow needed)."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir=logdir)
+
+    def write_scalars(self, step, scalars):
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(np.asarray(value)), global_step=int(step))
+
+    def write_images(self, step, images):
+        """Images (N, H, W, C) or (H, W, C), float in [0, 1] or uint8."""
+        for name, image in images.items():
+            image = np.asarray(image)
+            if image.dtype != np.uint8:
+                image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+            if image.ndim == 3:
+                image = image[None]
+            self._writer.add_images(name, image, global_step=int(step), dataformats="NHWC")
+
+    def write_texts(self, step, texts):
+        for name, text in texts.items():
+            self._writer.add_text(name, text, global_step=int(step))
+
+    def write_hparams(self, hparams):
+        self._writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in hparams.items()))
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class ConsoleWriter(NullWriter):
+    """Scalars as one log line per step: ``step 100 | loss 0.512 | grad_norm 1.2 | ...``."""
+
+    def write_scalars(self, step, scalars):
+        parts = [f"{k} {_format(v)}" for k, v in scalars.items()]
+        log.info("step %d | %s", int(step), " | ".join(parts))
+
+
+class MultiWriter(NullWriter):
+    def __init__(self, writers: Sequence[NullWriter]):
+        self._writers = list(writers)
+
+    def write_scalars(self, step, scalars):
+        for w in self._writers:
+            w.write_scalars(step, scalars)
+
+    def write_images(self, step, images):
+        for w in self._writers:
+            w.write_images(step, images)
+
+    def write_texts(self, step, texts):
+        for w in self._writers:
+            w.write_texts(step, texts)
+
+    def write_hparams(self, hparams):
+        for w in self._writers:
+            w.write_hparams(hparams)
+
+    def flush(self):
+        for w in self._writers:
+            w.flush()
+
+    def close(self):
+        for w in self._writers:
+            w.close()
+
+
+def _format(value) -> str:
+    value = float(np.asarray(value))
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
+
+
+def create_writer(logdir: str, *, is_main_process: bool) -> NullWriter:
+    """Console + TensorBoard on process 0; a no-op writer elsewhere."""
+    if not is_main_process:
+        return NullWriter()
+    return MultiWriter([ConsoleWriter(), TensorBoardWriter(logdir)])
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Throughput:
+    """Steps/s, images/s/device and ETA between successive `report` calls (wall clock)."""
+
+    def __init__(
+        self, *, start_step: int, total_steps: int, global_batch_size: int, num_devices: int
+    ):
+        self.total_steps = total_steps
+        self.batch = global_batch_size
+        self.devices = num_devices
+        self._step = start_step
+        self._time = time.perf_counter()
+
+    def report(self, step: int) -> dict[str, float]:
+        """Rates since the previous report (or construction) and the ETA to ``total_steps``."""
+        now = time.perf_counter()
+        elapsed = max(now - self._time, 1e-9)
+        steps_per_sec = (step - self._step) / elapsed
+        self._step, self._time = step, now
+        remaining = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+        return {
+            "steps_per_sec": steps_per_sec,
+            "images_per_sec_per_device": steps_per_sec * self.batch / self.devices,
+            "eta_seconds": remaining,
+        }
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(N, H, W, C) in [-1, 1] -> one (rows*H, cols*W, C) uint8 grid with 1-pixel gaps."""
+    images = np.asarray(images, np.float32)
+    n, h, w, c = images.shape
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.uint8)
+    pixels = ((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = pixels[i]
+    return grid

@@ -1,0 +1,331 @@
+"""The trainer's configuration: every field with its default and meaning, and its validation.
+
+``configs/*.py`` start from `base_config()` and change what differs (the paper's recipe for
+xar_b/l/h, a small CPU model for the demo). `validate_config` runs before any compilation or data
+loading and raises ValueError naming ``section.field`` and the allowed values. Unknown field names
+are rejected by ml_collections itself (configs are locked by ``config_flags``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from xar_jax import entities, flow, sharding
+from xar_jax.data.config import get_data_config, validate_data_config
+from xar_jax.model import NULL_CLASS, PRESETS, REMAT_POLICIES
+from xar_jax.train_state import NAN_POLICIES
+
+IMAGENET_TRAIN_SIZE = 1_281_167
+TOKENIZERS = ("identity", "kl16")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+SAMPLERS = ("sde", "ode")
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config([arg])`` of a config file, as ``--config=path[:arg]`` would give (unlocked)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"xar_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field of a training config, with the paper's recipe where one exists."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seed of params init and of the per-step RNG (fold_in(key, step)).
+
+    c.data = get_data_config("digits")  # Input pipeline; see xar_jax/data/config.py.
+
+    c.latent = ml_collections.ConfigDict()
+    # How an example becomes the latent grid the model sees. 'identity': the example's image is
+    # the grid (embedded digits: 8x8x1). 'kl16': MAR's KL-16 VAE (cached moments, 16x16x16).
+    c.latent.tokenizer = "identity"
+    c.latent.grid_size = 8  # Side of the square latent grid (H = W): 16 for ImageNet 256 + KL-16.
+    c.latent.channels = 1  # Latent channels C: 16 for KL-16, 1 for digits.
+    c.latent.scale = 0.2325  # Latent scale of KL-16 (z = sample * scale; decode z / scale).
+    c.latent.num_classes = 10  # Classes of the dataset (labels 0..num_classes-1), at most 1000.
+
+    c.entity = ml_collections.ConfigDict()
+    c.entity.kind = "cell"  # Prediction unit: token | cell | subsample | scale | image.
+    c.entity.cell_size = 8  # k of 'cell' (k x k tokens per entity); the paper's best is 8 on 16x16.
+    c.entity.subsample_factor = 2  # s of 'subsample' (s*s entities of strided tokens).
+    c.entity.scale_sizes = (1, 2, 4, 8, 16)  # Sizes of 'scale', coarse to fine, last = grid.
+
+    c.model = ml_collections.ConfigDict()
+    # 'xar_b' | 'xar_l' | 'xar_h' (the published sizes), or '' to use the four fields below.
+    c.model.preset = ""
+    c.model.width = 128  # Model width D (ignored with a preset).
+    c.model.encoder_depth = 2  # Encoder blocks (ignored with a preset).
+    c.model.decoder_depth = 2  # Decoder blocks (ignored with a preset).
+    c.model.num_heads = 4  # Attention heads; D / heads a multiple of 4 (ignored with a preset).
+    c.model.mlp_multiple = 1  # Pad the MLP hidden width to this multiple (exact; 128 helps TPUs).
+    c.model.dropout = 0.1  # Dropout after attention proj and in the MLP (paper: 0.1).
+    c.model.attn_dropout = 0.1  # Dropout on attention probabilities (paper: 0.1).
+    c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 | float16 (params stay float32).
+    c.model.attention_impl = "xla"  # xla (supports attn dropout) | dot_product | cudnn.
+    c.model.scan_layers = False  # Scan over blocks: compile time flat in depth.
+    c.model.remat = "none"  # Rematerialisation per block: none | full | dots | dots_no_batch.
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 2048  # Examples per optimizer step over all hosts (paper: 2048).
+    c.train.num_epochs = 800.0  # Length of the run in epochs (paper: 800).
+    c.train.num_steps = -1  # If > 0, overrides num_epochs: stop after this many steps.
+    c.train.dataset_size = -1  # Examples per epoch; -1 = the source's size (ImageNet: 1,281,167).
+    c.train.objective = "ncl"  # ncl (Noisy Context Learning, the paper) | teacher_forcing.
+    c.train.label_drop_prob = 0.1  # Probability that a label becomes the null class (paper: 0.1).
+    c.train.grad_accum_steps = 1  # Microbatches per step (large global batches on few chips).
+    c.train.nan_policy = "stop"  # Non-finite loss/grad: stop (error naming the step) | skip.
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 4e-4  # Peak learning rate (paper: 5e-5 * batch / 256 = 4e-4).
+    c.optim.end_lr = 1e-5  # Learning rate at the end of the cosine decay (paper: 1e-5).
+    c.optim.warmup_epochs = 100.0  # Linear warmup from 0 (paper: 100 epochs).
+    c.optim.decay_start_epoch = 600.0  # Constant until here, then cosine to end_lr (paper: 600).
+    c.optim.b1 = 0.9  # AdamW beta1 (paper: 0.9).
+    c.optim.b2 = 0.96  # AdamW beta2 (paper: 0.96).
+    c.optim.weight_decay = 0.02  # On params of (unstacked) rank >= 2 only (paper: 0.02).
+    c.optim.clip_norm = 1.0  # Global gradient-norm clip; <= 0 disables (paper: 1.0).
+    c.optim.ema_decay = 0.9999  # EMA of params, used for sampling (paper: 0.9999).
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # Pure data-parallel axis size; -1 = all devices not used by other axes.
+    c.mesh.fsdp = 1  # Fully sharded data parallel (params sharded along the width).
+    c.mesh.tensor = 1  # Tensor parallel (heads and MLP units split).
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 5000  # Save every N steps (and at the end, and on preemption).
+    c.checkpoint.max_to_keep = 3  # Keep the newest K checkpoints...
+    c.checkpoint.keep_period = 100_000  # ...and every multiple of this step (0 = none).
+    c.checkpoint.async_save = True  # Write in the background while training continues.
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 100  # Console + TensorBoard scalars every N steps.
+    c.log.sample_every_steps = 50_000  # EMA sample grid (PNG + TensorBoard) every N steps; 0 = off.
+    c.log.num_samples = 16  # Images in a periodic sample grid.
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 50  # Flow steps per entity (paper: 40 for B, 50 for L/H).
+    c.sample.cfg = 2.2  # Guidance scale (paper: 2.7 B, 2.3 L, 2.2 H); 1.0 = no guidance.
+    c.sample.cfg_schedule = "linear"  # linear over entities (the release) | constant.
+    c.sample.sampler = "sde"  # sde (Euler-Maruyama, the release) | ode (Euler).
+    c.sample.num_images = 64  # Images written by --mode=sample (PNG grid + .npz).
+    c.sample.batch_size = 64  # Images per sampling call.
+    c.sample.seed = 0  # Seed of the sampling noise.
+    c.sample.use_ema = True  # Sample from EMA params (as the release does).
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+def _fail(field: str, value, allowed: str) -> None:
+    raise ValueError(f"config.{field}={value!r} is not allowed; allowed: {allowed}.")
+
+
+def _check_choice(cfg, field: str, choices) -> None:
+    value = _get(cfg, field)
+    if value not in choices:
+        _fail(field, value, " | ".join(map(str, choices)))
+
+
+def _check_number(cfg, field: str, low=None, high=None, *, integer=False, low_open=False) -> None:
+    value = _get(cfg, field)
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = []
+        if low is not None:
+            bound.append(f"{'>' if low_open else '>='} {low}")
+        if high is not None:
+            bound.append(f"<= {high}")
+        kind_name = "an integer" if integer else "a number"
+        _fail(field, value, f"{kind_name} {' and '.join(bound)}".strip())
+
+
+def _get(cfg, field: str):
+    node = cfg
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks every field that can be checked without data or compilation.
+
+    Args:
+      cfg: a training config (`base_config()` with changes).
+      num_devices: if given, also checks the mesh and that the batch splits over it.
+
+    Raises:
+      ValueError naming ``config.<section>.<field>``, its value and what is allowed.
+    """
+    _check_choice(cfg, "latent.tokenizer", TOKENIZERS)
+    _check_number(cfg, "latent.grid_size", 1, integer=True)
+    _check_number(cfg, "latent.channels", 1, integer=True)
+    _check_number(cfg, "latent.scale", 0, low_open=True)
+    _check_number(cfg, "latent.num_classes", 1, NULL_CLASS, integer=True)
+    try:
+        layout = entities.layout_from_config(cfg.entity, cfg.latent.grid_size)
+    except ValueError as e:
+        raise ValueError(f"config.entity: {e}") from None
+
+    if cfg.model.preset:
+        _check_choice(cfg, "model.preset", tuple(PRESETS) + ("",))
+    else:
+        _check_number(cfg, "model.width", 4, integer=True)
+        _check_number(cfg, "model.encoder_depth", 1, integer=True)
+        _check_number(cfg, "model.decoder_depth", 1, integer=True)
+        _check_number(cfg, "model.num_heads", 1, integer=True)
+        w, h = cfg.model.width, cfg.model.num_heads
+        if w % h or (w // h) % 4:
+            _fail("model.num_heads", h,
+                  f"a divisor of model.width={w} leaving a head size divisible by 4")
+    _check_number(cfg, "model.mlp_multiple", 1, integer=True)
+    _check_number(cfg, "model.dropout", 0.0, 1.0)
+    _check_number(cfg, "model.attn_dropout", 0.0, 1.0)
+    _check_choice(cfg, "model.dtype", DTYPES)
+    _check_choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
+    _check_choice(cfg, "model.scan_layers", (True, False))
+    _check_choice(cfg, "model.remat", REMAT_POLICIES)
+    if cfg.model.attention_impl != "xla" and cfg.model.attn_dropout > 0:
+        _fail("model.attn_dropout", cfg.model.attn_dropout,
+              "0.0 unless model.attention_impl='xla' (the fused kernels have no attention dropout)")
+
+    _check_number(cfg, "train.global_batch_size", 1, integer=True)
+    _check_number(cfg, "train.num_epochs", 0, low_open=True)
+    _check_number(cfg, "train.num_steps", -1, integer=True)
+    if cfg.train.num_steps == 0:
+        _fail("train.num_steps", 0, "-1 (use num_epochs) or a positive integer")
+    _check_number(cfg, "train.dataset_size", -1, integer=True)
+    _check_choice(cfg, "train.objective", flow.OBJECTIVES)
+    _check_number(cfg, "train.label_drop_prob", 0.0, 1.0)
+    _check_number(cfg, "train.grad_accum_steps", 1, integer=True)
+    _check_choice(cfg, "train.nan_policy", NAN_POLICIES)
+    if cfg.train.global_batch_size % cfg.train.grad_accum_steps:
+        _fail("train.grad_accum_steps", cfg.train.grad_accum_steps,
+              f"a divisor of train.global_batch_size={cfg.train.global_batch_size}")
+
+    _check_number(cfg, "optim.lr", 0, low_open=True)
+    _check_number(cfg, "optim.end_lr", 0)
+    _check_number(cfg, "optim.warmup_epochs", 0)
+    _check_number(cfg, "optim.decay_start_epoch", 0)
+    if not cfg.optim.warmup_epochs <= cfg.optim.decay_start_epoch <= cfg.train.num_epochs:
+        _fail("optim.decay_start_epoch", cfg.optim.decay_start_epoch,
+              f"between optim.warmup_epochs={cfg.optim.warmup_epochs} and "
+              f"train.num_epochs={cfg.train.num_epochs}")
+    _check_number(cfg, "optim.b1", 0.0, 1.0)
+    _check_number(cfg, "optim.b2", 0.0, 1.0)
+    _check_number(cfg, "optim.weight_decay", 0.0)
+    _check_number(cfg, "optim.clip_norm", None)
+    _check_number(cfg, "optim.ema_decay", 0.0, 1.0)
+
+    for axis in ("data", "fsdp", "tensor"):
+        _check_number(cfg, f"mesh.{axis}", -1, integer=True)
+    if num_devices is not None:
+        try:
+            shape = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                                                num_devices)
+        except ValueError as e:
+            raise ValueError(f"config.{e}") from None
+        shards = shape[0] * shape[1]
+        if cfg.train.global_batch_size % (shards * cfg.train.grad_accum_steps):
+            _fail("train.global_batch_size", cfg.train.global_batch_size,
+                  f"a multiple of data x fsdp shards ({shards}) x grad_accum_steps "
+                  f"({cfg.train.grad_accum_steps})")
+
+    _check_number(cfg, "checkpoint.every_steps", 1, integer=True)
+    _check_number(cfg, "checkpoint.max_to_keep", 1, integer=True)
+    _check_number(cfg, "checkpoint.keep_period", 0, integer=True)
+    _check_choice(cfg, "checkpoint.async_save", (True, False))
+    _check_number(cfg, "log.every_steps", 1, integer=True)
+    _check_number(cfg, "log.sample_every_steps", 0, integer=True)
+    _check_number(cfg, "log.num_samples", 1, integer=True)
+
+    min_steps = 2 if cfg.sample.sampler == "sde" else 1
+    _check_choice(cfg, "sample.sampler", SAMPLERS)
+    _check_number(cfg, "sample.num_steps", min_steps, integer=True)
+    _check_number(cfg, "sample.cfg", 0.0)
+    _check_choice(cfg, "sample.cfg_schedule", CFG_SCHEDULES)
+    _check_number(cfg, "sample.num_images", 1, integer=True)
+    _check_number(cfg, "sample.batch_size", 1, integer=True)
+    _check_number(cfg, "sample.seed", 0, integer=True)
+    _check_choice(cfg, "sample.use_ema", (True, False))
+
+    _validate_data(cfg, layout)
+
+
+def _validate_data(cfg, layout) -> None:
+    """The data section (its own validator if present) and its fit with the latent settings."""
+    validate_data_config(cfg.data)
+    source = cfg.data.source
+    if source == "digits":
+        lat = cfg.latent
+        if lat.tokenizer != "identity" or lat.grid_size != 8 or lat.channels != 1:
+            raise ValueError(
+                "config.data.source='digits' needs latent.tokenizer='identity', "
+                "latent.grid_size=8, "
+                f"latent.channels=1 (got {cfg.latent.tokenizer!r}, {cfg.latent.grid_size}, "
+                f"{cfg.latent.channels})."
+            )
+        if cfg.latent.num_classes != 10:
+            _fail("latent.num_classes", cfg.latent.num_classes, "10 for data.source='digits'")
+    elif source == "latents":
+        if cfg.latent.tokenizer != "kl16":
+            _fail("latent.tokenizer", cfg.latent.tokenizer, "'kl16' for data.source='latents'")
+    elif source == "imagenet":
+        raise ValueError(
+            "config.data.source='imagenet' (raw images) needs on-device VAE encoding, which the "
+            "trainer does not do yet; cache latents first and use data.source='latents'."
+        )
+    else:
+        _fail("data.source", source, "digits | latents")
+    del layout
+
+
+# ----------------------------------------------------------------------------------------------
+def paper_config(preset: str, sample_steps: int, cfg_scale: float):
+    """xAR on cached KL-16 latents of ImageNet 256 (16x16x16 grid), the paper's training recipe.
+
+    Args:
+      preset: 'xar_b' | 'xar_l' | 'xar_h' (sizes in xar_jax.model.PRESETS).
+      sample_steps: published flow steps per entity for sampling.
+      cfg_scale: published guidance scale.
+    """
+    c = base_config()
+    c.data = get_data_config("latents")  # Cached VAE moments: set --config.data.cache_dir.
+    c.latent.tokenizer = "kl16"
+    c.latent.grid_size = 16
+    c.latent.channels = 16
+    c.latent.num_classes = 1000
+    c.entity.kind = "cell"  # The released entity: 8x8 cells on the 16x16 grid (4 steps).
+    c.entity.cell_size = 8
+    c.model.preset = preset
+    c.model.dtype = "bfloat16"  # bf16 compute, float32 params (paper: mixed precision).
+    c.model.scan_layers = True  # Compile time flat in depth.
+    c.model.remat = "dots_no_batch"
+    c.model.mlp_multiple = 128
+    c.train.global_batch_size = 2048
+    c.train.num_epochs = 800.0
+    c.train.dataset_size = IMAGENET_TRAIN_SIZE
+    c.optim.lr = 4e-4
+    c.optim.end_lr = 1e-5
+    c.optim.warmup_epochs = 100.0
+    c.optim.decay_start_epoch = 600.0
+    c.optim.ema_decay = 0.9999
+    c.mesh.data = 1  # All chips on the fsdp axis: params and optimizer state fully sharded.
+    c.mesh.fsdp = -1
+    c.checkpoint.every_steps = 2500
+    c.checkpoint.keep_period = 50_000
+    c.log.every_steps = 100
+    c.log.sample_every_steps = 25_000
+    c.sample.num_steps = sample_steps
+    c.sample.cfg = cfg_scale
+    return c
