@@ -166,3 +166,12 @@ def test_convert_cli_writes_a_loadable_directory_and_reports_errors(
     assert model.width == 64 and model.encoder_heads == 4
     assert main(["xar", "--src", str(src), "--out", str(out)]) == 1  # Exists: refused.
     assert main(["xar", "--src", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o2")]) == 1
+
+
+def test_fused_attention_path_matches_reference(xar_golden_state_dict, xar_golden):
+    # jax.nn.dot_product_attention (cuDNN on GPU; its XLA form on CPU) with the block mask.
+    model, params = xar_convert.xar_from_torch(
+        xar_golden_state_dict, attention_impl="dot_product", scan_layers=True, mlp_multiple=128
+    )
+    v = model.apply({"params": params}, *_golden_inputs(xar_golden))
+    assert rel_l2(v, xar_golden["fwd/v_seq"]) < 1e-5
