@@ -28,7 +28,11 @@ PUBLISHED = {"xar_b": (40, 2.7), "xar_l": (50, 2.3), "xar_h": (50, 2.2)}
 def run_one(name, args):
     steps, cfg = PUBLISHED[name]
     steps = args.num_steps or steps
-    overrides = {"mlp_multiple": args.mlp_multiple, "dtype": jnp.dtype(args.dtype)}
+    overrides = {
+        "mlp_multiple": args.mlp_multiple,
+        "dtype": jnp.dtype(args.dtype),
+        "scan_layers": not args.unrolled,
+    }
     if args.tiny:
         overrides |= dict(
             width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4
@@ -64,6 +68,7 @@ def run_one(name, args):
         "tflops": per_image * args.batch / sec / 1e12,
         "mfu": None if peak is None else per_image * args.batch / sec / 1e12 / peak,
         "state_dtype": args.state_dtype,
+        "scan_layers": not args.unrolled,
         "dtype": args.dtype,
         "times_s": [round(t, 4) for t in times],
     }
@@ -81,6 +86,8 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--state_dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--mlp_multiple", type=int, default=128)
+    parser.add_argument("--unrolled", action="store_true", help="no layer scan")
+    parser.add_argument("--tag", default="", help="suffix of the JSON key (variants)")
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
     parser.add_argument("--no_json", action="store_true")
     args = parser.parse_args()
@@ -107,7 +114,7 @@ def main():
         ],
     )
     if not args.no_json and not args.tiny:
-        path = common.update_json("sample", {r["model"]: r for r in rows})
+        path = common.update_json("sample", {r["model"] + args.tag: r for r in rows})
         print(f"wrote {path}")
 
 

@@ -1,0 +1,107 @@
+"""Where the time goes: device kernels of the train step or the sampler, summed by name.
+
+  python benchmarks/profile_kernels.py --what train --model xar_b
+  python benchmarks/profile_kernels.py --what sample --model xar_b --num_steps 8
+
+Traces a few warm calls with `jax.profiler` (perfetto JSON), sums the durations of device-side
+events by kernel name and prints the top entries with their share of the traced device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+
+def _train_call(args):
+    from xar_jax import model as xar_model
+    from xar_jax import train_state as ts
+
+    model = common.build(args.model, attention_impl=args.attention_impl, attn_dropout=0.0)
+    optimizer = ts.make_optimizer(
+        learning_rate=4e-4, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
+        weight_decay_mask=ts.weight_decay_mask_fn(xar_model.abstract_params(model)),
+    )
+    state = ts.create_train_state(model, optimizer, seed=0)
+    step = jax.jit(
+        ts.make_train_step(model, model.layout, optimizer, ema_decay=0.9999, label_drop_prob=0.1),
+        donate_argnums=0,
+    )
+    batch = {
+        "latents": jax.random.normal(jax.random.key(1), (args.batch, 16, 16, 16)),
+        "labels": jax.random.randint(jax.random.key(2), (args.batch,), 0, 1000),
+    }
+    holder = {"s": state}
+
+    def call():
+        holder["s"], m = step(holder["s"], batch)
+        return m["loss"]
+
+    return call
+
+
+def _sample_call(args):
+    from xar_jax import sampling
+
+    model = common.build(args.model)
+    params = common.random_params(model)
+    labels = jax.random.randint(jax.random.key(1), (args.batch,), 0, 1000)
+    fn = sampling.make_sampler(model, num_steps=args.num_steps, cfg=2.0)
+    return lambda: fn(params, labels, jax.random.key(0), None)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--what", choices=["train", "sample"], default="train")
+    parser.add_argument("--model", default="xar_b")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--num_steps", type=int, default=8)
+    parser.add_argument("--attention_impl", default="cudnn")
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    call = _train_call(args) if args.what == "train" else _sample_call(args)
+    for _ in range(2):
+        jax.block_until_ready(call())
+    log_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(args.calls):
+            jax.block_until_ready(call())
+    path = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    # Device streams are the processes whose name mentions the GPU.
+    pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+            and "/device:" in str(e.get("args", {}).get("name", ""))}
+    names = {e["pid"]: e.get("args", {}).get("name") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    print("trace processes:", sorted(set(map(str, names.values()))))
+    if not pids:  # CPU runs: the XLA ops run on host threads.
+        pids = set(names)
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in pids:
+            totals[e["name"]] += e.get("dur", 0)
+            counts[e["name"]] += 1
+    total = sum(totals.values())
+    print(f"{args.what} {args.model} batch {args.batch}: {total / 1e3 / args.calls:.1f} ms device time per call")
+    for name, dur in totals.most_common(args.top):
+        print(f"{dur / total:6.1%} {dur / 1e3 / args.calls:9.2f} ms  x{counts[name] // args.calls:<5d} {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
