@@ -76,7 +76,9 @@ def test_sharded_step_matches_single_device_step():
     assert r["devices"] == 8
     single_loss, sharded_loss = r["loss"]
     assert abs(single_loss - sharded_loss) <= 1e-5 * abs(single_loss)
-    assert r["max_param_diff"] < 1e-5
+    # Two AdamW steps at lr 1e-2 move params by up to ~2e-2. Adam's first steps act like
+    # lr * sign(g), which magnifies summation-order noise where |g| is tiny: allow 1% of lr.
+    assert r["max_param_diff"] < 1e-4
     # Params and optimizer moments are really sharded along the width over fsdp (never whole).
     assert "fsdp" in r["kernel_spec"], r["kernel_spec"]
     assert r["kernel_shard_shape"] == [1, 16, 96]
