@@ -1,0 +1,1 @@
+"""Evaluation: Flax InceptionV3 (torch-fidelity compat), FID / IS, sample writing, digits score."""
