@@ -1,5 +1,5 @@
 """Checkpoints: SIGKILL + restart equals an uninterrupted run; damaged newest checkpoint is
-skipped; sample mode writes a grid and an .npz. All with configs/tiny.py (seconds per run)."""
+skipped; sample mode writes a grid and an .npz; eval scores it. All with configs/tiny.py."""
 
 import logging
 import os
@@ -95,7 +95,7 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, uninterrupted)
 def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupted, caplog):
     import shutil
 
-    from xar_jax.train import Run, sample_to_workdir
+    from xar_jax.train import Run, evaluate, sample_to_workdir
 
     workdir = tmp_path / "damaged"
     shutil.copytree(uninterrupted, workdir)
@@ -122,6 +122,10 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupt
         assert data["images"].shape == (config.sample.num_images, 8, 8, 1)
         np.testing.assert_array_equal(data["labels"][:12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
         assert np.all(np.isfinite(data["images"]))
+    scores = evaluate(config, str(workdir))  # --mode=eval: digits score of samples.npz.
+    assert set(scores) == {"class_accuracy", "frechet_distance"}
+    assert 0.0 <= scores["class_accuracy"] <= 1.0
+    assert (workdir / "eval.json").exists()
 
 
 def test_bad_config_value_fails_before_compilation(tmp_path):
