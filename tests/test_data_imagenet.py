@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def mocked_imagenet(tmp_path_factory):
         expected = np.stack(
             [reference_preprocess(Image.fromarray(e["image"]), SIZE) for e in examples]
         )
-        yield data_dir, examples, expected
+    return data_dir, examples, expected
 
 
 def test_mock_images_cover_halving_downscaling_and_upscaling(mocked_imagenet):
@@ -144,6 +145,77 @@ def test_jpeg_bytes_are_decoded_and_cropped_exactly_like_the_reference():
         reference = reference_preprocess(Image.open(io.BytesIO(record["image"])).convert("RGB"), 32)
         np.testing.assert_array_equal(image, reference)
     np.testing.assert_array_equal(batch["labels"], np.arange(len(records)))
+
+
+@pytest.fixture(scope="module")
+def prepared_imagenet(tmp_path_factory):
+    """A real imagenet2012 TFDS directory (ArrayRecord shards, metadata), made without TensorFlow.
+
+    'validation' holds JPEGs of JPEG_SIZES; 'test' holds three JPEGs, the second one truncated.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tensorflow_datasets.core import naming
+    from tensorflow_datasets.core import splits as splits_lib
+
+    data_dir = str(tmp_path_factory.mktemp("prepared"))
+    builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="array_record")
+    features = builder.info.features
+    os.makedirs(builder.data_dir)
+    jpegs = {
+        "validation": [_jpeg(w, h, mode, seed=i) for i, (w, h, mode) in enumerate(JPEG_SIZES)],
+        "test": [_jpeg(64, 48, seed=0), _jpeg(64, 48, seed=1)[:200], _jpeg(64, 48, seed=2)],
+    }
+    split_infos = []
+    for split, images in jpegs.items():
+        template = naming.ShardedFileTemplate(
+            data_dir=builder.data_dir,
+            dataset_name="imagenet2012",
+            split=split,
+            filetype_suffix="array_record",
+        )
+        writer = ArrayRecordWriter(
+            str(template.sharded_filepath(shard_index=0, num_shards=1)), "group_size:1"
+        )
+        for label, jpeg in enumerate(images):
+            example = {"image": jpeg, "label": label, "file_name": f"{label}.JPEG"}
+            writer.write(features.serialize_example(features.encode_example(example)))
+        writer.close()
+        split_infos.append(
+            splits_lib.SplitInfo(
+                name=split, shard_lengths=[len(images)], num_bytes=0, filename_template=template
+            )
+        )
+    builder.info.set_splits(splits_lib.SplitDict(split_infos))
+    builder.info.write_to_directory(builder.data_dir)
+    return data_dir, jpegs
+
+
+def test_prepared_tfds_imagenet_is_read_without_tensorflow_like_the_reference(prepared_imagenet):
+    data_dir, jpegs = prepared_imagenet
+    cfg = _imagenet_cfg(data_dir, eval_split="validation", image_size=32)  # image_decoder 'pil'
+    batch = next(
+        pipeline.make_eval_iterator(
+            cfg, global_batch_size=len(JPEG_SIZES), process_index=0, process_count=1
+        )
+    )
+    for image, jpeg in zip(batch["images"], jpegs["validation"], strict=True):
+        reference = reference_preprocess(Image.open(io.BytesIO(jpeg)).convert("RGB"), 32)
+        np.testing.assert_array_equal(image, reference)
+    np.testing.assert_array_equal(batch["labels"], np.arange(len(JPEG_SIZES)))
+    assert pipeline.dataset_size(cfg, "validation") == len(JPEG_SIZES)
+
+
+def test_corrupt_jpeg_in_tfds_shard_names_the_file_and_record(prepared_imagenet):
+    data_dir, _ = prepared_imagenet
+    cfg = _imagenet_cfg(data_dir, eval_split="test")
+    with pytest.raises(
+        CorruptRecordError,
+        match=r"imagenet2012-test.array_record-00000-of-00001, "
+        r"record 1\)",
+    ):
+        list(
+            pipeline.make_eval_iterator(cfg, global_batch_size=3, process_index=0, process_count=1)
+        )
 
 
 def test_corrupt_jpeg_is_reported_with_its_index_unless_skipping_is_allowed():

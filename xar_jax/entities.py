@@ -96,7 +96,9 @@ class EntityLayout:
     def order(self) -> np.ndarray:
         """(H*W,) flat raster index of the grid token at each sequence position (not for ``scale``)."""
         if self.kind == "scale":
-            raise ValueError("The 'scale' layout has no permutation order; its tokens are resampled.")
+            raise ValueError(
+                "The 'scale' layout has no permutation order; its tokens are resampled."
+            )
         h, w = self.grid_size
         raster = np.arange(h * w).reshape(h, w)
         if self.kind == "image":
@@ -149,7 +151,9 @@ class EntityLayout:
         """Latent grid ``(B, H, W, C)`` -> token sequence ``(B, N, C)`` in entity order."""
         b, h, w, c = grid.shape
         if (h, w) != tuple(self.grid_size):
-            raise ValueError(f"Grid of shape {(h, w)} does not match the layout's {self.grid_size}.")
+            raise ValueError(
+                f"Grid of shape {(h, w)} does not match the layout's {self.grid_size}."
+            )
         if self.kind == "scale":
             return jnp.concatenate(
                 [area_downsample(grid, s).reshape(b, s * s, c) for s in self.scale_sizes], axis=1
@@ -161,7 +165,9 @@ class EntityLayout:
         b, n, c = seq.shape
         h, w = self.grid_size
         if n != self.num_tokens:
-            raise ValueError(f"Sequence of length {n} does not match the layout's {self.num_tokens}.")
+            raise ValueError(
+                f"Sequence of length {n} does not match the layout's {self.num_tokens}."
+            )
         if self.kind == "scale":
             return seq[:, n - h * w :].reshape(b, h, w, c)
         return jnp.take(seq, self.inverse_order, axis=1).reshape(b, h, w, c)
@@ -226,10 +232,12 @@ def make_layout(
         return EntityLayout("subsample", (h, w), subsample_factor=s)
     sizes = tuple(int(s) for s in scale_sizes)
     if not sizes:
-        raise ValueError("entity.scale_sizes is empty; give increasing sizes ending at the grid size.")
+        raise ValueError(
+            "entity.scale_sizes is empty; give increasing sizes ending at the grid size."
+        )
     if h != w:
         raise ValueError(f"The 'scale' entity needs a square grid, got {h}x{w}.")
-    if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
+    if any(b <= a for a, b in zip(sizes[:-1], sizes[1:], strict=True)) or sizes[0] < 1:
         raise ValueError(f"entity.scale_sizes={sizes} must be positive and strictly increasing.")
     if sizes[-1] != h:
         raise ValueError(f"entity.scale_sizes={sizes} must end at the grid size {h}.")

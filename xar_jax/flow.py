@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from xar_jax.entities import EntityLayout
-from xar_jax.model import NULL_CLASS
 
 OBJECTIVES = ("ncl", "teacher_forcing")
 
@@ -25,7 +24,7 @@ class FlowInputs(NamedTuple):
 
     t: jax.Array  # (B, K) flow time per entity.
     noise: jax.Array  # (B, N, C) eps in entity order.
-    labels: jax.Array  # (B,) labels after dropout to NULL_CLASS.
+    labels: jax.Array  # (B,) labels, some dropped to the null class.
     loss_weight: jax.Array  # (B, N) per-token weight of the loss (sums to 1 per example).
 
 
@@ -34,10 +33,10 @@ def logit_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.nn.sigmoid(jax.random.normal(key, shape, jnp.float32))
 
 
-def drop_labels(key: jax.Array, labels: jax.Array, prob: float) -> jax.Array:
-    """Replaces each label by the null class with probability ``prob`` (classifier-free guidance)."""
+def drop_labels(key: jax.Array, labels: jax.Array, prob: float, null_class: int) -> jax.Array:
+    """Replaces each label by ``null_class`` with probability ``prob`` (classifier-free guidance)."""
     drop = jax.random.bernoulli(key, prob, labels.shape)
-    return jnp.where(drop, NULL_CLASS, labels).astype(jnp.int32)
+    return jnp.where(drop, null_class, labels).astype(jnp.int32)
 
 
 def interpolate(x: jax.Array, noise: jax.Array, t_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -54,15 +53,19 @@ def draw_flow_inputs(
     *,
     objective: str = "ncl",
     label_drop_prob: float = 0.1,
+    null_class: int = 1000,
 ) -> FlowInputs:
-    """Draws times, noise, dropped labels and loss weights for one batch."""
+    """Draws times, noise, dropped labels and loss weights for one batch.
+
+    ``null_class`` is the model's ``num_classes`` (the extra embedding row; 1000 on ImageNet).
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"train.objective={objective!r}; allowed: {', '.join(OBJECTIVES)}.")
     b, k, n = labels.shape[0], layout.num_entities, layout.num_tokens
     key_t, key_n, key_l, key_e = jax.random.split(key, 4)
     t = logit_normal(key_t, (b, k))
     noise = jax.random.normal(key_n, (b, n, channels), jnp.float32)
-    dropped = drop_labels(key_l, labels, label_drop_prob)
+    dropped = drop_labels(key_l, labels, label_drop_prob, null_class)
     entity_of_token = jnp.asarray(layout.entity_of_token)
     if objective == "ncl":
         weight = jnp.full((b, n), 1.0 / n, jnp.float32)

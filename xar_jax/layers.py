@@ -249,14 +249,24 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, cond, token_entity, cos, sin, mask, kv_context, deterministic: bool):
-        """x (B,T,D); cond (B,K',D) per-entity conditioning; token_entity (T,) row of cond per token.
+        """x (B,T,D); cond (B,K',D) per-entity conditioning; token_entity (T,) row of cond per
+        token, or None when the T tokens are K' equal consecutive runs (every kind but 'scale').
 
-        The adaLN projection runs once per entity (not per token), then is gathered to tokens.
+        The adaLN projection runs once per entity (not per token). With equal entities it is
+        broadcast through a (B, K', T/K', D) view, which XLA fuses into the elementwise ops
+        instead of materialising a (B, T, 6D) array per layer.
         """
         d_model = x.shape[-1]
         ada = param_dense(6 * d_model, "ada_lin", self.dtype, ("embed", "ada"))(nn.silu(cond))
-        ada = jnp.take(ada.astype(jnp.float32), token_entity, axis=1)
+        ada = ada.astype(jnp.float32)
+        if token_entity is None:
+            ada = ada[:, :, None, :]
+            x = x.reshape(x.shape[0], ada.shape[1], -1, d_model)
+        else:
+            ada = jnp.take(ada, token_entity, axis=1)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada, 6, axis=-1)
+        grouped = x.shape  # (B, T, D) or (B, K', n, D).
+        flat = lambda a: a.reshape(grouped[0], -1, d_model)
         h = (rms_normalize(x) * (1 + scale1) + shift1).astype(self.dtype)
         attn_out, kv = Attention(
             self.num_heads,
@@ -265,13 +275,13 @@ class Block(nn.Module):
             proj_dropout=self.dropout,
             impl=self.attention_impl,
             name="attn",
-        )(h, cos, sin, mask, kv_context, deterministic)
-        x = x + gamma1 * attn_out
+        )(flat(h), cos, sin, mask, kv_context, deterministic)
+        x = x + gamma1 * attn_out.reshape(grouped)
         h = (rms_normalize(x) * (1 + scale2) + shift2).astype(self.dtype)
         mlp_out = GatedMLP(
             self.mlp_hidden, self.mlp_hidden_padded, self.dtype, self.dropout, name="mlp"
         )(h, deterministic)
-        x = x + gamma2 * mlp_out
+        x = flat(x + gamma2 * mlp_out)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, kv
 

@@ -77,7 +77,10 @@ def main(argv):
 
     validate_config(config, jax.device_count())
     if jax.process_index() == 0:
-        os.makedirs(FLAGS.workdir, exist_ok=True)
+        # epath handles gs:// workdirs (os.makedirs would create a local 'gs:' folder).
+        from etils import epath
+
+        epath.Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
     if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":

@@ -30,7 +30,7 @@ from xar_jax.layers import (
     rope_tables,
 )
 
-NULL_CLASS = 1000  # Label of the unconditional (dropped / guidance) class; embedding row 1000.
+NULL_CLASS = 1000  # ImageNet's unconditional label: the extra embedding row (== num_classes).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -99,12 +99,15 @@ class BlockStack(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, x, cond, token_entity, cos, sin, mask, cache, visible, *, deterministic,
-                 return_kv):
+    def __call__(
+        self, x, cond, token_entity, cos, sin, mask, cache, visible, *, deterministic, return_kv
+    ):
         """Returns x and, with ``return_kv``, the stacked (keys, values) of shape (L, B, T, H, d)."""
         block_cls = _LayerBlock
         if self.remat != "none":
-            block_cls = nn.remat(block_cls, policy=_REMAT[self.remat], prevent_cse=not self.scan_layers)
+            block_cls = nn.remat(
+                block_cls, policy=_REMAT[self.remat], prevent_cse=not self.scan_layers
+            )
         make = lambda name: block_cls(
             **dict(self.block_kwargs), deterministic=deterministic, return_kv=return_kv, name=name
         )
@@ -174,24 +177,35 @@ class XAR(nn.Module):
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}.")
-        for name, heads in (("encoder_heads", self.encoder_heads), ("decoder_heads", self.decoder_heads)):
+        for name, heads in (
+            ("encoder_heads", self.encoder_heads),
+            ("decoder_heads", self.decoder_heads),
+        ):
             if d % heads or (d // heads) % 4:
                 raise ValueError(
                     f"model.{name}={heads} must divide width {d} into heads of a size divisible by 4."
                 )
         n = self.layout.num_tokens
-        pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "length", "embed"))
+        pos_init = nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, "length", "embed")
+        )
         self.class_emb = nn.Embed(
             self.num_classes + 1,
             d,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
             name="class_emb",
         )
         self.time_embed = TimestepEmbedder(d, self.dtype, name="time_embed")
         self.z_proj = param_dense(d, "z_proj", self.dtype, ("latent", "embed"))
         self.z_proj_ln = RMSNorm(name="z_proj_ln")
-        self.encoder_pos_embed_learned = self.param("encoder_pos_embed_learned", pos_init, (1, n, d))
-        self.decoder_pos_embed_learned = self.param("decoder_pos_embed_learned", pos_init, (1, n, d))
+        self.encoder_pos_embed_learned = self.param(
+            "encoder_pos_embed_learned", pos_init, (1, n, d)
+        )
+        self.decoder_pos_embed_learned = self.param(
+            "decoder_pos_embed_learned", pos_init, (1, n, d)
+        )
         self.encoder_blocks = self._stack(self.encoder_depth, self.encoder_heads, "encoder_blocks")
         self.encoder_norm = RMSNorm(name="encoder_norm")
         self.decoder_embed = param_dense(d, "decoder_embed", self.dtype, ("embed", "embed_out"))
@@ -230,7 +244,7 @@ class XAR(nn.Module):
         Args:
           x_t: (B, N, C) noisy tokens in entity order.
           t: (B, K) flow time of every entity (1 = noise).
-          labels: (B,) int class labels (`NULL_CLASS` = unconditional).
+          labels: (B,) int class labels (``num_classes`` = the null class, unconditional).
           train: enables dropout (needs a 'dropout' rng).
 
         Returns:
@@ -244,7 +258,8 @@ class XAR(nn.Module):
             )
         cond = self.conditioning(t, labels)
         mask = jnp.asarray(self.layout.attention_mask)
-        token_entity = jnp.asarray(self.layout.entity_of_token)
+        # Equal entities broadcast their conditioning through a reshape; 'scale' gathers it.
+        token_entity = None if self.layout.uniform else jnp.asarray(self.layout.entity_of_token)
         out, _ = self._run(x_t, cond, 0, token_entity, mask, None, None, not train, False)
         return out
 
@@ -270,9 +285,8 @@ class XAR(nn.Module):
         Returns:
           velocity (B, n, C), and the own keys/values if ``return_kv``.
         """
-        n = x_t.shape[1]
         cond = self.conditioning(t[:, None], labels)
-        token_entity = jnp.zeros((n,), jnp.int32)
+        token_entity = None  # One entity: its conditioning row covers every token.
         out, kvs = self._run(x_t, cond, start, token_entity, None, caches, visible, True, return_kv)
         return (out, kvs) if return_kv else out
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xar_jax.model import NULL_CLASS, XAR, KVCache
+from xar_jax.model import XAR, KVCache
 
 SAMPLERS = ("sde", "ode")
 CFG_SCHEDULES = ("linear", "constant")
@@ -64,7 +64,9 @@ def _step_tables(model: XAR, num_steps, steps_per_entity, sampler):
     k = model.layout.num_entities
     steps = [int(num_steps)] * k if steps_per_entity is None else [int(s) for s in steps_per_entity]
     if len(steps) != k:
-        raise ValueError(f"sample.steps_per_entity has {len(steps)} entries; the layout has {k} entities.")
+        raise ValueError(
+            f"sample.steps_per_entity has {len(steps)} entries; the layout has {k} entities."
+        )
     s_max = max(steps)
     t_tab = np.zeros((k, s_max), np.float32)
     dt_tab = np.zeros((k, s_max), np.float64)
@@ -139,7 +141,7 @@ def make_sampler(
     use_cache: bool = True,
     state_dtype: Any = jnp.float32,
 ):
-    """A jitted ``fn(params, labels, key, noise=None) -> latents`` for fixed settings."""
+    """A jitted ``fn(params, labels, key, noise) -> latents`` for fixed settings (noise may be None)."""
     layout = model.layout
     k = layout.num_entities
     t_tab, dt_tab, sc_tab, steps = _step_tables(model, num_steps, steps_per_entity, sampler)
@@ -151,8 +153,18 @@ def make_sampler(
     def generate(params, labels, key, noise):
         b = labels.shape[0]
         c = model.in_channels
-        lab = jnp.concatenate([labels, jnp.full_like(labels, NULL_CLASS)]) if guided else labels
-        tab = jax.tree.map(jnp.asarray, (t_tab, dt_tab.astype(np.float32), sc_tab.astype(np.float32), w_tab.astype(np.float32), steps))
+        null = jnp.full_like(labels, model.num_classes)  # The null class is the extra last row.
+        lab = jnp.concatenate([labels, null]) if guided else labels
+        tab = jax.tree.map(
+            jnp.asarray,
+            (
+                t_tab,
+                dt_tab.astype(np.float32),
+                sc_tab.astype(np.float32),
+                w_tab.astype(np.float32),
+                steps,
+            ),
+        )
         t_net, dt, scale, w, n_steps = tab
 
         def velocity(x, t_scalar, e, start, n, caches, seq):
@@ -162,18 +174,24 @@ def make_sampler(
             if use_cache:
                 visible = entity_of_token < e
                 return model.apply(
-                    {"params": params}, xin, t_b, lab, start, caches, visible,
+                    {"params": params},
+                    xin,
+                    t_b,
+                    lab,
+                    start,
+                    caches,
+                    visible,
                     method=XAR.entity_forward,
                 )
             return _uncached_velocity(model, params, xin, t_b, lab, e, start, n, seq, guided)
 
         def solve_entity(e, n, start, carry):
             seq, caches = carry
-            key_e = jax.random.fold_in(key, e)
+            key_init, key_steps = jax.random.split(jax.random.fold_in(key, e))
             if noise is not None:
                 x = jnp.asarray(noise["init"])[e].astype(state_dtype)
             else:
-                x = jax.random.normal(jax.random.fold_in(key_e, -1), (b, n, c), state_dtype)
+                x = jax.random.normal(key_init, (b, n, c), state_dtype)
 
             def flow_step(i, x):
                 t = t_net[e, i]
@@ -188,7 +206,7 @@ def make_sampler(
                     last = steps_noise.shape[1] - 1
                     eps = steps_noise[e, jnp.minimum(i, last)].astype(state_dtype)
                 else:
-                    eps = jax.random.normal(jax.random.fold_in(key_e, i), x.shape, state_dtype)
+                    eps = jax.random.normal(jax.random.fold_in(key_steps, i), x.shape, state_dtype)
                 return x + d * dt[e, i] + scale[e, i] * eps
 
             x = jax.lax.fori_loop(0, n_steps[e], flow_step, x)
@@ -197,14 +215,25 @@ def make_sampler(
                 xin = jnp.concatenate([x, x]) if guided else x
                 zeros = jnp.zeros((lab.shape[0],), jnp.float32)
                 _, kv = model.apply(
-                    {"params": params}, xin.astype(jnp.float32), zeros, lab, start, caches,
-                    entity_of_token < e, True, method=XAR.entity_forward,
+                    {"params": params},
+                    xin.astype(jnp.float32),
+                    zeros,
+                    lab,
+                    start,
+                    caches,
+                    entity_of_token < e,
+                    True,
+                    method=XAR.entity_forward,
                 )
                 caches = {
-                    name: KVCache(*(
-                        jax.lax.dynamic_update_slice_in_dim(full, new.astype(full.dtype), start, axis=2)
-                        for full, new in zip(caches[name], kv[name])
-                    ))
+                    name: KVCache(
+                        *(
+                            jax.lax.dynamic_update_slice_in_dim(
+                                full, new.astype(full.dtype), start, axis=2
+                            )
+                            for full, new in zip(caches[name], kv[name], strict=True)
+                        )
+                    )
                     for name in caches
                 }
             return seq, caches
@@ -214,20 +243,13 @@ def make_sampler(
         carry = (seq, caches)
         if layout.uniform:
             n = layout.entity_sizes[0]
-            carry = jax.lax.fori_loop(
-                0, k, lambda e, cr: solve_entity(e, n, e * n, cr), carry
-            )
+            carry = jax.lax.fori_loop(0, k, lambda e, cr: solve_entity(e, n, e * n, cr), carry)
         else:
             for e in range(k):
                 carry = solve_entity(e, layout.entity_sizes[e], int(starts[e]), carry)
         return layout.from_sequence(carry[0])
 
-    jitted = jax.jit(generate)
-
-    def fn(params, labels, key, noise=None):
-        return jitted(params, labels, key, noise)
-
-    return fn
+    return jax.jit(generate)
 
 
 def _empty_caches(model: XAR, batch: int) -> dict[str, KVCache]:

@@ -290,7 +290,13 @@ def make_train_step(
             )
         tokens = layout.to_sequence(batch_latents(batch, key_latent, latent_scale))
         inputs = flow.draw_flow_inputs(
-            key_flow, layout, labels, channels, objective=objective, label_drop_prob=label_drop_prob
+            key_flow,
+            layout,
+            labels,
+            channels,
+            objective=objective,
+            label_drop_prob=label_drop_prob,
+            null_class=model.num_classes,
         )
         if grad_accum_steps == 1:
             (loss, aux), grads = grad_fn(state.params, tokens, inputs, key_dropout)

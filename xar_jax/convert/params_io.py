@@ -21,7 +21,9 @@ METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
 
 
-def save_params(out_dir: str, params: Any, metadata: dict[str, Any], *, overwrite: bool = False) -> None:
+def save_params(
+    out_dir: str, params: Any, metadata: dict[str, Any], *, overwrite: bool = False
+) -> None:
     """Writes ``params`` and ``metadata`` to ``out_dir`` atomically.
 
     Raises:
@@ -29,7 +31,9 @@ def save_params(out_dir: str, params: Any, metadata: dict[str, Any], *, overwrit
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it."
+        )
     tmp_dir = out_dir + ".tmp-converting"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)

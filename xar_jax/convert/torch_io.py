@@ -78,13 +78,17 @@ def load_state_dict(
     for name, value in mapping.items():
         for prefix in strip_prefixes:
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
         out[name] = to_numpy(value)
     return out
 
 
 def check_names(
-    given: set[str], expected: set[str], *, ignored: set[str] = frozenset(), what: str = "checkpoint"
+    given: set[str],
+    expected: set[str],
+    *,
+    ignored: set[str] = frozenset(),
+    what: str = "checkpoint",
 ) -> None:
     """Raises a ValueError listing missing and unexpected names (strict conversion)."""
     missing = sorted(expected - given)

@@ -62,7 +62,10 @@ def torch_names(model: xar_model.XAR) -> list[str]:
     """The parameter names of the release's state dict for ``model`` (no derived buffers)."""
     names = ["class_emb.weight", *(f"{n}.weight" for n in _NORMS), *_POS]
     names += [f"{n}.{p}" for n in _TOP_LINEARS for p in ("weight", "bias")]
-    for stack, depth in (("encoder_blocks", model.encoder_depth), ("decoder_blocks", model.decoder_depth)):
+    for stack, depth in (
+        ("encoder_blocks", model.encoder_depth),
+        ("decoder_blocks", model.decoder_depth),
+    ):
         for i in range(depth):
             names += [f"{stack}.{i}.{n}.{p}" for n in _BLOCK_LINEARS for p in ("weight", "bias")]
     return names
@@ -94,12 +97,17 @@ def xar_from_torch(
     if width is None:
         raise ValueError("The state dict has no 'z_proj.weight': not an xAR checkpoint.")
     if num_heads is None:
-        heads = (_infer_heads(sd, "encoder_blocks", width), _infer_heads(sd, "decoder_blocks", width))
+        heads = (
+            _infer_heads(sd, "encoder_blocks", width),
+            _infer_heads(sd, "decoder_blocks", width),
+        )
     elif isinstance(num_heads, int):
         heads = (num_heads, num_heads)
     else:
         heads = tuple(num_heads)
-    n_tokens = sd["encoder_pos_embed_learned"].shape[1] if "encoder_pos_embed_learned" in sd else 256
+    n_tokens = (
+        sd["encoder_pos_embed_learned"].shape[1] if "encoder_pos_embed_learned" in sd else 256
+    )
     if layout is None:
         side = int(round(np.sqrt(n_tokens)))
         layout = ent.make_layout("cell", side, cell_size=side // 2)
@@ -123,7 +131,10 @@ def _check_derived_buffers(sd: Mapping[str, np.ndarray], model: xar_model.XAR) -
     """RoPE tables in the checkpoint must equal ours: a mismatch means a different layout."""
     from xar_jax.layers import rope_tables
 
-    for stack, heads in (("encoder_blocks", model.encoder_heads), ("decoder_blocks", model.decoder_heads)):
+    for stack, heads in (
+        ("encoder_blocks", model.encoder_heads),
+        ("decoder_blocks", model.decoder_heads),
+    ):
         key = f"{stack}.0.attn.rope.freqs_cos"
         if key in sd:
             cos, _ = rope_tables(model.layout.positions, model.width // heads)
@@ -149,14 +160,20 @@ def params_from_torch(sd: Mapping[str, np.ndarray], model: xar_model.XAR) -> dic
         params[name] = _shaped(sd, name, (1, model.layout.num_tokens, d))
     for tname, path in _TOP_LINEARS.items():
         _put(params, path, _linear(sd, tname))
-    for stack, depth in (("encoder_blocks", model.encoder_depth), ("decoder_blocks", model.decoder_depth)):
+    for stack, depth in (
+        ("encoder_blocks", model.encoder_depth),
+        ("decoder_blocks", model.decoder_depth),
+    ):
         blocks = []
         for i in range(depth):
             block: dict[str, Any] = {}
             for tname, path in _BLOCK_LINEARS.items():
                 lin = _linear(sd, f"{stack}.{i}.{tname}")
                 if padded != hidden and tname in ("mlp.fc1_g", "mlp.fc1_x"):
-                    lin = {"kernel": _pad(lin["kernel"], 1, padded), "bias": _pad(lin["bias"], 0, padded)}
+                    lin = {
+                        "kernel": _pad(lin["kernel"], 1, padded),
+                        "bias": _pad(lin["bias"], 0, padded),
+                    }
                 elif padded != hidden and tname == "mlp.fc2":
                     lin = {"kernel": _pad(lin["kernel"], 0, padded), "bias": lin["bias"]}
                 _put(block, path, lin)
@@ -177,13 +194,19 @@ def params_to_torch(params: Any, model: xar_model.XAR) -> dict[str, np.ndarray]:
         sd[name] = np.asarray(params[name])
     for tname, path in _TOP_LINEARS.items():
         _unlinear(sd, tname, _get(params, path))
-    for stack, depth in (("encoder_blocks", model.encoder_depth), ("decoder_blocks", model.decoder_depth)):
+    for stack, depth in (
+        ("encoder_blocks", model.encoder_depth),
+        ("decoder_blocks", model.decoder_depth),
+    ):
         for i in range(depth):
             block = _block_params(params[stack], i, model.scan_layers)
             for tname, path in _BLOCK_LINEARS.items():
                 lin = dict(_get(block, path))
                 if tname in ("mlp.fc1_g", "mlp.fc1_x"):
-                    lin = {"kernel": np.asarray(lin["kernel"])[:, :hidden], "bias": np.asarray(lin["bias"])[:hidden]}
+                    lin = {
+                        "kernel": np.asarray(lin["kernel"])[:, :hidden],
+                        "bias": np.asarray(lin["bias"])[:hidden],
+                    }
                 elif tname == "mlp.fc2":
                     lin = {"kernel": np.asarray(lin["kernel"])[:hidden], "bias": lin["bias"]}
                 _unlinear(sd, f"{stack}.{i}.{tname}", lin)
@@ -304,9 +327,18 @@ def load_converted(ckpt_dir: str, **model_kwargs: Any) -> tuple[xar_model.XAR, d
         subsample_factor=lay["subsample_factor"],
         scale_sizes=tuple(lay["scale_sizes"]),
     )
-    fields = {k: meta[k] for k in (
-        "width", "encoder_depth", "decoder_depth", "encoder_heads", "decoder_heads",
-        "in_channels", "num_classes")}
+    fields = {
+        k: meta[k]
+        for k in (
+            "width",
+            "encoder_depth",
+            "decoder_depth",
+            "encoder_heads",
+            "decoder_heads",
+            "in_channels",
+            "num_classes",
+        )
+    }
     model = xar_model.XAR(layout=layout, **fields, **model_kwargs)
     params = params_io.load_params(ckpt_dir)
     if model.scan_layers or model.mlp_multiple > 1:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import grain
@@ -42,21 +43,23 @@ def resolve_process(process_index: int | None, process_count: int | None) -> tup
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not (
-        isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count
+        isinstance(count, numbers.Integral)
+        and isinstance(index, numbers.Integral)
+        and 0 <= index < count
     ):
-        raise ValueError(f"process_index={index} must lie in [0, process_count={count}).")
-    return index, count
+        raise ValueError(f"process_index={index!r} must lie in [0, process_count={count!r}).")
+    return int(index), int(count)
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
-    if not isinstance(global_batch_size, int) or global_batch_size < 1:
+    if not isinstance(global_batch_size, numbers.Integral) or global_batch_size < 1:
         raise ValueError(f"global_batch_size={global_batch_size!r} must be a positive integer.")
     if global_batch_size % process_count:
         raise ValueError(
             f"global_batch_size={global_batch_size} must be divisible by "
             f"process_count={process_count}."
         )
-    return global_batch_size // process_count
+    return int(global_batch_size) // process_count
 
 
 def _sample_on_host(example: dict[str, Any], rng: np.random.Generator, latent_sampling: str):

@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmark scripts: model construction, FLOP counts, timing, output.
+
+Imports only jax / flax / numpy and the core xar_jax modules, so the scripts run on the GPU
+machine's stock image (no ml_collections, clu, grain or tensorflow-datasets there).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from xar_jax import entities as ent
+from xar_jax import model as xar_model
+
+JSON_PATH = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.json")
+
+
+def build(name: str, **overrides: Any) -> xar_model.XAR:
+    """The published model ``name`` (xar_b / xar_l / xar_h) on the 16x16 grid, cell 8."""
+    size = xar_model.PRESETS[name]
+    kwargs = dict(
+        layout=ent.make_layout("cell", 16, cell_size=8),
+        width=size.width,
+        encoder_depth=size.encoder_depth,
+        decoder_depth=size.decoder_depth,
+        encoder_heads=size.num_heads,
+        decoder_heads=size.num_heads,
+        dtype=jnp.bfloat16,
+        scan_layers=True,
+        mlp_multiple=128,
+    )
+    kwargs.update(overrides)
+    return xar_model.XAR(**kwargs)
+
+
+def flop_counts(model: xar_model.XAR) -> dict[str, float]:
+    """Forward FLOPs per image.
+
+    ``issue``: 2 x non-embedding params x tokens + attention (the issue's model-FLOP definition;
+    x3 for training). ``actual``: what the network computes: the adaLN projection runs once per
+    entity, not per token, and the padded MLP width counts.
+    """
+    lay = model.layout
+    n, k, d = lay.num_tokens, lay.num_entities, model.width
+    layers = model.encoder_depth + model.decoder_depth
+    hidden = model.mlp_hidden
+    padded = xar_model.round_up(hidden, model.mlp_multiple)
+    block_no_ada = 4 * d * d + 3 * d * hidden
+    ada = 6 * d * d
+    top = 16 * d + 2 * d * d + d * d + d * 16  # z_proj, time MLP (per entity), decoder_embed, pred.
+    attention = 2 * 2 * n * n * d * layers  # QK^T and PV over the full (masked) sequence.
+    issue = 2 * n * (layers * (block_no_ada + ada) + top) + attention
+    actual = (
+        2 * n * (layers * (4 * d * d + 3 * d * padded) + top) + 2 * k * layers * ada + attention
+    )
+    return {"issue": float(issue), "actual": float(actual)}
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls, each synchronised with the device."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def peak_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def device_name() -> str:
+    dev = jax.devices()[0]
+    return f"{dev.platform}:{getattr(dev, 'device_kind', '?')} x{jax.device_count()}"
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def update_json(section: str, results: dict[str, Any], path: str | None = None) -> str:
+    """Merges ``{section: results}`` into docs/benchmarks.json (device and date refreshed)."""
+    path = path or os.environ.get("XAR_BENCH_JSON", JSON_PATH)
+    data: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data["device"] = device_name()
+    data["date"] = datetime.date.today().isoformat()
+    data["jax"] = jax.__version__
+    data.setdefault(section, {}).update(results)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def random_params(model: xar_model.XAR, seed: int = 0):
+    """Initialised params on the default device (jit init: nothing built on the host)."""
+    lay = model.layout
+    x = jnp.zeros((1, lay.num_tokens, model.in_channels))
+    t = jnp.zeros((1, lay.num_entities))
+    y = jnp.zeros((1,), jnp.int32)
+    init = jax.jit(lambda k: nn.meta.unbox(model.init(k, x, t, y)["params"]))
+    return init(jax.random.key(seed))
+
+
+BF16_PEAK_TFLOPS = {"NVIDIA H200": 795.0, "NVIDIA H100 80GB HBM3": 795.0}
+
+
+def peak_tflops() -> float | None:
+    """Measured bf16 matmul peak of the device (issue 8: about 795 TFLOP/s on the H200)."""
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    return BF16_PEAK_TFLOPS.get(kind)
+
+
+def np_rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)

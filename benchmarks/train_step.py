@@ -1,0 +1,158 @@
+"""Training throughput of xAR-B/L/H: the real train step (forward, backward, clip, AdamW, EMA).
+
+  python benchmarks/train_step.py                    # B@256, L@128, H@64, bf16, dropout on
+  python benchmarks/train_step.py --models xar_b --batch 8 --tiny --steps 2   # CPU smoke test
+
+Uses `xar_jax.train_state.make_train_step` (the trainer's own step, jitted with donated state) on
+synthetic latents. Prints img/s, step time, MFU, peak device memory and compile time, and merges
+the numbers into docs/benchmarks.json under "train".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from xar_jax import model as xar_model  # noqa: E402
+from xar_jax import train_state as ts  # noqa: E402
+
+DEFAULT_BATCH = {"xar_b": 256, "xar_l": 128, "xar_h": 64}
+
+
+def run_one(name, args):
+    batch = args.batch or DEFAULT_BATCH[name]
+    overrides = {
+        "mlp_multiple": args.mlp_multiple,
+        "dtype": jnp.dtype(args.dtype),
+        "attention_impl": args.attention_impl,
+        "attn_dropout": args.attn_dropout,
+        "dropout": args.dropout,
+        "remat": args.remat,
+        "scan_layers": not args.unrolled,
+    }
+    if args.tiny:
+        overrides |= dict(
+            width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4
+        )
+    model = common.build(name, **overrides)
+    boxed = xar_model.abstract_params(model)
+    optimizer = ts.make_optimizer(
+        learning_rate=4e-4,
+        b1=0.9,
+        b2=0.96,
+        weight_decay=0.02,
+        clip_norm=1.0,
+        weight_decay_mask=ts.weight_decay_mask_fn(boxed),
+    )
+    state = ts.create_train_state(model, optimizer, seed=0)
+    step = ts.make_train_step(model, model.layout, optimizer, ema_decay=0.9999, label_drop_prob=0.1)
+    step = jax.jit(step, donate_argnums=0)
+    data = {
+        "latents": jax.random.normal(jax.random.key(1), (batch, 16, 16, 16), jnp.float32),
+        "labels": jax.random.randint(jax.random.key(2), (batch,), 0, 1000),
+    }
+    start = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(2):  # Warm-up.
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(state)
+    holder = {"state": state}
+
+    def chunk():
+        s = holder["state"]
+        for _ in range(args.steps):
+            s, m = compiled(s, data)
+        holder["state"] = s
+        return m["loss"]
+
+    times = [t / args.steps for t in common.timed(chunk, args.repeats)]
+    sec = common.median(times)
+    flops = common.flop_counts(model)
+    peak = common.peak_tflops()
+    issue_tflops = 3 * flops["issue"] * batch / sec / 1e12
+    actual_tflops = 3 * flops["actual"] * batch / sec / 1e12
+    return {
+        "model": name,
+        "batch": batch,
+        "img_per_s": batch / sec,
+        "step_s": sec,
+        "compile_s": compile_s,
+        "peak_gib": common.peak_memory_gib(),
+        "mfu": None if peak is None else issue_tflops / peak,
+        "hw_flops_util": None if peak is None else actual_tflops / peak,
+        "tflops": issue_tflops,
+        "attention_impl": args.attention_impl,
+        "attn_dropout": args.attn_dropout,
+        "dropout": args.dropout,
+        "remat": args.remat,
+        "scan_layers": not args.unrolled,
+        "mlp_multiple": args.mlp_multiple,
+        "prng": args.prng,
+        "steps_run": int(jax.device_get(holder["state"].step)),
+        "times_s": [round(t, 5) for t in times],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="xar_b,xar_l,xar_h")
+    parser.add_argument("--batch", type=int, default=0, help="0 = B 256, L 128, H 64")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed chunk")
+    parser.add_argument("--repeats", type=int, default=3, help="timed chunks (median reported)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--attention_impl", default="xla", choices=["xla", "dot_product", "cudnn"])
+    parser.add_argument("--attn_dropout", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, default=0.1, help="after attention proj and MLP")
+    parser.add_argument("--remat", default="none", choices=list(xar_model.REMAT_POLICIES))
+    parser.add_argument("--mlp_multiple", type=int, default=128)
+    parser.add_argument("--unrolled", action="store_true", help="no layer scan")
+    parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
+    parser.add_argument(
+        "--prng",
+        default="threefry2x32",
+        choices=["threefry2x32", "rbg", "unsafe_rbg"],
+        help="PRNG behind dropout masks (rbg: far cheaper bits on GPU/TPU)",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the JSON key (variants)")
+    parser.add_argument("--no_json", action="store_true")
+    args = parser.parse_args()
+    jax.config.update("jax_default_prng_impl", args.prng)
+    rows = []
+    for name in args.models.split(","):
+        rows.append(run_one(name, args))
+        common.print_table(rows[-1:], ["model", "img_per_s", "step_s", "compile_s", "mfu"])
+    print(f"\ndevice: {common.device_name()}")
+    common.print_table(
+        rows,
+        [
+            "model",
+            "batch",
+            "img_per_s",
+            "step_s",
+            "mfu",
+            "hw_flops_util",
+            "peak_gib",
+            "compile_s",
+            "attention_impl",
+            "attn_dropout",
+            "prng",
+        ],
+    )
+    if not args.no_json and not args.tiny:
+        path = common.update_json("train", {r["model"] + args.tag: r for r in rows})
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Stops the job of MODE (train) on every worker: SIGTERM to the python process, SIGKILL after
+# STOP_TIMEOUT seconds (120), then the tmux session is closed. The slice keeps running (and
+# billing) until launch/delete.sh. Checkpoints already in WORKDIR are untouched.
+#
+#   launch/stop.sh [--dry-run] [--env FILE]
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+xar_init "$@"
+((${#ARGS[@]} == 0)) || die "unexpected argument(s): ${ARGS[*]} (see --help)"
+load_tpu_settings
+MODE="${MODE:-train}"
+check_choice MODE train sample eval cache_latents
+
+stop_job "${MODE}"

@@ -1,0 +1,30 @@
+"""Shared fixtures: golden vectors and the converted tiny reference model (loaded once)."""
+
+import os
+
+import numpy as np
+import pytest
+
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
+
+
+def golden_path(name: str) -> str:
+    return os.path.join(GOLDEN_DIR, name)
+
+
+@pytest.fixture(scope="session")
+def xar_golden():
+    with np.load(golden_path("xar_tiny_golden.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def xar_golden_state_dict(xar_golden):
+    return {k[len("param/") :]: v for k, v in xar_golden.items() if k.startswith("param/")}
+
+
+@pytest.fixture(scope="session")
+def golden_model(xar_golden_state_dict):
+    from xar_jax.convert.xar import xar_from_torch
+
+    return xar_from_torch(xar_golden_state_dict)

@@ -1,0 +1,630 @@
+"""The Cloud TPU launch scripts (launch/), checked without a cloud account.
+
+Every script runs with --dry-run in a sandbox copy of the repository (git checkout with
+placeholder configs); the printed gcloud / gsutil / git commands are parsed back with shlex and
+checked: --worker=all, the config, the workdir a resumed run restarts from, the spot flag.
+Fake `gcloud` and `gsutil` executables sit first on PATH and record any call, so a dry run
+that runs a cloud command fails the test. The worker-side scripts (launch/remote/) run for real
+on this machine against a fake virtualenv whose `python` is a shell script.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = sorted(p.name for p in LAUNCH.glob("*.sh") if p.name != "common.sh")
+CONFIGS = ("demo", "xar_b", "xar_l", "xar_h")
+BASE_ENV = {"PROJECT": "my-proj", "BUCKET": "my-bkt"}
+WORKDIR = "gs://my-bkt/runs/xar_h"
+
+
+def _git(repo: Path, *args: str) -> str:
+    ident = ["-c", "user.email=t@example.com", "-c", "user.name=t"]
+    return subprocess.check_output(["git", "-C", str(repo), *ident, *args], text=True).strip()
+
+
+def _make_sandbox(root: Path) -> Path:
+    """A git repository holding launch/ and placeholder configs (the scripts only copy them)."""
+    repo = root / "repo"
+    shutil.copytree(LAUNCH, repo / "launch", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "configs").mkdir(parents=True)
+    for name in CONFIGS:
+        (repo / "configs" / f"{name}.py").write_text("# placeholder config for the launch tests\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "sandbox")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory) -> Path:
+    return _make_sandbox(tmp_path_factory.mktemp("launch"))
+
+
+@pytest.fixture(scope="module")
+def guard_bin(tmp_path_factory) -> Path:
+    """gcloud/gsutil stand-ins that record the call and fail: dry runs must not reach them."""
+    bin_dir = tmp_path_factory.mktemp("guard_bin")
+    for tool in ("gcloud", "gsutil"):
+        path = bin_dir / tool
+        path.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{bin_dir}/called"\nexit 99\n')
+        path.chmod(0o755)
+    return bin_dir
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+    @property
+    def commands(self) -> list[list[str]]:
+        """The printed commands (step headers, starting with '#', left out), split by shlex."""
+        lines = [ln for ln in self.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+        return [shlex.split(ln) for ln in lines]
+
+    def find(self, *words: str) -> list[list[str]]:
+        """Commands containing every word as an argument, in order of appearance."""
+        return [c for c in self.commands if all(w in c for w in words)]
+
+    def one(self, *words: str) -> list[str]:
+        found = self.find(*words)
+        assert len(found) == 1, f"expected one command with {words}, got {found}\n{self.stdout}"
+        return found[0]
+
+
+def run_script(
+    repo: Path, guard: Path, script: str, *args: str, dry: bool = True, **env: str
+) -> Result:
+    full_env = {"PATH": f"{guard}:{os.environ['PATH']}", "HOME": str(guard), "LC_ALL": "C"}
+    full_env.update(BASE_ENV)
+    full_env.update(env)
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    argv = ["bash", str(repo / "launch" / script), *(["--dry-run"] if dry else []), *args]
+    proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=60)
+    called = guard / "called"
+    if called.exists():  # report once, and leave the guard clean for the next test
+        calls = called.read_text()
+        called.unlink()
+        pytest.fail(f"a dry run executed cloud commands:\n{calls}")
+    return Result(proc)
+
+
+@pytest.fixture
+def launch(sandbox, guard_bin):
+    def _run(script: str, *args: str, **env: str) -> Result:
+        return run_script(sandbox, guard_bin, script, *args, **env)
+
+    return _run
+
+
+def flag(cmd: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}=")]
+    assert len(values) == 1, f"--{name} in {cmd}"
+    return values[0]
+
+
+def remote(cmd: list[str]) -> list[str]:
+    """The words of an ssh command's --command string, as the worker's shell splits them."""
+    return shlex.split(flag(cmd, "command"))
+
+
+# ---- static checks --------------------------------------------------------------------------
+def test_every_script_parses_with_bash_n():
+    for path in [*LAUNCH.glob("*.sh"), *(LAUNCH / "remote").glob("*.sh")]:
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{path}: {proc.stderr}"
+
+
+def test_every_script_is_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI"):
+            pytest.fail("shellcheck is not installed; .ci/run installs it from the Debian packages")
+        pytest.skip("shellcheck is not installed here (CI installs it)")
+    paths = [str(p) for p in [*LAUNCH.glob("*.sh"), *(LAUNCH / "remote").glob("*.sh")]]
+    proc = subprocess.run(["shellcheck", "-x", *paths], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_describes_the_script(sandbox, guard_bin, script):
+    result = run_script(sandbox, guard_bin, script, "--help", dry=False)
+    assert result.returncode == 0
+    assert "--dry-run" in result.stdout and f"launch/{script}" in result.stdout
+
+
+def test_printed_commands_read_back_to_the_same_arguments(sandbox):
+    tricky = ["plain", "two words", "it's", "--command=cd x && ls --jax='jax[tpu]'", ""]
+    tricky += ["$HOME", 'say "hi"!', "a'b\"c$d"]
+    script = ["bash", "-c", 'source "$0"; join_quoted "$@"', str(sandbox / "launch/common.sh")]
+    assert shlex.split(subprocess.check_output([*script, *tricky], text=True)) == tricky
+
+
+# ---- settings and errors --------------------------------------------------------------------
+NEEDS_PROJECT = [(s, ()) for s in SCRIPTS if s != "prepare_data.sh"] + [
+    ("prepare_data.sh", ("cache",))
+]
+
+
+@pytest.mark.parametrize("script,args", NEEDS_PROJECT)
+def test_missing_project_stops_before_any_command(launch, script, args):
+    needed = {"REFERENCE_STATS": "gs://my-bkt/ref.npz", "VAE_CKPT": "gs://my-bkt/src/kl16.ckpt"}
+    result = launch(script, *args, PROJECT=None, **needed)
+    assert result.returncode == 2
+    assert "PROJECT is not set" in result.stderr
+    assert result.commands == []
+
+
+@pytest.mark.parametrize("script", ["install.sh", "start.sh", "resume.sh", "eval.sh"])
+def test_missing_bucket_stops_before_any_command(launch, script):
+    result = launch(script, BUCKET=None, REFERENCE_STATS="gs://x/ref.npz")
+    assert result.returncode == 2
+    assert "BUCKET is not set" in result.stderr
+    assert result.commands == []
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"ACCELERATOR_TYPE": "v9-8"}, "one of v4, v5p, v5litepod, v6e"),
+        ({"SPOT": "yes"}, "SPOT='yes' is not allowed; use 0 or 1"),
+        ({"SPOT": "1", "RESERVED": "1"}, "at most one of SPOT, PREEMPTIBLE, RESERVED"),
+        ({"PREEMPTIBLE": "1"}, "PREEMPTIBLE=1 needs QUEUED_RESOURCE=0"),
+        ({"TPU_NAME": "My_TPU"}, "TPU_NAME='My_TPU' is not a valid name"),
+        ({"WORKDIR": "/tmp/run"}, "WORKDIR='/tmp/run' must be a gs://"),
+        ({"CONFIG": "configs/xar_x.py"}, "configs/xar_h.py"),
+        (
+            {"MODE": "serve"},
+            "MODE='serve' is not allowed; use one of: train sample eval cache_latents",
+        ),
+        ({"DATA_SOURCE": "lmdb"}, "DATA_SOURCE='lmdb' is not allowed"),
+        ({"CONFIG_OVERRIDES": "--lr=1"}, "each entry must look like --config.field=value"),
+        ({"MAIN_FLAGS": "--workdir=/tmp"}, "MAIN_FLAGS holds '--workdir=/tmp'"),
+        ({"BUCKET": "gs://my-bkt"}, "give the bare name"),
+    ],
+)
+def test_bad_settings_are_rejected_with_the_variable_and_allowed_values(launch, env, message):
+    result = launch("start.sh", **env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.commands == []
+
+
+def test_unexpected_arguments_are_rejected(launch):
+    assert "--config.field=value" in launch("start.sh", "--lr=3").stderr
+    assert launch("create.sh", "extra").returncode == 2
+    assert "exactly one action" in launch("prepare_data.sh").stderr
+
+
+# ---- create / install / start / stop / logs / delete ----------------------------------------
+def test_create_requests_a_spot_queued_resource_and_waits(launch):
+    result = launch("create.sh", SPOT="1")
+    assert result.returncode == 0, result.stderr
+    create = result.one("queued-resources", "create")
+    assert create[create.index("create") + 1] == "xar-v5p-64-qr"
+    assert "--spot" in create
+    assert flag(create, "node-id") == "xar-v5p-64"
+    assert flag(create, "accelerator-type") == "v5p-64"
+    assert flag(create, "runtime-version") == "v2-alpha-tpuv5"
+    assert flag(create, "zone") == "us-east5-a"
+    assert flag(create, "project") == "my-proj"
+    assert result.find("queued-resources", "describe") and result.find("tpu-vm", "describe")
+
+
+@pytest.mark.parametrize(
+    "accelerator,runtime,zone",
+    [
+        ("v4-128", "tpu-ubuntu2204-base", "us-central2-b"),
+        ("v5p-256", "v2-alpha-tpuv5", "us-east5-a"),
+        ("v6e-32", "v2-alpha-tpuv6e", "us-east5-b"),
+    ],
+)
+def test_create_tpu_vm_uses_the_runtime_and_zone_of_its_family(launch, accelerator, runtime, zone):
+    result = launch("create.sh", QUEUED_RESOURCE="0", ACCELERATOR_TYPE=accelerator, WAIT="0")
+    create = result.one("tpu-vm", "create")
+    assert flag(create, "version") == runtime and flag(create, "zone") == zone
+    assert flag(create, "accelerator-type") == accelerator
+    assert not {"--spot", "--preemptible", "--reserved"} & set(create)
+    assert not result.find("describe")  # WAIT=0
+
+
+def test_create_passes_capacity_and_extra_flags(launch):
+    extra = "--network=train-net --internal-ips"
+    result = launch("create.sh", QUEUED_RESOURCE="0", PREEMPTIBLE="1", CREATE_FLAGS=extra)
+    create = result.one("tpu-vm", "create")
+    assert "--preemptible" in create and "--internal-ips" in create
+    assert flag(create, "network") == "train-net"
+
+
+def test_install_ships_the_committed_tree_to_every_worker(sandbox, launch):
+    result = launch("install.sh")
+    assert result.returncode == 0, result.stderr
+    head = _git(sandbox, "rev-parse", "HEAD")
+    archive = result.one("git", "archive")
+    assert archive[-1] == head
+    tarball = archive[archive.index("-o") + 1]
+    scp = result.one("scp")
+    assert tarball in scp and "xar-v5p-64:xar-jax.tar.gz" in scp
+    assert flag(scp, "worker") == "all"
+    ssh = result.one("ssh")
+    assert flag(ssh, "worker") == "all"
+    words = remote(ssh)
+    installer = words[words.index("xar-jax.new/launch/remote/install_worker.sh") + 1 :]
+    expected = f"--commit={head[:12]} --python=3.12 --jax=jax[tpu] --weights=gs://my-bkt/weights"
+    assert installer == expected.split()
+
+
+def test_install_refuses_uncommitted_changes_unless_allowed(tmp_path, guard_bin):
+    repo = _make_sandbox(tmp_path)
+    (repo / "configs" / "xar_h.py").write_text("# edited, not committed\n")
+    refused = run_script(repo, guard_bin, "install.sh")
+    assert refused.returncode == 2 and "uncommitted changes" in refused.stderr
+    allowed = run_script(repo, guard_bin, "install.sh", ALLOW_DIRTY="1")
+    assert allowed.returncode == 0, allowed.stderr
+    shipped = allowed.one("git", "archive")[-1]
+    assert shipped != _git(repo, "rev-parse", "HEAD")  # a commit of the working tree
+    assert _git(repo, "show", f"{shipped}:configs/xar_h.py") == "# edited, not committed"
+
+
+def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):
+    result = launch("start.sh", SPOT="1")
+    assert result.returncode == 0, result.stderr
+    scp = result.one("scp")
+    assert flag(scp, "worker") == "all" and "xar-v5p-64:xar-jax/configs/xar_h.py" in scp
+    copy = result.one("gsutil", "cp")
+    assert copy[-1].startswith(f"{WORKDIR}/launch/") and copy[-1].endswith("-xar_h.py")
+    start = [c for c in result.find("ssh") if "start" in remote(c)]
+    assert len(start) == 1 and flag(start[0], "worker") == "all"
+    expected = (
+        f"bash xar-jax/launch/remote/worker.sh start train {WORKDIR}/logs"
+        f" --config=configs/xar_h.py --workdir={WORKDIR} --mode=train"
+        " --config.data.source=latents --config.data.cache_dir=gs://my-bkt/latents"
+    )
+    assert remote(start[0]) == expected.split()
+
+
+def test_start_appends_overrides_from_environment_then_command_line(launch):
+    env = {"DATA_SOURCE": "imagenet", "MODE": "sample", "CONFIG": "configs/xar_b.py"}
+    env["CONFIG_OVERRIDES"] = "--config.batch_size=1024 --config.seed=1"
+    env["MAIN_FLAGS"] = "--distributed=on"
+    result = launch("start.sh", "--config.optimizer.lr=1e-4", "--config.seed=3", **env)
+    words = _start_command(result)
+    assert words[7:9] == ["--mode=sample", "--distributed=on"] and words[3] == "sample"
+    assert "--config=configs/xar_b.py" in words and "--workdir=gs://my-bkt/runs/xar_b" in words
+    expected = (
+        "--config.data.source=imagenet --config.data.data_dir=gs://my-bkt/tfds"
+        " --config.batch_size=1024 --config.seed=1 --config.optimizer.lr=1e-4 --config.seed=3"
+    )
+    assert words[-6:] == expected.split()
+
+
+def test_a_config_outside_the_repository_is_copied_under_configs_launched(launch, tmp_path):
+    own = tmp_path / "my_cfg.py"
+    own.write_text("# mine\n")
+    result = launch("start.sh", CONFIG=f"{own}:h")
+    assert result.returncode == 0, result.stderr
+    assert "xar-v5p-64:xar-jax/configs/launched/my_cfg.py" in result.one("scp")
+    words = remote(result.find("ssh")[-1])
+    assert "--config=configs/launched/my_cfg.py:h" in words
+    assert "--workdir=gs://my-bkt/runs/my_cfg_h" in words
+
+
+def test_stop_signals_the_job_on_every_worker(launch):
+    ssh = launch("stop.sh", STOP_TIMEOUT="300").one("ssh")
+    assert flag(ssh, "worker") == "all"
+    assert remote(ssh) == ["bash", "xar-jax/launch/remote/worker.sh", "stop", "train", "300"]
+
+
+def test_logs_follow_worker_0_and_upload_from_every_worker(launch):
+    tail = launch("logs.sh").one("ssh")
+    assert flag(tail, "worker") == "0" and remote(tail)[2:] == ["log", "train", "100", "1"]
+    several = launch("logs.sh", WORKER="0-3", MODE="eval").one("ssh")
+    assert flag(several, "worker") == "0-3" and remote(several)[2:] == ["log", "eval", "100", "0"]
+    upload = launch("logs.sh", "--upload").one("ssh")
+    assert flag(upload, "worker") == "all"
+    assert remote(upload)[2:] == ["upload-log", "train", f"{WORKDIR}/logs"]
+    assert "WORKER='w1'" in launch("logs.sh", WORKER="w1").stderr
+
+
+def test_delete_asks_for_confirmation_unless_yes(launch):
+    asked = launch("delete.sh").one("queued-resources", "delete")
+    assert "--force" in asked and "--quiet" not in asked
+    assert "--quiet" in launch("delete.sh", YES="1").one("queued-resources", "delete")
+    vm = launch("delete.sh", QUEUED_RESOURCE="0").one("tpu-vm", "delete")
+    assert vm[vm.index("delete") + 1] == "xar-v5p-64"
+
+
+# ---- resume ---------------------------------------------------------------------------------
+def _start_command(result: Result) -> list[str]:
+    starts = [remote(c) for c in result.find("ssh") if remote(c)[2:3] == ["start"]]
+    assert len(starts) == 1, result.stdout
+    return starts[0]
+
+
+def test_resume_after_spot_preemption_recreates_the_slice_and_restarts_from_the_workdir(launch):
+    fresh = _start_command(launch("start.sh", SPOT="1"))
+    result = launch("resume.sh", SPOT="1", ALLOW_DIRTY="1", DRY_RUN_QR_STATE="SUSPENDED")
+    assert result.returncode == 0, result.stderr
+    kinds = [(c[3], c[4]) for c in result.commands if c[:3] == ["gcloud", "compute", "tpus"]]
+    assert kinds.index(("queued-resources", "delete")) < kinds.index(("queued-resources", "create"))
+    assert "--quiet" in result.one("queued-resources", "delete")
+    assert "--spot" in result.one("queued-resources", "create")
+    assert result.find("git", "archive") and result.find("scp")
+    resumed = _start_command(result)
+    assert resumed == fresh  # same config, same WORKDIR: the trainer restores its checkpoint
+    assert f"--workdir={WORKDIR}" in resumed and "--config=configs/xar_h.py" in resumed
+
+
+def test_resume_of_a_preempted_tpu_vm_deletes_and_recreates_it(launch):
+    result = launch(
+        "resume.sh", QUEUED_RESOURCE="0", SPOT="1", ALLOW_DIRTY="1", DRY_RUN_TPU_STATE="PREEMPTED"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--quiet" in result.one("tpu-vm", "delete")
+    assert "--spot" in result.one("tpu-vm", "create")
+    assert f"--workdir={WORKDIR}" in _start_command(result)
+
+
+def test_resume_leaves_a_running_job_alone(launch):
+    result = launch("resume.sh", DRY_RUN_JOB="running,running")
+    assert result.returncode == 0, result.stderr
+    assert not result.find("create") and not result.find("delete") and not result.find("scp")
+    assert [remote(c)[2] for c in result.find("ssh")] == ["status"]
+    assert "runs on every worker" in result.stderr
+
+
+def test_resume_does_not_restart_a_finished_job(launch):
+    result = launch("resume.sh", DRY_RUN_JOB="finished,finished")
+    assert [remote(c)[2] for c in result.find("ssh")] == ["status"]
+    assert "finished" in result.stderr
+
+
+@pytest.mark.parametrize("job", ["absent", "running,absent", "failed:1", "finished,failed:137"])
+def test_resume_restarts_a_job_missing_on_any_worker_of_a_healthy_slice(launch, job):
+    result = launch("resume.sh", DRY_RUN_JOB=job)
+    assert result.returncode == 0, result.stderr
+    actions = [remote(c)[2] for c in result.find("ssh") if "worker.sh" in flag(c, "command")]
+    assert actions == ["status", "stop", "start"]
+    assert not result.find("create") and not result.find("git", "archive")
+
+
+def test_resume_waits_for_a_queued_slice_then_installs_and_starts(launch):
+    result = launch("resume.sh", ALLOW_DIRTY="1", DRY_RUN_QR_STATE="WAITING_FOR_RESOURCES")
+    assert not result.find("create") and not result.find("delete")
+    assert result.find("git", "archive") and _start_command(result)
+
+
+def test_resume_refuses_states_it_does_not_know(launch):
+    result = launch("resume.sh", DRY_RUN_TPU_STATE="HIBERNATING")
+    assert result.returncode == 2 and "HIBERNATING" in result.stderr
+
+
+# ---- data, weights, evaluation --------------------------------------------------------------
+def test_prepare_data_build_runs_tfds_on_a_cpu_vm_detached(launch):
+    result = launch("prepare_data.sh", "build")
+    assert result.returncode == 0, result.stderr
+    vm = result.one("instances", "create")
+    assert vm[vm.index("create") + 1] == "xar-prep" and flag(vm, "scopes") == "cloud-platform"
+    assert flag(vm, "zone") == "us-east5-a"
+    assert result.one("compute", "scp")[-3] == "xar-prep:build_imagenet.sh"
+    tmux = remote(result.one("compute", "ssh"))
+    assert tmux[:5] == ["tmux", "new-session", "-d", "-s", "xar-build-imagenet"]
+    expected = (
+        "bash build_imagenet.sh --tars=gs://my-bkt/imagenet_manual --data-dir=gs://my-bkt/tfds"
+    )
+    assert shlex.split(tmux[5])[:4] == expected.split()
+    assert "--quiet" in launch("prepare_data.sh", "cleanup", YES="1").one("instances", "delete")
+    assert launch("prepare_data.sh", "status").find("gsutil", "stat")
+
+
+def test_prepare_data_cache_encodes_imagenet_into_the_latent_dir_on_every_worker(launch):
+    words = _start_command(launch("prepare_data.sh", "cache", LATENT_DIR="gs://my-bkt/lat256"))
+    assert words[3] == "cache_latents" and "--mode=cache_latents" in words
+    expected = "--config.data.source=imagenet --config.data.data_dir=gs://my-bkt/tfds"
+    assert set(f"{expected} --config.data.cache_dir=gs://my-bkt/lat256".split()) <= set(words)
+
+
+def test_convert_weights_runs_on_worker_0_for_each_given_file(launch):
+    sources = {"VAE_CKPT": "gs://my-bkt/src/kl16.ckpt", "INCEPTION_PTH": "gs://my-bkt/src/i.pth"}
+    result = launch("convert_weights.sh", **sources)
+    ssh = result.find("ssh")
+    assert [flag(c, "worker") for c in ssh] == ["0", "0"]
+    assert [remote(c)[2:] for c in ssh] == [
+        ["convert", "vae", "gs://my-bkt/src/kl16.ckpt", "gs://my-bkt/weights"],
+        ["convert", "inception", "gs://my-bkt/src/i.pth", "gs://my-bkt/weights"],
+    ]
+    assert "nothing to convert" in launch("convert_weights.sh").stderr
+
+
+def test_eval_needs_reference_stats_and_runs_on_every_worker(launch):
+    assert "REFERENCE_STATS is not set" in launch("eval.sh").stderr
+    words = _start_command(launch("eval.sh", REFERENCE_STATS="gs://my-bkt/fid/ref.npz"))
+    assert words[3] == "eval" and "--mode=eval" in words and f"--workdir={WORKDIR}" in words
+    assert words[-1] == "--config.eval.reference_stats=gs://my-bkt/fid/ref.npz"
+
+
+@pytest.mark.parametrize(
+    "env_file", sorted((LAUNCH / "examples").glob("*.env")), ids=lambda p: p.name
+)
+def test_example_env_files_drive_the_scripts(launch, env_file):
+    values = dict(
+        ln.split("#")[0].strip().split("=", 1)
+        for ln in env_file.read_text().splitlines()
+        if "=" in ln.split("#")[0]
+    )
+    result = launch("start.sh", "--env", str(env_file), PROJECT=None, BUCKET=None)
+    assert result.returncode == 0, result.stderr
+    ssh = result.find("ssh")[-1]
+    assert f"--project={values['PROJECT']}" in ssh
+    assert f"--config={values['CONFIG']}" in remote(ssh)
+
+
+# ---- the worker side ------------------------------------------------------------------------
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "fake python: $*"
+for a in "$@"; do [[ $a == --exit-now ]] && exit 0; done
+if [[ " $* " == *" --ignore-term "* ]]; then
+  trap '' TERM
+else
+  trap 'echo "got TERM"; exit 143' TERM
+fi
+while :; do sleep 0.1; done
+"""
+
+
+@pytest.fixture
+def worker_home(tmp_path, sandbox):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed here (the TPU workers get it from install_worker.sh)")
+    home = tmp_path / "home"
+    venv_bin = home / "xar_venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "activate").write_text('PATH="$HOME/xar_venv/bin:$PATH"\n')
+    (venv_bin / "python").write_text(FAKE_PYTHON)
+    (venv_bin / "python").chmod(0o755)
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "TMUX_TMPDIR": str(tmp_path)}
+    script = str(sandbox / "launch/remote/worker.sh")
+
+    def worker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        run = dict(env=env, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["bash", script, *args], **run)
+        assert not check or proc.returncode == 0, proc.stderr
+        return proc
+
+    yield home, worker
+    subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_worker_runs_one_detached_job_logs_it_and_stops_it_by_pid(worker_home):
+    home, worker = worker_home
+    worker("start", "train", "", "--config=configs/xar_h.py", "--mode=train")
+    log = home / "xar_logs" / f"train_{os.uname().nodename}.log"
+    _wait_for(lambda: log.exists() and "fake python" in log.read_text())
+    assert "fake python: -m xar_jax.main --config=configs/xar_h.py --mode=train" in log.read_text()
+    assert worker("status", "train").stdout.split()[-1] == "running"
+    second = worker("start", "eval", "", "--mode=eval", check=False)
+    assert second.returncode == 1 and "already running" in second.stderr
+    assert "stopped" in worker("stop", "train", "10").stdout
+    _wait_for(lambda: (home / "xar_logs" / "train.exit").exists())
+    assert worker("status", "train").stdout.split()[-1] == "failed:143"
+    assert "got TERM" in log.read_text() and "exit status 143" in log.read_text()
+    assert not (home / "xar_logs" / "train.pid").exists()
+
+
+def test_worker_kills_a_job_that_ignores_sigterm_after_the_timeout(worker_home):
+    home, worker = worker_home
+    worker("start", "train", "", "--ignore-term")
+    _wait_for(lambda: (home / "xar_logs" / "train.pid").exists())
+    assert "did not exit within 1s: killed" in worker("stop", "train", "1").stdout
+    _wait_for(lambda: worker("status", "train").stdout.split()[-1] != "running")
+    assert worker("status", "train").stdout.split()[-1] == "failed:137"
+
+
+def test_worker_reports_a_finished_job_and_shows_its_log(worker_home):
+    home, worker = worker_home
+    worker("start", "train", "", "--exit-now")
+    _wait_for(lambda: worker("status", "train").stdout.split()[-1] == "finished")
+    assert "exit status 0" in worker("log", "train", "5", "0").stdout
+    assert "no running xar-train job" in worker("stop", "train", "1").stdout
+
+
+def _fake_tool(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def installer(tmp_path, sandbox):
+    """A worker home with an installed old tree and a freshly unpacked new one; uv, tmux and
+    gsutil are stand-ins that log their arguments (the real ones need the network or a TPU)."""
+    home, fake_bin = tmp_path / "home", tmp_path / "bin"
+    (home / "xar-jax").mkdir(parents=True)
+    (home / "xar-jax" / "old-file").write_text("from the previous install\n")
+    shutil.copytree(sandbox, home / "xar-jax.new", ignore=shutil.ignore_patterns(".git"))
+    fake_bin.mkdir()
+    log = tmp_path / "calls"
+    tools = {  # venv-python: what `uv venv` puts in the virtualenv (answers the version query)
+        "venv-python": 'for a in "$@"; do [[ $a == *version_info* ]] && { echo 3.12; exit 0; }; '
+        f'done; echo "python $*" >> "{log}"',
+        "uv": f'echo "uv $*" >> "{log}"; [[ $1 != venv ]] || {{ mkdir -p "${{@: -1}}/bin" && '
+        'cp "$(dirname "$0")/venv-python" "${@: -1}/bin/python"; }',
+        "tmux": 'printf "%s" "${FAKE_TMUX_SESSIONS:-}"',
+        "gsutil": f'echo "gsutil $*" >> "{log}"; exit 1',
+    }
+    for name, body in tools.items():
+        _fake_tool(fake_bin, name, body + "\n")
+    env = {"HOME": str(home), "PATH": f"{fake_bin}:{os.environ['PATH']}", "LC_ALL": "C"}
+
+    def install(**extra: str) -> subprocess.CompletedProcess:
+        script = home / "xar-jax.new/launch/remote/install_worker.sh"
+        flags = "--commit=0123abcd --python=3.12 --jax=jax[tpu] --weights=gs://b/w".split()
+        run = dict(env={**env, **extra}, capture_output=True, text=True, timeout=30)
+        return subprocess.run(["bash", str(script), *flags], **run)
+
+    return home, log, install
+
+
+def test_worker_install_swaps_in_the_new_tree_and_installs_it_with_jax(installer):
+    home, log, install = installer
+    proc = install()
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "xar-jax" / "launch" / "remote" / "worker.sh").exists()
+    assert not (home / "xar-jax" / "old-file").exists()
+    assert not (home / "xar-jax.new").exists() and not (home / "xar-jax.old").exists()
+    assert (home / "xar-jax" / ".xar_commit").read_text().strip() == "0123abcd"
+    calls = log.read_text().splitlines()
+    assert f"uv venv --quiet --python 3.12 {home}/xar_venv" in calls
+    assert (
+        f"uv pip install --quiet --python {home}/xar_venv/bin/python -e {home}/xar-jax jax[tpu]"
+    ) in calls
+    assert "gsutil -q ls gs://b/w" in calls and "no weights at gs://b/w" in proc.stdout
+
+
+def test_worker_install_refuses_while_a_job_runs_and_keeps_the_old_tree(installer):
+    home, log, install = installer
+    proc = install(FAKE_TMUX_SESSIONS="xar-train\n")
+    assert proc.returncode == 1 and "xar-train" in proc.stderr and "stop" in proc.stderr
+    assert (home / "xar-jax" / "old-file").exists()
+    assert not log.exists()  # nothing installed
+
+
+# ---- the runbook ----------------------------------------------------------------------------
+def _projections():
+    spec = importlib.util.spec_from_file_location("projections", LAUNCH / "projections.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("projections", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_projection_formulas_reproduce_the_published_parameter_counts():
+    _projections().check_param_counts()
+
+
+def test_runbook_tables_are_the_projection_script_output():
+    p = _projections()
+    doc = (REPO / "docs" / "tpu.md").read_text()
+    tables = (p.model_table, p.training_table, p.memory_table, p.caching_table, p.eval_table)
+    for table in (make() for make in tables):
+        for line in table.splitlines():
+            assert line in doc, f"docs/tpu.md lacks (run python launch/projections.py): {line}"
