@@ -23,10 +23,10 @@ SCRIPT = textwrap.dedent(
     from flax import linen as nn
     from xar_jax import sharding as sh, train_state as ts
     from xar_jax.entities import make_layout
-    from xar_jax.model import NULL_CLASS, XAR, abstract_params
+    from xar_jax.model import XAR, abstract_params
 
     layout = make_layout("cell", 8, cell_size=4)
-    model = XAR(layout, 32, 1, 1, 2, 2, in_channels=1, num_classes=NULL_CLASS, dropout=0.1,
+    model = XAR(layout, 32, 1, 1, 2, 2, in_channels=1, num_classes=10, dropout=0.1,
                 attn_dropout=0.1, scan_layers=True)
     tx = ts.make_optimizer(learning_rate=1e-2, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
                            weight_decay_mask=ts.weight_decay_mask_fn(abstract_params(model)))
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(
     from xar_jax.train_config import load_config_file
     h_cfg = load_config_file("configs/xar_h.py")
     h_model = build_model(h_cfg.model, _layout("cell", 16, cell_size=8), in_channels=16,
-                          num_classes=NULL_CLASS)
+                          num_classes=1000)
     h_tx = ts.make_optimizer(learning_rate=1e-4, b1=0.9, b2=0.96, weight_decay=0.02,
                              clip_norm=1.0,
                              weight_decay_mask=ts.weight_decay_mask_fn(abstract_params(h_model)))

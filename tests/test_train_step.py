@@ -7,7 +7,7 @@ import pytest
 
 from xar_jax import train_state as ts
 from xar_jax.entities import make_layout
-from xar_jax.model import NULL_CLASS, XAR, abstract_params
+from xar_jax.model import XAR, abstract_params
 
 LAYOUT = make_layout("cell", 8, cell_size=4)
 LR = 1e-2
@@ -16,7 +16,7 @@ EMA = 0.5
 
 @pytest.fixture(scope="module")
 def setup():
-    model = XAR(LAYOUT, 32, 1, 1, 2, 2, in_channels=1, num_classes=NULL_CLASS, dropout=0.0,
+    model = XAR(LAYOUT, 32, 1, 1, 2, 2, in_channels=1, num_classes=10, dropout=0.0,
                 attn_dropout=0.0, scan_layers=True)
     mask = ts.weight_decay_mask_fn(abstract_params(model))
     tx = ts.make_optimizer(learning_rate=LR, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
