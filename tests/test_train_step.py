@@ -118,3 +118,25 @@ def test_moments_batches_are_sampled_on_device():
     np.testing.assert_allclose(z, 0.5 * 0.2325, rtol=1e-5)  # logvar clipped: std ~ 3e-7.
     with pytest.raises(KeyError, match="'latents' or 'moments'"):
         ts.batch_latents({"images": moments}, jax.random.key(0), 1.0)
+
+
+def test_train_step_module_imports_without_trainer_only_packages():
+    # The GPU benchmark machine has jax/flax/optax but no ml_collections, clu, grain or tfds.
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ml_collections', 'clu', 'grain',\n"
+        "                                  'tensorflow_datasets', 'tensorboardX'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import xar_jax.train_state, xar_jax.sharding\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
