@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 from xar_jax import sharding
 from xar_jax.entities import layout_from_config
-from xar_jax.model import NULL_CLASS, PRESETS, abstract_params, build_model, count_params
+from xar_jax.model import PRESETS, abstract_params, build_model, count_params
 from xar_jax.train_config import load_config_file, validate_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -43,7 +43,7 @@ def test_paper_configs_build_with_published_param_counts(name):
     assert (config.entity.kind, config.entity.cell_size, config.latent.grid_size) == ("cell", 8, 16)
     layout = layout_from_config(config.entity, config.latent.grid_size)
     model = build_model(config.model, layout, in_channels=config.latent.channels,
-                        num_classes=NULL_CLASS)
+                        num_classes=1000)
     params = abstract_params(model)  # jax.eval_shape: nothing allocated.
     millions = count_params(params, model=model) / 1e6
     assert round(millions, 2) == PRESETS[name].params_millions

@@ -1,5 +1,5 @@
 """Checkpoints: SIGKILL + restart equals an uninterrupted run; damaged newest checkpoint is
-skipped; sample mode writes a grid and an .npz. All with configs/tiny.py (seconds per run)."""
+skipped; sample mode writes a grid and an .npz; eval scores it. All with configs/tiny.py."""
 
 import logging
 import os
@@ -95,7 +95,7 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, uninterrupted)
 def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupted, caplog):
     import shutil
 
-    from xar_jax.train import Run, sample_to_workdir
+    from xar_jax.train import Run, evaluate, sample_to_workdir
 
     workdir = tmp_path / "damaged"
     shutil.copytree(uninterrupted, workdir)
@@ -122,6 +122,10 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupt
         assert data["images"].shape == (config.sample.num_images, 8, 8, 1)
         np.testing.assert_array_equal(data["labels"][:12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
         assert np.all(np.isfinite(data["images"]))
+    scores = evaluate(config, str(workdir))  # --mode=eval: digits score of samples.npz.
+    assert set(scores) == {"class_accuracy", "frechet_distance"}
+    assert 0.0 <= scores["class_accuracy"] <= 1.0
+    assert (workdir / "eval.json").exists()
 
 
 def test_bad_config_value_fails_before_compilation(tmp_path):
@@ -130,3 +134,27 @@ def test_bad_config_value_fails_before_compilation(tmp_path):
     assert proc.returncode != 0
     assert "config.train.nan_policy='ignore' is not allowed; allowed: stop | skip" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _event_tags(workdir):
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in workdir.glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecord framing: length, crc, payload, crc.
+            (n,) = struct.unpack("<Q", data[i: i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12: i + 12 + n])
+            tags.update(v.tag for v in event.summary.value)
+            i += 12 + n + 4
+    return tags
+
+
+def test_tensorboard_events_hold_training_metrics(uninterrupted):
+    tags = _event_tags(uninterrupted)
+    expected = {"loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec_per_device",
+                "loss_entity_0"}
+    assert expected <= tags, tags

@@ -1,4 +1,5 @@
-"""On 8 simulated CPU devices, the sharded step (mesh data=4, fsdp=2) equals the 1-device step.
+"""On 8 simulated CPU devices, the sharded step (mesh data=4, fsdp=2) equals the 1-device step,
+and the paper's xAR-H train state shards over fsdp (shapes only).
 
 JAX fixes its CPU device count at the first operation, so the comparison runs in a subprocess
 (the rest of the suite keeps 1 device).
@@ -22,10 +23,10 @@ SCRIPT = textwrap.dedent(
     from flax import linen as nn
     from xar_jax import sharding as sh, train_state as ts
     from xar_jax.entities import make_layout
-    from xar_jax.model import NULL_CLASS, XAR, abstract_params
+    from xar_jax.model import XAR, abstract_params
 
     layout = make_layout("cell", 8, cell_size=4)
-    model = XAR(layout, 32, 1, 1, 2, 2, in_channels=1, num_classes=NULL_CLASS, dropout=0.1,
+    model = XAR(layout, 32, 1, 1, 2, 2, in_channels=1, num_classes=10, dropout=0.1,
                 attn_dropout=0.1, scan_layers=True)
     tx = ts.make_optimizer(learning_rate=1e-2, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
                            weight_decay_mask=ts.weight_decay_mask_fn(abstract_params(model)))
@@ -53,7 +54,25 @@ SCRIPT = textwrap.dedent(
     kernel = state.params["encoder_blocks"]["blocks"]["attn"]["qkv"]["kernel"]
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                          jax.device_get(single_state.params), jax.device_get(state.params))
+    # xAR-H's whole train state (params, EMA, AdamW moments: ~4.8e9 numbers), shapes only, on
+    # an 8-way fsdp mesh: what each device would hold.
+    from xar_jax.entities import make_layout as _layout
+    from xar_jax.model import build_model
+    from xar_jax.train_config import load_config_file
+    h_cfg = load_config_file("configs/xar_h.py")
+    h_model = build_model(h_cfg.model, _layout("cell", 16, cell_size=8), in_channels=16,
+                          num_classes=1000)
+    h_tx = ts.make_optimizer(learning_rate=1e-4, b1=0.9, b2=0.96, weight_decay=0.02,
+                             clip_norm=1.0,
+                             weight_decay_mask=ts.weight_decay_mask_fn(abstract_params(h_model)))
+    h_specs = ts.state_partition_specs(h_model, h_tx, rng_data)
+    h_abstract = ts.abstract_train_state(h_model, h_tx, rng_data,
+                                         sh.logical_shardings(h_specs, sh.make_mesh(1, 8, 1)))
+    h_total = sum(np.prod(a.shape) for a in jax.tree.leaves(h_abstract))
+    h_device = sum(np.prod(a.sharding.shard_shape(a.shape)) for a in jax.tree.leaves(h_abstract))
     print("RESULT", json.dumps({
+        "h_state_total": float(h_total),
+        "h_state_per_device": float(h_device),
         "devices": jax.device_count(),
         "loss": [float(single_m["loss"]), float(m["loss"])],
         "max_param_diff": max(jax.tree.leaves(diffs)),
@@ -76,8 +95,13 @@ def test_sharded_step_matches_single_device_step():
     assert r["devices"] == 8
     single_loss, sharded_loss = r["loss"]
     assert abs(single_loss - sharded_loss) <= 1e-5 * abs(single_loss)
-    assert r["max_param_diff"] < 1e-5
+    # Two AdamW steps at lr 1e-2 move params by up to ~2e-2. Adam's first steps act like
+    # lr * sign(g), which magnifies summation-order noise where |g| is tiny: allow 1% of lr.
+    assert r["max_param_diff"] < 1e-4
     # Params and optimizer moments are really sharded along the width over fsdp (never whole).
     assert "fsdp" in r["kernel_spec"], r["kernel_spec"]
     assert r["kernel_shard_shape"] == [1, 16, 96]
     assert "fsdp" in r["mu_spec"], r["mu_spec"]
+    # The paper's xAR-H state is split ~8 ways (only tiny vectors stay replicated).
+    assert r["h_state_total"] > 4.7e9
+    assert r["h_state_per_device"] < 1.01 * r["h_state_total"] / 8

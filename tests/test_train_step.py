@@ -7,7 +7,7 @@ import pytest
 
 from xar_jax import train_state as ts
 from xar_jax.entities import make_layout
-from xar_jax.model import NULL_CLASS, XAR, abstract_params
+from xar_jax.model import XAR, abstract_params
 
 LAYOUT = make_layout("cell", 8, cell_size=4)
 LR = 1e-2
@@ -16,7 +16,7 @@ EMA = 0.5
 
 @pytest.fixture(scope="module")
 def setup():
-    model = XAR(LAYOUT, 32, 1, 1, 2, 2, in_channels=1, num_classes=NULL_CLASS, dropout=0.0,
+    model = XAR(LAYOUT, 32, 1, 1, 2, 2, in_channels=1, num_classes=10, dropout=0.0,
                 attn_dropout=0.0, scan_layers=True)
     mask = ts.weight_decay_mask_fn(abstract_params(model))
     tx = ts.make_optimizer(learning_rate=LR, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
@@ -118,3 +118,25 @@ def test_moments_batches_are_sampled_on_device():
     np.testing.assert_allclose(z, 0.5 * 0.2325, rtol=1e-5)  # logvar clipped: std ~ 3e-7.
     with pytest.raises(KeyError, match="'latents' or 'moments'"):
         ts.batch_latents({"images": moments}, jax.random.key(0), 1.0)
+
+
+def test_train_step_module_imports_without_trainer_only_packages():
+    # The GPU benchmark machine has jax/flax/optax but no ml_collections, clu, grain or tfds.
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ml_collections', 'clu', 'grain',\n"
+        "                                  'tensorflow_datasets', 'tensorboardX'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import xar_jax.train_state, xar_jax.sharding\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

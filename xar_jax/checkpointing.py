@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger("xar_jax.train")
 
@@ -38,7 +38,8 @@ class Checkpointer:
         keep_period: int = 0,
         async_save: bool = True,
     ):
-        self.directory = os.path.abspath(directory)
+        # epath: local paths and gs:// buckets alike.
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self.every_steps = every_steps
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -112,12 +113,12 @@ class Checkpointer:
     def _move_aside(self, step: int) -> None:
         """Moves a damaged step directory out of the manager's way (process 0), keeping it."""
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
-            os.makedirs(aside, exist_ok=True)
-            dst = os.path.join(aside, f"{step}_{int(time.time())}")
-            if os.path.exists(src):
-                shutil.move(src, dst)
+            src = self.directory / str(step)
+            aside = self.directory.parent / "checkpoints_unreadable"
+            aside.mkdir(parents=True, exist_ok=True)
+            dst = aside / f"{step}_{int(time.time())}"
+            if src.exists():
+                src.rename(dst)
                 log.warning("Moved unreadable checkpoint %s to %s.", src, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

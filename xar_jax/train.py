@@ -7,6 +7,7 @@ checkpoint restore (or sharded init), jitted step, loop (metrics, checkpoints, s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import linen as nn
 
 from xar_jax import metrics as metrics_lib
@@ -25,7 +27,7 @@ from xar_jax import train_state as ts
 from xar_jax.checkpointing import Checkpointer
 from xar_jax.data import pipeline
 from xar_jax.entities import EntityLayout, layout_from_config
-from xar_jax.model import NULL_CLASS, XAR, abstract_params, build_model, count_params
+from xar_jax.model import XAR, abstract_params, build_model, count_params
 from xar_jax.train_config import validate_config
 
 log = logging.getLogger("xar_jax.train")
@@ -84,9 +86,12 @@ class Run:
         m = config.mesh
         self.mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor)
         self.layout: EntityLayout = layout_from_config(config.entity, config.latent.grid_size)
-        # The class embedding always has 1001 rows: the null class is row 1000 (NULL_CLASS).
+        # The class embedding has num_classes + 1 rows; the last is the null class.
         self.model: XAR = build_model(
-            config.model, self.layout, in_channels=config.latent.channels, num_classes=NULL_CLASS
+            config.model,
+            self.layout,
+            in_channels=config.latent.channels,
+            num_classes=config.latent.num_classes,
         )
         t, o = config.train, config.optim
         self.steps_per_epoch = max(dataset_size(config) // t.global_batch_size, 1)
@@ -267,7 +272,7 @@ def generate(run: Run, params: Any, labels: np.ndarray, *, seed: int) -> np.ndar
             chunk,
             num_steps=s.num_steps,
             cfg=s.cfg,
-            noise=_sampling_noise(run, jax.random.fold_in(key, i), len(chunk)),
+            key=jax.random.fold_in(key, i),
             sampler=s.sampler,
             cfg_schedule=s.cfg_schedule,
         )
@@ -275,35 +280,33 @@ def generate(run: Run, params: Any, labels: np.ndarray, *, seed: int) -> np.ndar
     return np.concatenate(out)
 
 
-def _sampling_noise(run: Run, key: jax.Array, batch: int) -> dict[str, jax.Array]:
-    """All sampler noise drawn up front: ``init`` (K, B, n, C) and ``steps`` (K, S-1, B, n, C).
-
-    Drawn here rather than by `sampling.sample(key=...)`, whose internal draw currently fails
-    (``fold_in(key, -1)`` on a uint32). Needs a layout with equal-sized entities.
-    """
-    layout, s = run.layout, run.config.sample
-    if not layout.uniform:
-        raise NotImplementedError(
-            f"Sampling entity.kind={layout.kind!r} (unequal entities) waits on a sampler fix."
-        )
-    k, n, c = layout.num_entities, layout.entity_sizes[0], run.model.in_channels
-    key_init, key_steps = jax.random.split(key)
-    return {
-        "init": jax.random.normal(key_init, (k, batch, n, c), jnp.float32),
-        "steps": jax.random.normal(key_steps, (k, s.num_steps - 1, batch, n, c), jnp.float32),
-    }
-
-
 def latents_to_images(run: Run, latents: np.ndarray) -> np.ndarray | None:
-    """Images in [-1, 1] (N, H, W, C), or None when the tokenizer's decoder is unavailable."""
+    """Images in [-1, 1] (N, H, W, C), or None when no decoder is configured."""
     if run.config.latent.tokenizer == "identity":
         return latents
-    try:
-        from xar_jax.vae import decode_latents  # noqa: F401  (in progress on branch `vae`)
-    except ImportError:
-        log.warning("No VAE decoder available (xar_jax.vae); writing latents only.")
+    path = run.config.latent.vae_checkpoint
+    if not path:
+        log.warning("latent.vae_checkpoint is empty: writing latents only (no images).")
         return None
-    raise NotImplementedError("Decoding KL-16 latents in the trainer is not wired yet.")
+    from xar_jax import vae as vae_lib
+
+    model, params = _load_vae(path)
+    batch = run.config.sample.batch_size
+    images = [
+        np.asarray(vae_lib.decode(params, jnp.asarray(latents[i: i + batch]), model=model,
+                                  scale=run.config.latent.scale))
+        for i in range(0, len(latents), batch)
+    ]
+    return np.concatenate(images)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_vae(path: str):
+    """The KL-16 VAE module and its params from a `python -m xar_jax.convert vae` directory."""
+    from xar_jax import vae as vae_lib
+    from xar_jax.convert.params_io import load_params
+
+    return vae_lib.VAE(**vae_lib.vae_config("kl16")), load_params(path)
 
 
 def _write_sample_grid(run: Run, state: ts.TrainState, writer, step: int) -> None:
@@ -319,18 +322,30 @@ def _write_sample_grid(run: Run, state: ts.TrainState, writer, step: int) -> Non
 
 
 def _write_png(path: str, grid: np.ndarray) -> None:
+    """Writes via a temporary name then renames (local or gs://)."""
+    import io
+
     from PIL import Image
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+    _write_bytes(path, buffer.getvalue())
 
 
 def _write_npz(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _write_bytes(path, buffer.getvalue())
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / (target.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.rename(target)
 
 
 def restore_for_inference(run: Run) -> ts.TrainState:
@@ -357,7 +372,6 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     paths = {}
     if jax.process_index() != 0:
         return paths
-    os.makedirs(workdir, exist_ok=True)
     arrays = {"latents": latents, "labels": labels}
     if images is not None:
         arrays["images"] = images
@@ -386,14 +400,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         raise NotImplementedError(
             "--mode=eval needs xar_jax.evaluation.digits_score (branch `eval`, not merged yet)."
         ) from e
-    path = os.path.join(workdir, "samples.npz")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "samples.npz"
+    if not path.exists():
         sample_to_workdir(config, workdir)
-    with np.load(path) as data:
+    with path.open("rb") as f, np.load(f) as data:
         scores = digits_quality(data["images"], data["labels"])
     scores = {k: float(v) for k, v in scores.items()}
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(scores, f, indent=2)
+        _write_bytes(os.path.join(workdir, "eval.json"), json.dumps(scores, indent=2).encode())
     log.info("Eval: %s", scores)
     return scores

@@ -15,7 +15,7 @@ import ml_collections
 
 from xar_jax import entities, flow, sharding
 from xar_jax.data.config import get_data_config, validate_data_config
-from xar_jax.model import NULL_CLASS, PRESETS, REMAT_POLICIES
+from xar_jax.model import PRESETS, REMAT_POLICIES
 from xar_jax.train_state import NAN_POLICIES
 
 IMAGENET_TRAIN_SIZE = 1_281_167
@@ -49,7 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.latent.grid_size = 8  # Side of the square latent grid (H = W): 16 for ImageNet 256 + KL-16.
     c.latent.channels = 1  # Latent channels C: 16 for KL-16, 1 for digits.
     c.latent.scale = 0.2325  # Latent scale of KL-16 (z = sample * scale; decode z / scale).
-    c.latent.num_classes = 10  # Classes of the dataset (labels 0..num_classes-1), at most 1000.
+    # Classes of the dataset (labels 0..num_classes-1); label num_classes is the null class.
+    c.latent.num_classes = 10
+    # 'kl16' only: Orbax params directory of the KL-16 VAE (`python -m xar_jax.convert vae`),
+    # used to decode samples into images; '' writes latents only.
+    c.latent.vae_checkpoint = ""
 
     c.entity = ml_collections.ConfigDict()
     c.entity.kind = "cell"  # Prediction unit: token | cell | subsample | scale | image.
@@ -171,7 +175,9 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     _check_number(cfg, "latent.grid_size", 1, integer=True)
     _check_number(cfg, "latent.channels", 1, integer=True)
     _check_number(cfg, "latent.scale", 0, low_open=True)
-    _check_number(cfg, "latent.num_classes", 1, NULL_CLASS, integer=True)
+    _check_number(cfg, "latent.num_classes", 1, integer=True)
+    if not isinstance(cfg.latent.vae_checkpoint, str):
+        _fail("latent.vae_checkpoint", cfg.latent.vae_checkpoint, "a directory path or ''")
     try:
         layout = entities.layout_from_config(cfg.entity, cfg.latent.grid_size)
     except ValueError as e:

@@ -319,7 +319,7 @@ def make_train_step(
             )
             loss, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, aux, grads))
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _tree_all_finite(grads)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
