@@ -52,13 +52,37 @@ def run_one(name, args):
         clip_norm=1.0,
         weight_decay_mask=ts.weight_decay_mask_fn(boxed),
     )
-    state = ts.create_train_state(model, optimizer, seed=0)
     step = ts.make_train_step(model, model.layout, optimizer, ema_decay=0.9999, label_drop_prob=0.1)
-    step = jax.jit(step, donate_argnums=0)
     data = {
         "latents": jax.random.normal(jax.random.key(1), (batch, 16, 16, 16), jnp.float32),
         "labels": jax.random.randint(jax.random.key(2), (batch,), 0, 1000),
     }
+    if args.mesh:
+        # The trainer's sharding: logical-axis rules over a (data, fsdp, tensor) mesh.
+        from flax import linen as nn
+
+        from xar_jax import sharding as sharding_lib
+
+        data_n, fsdp_n = (int(v) for v in args.mesh.split(","))
+        mesh = sharding_lib.make_mesh(data_n, fsdp_n, 1)
+        rng_data = jax.random.key_data(jax.random.key(0))
+        specs = ts.state_partition_specs(model, optimizer, rng_data)
+        shardings = sharding_lib.logical_shardings(specs, mesh)
+        batch_sharding = sharding_lib.batch_sharding(mesh)
+        data = jax.device_put(data, batch_sharding)
+        ctx = (jax.set_mesh(mesh), nn.logical_axis_rules(list(sharding_lib.LOGICAL_AXIS_RULES)))
+        for c in ctx:
+            c.__enter__()
+        state = ts.create_train_state(model, optimizer, seed=0, shardings=shardings)
+        step = jax.jit(
+            step,
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, sharding_lib.replicated(mesh)),
+            donate_argnums=0,
+        )
+    else:
+        state = ts.create_train_state(model, optimizer, seed=0)
+        step = jax.jit(step, donate_argnums=0)
     start = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - start
@@ -97,6 +121,8 @@ def run_one(name, args):
         "scan_layers": not args.unrolled,
         "mlp_multiple": args.mlp_multiple,
         "prng": args.prng,
+        "mesh": args.mesh or "1,1",
+        "devices": jax.device_count(),
         "steps_run": int(jax.device_get(holder["state"].step)),
         "times_s": [round(t, 5) for t in times],
     }
@@ -117,6 +143,7 @@ def main():
     parser.add_argument("--remat", default="none", choices=list(xar_model.REMAT_POLICIES))
     parser.add_argument("--mlp_multiple", type=int, default=128)
     parser.add_argument("--unrolled", action="store_true", help="no layer scan")
+    parser.add_argument("--mesh", default="", help="DATA,FSDP mesh over all devices (global batch = --batch)")
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
     parser.add_argument(
         "--prng",
