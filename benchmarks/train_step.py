@@ -102,6 +102,8 @@ def run_one(name, args):
     sec = common.median(times)
     flops = common.flop_counts(model)
     peak = common.peak_tflops()
+    if peak is not None:
+        peak *= jax.device_count()  # MFU over all devices the step runs on.
     issue_tflops = 3 * flops["issue"] * batch / sec / 1e12
     actual_tflops = 3 * flops["actual"] * batch / sec / 1e12
     return {
