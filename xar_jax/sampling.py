@@ -26,6 +26,9 @@ from xar_jax.model import XAR, KVCache
 SAMPLERS = ("sde", "ode")
 CFG_SCHEDULES = ("linear", "constant")
 SDE_T_END = 0.04
+# Up to this many equal entities the entity loop is unrolled (static cache prefixes); beyond it,
+# a fori_loop keeps compile time flat (e.g. the 256 entities of the token kind).
+STATIC_ENTITY_LIMIT = 8
 
 
 def time_grid(num_steps: int, sampler: str = "sde") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,14 +175,14 @@ def make_sampler(
             xin = xin.astype(jnp.float32)
             t_b = jnp.full((lab.shape[0],), t_scalar, jnp.float32)
             if use_cache:
-                visible = entity_of_token < e
+                context, visible = _cache_context(caches, e, start, entity_of_token)
                 return model.apply(
                     {"params": params},
                     xin,
                     t_b,
                     lab,
                     start,
-                    caches,
+                    context,
                     visible,
                     method=XAR.entity_forward,
                 )
@@ -214,14 +217,15 @@ def make_sampler(
             if use_cache:
                 xin = jnp.concatenate([x, x]) if guided else x
                 zeros = jnp.zeros((lab.shape[0],), jnp.float32)
+                context, visible = _cache_context(caches, e, start, entity_of_token)
                 _, kv = model.apply(
                     {"params": params},
                     xin.astype(jnp.float32),
                     zeros,
                     lab,
                     start,
-                    caches,
-                    entity_of_token < e,
+                    context,
+                    visible,
                     True,
                     method=XAR.entity_forward,
                 )
@@ -241,15 +245,33 @@ def make_sampler(
         seq = jnp.zeros((b, layout.num_tokens, c), jnp.float32)
         caches = _empty_caches(model, lab.shape[0]) if use_cache else {}
         carry = (seq, caches)
-        if layout.uniform:
+        if layout.uniform and k > STATIC_ENTITY_LIMIT:
             n = layout.entity_sizes[0]
             carry = jax.lax.fori_loop(0, k, lambda e, cr: solve_entity(e, n, e * n, cr), carry)
         else:
+            # Few entities: unrolled, so each attends to a static prefix of the cache.
             for e in range(k):
                 carry = solve_entity(e, layout.entity_sizes[e], int(starts[e]), carry)
         return layout.from_sequence(carry[0])
 
     return jax.jit(generate)
+
+
+def _cache_context(caches, e, start, entity_of_token):
+    """The cached keys/values the current entity attends to, and which of them are visible.
+
+    With a static ``start`` (unrolled entity loop) only the finished prefix is passed: no masked
+    work on not-yet-generated positions, and no context at all for the first entity. With a
+    traced ``start`` (loop over many entities) the whole cache is passed with a visibility mask.
+    """
+    if isinstance(start, int):
+        if start == 0:
+            return None, None
+        prefix = {
+            name: KVCache(c.keys[:, :, :start], c.values[:, :, :start]) for name, c in caches.items()
+        }
+        return prefix, jnp.ones((start,), bool)
+    return caches, entity_of_token < e
 
 
 def _empty_caches(model: XAR, batch: int) -> dict[str, KVCache]:
