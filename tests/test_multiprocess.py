@@ -157,7 +157,7 @@ def _tail(text: str) -> str:
 
 
 def test_two_processes_train_and_write_one_collective_checkpoint(runs):
-    for index, (code, log) in enumerate(zip(runs["codes"][:2], runs["logs"][:2])):
+    for index, (code, log) in enumerate(zip(runs["codes"][:2], runs["logs"][:2], strict=True)):
         assert code == 0, f"process {index} exited {code}:\n{_tail(log)}"
     checkpoints = runs["multi"] / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [str(STEPS)]
@@ -175,8 +175,9 @@ def test_only_process_0_writes_metrics_and_nothing_writes_images(runs):
     process_0, process_1 = runs["logs"][:2]
     assert f"step {STEPS} | loss" in process_0
     assert "| loss" not in process_1
-    # Sample grids are off here (see the report of issue 7: train.generate reads a global array
-    # with device_get, which fails across processes); no process wrote any image.
+    # Sample grids are off (log.sample_every_steps=0): train.generate fetches the sampled latents
+    # with jax.device_get, which fails for an array spanning two processes' devices. Until that
+    # reads them with multihost_utils.process_allgather, no process may write an image here.
     assert not list(runs["multi"].rglob("*.png"))
 
 
