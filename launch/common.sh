@@ -31,7 +31,9 @@
 #   DATA_DIR           TFDS data dir with imagenet2012 [gs://BUCKET/tfds]
 #   LATENT_DIR         cached VAE latents [gs://BUCKET/latents]
 #   CONFIG_OVERRIDES   extra `--config.x=y` flags, space-separated (no spaces inside a value) []
-#   MAIN_FLAGS         other flags of xar_jax.main, e.g. --distributed=on []
+#   MAIN_FLAGS         other flags of xar_jax.main, e.g. --distributed=auto []; without a
+#                      --distributed flag here the scripts pass --distributed=on (every job
+#                      runs on Cloud TPU VMs, where JAX finds the hosts in the VM metadata)
 #   WEIGHTS_GCS        converted weights, synced to ~/xar_weights on every worker by install.sh
 #                      [gs://BUCKET/weights]
 #   PYTHON_VERSION     Python of the worker virtualenv [3.12]
@@ -282,6 +284,12 @@ main_args() {
   local mode=$1
   shift
   printf '%s\n' "$(remote_config_flag)" "--workdir=${WORKDIR}" "--mode=${mode}"
+  # GCE TPU VMs export no variable that shows several hosts, so `--distributed=auto` cannot see
+  # a multi-host slice; JAX's initialize() reads the workers from the VM metadata instead. On a
+  # single-host VM it makes a one-process "cluster", which also lets Orbax see preemption notices.
+  if [[ " ${MAIN_FLAG_LIST[*]} " != *" --distributed="* ]]; then
+    printf '%s\n' "--distributed=on"
+  fi
   if ((${#MAIN_FLAG_LIST[@]} > 0)); then
     printf '%s\n' "${MAIN_FLAG_LIST[@]}"
   fi

@@ -289,7 +289,7 @@ def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):
     assert len(start) == 1 and flag(start[0], "worker") == "all"
     expected = (
         f"bash xar-jax/launch/remote/worker.sh start train {WORKDIR}/logs"
-        f" --config=configs/xar_h.py --workdir={WORKDIR} --mode=train"
+        f" --config=configs/xar_h.py --workdir={WORKDIR} --mode=train --distributed=on"
         " --config.data.source=latents --config.data.cache_dir=gs://my-bkt/latents"
     )
     assert remote(start[0]) == expected.split()
@@ -298,10 +298,11 @@ def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):
 def test_start_appends_overrides_from_environment_then_command_line(launch):
     env = {"DATA_SOURCE": "imagenet", "MODE": "sample", "CONFIG": "configs/xar_b.py"}
     env["CONFIG_OVERRIDES"] = "--config.batch_size=1024 --config.seed=1"
-    env["MAIN_FLAGS"] = "--distributed=on"
+    env["MAIN_FLAGS"] = "--distributed=auto"
     result = launch("start.sh", "--config.optimizer.lr=1e-4", "--config.seed=3", **env)
     words = _start_command(result)
-    assert words[7:9] == ["--mode=sample", "--distributed=on"] and words[3] == "sample"
+    assert words[7:9] == ["--mode=sample", "--distributed=auto"] and words[3] == "sample"
+    assert [w for w in words if w.startswith("--distributed")] == ["--distributed=auto"]
     assert "--config=configs/xar_b.py" in words and "--workdir=gs://my-bkt/runs/xar_b" in words
     expected = (
         "--config.data.source=imagenet --config.data.data_dir=gs://my-bkt/tfds"
@@ -351,6 +352,22 @@ def _start_command(result: Result) -> list[str]:
     starts = [remote(c) for c in result.find("ssh") if remote(c)[2:3] == ["start"]]
     assert len(starts) == 1, result.stdout
     return starts[0]
+
+
+@pytest.mark.parametrize(
+    "script, args, env",
+    [
+        ("start.sh", (), {"ACCELERATOR_TYPE": "v6e-8"}),  # single host: harmless, sees preemption
+        ("resume.sh", (), {"DRY_RUN_JOB": "failed:1,running"}),
+        ("eval.sh", (), {"REFERENCE_STATS": "gs://my-bkt/fid/ref.npz"}),
+        ("prepare_data.sh", ("cache",), {}),
+    ],
+)
+def test_every_job_initialises_jax_distributed_on_the_tpu_vms(launch, script, args, env):
+    # GCE TPU VMs export no variable that --distributed=auto could see; the scripts force it on.
+    words = _start_command(launch(script, *args, **env))
+    assert [w for w in words if w.startswith("--distributed")] == ["--distributed=on"]
+    assert words[words.index("--distributed=on") - 1].startswith("--mode=")
 
 
 def test_resume_after_spot_preemption_recreates_the_slice_and_restarts_from_the_workdir(launch):

@@ -29,34 +29,88 @@ flags.DEFINE_enum(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _env_int(name: str) -> int | None:
+    """The integer in environment variable ``name``; None when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"Environment variable {name}={value!r} must be an integer.") from None
+
+
 def _looks_multiprocess() -> bool:
+    """Whether the environment names several processes (read without touching JAX).
+
+    True when JAX_COORDINATOR_ADDRESS is set, JAX_NUM_PROCESSES > 1, or (GKE TPU jobs)
+    TPU_PROCESS_ADDRESSES / TPU_WORKER_HOSTNAMES list more than one host. A TPU VM created with
+    ``gcloud compute tpus`` (GCE) exports none of these: its worker list lives in the VM metadata,
+    which JAX reads inside ``jax.distributed.initialize()``. There, pass ``--distributed=on``
+    (the launch/ scripts do).
+    """
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+    if (_env_int("JAX_NUM_PROCESSES") or 1) > 1:
         return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len([h for h in hosts.split(",") if h]) > 1
+    for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        hosts = os.environ.get(name, "")
+        if len([h for h in hosts.split(",") if h.strip()]) > 1:
+            return True
+    return False
 
 
 def initialize_distributed(mode: str = "auto") -> bool:
     """Initialises multi-process JAX (before any device use). Returns whether it did.
 
     Args:
-      mode: 'on' always, 'off' never, 'auto' when the environment shows several processes.
-        Coordinator address, process count and id come from the environment (Cloud TPU sets
-        them; elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
-    """
-    import jax
+      mode: 'on' always, 'off' never, 'auto' when `_looks_multiprocess()` (environment variables
+        only; GCE TPU VMs need 'on').
 
+    Returns:
+      True if ``jax.distributed.initialize`` ran.
+
+    Where the coordinator, process count and process id come from:
+      * JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID: all
+        three or none (local multi-process runs, clusters JAX does not know);
+      * otherwise JAX's own cluster detection: Cloud TPU VM metadata (GCE), GKE TPU variables,
+        SLURM, Open MPI. On a single-host TPU VM this yields one process, which is harmless and
+        lets Orbax see preemption notices.
+    Multi-process CPU runs (tests) need no extra setting: in the supported jax (>= 0.10.2)
+    ``jax_cpu_collectives_implementation`` defaults to 'gloo', which the CPU client uses for
+    cross-process collectives once ``jax.distributed`` is initialised.
+
+    Raises:
+      ValueError: ``mode`` is not 'auto', 'on' or 'off', or the JAX_* variables are incomplete
+        or inconsistent (checked before JAX starts).
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed mode={mode!r} is not allowed; allowed: 'auto', 'on', 'off'.")
     if mode == "off" or (mode == "auto" and not _looks_multiprocess()):
         return False
     kwargs = {}
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    present = [n for n in names if os.environ.get(n, "").strip()]
+    if present:
+        if len(present) != len(names):
+            missing = ", ".join(n for n in names if n not in present)
+            raise ValueError(
+                f"{', '.join(present)} set but {missing} not: set all three of {', '.join(names)} "
+                "(or none, to let JAX detect the cluster)."
+            )
+        count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(
+                f"JAX_PROCESS_ID={index} must lie in [0, JAX_NUM_PROCESSES={count}) and "
+                "JAX_NUM_PROCESSES must be at least 1."
+            )
         kwargs = dict(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"].strip(),
+            num_processes=count,
+            process_id=index,
         )
+    import jax
+
     jax.distributed.initialize(**kwargs)
     return True
 

@@ -1,0 +1,302 @@
+"""Multi-process training, simulated on one machine: two `python -m xar_jax.main` processes joined by
+`jax.distributed` over localhost (one CPU device each, gloo collectives) train configs/tiny.py.
+
+What is checked: both exit 0; one collective checkpoint (one step directory, a data-iterator file
+per process); only process 0 writes metrics; the final params equal those of a single process
+with two devices that is fed the same global batches. "The same global batches" needs care: each
+process keeps every second example of the global stream (``[process_index::process_count]``), so
+a step's global batch is the single-process batch reordered (process 0's share, then process
+1's), and per-example noise and dropout follow the row. A plain single-process run therefore
+differs by design; the reference run below is fed the reordered batches (which
+`test_global_batch_is_the_single_process_batch_reordered` pins down).
+
+Also: `initialize_distributed` checks its environment before JAX starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from xar_jax.main import _looks_multiprocess, initialize_distributed
+from xar_jax.train_config import load_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+STEPS = 4  # configs/tiny.py checkpoints every 4 steps: exactly one checkpoint, at step 4.
+OVERRIDES = (f"--config.train.num_steps={STEPS}", "--config.log.sample_every_steps=0")
+TIMEOUT_S = 300
+
+# The single-process reference: the trainer with its data iterator replaced by one that feeds the
+# two processes' shares, concatenated in process order, to a (data=2) mesh over 2 CPU devices.
+REFERENCE_DRIVER = """
+import json
+import logging
+import sys
+import numpy as np
+from xar_jax import sharding, train
+from xar_jax.data import device, pipeline
+from xar_jax.train_config import load_config_file
+
+config_path, workdir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = load_config_file(config_path)
+config.train.num_steps = steps
+config.log.sample_every_steps = 0
+logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+
+
+class ProcessOrderBatches:
+    def __init__(self, config, mesh):
+        self._shares = [
+            pipeline.make_train_iterator(
+                config.data, global_batch_size=config.train.global_batch_size,
+                process_index=p, process_count=2, seed=config.seed)
+            for p in range(2)
+        ]
+        self._sharding = sharding.batch_sharding(mesh)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        parts = [next(it) for it in self._shares]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return device.to_global_batch(batch, self._sharding)
+
+    # Grain's checkpoint handler stores a non-Grain iterator's state as bytes.
+    def get_state(self):
+        return json.dumps([it.get_state() for it in self._shares]).encode()
+
+    def set_state(self, state):
+        for it, s in zip(self._shares, json.loads(state)):
+            it.set_state(s)
+
+    def start_prefetch(self):
+        pass
+
+
+train.make_data_iterator = ProcessOrderBatches
+train.train_and_evaluate(config, workdir)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(num_devices: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    # LLVM optimisation level 0: compiles in about half the CPU time, same arithmetic.
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0"
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def _start(args, env, log_path):
+    with open(log_path, "w") as log:
+        return subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_all(procs, timeout_s):
+    """Exit codes of all processes; kills every one still running on timeout or error."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        return [p.returncode for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The two-process run and the single-process reference, started together."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    multi, single = root / "two_processes", root / "reference"
+    coordinator = f"127.0.0.1:{_free_port()}"
+    cli = [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={multi}",
+           "--mode=train", *OVERRIDES]
+    procs, logs = [], []
+    for index in range(2):
+        env = _env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(index))
+        logs.append(root / f"process_{index}.log")
+        procs.append(_start(cli, env, logs[-1]))
+    logs.append(root / "reference.log")
+    procs.append(_start([sys.executable, "-c", REFERENCE_DRIVER, TINY, str(single), str(STEPS)],
+                        _env(2), logs[-1]))
+    codes = _wait_all(procs, TIMEOUT_S)
+    return {
+        "codes": codes,
+        "logs": [p.read_text() for p in logs],
+        "multi": multi,
+        "single": single,
+    }
+
+
+def _tail(text: str) -> str:
+    return text[-3000:]
+
+
+def test_two_processes_train_and_write_one_collective_checkpoint(runs):
+    for index, (code, log) in enumerate(zip(runs["codes"][:2], runs["logs"][:2], strict=True)):
+        assert code == 0, f"process {index} exited {code}:\n{_tail(log)}"
+    checkpoints = runs["multi"] / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [str(STEPS)]
+    data = checkpoints / str(STEPS) / "data"
+    assert sorted(p.name for p in data.glob("process_*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    # One program over both processes' devices.
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in runs["logs"][0]
+
+
+def test_only_process_0_writes_metrics_and_nothing_writes_images(runs):
+    events = sorted(runs["multi"].glob("events.out.tfevents.*"))
+    assert len(events) == 1, events  # one writer: process 0's
+    assert b"loss" in events[0].read_bytes()
+    process_0, process_1 = runs["logs"][:2]
+    assert f"step {STEPS} | loss" in process_0
+    assert "| loss" not in process_1
+    # Sample grids are off (log.sample_every_steps=0): train.generate fetches the sampled latents
+    # with jax.device_get, which fails for an array spanning two processes' devices. Until that
+    # reads them with multihost_utils.process_allgather, no process may write an image here.
+    assert not list(runs["multi"].rglob("*.png"))
+
+
+def _final_params(workdir):
+    from xar_jax.train import Run
+
+    config = load_config_file(TINY)
+    config.train.num_steps = STEPS
+    run = Run(config, str(workdir))
+    try:
+        state, step = run.checkpointer.restore_latest(run.abstract_state)
+    finally:
+        run.checkpointer.close()
+    return jax.device_get(state.params), step
+
+
+def test_final_params_equal_single_process_run_on_the_same_global_batches(runs):
+    code, log = runs["codes"][2], runs["logs"][2]
+    assert code == 0, f"the reference run exited {code}:\n{_tail(log)}"
+    assert all(c == 0 for c in runs["codes"][:2])
+    multi, multi_step = _final_params(runs["multi"])
+    single, single_step = _final_params(runs["single"])
+    assert multi_step == single_step == STEPS
+    leaves = list(zip(jax.tree.leaves(multi), jax.tree.leaves(single), strict=True))
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _logged_steps(log: str) -> dict[int, dict[str, float]]:
+    """``{step: {'loss': .., 'grad_norm': .., 'lr': ..}}`` from the console metric lines."""
+    steps = {}
+    for match in re.finditer(r"step (\d+) \| loss (\S+) \| grad_norm (\S+) \| lr (\S+)", log):
+        step, loss, grad_norm, lr = match.groups()
+        steps[int(step)] = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": float(lr)}
+    return steps
+
+
+def test_every_logged_step_matches_the_reference_and_updates_the_params(runs):
+    multi, single = _logged_steps(runs["logs"][0]), _logged_steps(runs["logs"][2])
+    assert sorted(multi) == sorted(single) == list(range(1, STEPS + 1))
+    for step in multi:  # Printed to 4 significant digits.
+        for name in ("loss", "grad_norm"):
+            assert multi[step][name] == pytest.approx(single[step][name], rel=2e-3), (step, name)
+        # A non-zero gradient and learning rate: the params equality above is not vacuous.
+        assert multi[step]["grad_norm"] > 0 and multi[step]["lr"] > 0
+
+
+def test_global_batch_is_the_single_process_batch_reordered():
+    from xar_jax.data import pipeline
+
+    config = load_config_file(TINY)
+    batch = config.train.global_batch_size
+
+    def iterator(index, count):
+        return pipeline.make_train_iterator(
+            config.data, global_batch_size=batch, process_index=index, process_count=count,
+            seed=config.seed)
+
+    single, shares = iterator(0, 1), [iterator(p, 2) for p in range(2)]
+    # Process p holds global positions p, p + 2, ...: rows [0, 2, 4, 6, 1, 3, 5, 7] of a step.
+    order = np.concatenate([np.arange(0, batch, 2), np.arange(1, batch, 2)])
+    for _ in range(3):
+        expected = next(single)
+        parts = [next(s) for s in shares]
+        for key, value in expected.items():
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value[order])
+
+
+# ----------------------------------------------------------------------------------------------
+# initialize_distributed: decisions and errors that come before JAX starts.
+JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+            "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in JAX_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"JAX_NUM_PROCESSES": "1"}, False),
+        ({"TPU_WORKER_HOSTNAMES": "w-0"}, False),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, True),
+        ({"JAX_NUM_PROCESSES": "4"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "w-0,w-1"}, True),
+        ({"TPU_PROCESS_ADDRESSES": "10.0.0.2:8476,10.0.0.3:8476"}, True),
+    ],
+)
+def test_auto_mode_reads_the_process_count_from_the_environment(clean_env, env, expected):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    assert _looks_multiprocess() is expected
+
+
+def test_off_and_single_process_auto_do_not_initialise(clean_env):
+    clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:1234")
+    assert initialize_distributed("off") is False
+    clean_env.delenv("JAX_COORDINATOR_ADDRESS")
+    assert initialize_distributed("auto") is False
+
+
+@pytest.mark.parametrize(
+    "mode, env, message",
+    [
+        ("yes", {}, "distributed mode='yes' is not allowed; allowed: 'auto', 'on', 'off'"),
+        ("auto", {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an integer"),
+        ("auto", {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"},
+         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES set but JAX_PROCESS_ID not"),
+        ("on", {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+         r"JAX_PROCESS_ID=2 must lie in \[0, JAX_NUM_PROCESSES=2\)"),
+    ],
+)
+def test_bad_distributed_settings_fail_before_jax_starts(clean_env, mode, env, message):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        initialize_distributed(mode)
