@@ -23,8 +23,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard log
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_enum(
     "distributed", "auto", ("auto", "on", "off"),
-    "Call jax.distributed.initialize(): 'auto' when the environment shows several processes "
-    "(Cloud TPU multi-host, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES set).",
+    "Call jax.distributed.initialize(): 'on' always (the launch/ scripts pass it on Cloud TPU VMs), "
+    "'off' never, 'auto' when environment variables show several processes "
+    "(JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES, or TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES on GKE).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
