@@ -13,7 +13,7 @@ from xar_jax import flow
 from xar_jax import model as xar_model
 from xar_jax.data.digits import load_digits_split
 
-STEPS = 150
+STEPS = 100  # Measured after/before ratios 0.27-0.30 for every kind (2026-11-29).
 BATCH = 32
 
 
@@ -71,7 +71,7 @@ def _train(layout, images, labels, objective):
 def test_each_entity_kind_lowers_the_loss(layout, digits):
     before, after = _train(layout, *digits, "ncl")
     assert np.isfinite(after)
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.5 * before, (before, after)
 
 
 def test_teacher_forcing_objective_trains_and_noises_one_entity(digits):
@@ -82,7 +82,7 @@ def test_teacher_forcing_objective_trains_and_noises_one_entity(digits):
     assert ((np.asarray(inputs.t) > 0).sum(axis=1) == 1).all()  # One noised entity per image.
     np.testing.assert_allclose(np.asarray(inputs.loss_weight).sum(axis=1), 1.0, rtol=1e-6)
     before, after = _train(layout, *digits, "teacher_forcing")
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.5 * before, (before, after)
 
 
 def test_label_dropout_rate_and_null_class():
