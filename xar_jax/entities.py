@@ -215,20 +215,9 @@ def make_layout(
     if kind == "image":
         return EntityLayout("image", (h, w))
     if kind == "cell":
-        k = int(cell_size)
-        if k < 1 or h % k or w % k:
-            raise ValueError(
-                f"entity.cell_size={k} must be a positive divisor of the grid {h}x{w} "
-                f"(allowed: {', '.join(str(d) for d in _divisors(h, w))})."
-            )
-        return EntityLayout("cell", (h, w), cell_size=k)
+        return EntityLayout("cell", (h, w), cell_size=_grid_divisor("cell_size", cell_size, h, w))
     if kind == "subsample":
-        s = int(subsample_factor)
-        if s < 1 or h % s or w % s:
-            raise ValueError(
-                f"entity.subsample_factor={s} must be a positive divisor of the grid {h}x{w} "
-                f"(allowed: {', '.join(str(d) for d in _divisors(h, w))})."
-            )
+        s = _grid_divisor("subsample_factor", subsample_factor, h, w)
         return EntityLayout("subsample", (h, w), subsample_factor=s)
     sizes = tuple(int(s) for s in scale_sizes)
     if not sizes:
@@ -247,8 +236,16 @@ def make_layout(
     return EntityLayout("scale", (h, w), scale_sizes=sizes)
 
 
-def _divisors(h: int, w: int) -> list[int]:
-    return [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
+def _grid_divisor(field: str, value: int, h: int, w: int) -> int:
+    """``value`` as an int, or a ValueError naming ``entity.<field>`` and the allowed divisors."""
+    value = int(value)
+    if value < 1 or h % value or w % value:
+        allowed = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
+        raise ValueError(
+            f"entity.{field}={value} must be a positive divisor of the grid {h}x{w} "
+            f"(allowed: {', '.join(map(str, allowed))})."
+        )
+    return value
 
 
 def layout_from_config(entity_cfg, grid_size: int | Sequence[int]) -> EntityLayout:
