@@ -291,6 +291,18 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     if not isinstance(cfg.sample.out_dir, str) or "://" in cfg.sample.out_dir:
         _fail("sample.out_dir", cfg.sample.out_dir,
               "'' (workdir/generated) or a POSIX path shared by all hosts (not gs://)")
+    _check_number(cfg, "eval.num_images", 1, integer=True)
+    for field in ("eval.reference_stats", "eval.inception_checkpoint"):
+        if not isinstance(_get(cfg, field), str):
+            _fail(field, _get(cfg, field), "a path or ''")
+    _check_number(cfg, "eval.batch_size", 1, integer=True)
+
+    _validate_data(cfg, layout)
+    _validate_balance(cfg, num_devices)
+
+
+def _validate_balance(cfg, num_devices: int | None) -> None:
+    """Class-balanced sample counts and batches that split over the devices."""
     classes = cfg.latent.num_classes
     if cfg.sample.format == "adm" and cfg.sample.num_images % classes:
         _fail("sample.num_images", cfg.sample.num_images,
@@ -298,18 +310,11 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     if cfg.sample.format == "adm" and num_devices and cfg.sample.batch_size % num_devices:
         _fail("sample.batch_size", cfg.sample.batch_size,
               f"a multiple of the {num_devices} devices (sample.format='adm')")
-    _check_number(cfg, "eval.num_images", 1, integer=True)
     if cfg.eval.num_images % classes:
         _fail("eval.num_images", cfg.eval.num_images,
               f"a multiple of latent.num_classes={classes} (class-balanced)")
     if cfg.data.source != "digits" and cfg.eval.num_images < 10:
         _fail("eval.num_images", cfg.eval.num_images, ">= 10 (the Inception Score's splits)")
-    for field in ("eval.reference_stats", "eval.inception_checkpoint"):
-        if not isinstance(_get(cfg, field), str):
-            _fail(field, _get(cfg, field), "a path or ''")
-    _check_number(cfg, "eval.batch_size", 1, integer=True)
-
-    _validate_data(cfg, layout)
 
 
 def _validate_data(cfg, layout) -> None:
