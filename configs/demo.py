@@ -41,4 +41,6 @@ def get_config():
     c.sample.cfg = 2.0
     c.sample.num_images = 100
     c.sample.batch_size = 100
+    c.sample.format = "grid"  # --mode=sample: the README's grid; --mode=eval samples 'adm'.
+    c.eval.num_images = 1000  # 100 per class, scored by digits_quality.
     return c

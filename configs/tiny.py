@@ -36,4 +36,6 @@ def get_config():
     c.sample.num_steps = 2
     c.sample.num_images = 20
     c.sample.batch_size = 20
+    c.sample.format = "grid"
+    c.eval.num_images = 20
     return c

@@ -1,8 +1,11 @@
 """Command line: ``python -m xar_jax.main --config=configs/demo.py --workdir=DIR [--mode=train]``.
 
-Modes: ``train`` (resumes from DIR automatically), ``sample`` (DIR/samples.png + samples.npz from
-the latest checkpoint), ``eval`` (scores the samples; digits demo). Any config field can be
-overridden: ``--config.train.num_steps=100``. Multi-process runs (TPU pods) call
+Modes: ``train`` (resumes from DIR automatically); ``sample``: the latest checkpoint's samples,
+either class-balanced at scale into ``DIR/generated/<run>/samples.npz`` (ADM's format, resumable,
+``sample.format='adm'``) or the demo's grid ``DIR/samples.png`` (``'grid'``); ``eval``: samples
+``eval.num_images`` images and scores them (FID / Inception Score for ImageNet, class accuracy
+for the digits), writing ``metrics.json``, ``DIR/eval.json`` and TensorBoard scalars. Any config
+field can be overridden: ``--config.train.num_steps=100``. Multi-process runs (TPU pods) call
 `jax.distributed.initialize()` first; see `initialize_distributed`.
 """
 

@@ -8,7 +8,6 @@ checkpoint restore (or sharded init), jitted step, loop (metrics, checkpoints, s
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Any
@@ -356,11 +355,28 @@ def restore_for_inference(run: Run) -> ts.TrainState:
 
 
 def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """Writes ``samples.png`` (a grid, one column per class) and ``samples.npz`` under workdir.
+    """``--mode=sample``: the newest checkpoint's samples, as ``sample.format`` says.
 
-    ``samples.npz`` holds ``latents`` (N, H, W, C), ``labels`` (N,) and, when they can be decoded,
-    ``images`` (N, H, W, C) in [-1, 1]. Returns the written paths.
+    * ``'grid'`` (the demo): ``workdir/samples.png`` (one column per class) and
+      ``workdir/samples.npz`` holding ``latents`` (N, H, W, C), ``labels`` (N,) and, when they
+      can be decoded, ``images`` (N, H, W, C) in [-1, 1].
+    * ``'adm'`` (at scale): ``sample.num_images`` class-balanced images, resumable, sharded over
+      every device of every host (`xar_jax.generate.generate_samples`), written as ADM's
+      ``samples.npz`` (``arr_0`` uint8, ``labels``) and optional PNGs.
+
+    Returns:
+      The written paths (``{'npz': ...}`` and for a grid ``'png'``; empty on processes > 0 of a
+      grid run).
     """
+    if config.sample.format == "adm":
+        from xar_jax import generate as generate_lib
+
+        path, _ = generate_lib.generate_samples(config, workdir)
+        return {"npz": path}
+    return _sample_grid_to_workdir(config, workdir)
+
+
+def _sample_grid_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     run = Run(config, workdir)
     with jax.set_mesh(run.mesh), run.rules_context():
         state = restore_for_inference(run)
@@ -385,28 +401,15 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[s
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Scores ``workdir/samples.npz`` (written by sample mode first if missing); digits only.
+    """``--mode=eval``: samples ``eval.num_images`` (resumable), decodes and scores them.
 
-    Returns the metrics and writes them to ``workdir/eval.json``.
+    Digits: class accuracy and Fréchet distance (`digits_quality`); ImageNet: FID and Inception
+    Score against ``eval.reference_stats``. Writes ``metrics.json`` next to the samples,
+    ``workdir/eval.json`` and TensorBoard scalars; see `xar_jax.generate.evaluate`.
+
+    Returns:
+      The metrics.
     """
-    if config.data.source != "digits":
-        raise NotImplementedError(
-            "--mode=eval scores the digits demo only; ImageNet FID is the evaluation module's "
-            "job (xar_jax/evaluation, in progress)."
-        )
-    try:
-        from xar_jax.evaluation.digits_score import digits_quality
-    except ImportError as e:
-        raise NotImplementedError(
-            "--mode=eval needs xar_jax.evaluation.digits_score (branch `eval`, not merged yet)."
-        ) from e
-    path = epath.Path(workdir) / "samples.npz"
-    if not path.exists():
-        sample_to_workdir(config, workdir)
-    with path.open("rb") as f, np.load(f) as data:
-        scores = digits_quality(data["images"], data["labels"])
-    scores = {k: float(v) for k, v in scores.items()}
-    if jax.process_index() == 0:
-        _write_bytes(os.path.join(workdir, "eval.json"), json.dumps(scores, indent=2).encode())
-    log.info("Eval: %s", scores)
-    return scores
+    from xar_jax import generate as generate_lib
+
+    return generate_lib.evaluate(config, workdir)

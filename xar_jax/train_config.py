@@ -23,6 +23,7 @@ TOKENIZERS = ("identity", "kl16")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
 SAMPLERS = ("sde", "ode")
+SAMPLE_FORMATS = ("adm", "grid")
 CFG_SCHEDULES = ("linear", "constant")
 
 
@@ -118,10 +119,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.cfg = 2.2  # Guidance scale (paper: 2.7 B, 2.3 L, 2.2 H); 1.0 = no guidance.
     c.sample.cfg_schedule = "linear"  # linear over entities (the release) | constant.
     c.sample.sampler = "sde"  # sde (Euler-Maruyama, the release) | ode (Euler).
-    c.sample.num_images = 64  # Images written by --mode=sample (PNG grid + .npz).
-    c.sample.batch_size = 64  # Images per sampling call.
-    c.sample.seed = 0  # Seed of the sampling noise.
+    # What --mode=sample writes. 'adm': num_images class-balanced images (a multiple of
+    # latent.num_classes), resumable, every device of every host, into
+    # <out_dir>/step_<S>-<settings>/samples.npz (arr_0 uint8 (N, H, W, 3), labels) -- ADM's
+    # format, what --mode=eval scores. 'grid': the demo's workdir/samples.png (one column per
+    # class) + samples.npz (float images, latents, labels) from one process.
+    c.sample.format = "adm"
+    c.sample.num_images = 50_000  # Images written by --mode=sample (paper: 50 per class).
+    # Images per sampling step over all processes ('adm': a multiple of the device count).
+    c.sample.batch_size = 1024
+    c.sample.seed = 0  # Seed of the labels' order and of the sampling noise.
     c.sample.use_ema = True  # Sample from EMA params (as the release does).
+    c.sample.write_png = False  # 'adm': also write every image as png/<index>.png.
+    # 'adm': where the sampling runs go (default '' = workdir/generated); a POSIX path, shared
+    # by all hosts of a multi-host run (not gs://: the resumable writer renames files).
+    c.sample.out_dir = ""
+
+    c.eval = ml_collections.ConfigDict()
+    # Images sampled and scored by --mode=eval (a multiple of latent.num_classes; paper: 50,000).
+    c.eval.num_images = 50_000
+    # ImageNet: FID reference statistics .npz (mu, sigma), local or gs://: ADM's
+    # VIRTUAL_imagenet256_labeled.npz or `python -m xar_jax.evaluation.reference_stats`.
+    c.eval.reference_stats = ""
+    # ImageNet: the FID Inception weights converted with `python -m xar_jax.convert inception`.
+    c.eval.inception_checkpoint = ""
+    c.eval.batch_size = 200  # Images per process per Inception step (a multiple of its devices).
     return c
 
 
@@ -264,8 +286,35 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     _check_number(cfg, "sample.batch_size", 1, integer=True)
     _check_number(cfg, "sample.seed", 0, integer=True)
     _check_choice(cfg, "sample.use_ema", (True, False))
+    _check_choice(cfg, "sample.format", SAMPLE_FORMATS)
+    _check_choice(cfg, "sample.write_png", (True, False))
+    if not isinstance(cfg.sample.out_dir, str) or "://" in cfg.sample.out_dir:
+        _fail("sample.out_dir", cfg.sample.out_dir,
+              "'' (workdir/generated) or a POSIX path shared by all hosts (not gs://)")
+    _check_number(cfg, "eval.num_images", 1, integer=True)
+    for field in ("eval.reference_stats", "eval.inception_checkpoint"):
+        if not isinstance(_get(cfg, field), str):
+            _fail(field, _get(cfg, field), "a path or ''")
+    _check_number(cfg, "eval.batch_size", 1, integer=True)
 
     _validate_data(cfg, layout)
+    _validate_balance(cfg, num_devices)
+
+
+def _validate_balance(cfg, num_devices: int | None) -> None:
+    """Class-balanced sample counts and batches that split over the devices."""
+    classes = cfg.latent.num_classes
+    if cfg.sample.format == "adm" and cfg.sample.num_images % classes:
+        _fail("sample.num_images", cfg.sample.num_images,
+              f"a multiple of latent.num_classes={classes} (class-balanced)")
+    if cfg.sample.format == "adm" and num_devices and cfg.sample.batch_size % num_devices:
+        _fail("sample.batch_size", cfg.sample.batch_size,
+              f"a multiple of the {num_devices} devices (sample.format='adm')")
+    if cfg.eval.num_images % classes:
+        _fail("eval.num_images", cfg.eval.num_images,
+              f"a multiple of latent.num_classes={classes} (class-balanced)")
+    if cfg.data.source != "digits" and cfg.eval.num_images < 10:
+        _fail("eval.num_images", cfg.eval.num_images, ">= 10 (the Inception Score's splits)")
 
 
 def _validate_data(cfg, layout) -> None:

@@ -1,0 +1,211 @@
+"""--mode=sample at scale and --mode=eval: quality of a briefly trained demo model, resumption.
+
+One small digits model is trained once (module fixture, ~300 steps at batch 32); every test
+samples from its checkpoint.
+"""
+
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from xar_jax import generate, train
+from xar_jax import train_state as ts
+from xar_jax.evaluation.digits_score import digits_quality
+from xar_jax.evaluation.sample_writer import balanced_labels
+from xar_jax.train_config import load_config_file, validate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_STEPS = 300
+
+
+def quality_config():
+    """The demo, smaller (width 64, 1+1 blocks) and faster-learning, for a ~300-step run."""
+    c = load_config_file(os.path.join(REPO, "configs", "demo.py"))
+    c.model.width = 64
+    c.model.encoder_depth = 1
+    c.model.decoder_depth = 1
+    c.train.num_steps = TRAIN_STEPS
+    c.optim.lr = 5e-3
+    c.optim.warmup_epochs = 0.5
+    c.optim.ema_decay = 0.98
+    c.checkpoint.every_steps = 10_000  # only the final checkpoint
+    c.checkpoint.async_save = False
+    c.log.every_steps = 100
+    c.log.sample_every_steps = 0
+    c.sample.num_steps = 10
+    c.sample.cfg = 4.0
+    c.sample.batch_size = 100
+    c.eval.num_images = 200
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(config, workdir) of the briefly trained model."""
+    workdir = tmp_path_factory.mktemp("trained")
+    config = quality_config()
+    train.train_and_evaluate(config, str(workdir))
+    return config, workdir
+
+
+def _event_tags(workdir):
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in workdir.glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecord framing: length, crc, payload, crc.
+            (n,) = struct.unpack("<Q", data[i: i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12: i + 12 + n])
+            tags.update(v.tag for v in event.summary.value)
+            i += 12 + n + 4
+    return tags
+
+
+def test_eval_mode_scores_trained_model_far_above_untrained(trained):
+    config, workdir = trained
+    scores = train.evaluate(config, str(workdir))  # what --mode=eval runs
+    assert scores["class_accuracy"] > 0.5, scores
+
+    # The same sampler on freshly initialised params: digits of no particular class.
+    run = train.Run(config, str(workdir))
+    init = ts.create_train_state(run.model, run.optimizer, config.seed, run.state_shardings)
+    mesh = generate.local_mesh()
+    sample = generate.make_image_generator(
+        run.model, generate.replicate_on(init.ema_params, mesh), mesh=mesh,
+        num_steps=config.sample.num_steps, cfg=config.sample.cfg,
+    )
+    labels = balanced_labels(config.eval.num_images, 10, seed=0)
+    images = np.concatenate(
+        [sample(labels[i: i + 100], jax.random.key(i)) for i in range(0, len(labels), 100)]
+    )
+    untrained = digits_quality(images.astype(np.float32) / 127.5 - 1.0, labels)
+    assert untrained["class_accuracy"] < 0.25, untrained
+    assert scores["frechet_distance"] < untrained["frechet_distance"] / 4
+
+    # Recorded: metrics.json beside the samples, eval.json, TensorBoard scalars.
+    record = json.loads((workdir / "eval.json").read_text())
+    assert record["class_accuracy"] == scores["class_accuracy"]
+    assert record["settings"]["checkpoint_step"] == TRAIN_STEPS
+    beside = json.loads(open(os.path.join(os.path.dirname(record["samples"]), "metrics.json"))
+                        .read())
+    assert beside == record
+    assert {"eval/class_accuracy", "eval/frechet_distance"} <= _event_tags(workdir)
+
+
+def _adm_config(config, out_dir):
+    c = config.copy_and_resolve_references()
+    c.sample.format = "adm"
+    c.sample.num_images = 50  # 5 per class; 7 batches of 8, the last one padded
+    c.sample.batch_size = 8
+    c.sample.seed = 3
+    c.sample.out_dir = str(out_dir)
+    return c
+
+
+def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(trained, tmp_path,
+                                                                     monkeypatch):
+    config, workdir = trained
+    whole = train.sample_to_workdir(_adm_config(config, tmp_path / "whole"), str(workdir))["npz"]
+
+    calls = []
+    real = generate.make_image_generator
+
+    def dies_after_three_batches(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def wrapped(labels, key):
+            if len(calls) == 3:
+                raise KeyboardInterrupt("killed")
+            calls.append(1)
+            return fn(labels, key)
+
+        return wrapped
+
+    restarted = _adm_config(config, tmp_path / "restarted")
+    monkeypatch.setattr(generate, "make_image_generator", dies_after_three_batches)
+    with pytest.raises(KeyboardInterrupt):
+        train.sample_to_workdir(restarted, str(workdir))
+    run_dir = next((tmp_path / "restarted").iterdir())
+    assert not (run_dir / "samples.npz").exists()  # the final file is complete or absent
+    assert len(list((run_dir / "shards").glob("batch_*.npz"))) == 3
+
+    calls.clear()
+    monkeypatch.setattr(generate, "make_image_generator", lambda *a, **k: (
+        lambda fn: lambda labels, key: calls.append(1) or fn(labels, key))(real(*a, **k)))
+    path = train.sample_to_workdir(restarted, str(workdir))["npz"]
+    assert len(calls) == 4  # only the missing batches were generated
+
+    with np.load(whole) as a, np.load(path) as b:
+        assert a["arr_0"].shape == (50, 8, 8, 1) and a["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(np.bincount(a["labels"], minlength=10), [5] * 10)
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert len(np.unique(np.load(whole)["arr_0"].reshape(50, -1), axis=0)) == 50
+
+
+def test_sampling_directory_is_never_reused_for_other_settings(trained, tmp_path):
+    config, workdir = trained
+    first = _adm_config(config, tmp_path)
+    first.sample.num_images = 10
+    train.sample_to_workdir(first, str(workdir))
+    other = first.copy_and_resolve_references()
+    other.sample.cfg_schedule = "constant"  # not in the directory name, recorded in settings
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        train.sample_to_workdir(other, str(workdir))
+
+
+def _imagenet_config(tmp_path, **fields):
+    c = load_config_file(os.path.join(REPO, "configs", "xar_b.py"))
+    c.eval.num_images = 1000
+    for name, value in fields.items():
+        section, field = name.split(".")
+        c[section][field] = value
+    return c
+
+
+def test_imagenet_eval_names_missing_files_and_their_commands_before_any_work(tmp_path):
+    workdir = tmp_path / "run"  # no checkpoints: reaching the sampler would fail differently
+    vae, stats = tmp_path / "vae", tmp_path / "stats.npz"
+    vae.mkdir()
+    stats.write_bytes(b"")
+    cases = [
+        ({}, "config.latent.vae_checkpoint=''", "python -m xar_jax.convert vae"),
+        ({"latent.vae_checkpoint": str(vae)}, "config.eval.reference_stats=''",
+         "python -m xar_jax.evaluation.reference_stats"),
+        ({"latent.vae_checkpoint": str(vae), "eval.reference_stats": str(stats)},
+         "config.eval.inception_checkpoint=''", "python -m xar_jax.convert inception"),
+    ]
+    for fields, field, command in cases:
+        with pytest.raises(FileNotFoundError) as e:
+            train.evaluate(_imagenet_config(tmp_path, **fields), str(workdir))
+        assert field in str(e.value) and command in str(e.value)
+    assert not workdir.exists()
+
+    with pytest.raises(ValueError, match="config.sample.out_dir"):
+        generate.check_inputs(_imagenet_config(tmp_path), "gs://bucket/run", scoring=False)
+
+
+def test_config_rejects_unbalanced_or_unshardable_sampling():
+    c = load_config_file(os.path.join(REPO, "configs", "xar_b.py"))
+    c.data.cache_dir = "/nonexistent"
+    c.sample.num_images = 50_001
+    with pytest.raises(ValueError, match=r"config.sample.num_images=50001 .*multiple of"):
+        validate_config(c)
+    c.sample.num_images = 50_000
+    c.sample.batch_size = 1000
+    with pytest.raises(ValueError, match=r"config.sample.batch_size=1000 .*the 64 devices"):
+        validate_config(c, num_devices=64)
+    c.sample.batch_size = 1024
+    c.eval.num_images = 999
+    with pytest.raises(ValueError, match="config.eval.num_images=999"):
+        validate_config(c)
+    c.eval.num_images = 50_000
+    c.sample.out_dir = "gs://bucket/samples"
+    with pytest.raises(ValueError, match="config.sample.out_dir"):
+        validate_config(c)
