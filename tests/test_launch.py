@@ -359,7 +359,12 @@ def _start_command(result: Result) -> list[str]:
     [
         ("start.sh", (), {"ACCELERATOR_TYPE": "v6e-8"}),  # single host: harmless, sees preemption
         ("resume.sh", (), {"DRY_RUN_JOB": "failed:1,running"}),
-        ("eval.sh", (), {"REFERENCE_STATS": "gs://my-bkt/fid/ref.npz"}),
+        (
+            "eval.sh",
+            (),
+            {"REFERENCE_STATS": "gs://b/ref.npz", "SAMPLES_DIR": "/s", "VAE_DIR": "/v",
+             "INCEPTION_DIR": "/i"},
+        ),
         ("prepare_data.sh", ("cache",), {}),
     ],
 )
@@ -467,9 +472,16 @@ def test_convert_weights_runs_on_worker_0_for_each_given_file(launch):
 
 def test_eval_needs_reference_stats_and_runs_on_every_worker(launch):
     assert "REFERENCE_STATS is not set" in launch("eval.sh").stderr
-    words = _start_command(launch("eval.sh", REFERENCE_STATS="gs://my-bkt/fid/ref.npz"))
+    paths = dict(SAMPLES_DIR="/gcs/my-bkt/samples", VAE_DIR="/w/kl16", INCEPTION_DIR="/w/inception")
+    assert "SAMPLES_DIR is not set" in launch("eval.sh", REFERENCE_STATS="gs://r.npz").stderr
+    words = _start_command(launch("eval.sh", REFERENCE_STATS="gs://my-bkt/fid/ref.npz", **paths))
     assert words[3] == "eval" and "--mode=eval" in words and f"--workdir={WORKDIR}" in words
-    assert words[-1] == "--config.eval.reference_stats=gs://my-bkt/fid/ref.npz"
+    assert words[-4:] == [
+        "--config.sample.out_dir=/gcs/my-bkt/samples",
+        "--config.latent.vae_checkpoint=/w/kl16",
+        "--config.eval.inception_checkpoint=/w/inception",
+        "--config.eval.reference_stats=gs://my-bkt/fid/ref.npz",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from xar_jax.train_config import load_config_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 STEPS = 4  # configs/tiny.py checkpoints every 4 steps: exactly one checkpoint, at step 4.
-OVERRIDES = (f"--config.train.num_steps={STEPS}", "--config.log.sample_every_steps=0")
+OVERRIDES = (f"--config.train.num_steps={STEPS}", f"--config.log.sample_every_steps={STEPS}")
 TIMEOUT_S = 300
 
 # The single-process reference: the trainer with its data iterator replaced by one that feeds the
@@ -168,17 +168,16 @@ def test_two_processes_train_and_write_one_collective_checkpoint(runs):
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in runs["logs"][0]
 
 
-def test_only_process_0_writes_metrics_and_nothing_writes_images(runs):
+def test_only_process_0_writes_metrics_and_images(runs):
     events = sorted(runs["multi"].glob("events.out.tfevents.*"))
     assert len(events) == 1, events  # one writer: process 0's
     assert b"loss" in events[0].read_bytes()
     process_0, process_1 = runs["logs"][:2]
     assert f"step {STEPS} | loss" in process_0
     assert "| loss" not in process_1
-    # Sample grids are off (log.sample_every_steps=0): train.generate fetches the sampled latents
-    # with jax.device_get, which fails for an array spanning two processes' devices. Until that
-    # reads them with multihost_utils.process_allgather, no process may write an image here.
-    assert not list(runs["multi"].rglob("*.png"))
+    # The final step's sample grid: sampled on both processes' devices, written once by process 0.
+    pngs = list(runs["multi"].rglob("*.png"))
+    assert len(pngs) == 1, pngs
 
 
 def _final_params(workdir):

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -275,7 +276,8 @@ def generate(run: Run, params: Any, labels: np.ndarray, *, seed: int) -> np.ndar
             sampler=s.sampler,
             cfg_schedule=s.cfg_schedule,
         )
-        out.append(np.asarray(jax.device_get(latents)))
+        # The latents may span several processes' devices: gather them on every host.
+        out.append(np.asarray(multihost_utils.process_allgather(latents, tiled=True)))
     return np.concatenate(out)
 
 
