@@ -28,3 +28,21 @@ def golden_model(xar_golden_state_dict):
     from xar_jax.convert.xar import xar_from_torch
 
     return xar_from_torch(xar_golden_state_dict)
+
+
+def event_tags(workdir) -> set[str]:
+    """Scalar/image tags in the TensorBoard event files of ``workdir`` (read without TensorFlow)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in workdir.glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecord framing: length, crc, payload, crc.
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12 : i + 12 + n])
+            tags.update(v.tag for v in event.summary.value)
+            i += 12 + n + 4
+    return tags

@@ -6,11 +6,11 @@ samples from its checkpoint.
 
 import json
 import os
-import struct
 
 import jax
 import numpy as np
 import pytest
+from conftest import event_tags
 
 from xar_jax import generate, train
 from xar_jax import train_state as ts
@@ -52,21 +52,6 @@ def trained(tmp_path_factory):
     return config, workdir
 
 
-def _event_tags(workdir):
-    from tensorboardX.proto import event_pb2
-
-    tags = set()
-    for path in workdir.glob("events.out.tfevents.*"):
-        data, i = path.read_bytes(), 0
-        while i < len(data):  # TFRecord framing: length, crc, payload, crc.
-            (n,) = struct.unpack("<Q", data[i: i + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[i + 12: i + 12 + n])
-            tags.update(v.tag for v in event.summary.value)
-            i += 12 + n + 4
-    return tags
-
-
 def test_eval_mode_scores_trained_model_far_above_untrained(trained):
     config, workdir = trained
     scores = train.evaluate(config, str(workdir))  # what --mode=eval runs
@@ -95,7 +80,7 @@ def test_eval_mode_scores_trained_model_far_above_untrained(trained):
     beside = json.loads(open(os.path.join(os.path.dirname(record["samples"]), "metrics.json"))
                         .read())
     assert beside == record
-    assert {"eval/class_accuracy", "eval/frechet_distance"} <= _event_tags(workdir)
+    assert {"eval/class_accuracy", "eval/frechet_distance"} <= event_tags(workdir)
 
 
 def _adm_config(config, out_dir):

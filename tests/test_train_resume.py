@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import event_tags
 
 from xar_jax.train_config import load_config_file
 
@@ -136,25 +137,8 @@ def test_bad_config_value_fails_before_compilation(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def _event_tags(workdir):
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    tags = set()
-    for path in workdir.glob("events.out.tfevents.*"):
-        data, i = path.read_bytes(), 0
-        while i < len(data):  # TFRecord framing: length, crc, payload, crc.
-            (n,) = struct.unpack("<Q", data[i: i + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[i + 12: i + 12 + n])
-            tags.update(v.tag for v in event.summary.value)
-            i += 12 + n + 4
-    return tags
-
-
 def test_tensorboard_events_hold_training_metrics(uninterrupted):
-    tags = _event_tags(uninterrupted)
+    tags = event_tags(uninterrupted)
     expected = {"loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec_per_device",
                 "loss_entity_0"}
     assert expected <= tags, tags
