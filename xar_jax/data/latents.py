@@ -8,14 +8,11 @@ every time an example is used (XAR_REFERENCE.md, "Data and latents").
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-# MAR's KL-16 latent scale factor, applied to the sampled latent (decoding divides by it).
-LATENT_SCALE = 0.2325
-# The posterior clamps logvar to this range before use.
-LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+# The on-device draw is the VAE posterior's own (one definition of the scale, the logvar clamp
+# and the formula); this module adds the host (NumPy) twin used by the input pipeline.
+from xar_jax.vae import LATENT_SCALE, LOGVAR_MAX, LOGVAR_MIN, sample_latents  # noqa: F401
 
 
 def _split_moments(moments):
@@ -25,23 +22,6 @@ def _split_moments(moments):
             f"moments must have an even channel count [mean, logvar]; got shape {moments.shape}."
         )
     return moments[..., : channels // 2], moments[..., channels // 2 :]
-
-
-def sample_latents(moments: jax.Array, key: jax.Array, scale: float = LATENT_SCALE) -> jax.Array:
-    """Samples scaled latents on device (jit-able).
-
-    Args:
-      moments: ``(B, h, w, 2*C)`` float ``[mean, logvar]``.
-      key: PRNG key; one normal draw per latent element.
-      scale: latent scale factor (0.2325 for MAR's KL-16).
-
-    Returns:
-      ``(B, h, w, C)`` float32 latents.
-    """
-    mean, logvar = _split_moments(moments.astype(jnp.float32))
-    std = jnp.exp(0.5 * jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX))
-    noise = jax.random.normal(key, mean.shape, jnp.float32)
-    return (mean + std * noise) * scale
 
 
 def sample_latents_host(
