@@ -170,8 +170,11 @@ def make_sampler(
         )
         t_net, dt, scale, w, n_steps = tab
 
-        def velocity(x, t_scalar, e, start, n, caches, seq):
-            xin = jnp.concatenate([x, x]) if guided else x
+        def doubled(x):
+            """The guided batch: conditional and unconditional halves share x."""
+            return jnp.concatenate([x, x]) if guided else x
+
+        def velocity(xin, t_scalar, e, start, n, caches, seq):
             xin = xin.astype(jnp.float32)
             t_b = jnp.full((lab.shape[0],), t_scalar, jnp.float32)
             if use_cache:
@@ -198,8 +201,8 @@ def make_sampler(
 
             def flow_step(i, x):
                 t = t_net[e, i]
-                v = velocity(x, t, e, start, n, caches, seq).astype(state_dtype)
-                xin = jnp.concatenate([x, x]) if guided else x
+                xin = doubled(x)
+                v = velocity(xin, t, e, start, n, caches, seq).astype(state_dtype)
                 d = (2.0 - t) * v + xin if sampler == "sde" else v
                 if guided:
                     d_c, d_u = d[:b], d[b:]
@@ -215,7 +218,7 @@ def make_sampler(
             x = jax.lax.fori_loop(0, n_steps[e], flow_step, x)
             seq = jax.lax.dynamic_update_slice_in_dim(seq, x.astype(jnp.float32), start, axis=1)
             if use_cache:
-                xin = jnp.concatenate([x, x]) if guided else x
+                xin = doubled(x)
                 zeros = jnp.zeros((lab.shape[0],), jnp.float32)
                 context, visible = _cache_context(caches, e, start, entity_of_token)
                 _, kv = model.apply(
@@ -268,7 +271,8 @@ def _cache_context(caches, e, start, entity_of_token):
         if start == 0:
             return None, None
         prefix = {
-            name: KVCache(c.keys[:, :, :start], c.values[:, :, :start]) for name, c in caches.items()
+            name: KVCache(c.keys[:, :, :start], c.values[:, :, :start])
+            for name, c in caches.items()
         }
         return prefix, jnp.ones((start,), bool)
     return caches, entity_of_token < e
