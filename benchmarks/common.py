@@ -120,11 +120,8 @@ def update_json(section: str, results: dict[str, Any], path: str | None = None) 
 
 def random_params(model: xar_model.XAR, seed: int = 0):
     """Initialised params on the default device (jit init: nothing built on the host)."""
-    lay = model.layout
-    x = jnp.zeros((1, lay.num_tokens, model.in_channels))
-    t = jnp.zeros((1, lay.num_entities))
-    y = jnp.zeros((1,), jnp.int32)
-    init = jax.jit(lambda k: nn.meta.unbox(model.init(k, x, t, y)["params"]))
+    inputs = xar_model.example_inputs(model)
+    init = jax.jit(lambda k: nn.meta.unbox(model.init(k, *inputs)["params"]))
     return init(jax.random.key(seed))
 
 

@@ -31,7 +31,6 @@ from xar_jax.layers import (
 )
 
 NULL_CLASS = 1000  # ImageNet's unconditional label: the extra embedding row (== num_classes).
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +87,7 @@ _REMAT = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+REMAT_POLICIES = ("none", *_REMAT)  # 'none' or a rematerialisation policy of each block.
 
 
 class BlockStack(nn.Module):
@@ -351,11 +351,17 @@ def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_cl
 
 def abstract_params(model: XAR, batch_size: int = 1) -> Any:
     """Parameter shapes (ShapeDtypeStructs, boxed with logical axes) without allocating them."""
+    inputs = example_inputs(model, batch_size)
+    return jax.eval_shape(lambda k: model.init(k, *inputs)["params"], jax.random.key(0))
+
+
+def example_inputs(model: XAR, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zero ``(x_t (B, N, C), t (B, K), labels (B,))`` of the right shapes, for ``model.init``."""
     layout = model.layout
     x = jnp.zeros((batch_size, layout.num_tokens, model.in_channels), jnp.float32)
     t = jnp.zeros((batch_size, layout.num_entities), jnp.float32)
     y = jnp.zeros((batch_size,), jnp.int32)
-    return jax.eval_shape(lambda k: model.init(k, x, t, y)["params"], jax.random.key(0))
+    return x, t, y
 
 
 def count_params(params: Any, *, model: XAR | None = None) -> int:

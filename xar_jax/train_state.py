@@ -26,6 +26,7 @@ from flax import linen as nn
 from xar_jax import flow
 from xar_jax.data.latents import LATENT_SCALE, sample_latents
 from xar_jax.entities import EntityLayout
+from xar_jax.model import example_inputs
 
 NAN_POLICIES = ("stop", "skip")
 NO_NONFINITE = -1  # `TrainState.nonfinite_step` while every step so far was finite.
@@ -145,18 +146,10 @@ def make_optimizer(
 
 # ----------------------------------------------------------------------------------------------
 # State creation (directly into the sharded layout).
-def _model_inputs(model, batch_size: int = 1):
-    layout = model.layout
-    x = jnp.zeros((batch_size, layout.num_tokens, model.in_channels), jnp.float32)
-    t = jnp.zeros((batch_size, layout.num_entities), jnp.float32)
-    y = jnp.zeros((batch_size,), jnp.int32)
-    return x, t, y
-
-
 def _init_boxed(model, optimizer, rng_data):
     """The whole state with `nn.Partitioned` boxes still on params and optimizer moments."""
     key = jax.random.wrap_key_data(rng_data)
-    params = model.init({"params": jax.random.fold_in(key, 0)}, *_model_inputs(model))["params"]
+    params = model.init({"params": jax.random.fold_in(key, 0)}, *example_inputs(model))["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
