@@ -21,7 +21,6 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 

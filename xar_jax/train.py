@@ -13,12 +13,12 @@ import os
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from xar_jax import metrics as metrics_lib
 from xar_jax import sampling
