@@ -25,11 +25,19 @@ import jax  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 
+def _model_overrides(args):
+    return dict(
+        attention_impl=args.attention_impl,
+        scan_layers=not args.unrolled,
+        scan_unroll=args.scan_unroll,
+    )
+
+
 def _train_call(args):
     from xar_jax import model as xar_model
     from xar_jax import train_state as ts
 
-    model = common.build(args.model, attention_impl=args.attention_impl, attn_dropout=0.0)
+    model = common.build(args.model, attn_dropout=0.0, **_model_overrides(args))
     optimizer = ts.make_optimizer(
         learning_rate=4e-4, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
         weight_decay_mask=ts.weight_decay_mask_fn(xar_model.abstract_params(model)),
@@ -55,7 +63,7 @@ def _train_call(args):
 def _sample_call(args):
     from xar_jax import sampling
 
-    model = common.build(args.model)
+    model = common.build(args.model, **_model_overrides(args))
     params = common.random_params(model)
     labels = jax.random.randint(jax.random.key(1), (args.batch,), 0, 1000)
     fn = sampling.make_sampler(model, num_steps=args.num_steps, cfg=2.0)
@@ -69,9 +77,13 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--num_steps", type=int, default=8)
     parser.add_argument("--attention_impl", default="cudnn")
+    parser.add_argument("--unrolled", action="store_true", help="no layer scan")
+    parser.add_argument("--scan_unroll", type=int, default=1)
+    parser.add_argument("--prng", default="rbg", help="PRNG behind dropout masks")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
+    jax.config.update("jax_default_prng_impl", args.prng)
     call = _train_call(args) if args.what == "train" else _sample_call(args)
     for _ in range(2):
         jax.block_until_ready(call())

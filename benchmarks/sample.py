@@ -32,6 +32,8 @@ def run_one(name, args):
         "mlp_multiple": args.mlp_multiple,
         "dtype": jnp.dtype(args.dtype),
         "scan_layers": not args.unrolled,
+        "scan_unroll": args.scan_unroll,
+        "attention_impl": args.attention_impl,
     }
     if args.tiny:
         overrides |= dict(
@@ -69,6 +71,8 @@ def run_one(name, args):
         "mfu": None if peak is None else per_image * args.batch / sec / 1e12 / peak,
         "state_dtype": args.state_dtype,
         "scan_layers": not args.unrolled,
+        "scan_unroll": args.scan_unroll,
+        "attention_impl": args.attention_impl,
         "dtype": args.dtype,
         "times_s": [round(t, 4) for t in times],
     }
@@ -87,6 +91,13 @@ def main():
     parser.add_argument("--state_dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--mlp_multiple", type=int, default=128)
     parser.add_argument("--unrolled", action="store_true", help="no layer scan")
+    parser.add_argument("--scan_unroll", type=int, default=1, help="blocks per layer-scan iteration")
+    parser.add_argument(
+        "--attention_impl",
+        default="xla",
+        choices=["xla", "dot_product", "cudnn"],
+        help="cached attention: xla = two-part softmax; cudnn = fused kernel over [cache, entity]",
+    )
     parser.add_argument("--tag", default="", help="suffix of the JSON key (variants)")
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
     parser.add_argument("--no_json", action="store_true")

@@ -37,6 +37,7 @@ def run_one(name, args):
         "dropout": args.dropout,
         "remat": args.remat,
         "scan_layers": not args.unrolled,
+        "scan_unroll": args.scan_unroll,
     }
     if args.tiny:
         overrides |= dict(
@@ -121,6 +122,7 @@ def run_one(name, args):
         "dropout": args.dropout,
         "remat": args.remat,
         "scan_layers": not args.unrolled,
+        "scan_unroll": args.scan_unroll,
         "mlp_multiple": args.mlp_multiple,
         "prng": args.prng,
         "mesh": args.mesh or "1,1",
@@ -145,6 +147,7 @@ def main():
     parser.add_argument("--remat", default="none", choices=list(xar_model.REMAT_POLICIES))
     parser.add_argument("--mlp_multiple", type=int, default=128)
     parser.add_argument("--unrolled", action="store_true", help="no layer scan")
+    parser.add_argument("--scan_unroll", type=int, default=1, help="blocks per layer-scan iteration")
     parser.add_argument("--mesh", default="", help="DATA,FSDP mesh over all devices (global batch = --batch)")
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
     parser.add_argument(

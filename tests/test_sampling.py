@@ -8,6 +8,7 @@ import pytest
 from xar_jax import entities as ent
 from xar_jax import model as xar_model
 from xar_jax import sampling
+from xar_jax.convert import xar as xar_convert
 
 
 def rel_l2(a, b):
@@ -15,9 +16,7 @@ def rel_l2(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def test_sampler_matches_reference_given_recorded_noise(golden_model, xar_golden):
-    model, params = golden_model
-    g = xar_golden
+def _golden_sample(model, params, g):
     noise = {"init": g["smp/init_noise"], "steps": g["smp/eps"]}
     out = sampling.sample(
         model,
@@ -28,7 +27,23 @@ def test_sampler_matches_reference_given_recorded_noise(golden_model, xar_golden
         noise=noise,
     )
     assert out.shape == (2, 16, 16, 16)
-    assert rel_l2(out, g["smp/tokens_nchw"].transpose(0, 2, 3, 1)) < 1e-4
+    return rel_l2(out, g["smp/tokens_nchw"].transpose(0, 2, 3, 1))
+
+
+def test_sampler_matches_reference_given_recorded_noise(golden_model, xar_golden):
+    assert _golden_sample(*golden_model, xar_golden) < 1e-4
+
+
+def test_fused_cached_attention_sampler_matches_reference(xar_golden_state_dict, xar_golden):
+    # The fast sampler path: jax.nn.dot_product_attention over [cache prefix, entity] (cuDNN on
+    # GPU, its XLA form here), scanned layers, padded MLP.
+    model, params = xar_convert.xar_from_torch(
+        xar_golden_state_dict,
+        attention_impl="dot_product",
+        scan_layers=True,
+        mlp_multiple=128,
+    )
+    assert _golden_sample(model, params, xar_golden) < 1e-4
 
 
 def test_time_grid_follows_the_release():
@@ -75,7 +90,19 @@ def _tiny(layout, **kw):
 
 @pytest.mark.parametrize("layout", KIND_LAYOUTS, ids=lambda lay: lay.kind)
 def test_cached_sampling_matches_full_forward(layout):
-    model, params = _tiny(layout)
+    _check_cached_matches_full(layout)
+
+
+@pytest.mark.parametrize("layout", [KIND_LAYOUTS[0], KIND_LAYOUTS[1]], ids=["looped", "unrolled"])
+def test_fused_cached_attention_matches_full_forward(layout):
+    # 16 token entities: a loop over entities, the cache visibility a traced mask; 4 cells: the
+    # unrolled loop with static cache prefixes and no mask.
+    assert (layout.num_entities > sampling.STATIC_ENTITY_LIMIT) == (layout.kind == "token")
+    _check_cached_matches_full(layout, attention_impl="dot_product")
+
+
+def _check_cached_matches_full(layout, **model_kw):
+    model, params = _tiny(layout, **model_kw)
     labels = jnp.array([3, 7])
     kw = dict(num_steps=3, cfg=2.0, key=jax.random.key(5))
     cached = sampling.sample(model, params, labels, **kw)

@@ -96,6 +96,7 @@ class BlockStack(nn.Module):
     depth: int
     block_kwargs: tuple[tuple[str, Any], ...]
     scan_layers: bool = False
+    scan_unroll: int = 1
     remat: str = "none"
 
     @nn.compact
@@ -120,6 +121,7 @@ class BlockStack(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
                 in_axes=(nn.broadcast,) * len(args) + (0, nn.broadcast),
                 length=self.depth,
+                unroll=self.scan_unroll,
             )
             return scanned(make("blocks"), x, *args, cache, visible)
         kvs = []
@@ -149,6 +151,8 @@ class XAR(nn.Module):
       attention_impl: 'xla' (einsum + mask, supports attention dropout), 'dot_product'
         (jax.nn.dot_product_attention, backend's choice), 'cudnn' (fused, GPU bf16/fp16).
       scan_layers: scan over blocks (compile time flat in depth; params stacked on a leading axis).
+      scan_unroll: blocks per iteration of the layer scan (1 = a loop over single blocks; larger
+        values trade compile time for fewer loop iterations; the params are the same).
       remat: rematerialisation policy of each block: 'none', 'full', 'dots', 'dots_no_batch'.
     """
 
@@ -167,6 +171,7 @@ class XAR(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str = "xla"
     scan_layers: bool = False
+    scan_unroll: int = 1
     remat: str = "none"
 
     def setup(self):
@@ -175,6 +180,8 @@ class XAR(nn.Module):
             raise ValueError(
                 f"model.attention_impl={self.attention_impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}."
             )
+        if self.scan_unroll < 1:
+            raise ValueError(f"model.scan_unroll={self.scan_unroll}; allowed: an integer >= 1.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}.")
         for name, heads in (
@@ -227,7 +234,9 @@ class XAR(nn.Module):
             ("attn_dropout", self.attn_dropout),
             ("attention_impl", self.attention_impl),
         )
-        return BlockStack(depth, kwargs, self.scan_layers, self.remat, name=name)
+        return BlockStack(
+            depth, kwargs, self.scan_layers, self.scan_unroll, self.remat, name=name
+        )
 
     # ------------------------------------------------------------------------------------------
     def conditioning(self, t: jax.Array, labels: jax.Array) -> jax.Array:
@@ -279,7 +288,8 @@ class XAR(nn.Module):
           x_t: (B, n, C) the entity's tokens; t: (B,) its time; labels: (B,).
           start: sequence index of the entity's first token (may be traced).
           caches: {'encoder': KVCache, 'decoder': KVCache} of shapes (L, B, N, H, d), or None.
-          visible: (N,) bool, which cached positions are finished entities.
+          visible: (N,) bool, which cached positions are finished entities; None when every
+            cached position is (the caches then hold only the finished prefix).
           return_kv: also return the entity's own {'encoder'|'decoder': KVCache (L, B, n, H, d)}.
 
         Returns:
@@ -345,6 +355,7 @@ def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_cl
         dtype=dtypes[model_cfg.dtype],
         attention_impl=model_cfg.attention_impl,
         scan_layers=model_cfg.scan_layers,
+        scan_unroll=model_cfg.get("scan_unroll", 1),
         remat=model_cfg.remat,
     )
 

@@ -274,7 +274,7 @@ def _cache_context(caches, e, start, entity_of_token):
             name: KVCache(c.keys[:, :, :start], c.values[:, :, :start])
             for name, c in caches.items()
         }
-        return prefix, jnp.ones((start,), bool)
+        return prefix, None  # Every cached position is a finished entity.
     return caches, entity_of_token < e
 
 

@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 | float16 (params stay float32).
     c.model.attention_impl = "xla"  # xla (supports attn dropout) | dot_product | cudnn.
     c.model.scan_layers = False  # Scan over blocks: compile time flat in depth.
+    c.model.scan_unroll = 1  # Blocks per layer-scan iteration (same params; faster, longer compile).
     c.model.remat = "none"  # Rematerialisation per block: none | full | dots | dots_no_batch.
 
     c.train = ml_collections.ConfigDict()
@@ -222,6 +223,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     _check_choice(cfg, "model.dtype", DTYPES)
     _check_choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
     _check_choice(cfg, "model.scan_layers", (True, False))
+    _check_number(cfg, "model.scan_unroll", 1, integer=True)
     _check_choice(cfg, "model.remat", REMAT_POLICIES)
     if cfg.model.attention_impl != "xla" and cfg.model.attn_dropout > 0:
         _fail("model.attn_dropout", cfg.model.attn_dropout,
