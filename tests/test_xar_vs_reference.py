@@ -68,6 +68,18 @@ def test_bfloat16_compute_stays_close_to_float32(xar_golden_state_dict, xar_gold
     assert rel_l2(v, xar_golden["fwd/v_seq"]) < 2e-2
 
 
+def test_exact_gelu_matches_the_erf_definition():
+    from math import erf
+
+    from xar_jax.layers import gelu_exact
+
+    x = np.linspace(-8.0, 8.0, 4001)
+    ref = np.array([0.5 * v * (1.0 + erf(v / np.sqrt(2.0))) for v in x])
+    out = np.asarray(gelu_exact(jnp.asarray(x, jnp.float32)), np.float64)
+    assert np.abs(out - ref).max() < 2e-6
+    assert gelu_exact(jnp.ones((2,), jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_time_index_uses_float32_arithmetic():
     from xar_jax.layers import time_index
 

@@ -198,6 +198,17 @@ class Attention(nn.Module):
         return out, (k, v)
 
 
+def gelu_exact(x: Array) -> Array:
+    """Exact GELU ``x/2 (1 + erf(x/sqrt 2))`` in float32, returned in x's dtype (PyTorch's form).
+
+    ``jax.nn.gelu(approximate=False)`` uses ``erfc``, whose float32 expansion on GPU evaluates
+    both of its branches and an exp per element: a compute-bound kernel as slow as a matmul here.
+    The erf form is the one the release's PyTorch kernel computes.
+    """
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1.0 + jax.lax.erf(xf * np.float32(np.sqrt(0.5))))).astype(x.dtype)
+
+
 class GatedMLP(nn.Module):
     """``fc2(GELU(fc1_g(x)) * fc1_x(x))`` with exact GELU.
 
@@ -216,7 +227,7 @@ class GatedMLP(nn.Module):
         width = self.hidden_padded
         g = self._fc1("fc1_g", width)(x)
         u = self._fc1("fc1_x", width)(x)
-        hidden = jax.nn.gelu(g, approximate=False) * u
+        hidden = gelu_exact(g) * u
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         hidden = nn.Dropout(self.dropout, name="drop1")(hidden, deterministic=deterministic)
         fc2_init = dense_init
