@@ -80,6 +80,32 @@ def test_exact_gelu_matches_the_erf_definition():
     assert gelu_exact(jnp.ones((2,), jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+def test_gated_gelu_backward_equals_autodiff():
+    from xar_jax.layers import gated_gelu, gelu_exact
+
+    g = 3.0 * jax.random.normal(jax.random.key(0), (4096,))
+    u, w = jax.random.normal(jax.random.key(1), (2, 4096))
+    by_hand = jax.grad(lambda g, u: jnp.sum(gated_gelu(g, u) * w), (0, 1))(g, u)
+    autodiff = jax.grad(lambda g, u: jnp.sum(gelu_exact(g) * u * w), (0, 1))(g, u)
+    for a, b in zip(by_hand, autodiff, strict=True):
+        assert rel_l2(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("remat", ["matmuls", "dots"])
+def test_remat_policies_keep_the_gradient(xar_golden_state_dict, xar_golden, remat):
+    inputs = _golden_inputs(xar_golden)
+
+    def grads(policy):
+        model, params = xar_convert.xar_from_torch(
+            xar_golden_state_dict, scan_layers=True, remat=policy
+        )
+        loss = lambda p: jnp.sum(model.apply({"params": p}, *inputs) ** 2)
+        return jax.tree.leaves(jax.grad(loss)(params))
+
+    for a, b in zip(grads(remat), grads("none"), strict=True):
+        assert rel_l2(a, b) < 1e-5
+
+
 def test_time_index_uses_float32_arithmetic():
     from xar_jax.layers import time_index
 

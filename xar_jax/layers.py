@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
@@ -152,6 +153,10 @@ def _fused_cached_attention(q, k, v, ctx: KVContext, impl):
     return jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=impl)
 
 
+# Names of the block's matmul (and attention) outputs, for rematerialisation policies.
+MATMUL_OUTPUTS = ("qkv", "attention", "proj", "fc1_g", "fc1_x", "fc2")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with 2-D RoPE and a block mask (``attn.qkv``, ``attn.proj``)."""
 
@@ -166,7 +171,9 @@ class Attention(nn.Module):
         b, t, d_model = x.shape
         h = self.num_heads
         head_dim = d_model // h
-        qkv = param_dense(3 * d_model, "qkv", self.dtype, ("embed", "qkv"))(x)
+        qkv = checkpoint_name(
+            param_dense(3 * d_model, "qkv", self.dtype, ("embed", "qkv"))(x), "qkv"
+        )
         qkv = qkv.reshape(b, t, 3, h, head_dim)  # Output features laid out as (3, H, head_dim).
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -192,10 +199,16 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=None if mask is None else mask[None, None], implementation=impl
             )
-        out = out.reshape(b, t, d_model)
-        out = param_dense(d_model, "proj", self.dtype, ("qkv_out", "embed"))(out)
+        out = checkpoint_name(out.reshape(b, t, d_model), "attention")
+        out = checkpoint_name(
+            param_dense(d_model, "proj", self.dtype, ("qkv_out", "embed"))(out), "proj"
+        )
         out = nn.Dropout(self.proj_dropout, name="proj_drop")(out, deterministic=deterministic)
         return out, (k, v)
+
+
+_SQRT_HALF = np.float32(np.sqrt(0.5))
+_INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
 
 
 def gelu_exact(x: Array) -> Array:
@@ -206,7 +219,33 @@ def gelu_exact(x: Array) -> Array:
     The erf form is the one the release's PyTorch kernel computes.
     """
     xf = x.astype(jnp.float32)
-    return (0.5 * xf * (1.0 + jax.lax.erf(xf * np.float32(np.sqrt(0.5))))).astype(x.dtype)
+    return (0.5 * xf * (1.0 + jax.lax.erf(xf * _SQRT_HALF))).astype(x.dtype)
+
+
+@jax.custom_vjp
+def gated_gelu(g: Array, u: Array) -> Array:
+    """``gelu_exact(g) * u``, differentiated by hand so that backward keeps only g and u.
+
+    Autodiff would keep the float32 intermediates of the GELU for the backward pass; under a layer
+    scan they are stacked per layer (gigabytes of copies per step). The hand-written backward
+    recomputes them from the compute-dtype inputs instead, as PyTorch's GELU backward does.
+    """
+    return gelu_exact(g) * u
+
+
+def _gated_gelu_fwd(g, u):
+    return gated_gelu(g, u), (g, u)
+
+
+def _gated_gelu_bwd(res, d_out):
+    g, u = res
+    gf, uf, df = g.astype(jnp.float32), u.astype(jnp.float32), d_out.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(gf * _SQRT_HALF))
+    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * gf * gf)
+    return ((df * uf * (cdf + gf * pdf)).astype(g.dtype), (df * gf * cdf).astype(u.dtype))
+
+
+gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
 
 
 class GatedMLP(nn.Module):
@@ -225,9 +264,9 @@ class GatedMLP(nn.Module):
     def __call__(self, x, deterministic: bool):
         d_model = x.shape[-1]
         width = self.hidden_padded
-        g = self._fc1("fc1_g", width)(x)
-        u = self._fc1("fc1_x", width)(x)
-        hidden = gelu_exact(g) * u
+        g = checkpoint_name(self._fc1("fc1_g", width)(x), "fc1_g")
+        u = checkpoint_name(self._fc1("fc1_x", width)(x), "fc1_x")
+        hidden = gated_gelu(g, u)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         hidden = nn.Dropout(self.dropout, name="drop1")(hidden, deterministic=deterministic)
         fc2_init = dense_init
@@ -241,6 +280,7 @@ class GatedMLP(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="fc2",
         )(hidden)
+        out = checkpoint_name(out, "fc2")
         return nn.Dropout(self.dropout, name="drop2")(out, deterministic=deterministic)
 
     def _fc1(self, name, width):
@@ -295,8 +335,12 @@ class Block(nn.Module):
         instead of materialising a (B, T, 6D) array per layer.
         """
         d_model = x.shape[-1]
-        ada = param_dense(6 * d_model, "ada_lin", self.dtype, ("embed", "ada"))(nn.silu(cond))
-        ada = ada.astype(jnp.float32)
+        # On (B*K', D) rows: with (B, K', D) the GPU compiler batches the matmul over K' and
+        # lays it out batch-minor, a layout it then spreads to every elementwise op of the block
+        # (with a transpose at each matmul).
+        rows = nn.silu(cond).reshape(-1, cond.shape[-1])
+        ada = param_dense(6 * d_model, "ada_lin", self.dtype, ("embed", "ada"))(rows)
+        ada = ada.reshape(*cond.shape[:-1], 6 * d_model).astype(jnp.float32)
         if token_entity is None:
             ada = ada[:, :, None, :]
             x = x.reshape(x.shape[0], ada.shape[1], -1, d_model)
@@ -347,6 +391,7 @@ class TimestepEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
-        h = timestep_features(time_index(t))
+        h = timestep_features(time_index(t.reshape(-1)))  # Rows, as for the adaLN projection.
         h = param_dense(self.width, "mlp_0", self.dtype, ("time_freq", "embed"))(h)
-        return param_dense(self.width, "mlp_2", self.dtype, ("embed", "embed_out"))(nn.silu(h))
+        h = param_dense(self.width, "mlp_2", self.dtype, ("embed", "embed_out"))(nn.silu(h))
+        return h.reshape(*t.shape, self.width)

@@ -22,6 +22,7 @@ from flax import linen as nn
 from xar_jax import entities as ent
 from xar_jax.layers import (
     ATTENTION_IMPLS,
+    MATMUL_OUTPUTS,
     Block,
     KVContext,
     RMSNorm,
@@ -86,6 +87,9 @@ _REMAT = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Keep the outputs of the matmuls and of the attention kernel (all compute-dtype), recompute
+    # the elementwise work (norms, modulation, RoPE, GELU, dropout masks) in the backward pass.
+    "matmuls": jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS),
 }
 REMAT_POLICIES = ("none", *_REMAT)  # 'none' or a rematerialisation policy of each block.
 
@@ -234,9 +238,7 @@ class XAR(nn.Module):
             ("attn_dropout", self.attn_dropout),
             ("attention_impl", self.attention_impl),
         )
-        return BlockStack(
-            depth, kwargs, self.scan_layers, self.scan_unroll, self.remat, name=name
-        )
+        return BlockStack(depth, kwargs, self.scan_layers, self.scan_unroll, self.remat, name=name)
 
     # ------------------------------------------------------------------------------------------
     def conditioning(self, t: jax.Array, labels: jax.Array) -> jax.Array:
