@@ -91,17 +91,22 @@ def main():
     parser.add_argument("--state_dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--mlp_multiple", type=int, default=128)
     parser.add_argument("--unrolled", action="store_true", help="no layer scan")
-    parser.add_argument("--scan_unroll", type=int, default=1, help="blocks per layer-scan iteration")
+    parser.add_argument(
+        "--scan_unroll", type=int, default=1, help="blocks per layer-scan iteration"
+    )
     parser.add_argument(
         "--attention_impl",
-        default="xla",
-        choices=["xla", "dot_product", "cudnn"],
-        help="cached attention: xla = two-part softmax; cudnn = fused kernel over [cache, entity]",
+        default="auto",
+        choices=["auto", "xla", "dot_product", "cudnn"],
+        help="cached attention: xla = two-part softmax; cudnn = fused kernel over [cache, entity]; "
+        "auto = cudnn on GPUs, else xla",
     )
     parser.add_argument("--tag", default="", help="suffix of the JSON key (variants)")
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
     parser.add_argument("--no_json", action="store_true")
     args = parser.parse_args()
+    if args.attention_impl == "auto":
+        args.attention_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     if args.state_dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     rows = []

@@ -88,6 +88,15 @@ def test_impossible_values_fail_naming_the_field(field, value, message):
     assert message in str(err.value)
 
 
+def test_fused_attention_needs_no_attention_dropout_only_for_training():
+    config = load("xar_b")
+    config.data.cache_dir = "/data/latent_cache"
+    config.model.attention_impl = "cudnn"  # The fast GPU sampler; attn_dropout stays 0.1.
+    validate_config(config, num_devices=256, training=False)
+    with pytest.raises(ValueError, match="config.model.attn_dropout=0.1"):
+        validate_config(config, num_devices=256)
+
+
 def test_mesh_must_cover_devices_and_batch_must_split():
     config = load("demo")
     config.mesh.data, config.mesh.fsdp = 3, 1

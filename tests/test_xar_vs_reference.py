@@ -91,18 +91,24 @@ def test_gated_gelu_backward_equals_autodiff():
         assert rel_l2(a, b) < 1e-6
 
 
+def _param_grads(state_dict, golden, remat):
+    model, params = xar_convert.xar_from_torch(state_dict, scan_layers=True, remat=remat)
+    inputs = _golden_inputs(golden)
+    loss = lambda p: jnp.sum(model.apply({"params": p}, *inputs) ** 2)
+    return jax.tree.leaves(jax.grad(loss)(params))
+
+
+@pytest.fixture(scope="module")
+def grads_without_remat(xar_golden_state_dict, xar_golden):
+    return _param_grads(xar_golden_state_dict, xar_golden, "none")
+
+
 @pytest.mark.parametrize("remat", ["matmuls", "dots"])
-def test_remat_policies_keep_the_gradient(xar_golden_state_dict, xar_golden, remat):
-    inputs = _golden_inputs(xar_golden)
-
-    def grads(policy):
-        model, params = xar_convert.xar_from_torch(
-            xar_golden_state_dict, scan_layers=True, remat=policy
-        )
-        loss = lambda p: jnp.sum(model.apply({"params": p}, *inputs) ** 2)
-        return jax.tree.leaves(jax.grad(loss)(params))
-
-    for a, b in zip(grads(remat), grads("none"), strict=True):
+def test_remat_policies_keep_the_gradient(
+    xar_golden_state_dict, xar_golden, grads_without_remat, remat
+):
+    grads = _param_grads(xar_golden_state_dict, xar_golden, remat)
+    for a, b in zip(grads, grads_without_remat, strict=True):
         assert rel_l2(a, b) < 1e-5
 
 

@@ -133,7 +133,7 @@ def main(argv):
     # Fail on a bad config before any compilation or data loading.
     from xar_jax.train_config import validate_config
 
-    validate_config(config, jax.device_count())
+    validate_config(config, jax.device_count(), training=FLAGS.mode == "train")
     if jax.process_index() == 0:
         # epath handles gs:// workdirs (os.makedirs would create a local 'gs:' folder).
         from etils import epath

@@ -1,0 +1,49 @@
+"""The GPU benchmark scripts run end to end on a CPU with shrunken networks (smoke tests).
+
+Speed is measured on the GPU (docs/benchmarks.md), never here; these only keep the scripts working.
+"""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _run(script, *args):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--tiny", "--no_json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_train_step_benchmark_fast_recipe_prints_the_table():
+    out = _run(
+        "train_step.py",
+        "--models",
+        "xar_b,xar_l",
+        "--recipe",
+        "fast",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+    )
+    rows = [line for line in out.splitlines() if line.startswith("xar_")]
+    # Per-model step lines, then the summary table: B unrolled, L scanned with 'dots' remat.
+    assert any("False" in r and r.startswith("xar_b") and r.rstrip().endswith("none") for r in rows)
+    assert any("True" in r and r.startswith("xar_l") and r.rstrip().endswith("dots") for r in rows)
+
+
+def test_sample_benchmark_prints_the_table():
+    out = _run(
+        "sample.py", "--models", "xar_b", "--batch", "2", "--num_steps", "2", "--repeats", "1"
+    )
+    assert any(line.startswith("xar_b | 2 ") for line in out.splitlines())
