@@ -30,6 +30,21 @@ def golden_model(xar_golden_state_dict):
     return xar_from_torch(xar_golden_state_dict)
 
 
+@pytest.fixture(scope="session")
+def optimized_golden_model(xar_golden_state_dict):
+    """The golden model on the fast paths that run on CPU: jax.nn.dot_product_attention (cuDNN on
+    GPU, its XLA form here), a layer scan of two blocks per iteration, MLP padded to 128."""
+    from xar_jax.convert.xar import xar_from_torch
+
+    return xar_from_torch(
+        xar_golden_state_dict,
+        attention_impl="dot_product",
+        scan_layers=True,
+        scan_unroll=2,
+        mlp_multiple=128,
+    )
+
+
 def event_tags(workdir) -> set[str]:
     """Scalar/image tags in the TensorBoard event files of ``workdir`` (read without TensorFlow)."""
     import struct

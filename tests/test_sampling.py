@@ -8,7 +8,6 @@ import pytest
 from xar_jax import entities as ent
 from xar_jax import model as xar_model
 from xar_jax import sampling
-from xar_jax.convert import xar as xar_convert
 
 
 def rel_l2(a, b):
@@ -34,16 +33,9 @@ def test_sampler_matches_reference_given_recorded_noise(golden_model, xar_golden
     assert _golden_sample(*golden_model, xar_golden) < 1e-4
 
 
-def test_fused_cached_attention_sampler_matches_reference(xar_golden_state_dict, xar_golden):
-    # The fast sampler path: jax.nn.dot_product_attention over [cache prefix, entity] (cuDNN on
-    # GPU, its XLA form here), scanned layers, padded MLP.
-    model, params = xar_convert.xar_from_torch(
-        xar_golden_state_dict,
-        attention_impl="dot_product",
-        scan_layers=True,
-        mlp_multiple=128,
-    )
-    assert _golden_sample(model, params, xar_golden) < 1e-4
+def test_fused_cached_attention_sampler_matches_reference(optimized_golden_model, xar_golden):
+    # The fast sampler: attention over [cache prefix, entity] as one fused-attention call.
+    assert _golden_sample(*optimized_golden_model, xar_golden) < 1e-4
 
 
 def test_time_grid_follows_the_release():

@@ -212,15 +212,9 @@ def test_convert_cli_writes_a_loadable_directory_and_reports_errors(
     assert main(["xar", "--src", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o2")]) == 1
 
 
-def test_fused_attention_path_matches_reference(xar_golden_state_dict, xar_golden):
-    # jax.nn.dot_product_attention (cuDNN on GPU; its XLA form on CPU) with the block mask, in a
-    # layer scan that runs two blocks per iteration: the optimised paths together.
-    model, params = xar_convert.xar_from_torch(
-        xar_golden_state_dict,
-        attention_impl="dot_product",
-        scan_layers=True,
-        scan_unroll=2,
-        mlp_multiple=128,
-    )
+def test_fused_attention_path_matches_reference(optimized_golden_model, xar_golden):
+    # Fused attention with the block mask, scanned two blocks per iteration, padded MLP: the
+    # optimised paths together.
+    model, params = optimized_golden_model
     v = model.apply({"params": params}, *_golden_inputs(xar_golden))
     assert rel_l2(v, xar_golden["fwd/v_seq"]) < 1e-5
