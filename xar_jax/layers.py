@@ -335,9 +335,7 @@ class Block(nn.Module):
         instead of materialising a (B, T, 6D) array per layer.
         """
         d_model = x.shape[-1]
-        # A plain 2-D matmul on (B*K', D) rows. On (B, K', D) the GPU compiler was seen (HLO
-        # dump, H200) to batch it over K' with a batch-minor output, a layout that spread to the
-        # block's activations with transposes at the matmuls (docs/benchmarks.md).
+        # One 2-D matmul over the (B*K', D) rows of every entity's conditioning.
         rows = nn.silu(cond).reshape(-1, cond.shape[-1])
         ada = param_dense(6 * d_model, "ada_lin", self.dtype, ("embed", "ada"))(rows)
         ada = ada.reshape(*cond.shape[:-1], 6 * d_model).astype(jnp.float32)
