@@ -12,15 +12,19 @@ vae``; errors on random weights overstate what trained weights give.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from xar_jax import vae as vae_lib
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from xar_jax import vae as vae_lib  # noqa: E402
 
 
 def _timed(fn, iters: int) -> tuple[float, float, jax.Array]:
