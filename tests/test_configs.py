@@ -97,6 +97,21 @@ def test_fused_attention_needs_no_attention_dropout_only_for_training():
         validate_config(config, num_devices=256)
 
 
+def _gpu_overrides(name):
+    """The --config overrides of the 'On NVIDIA GPUs' table in docs/training.md."""
+    with open(os.path.join(CONFIGS, "..", "docs", "training.md")) as f:
+        row = next(line for line in f if line.startswith(f"| `{name}.py` | `--config.model"))
+    return row.split(" | ")[1].strip("`").split()
+
+
+@pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
+def test_documented_gpu_overrides_validate(name):
+    argv = [f"--config={os.path.join(CONFIGS, name + '.py')}", *_gpu_overrides(name)]
+    config = _parse(["prog", *argv, "--config.data.cache_dir=/data/latent_cache"])
+    assert config.model.attention_impl == "cudnn" and config.model.attn_dropout == 0.0
+    validate_config(config, num_devices=256)
+
+
 def test_mesh_must_cover_devices_and_batch_must_split():
     config = load("demo")
     config.mesh.data, config.mesh.fsdp = 3, 1
