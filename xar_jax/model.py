@@ -87,8 +87,9 @@ _REMAT = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    # Keep the outputs of the matmuls and of the attention kernel (all compute-dtype), recompute
-    # the elementwise work (norms, modulation, RoPE, GELU, dropout masks) in the backward pass.
+    # Keep the outputs of the matmuls and of the attention (all compute-dtype); recompute the
+    # elementwise work (norms, modulation, RoPE, GELU, dropout masks) in the backward pass. The
+    # fused kernels' softmax statistics are not kept, so their forward runs again.
     "matmuls": jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS),
 }
 REMAT_POLICIES = ("none", *_REMAT)  # 'none' or a rematerialisation policy of each block.
@@ -157,7 +158,8 @@ class XAR(nn.Module):
       scan_layers: scan over blocks (compile time flat in depth; params stacked on a leading axis).
       scan_unroll: blocks per iteration of the layer scan (1 = a loop over single blocks; larger
         values trade compile time for fewer loop iterations; the params are the same).
-      remat: rematerialisation policy of each block: 'none', 'full', 'dots', 'dots_no_batch'.
+      remat: rematerialisation policy of each block: 'none', 'full', 'dots', 'dots_no_batch',
+        'matmuls' (keep the named matmul and attention outputs, ``layers.MATMUL_OUTPUTS``).
     """
 
     layout: ent.EntityLayout
