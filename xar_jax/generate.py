@@ -260,19 +260,14 @@ def sample_run(config: ml_collections.ConfigDict, step: int, num_images: int) ->
 
 def _check_settings_file(out_dir: str, run: SampleRun) -> None:
     """Writes ``settings.json`` on the first run; refuses a directory made with other settings."""
-    path = os.path.join(out_dir, SETTINGS_FILE)
-    wanted = dataclasses.asdict(run)
-    if os.path.exists(path):
-        with open(path) as f:
-            found = json.load(f)
-        if found != wanted:
-            diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
-            raise ValueError(
-                f"{out_dir} holds samples made with other settings (field: (existing, "
-                f"requested)): {diff}. Delete it or set config.sample.out_dir elsewhere."
-            )
-        return
-    _write_text(path, json.dumps(wanted, indent=2, sort_keys=True))
+    from xar_jax.evaluation import sample_writer
+
+    sample_writer.check_or_write_json(
+        os.path.join(out_dir, SETTINGS_FILE),
+        dataclasses.asdict(run),
+        holds="samples made with other settings",
+        remedy="Delete it or set config.sample.out_dir elsewhere.",
+    )
 
 
 def _write_text(path: str, text: str) -> None:

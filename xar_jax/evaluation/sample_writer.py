@@ -150,25 +150,37 @@ def _atomic_png(path: str, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _check_plan_file(out_dir: str, plan: SamplingPlan) -> None:
-    """Writes ``plan.json`` on the first run; refuses to resume a run made with another plan."""
-    path = os.path.join(out_dir, PLAN_FILE)
-    wanted = dataclasses.asdict(plan)
+def check_or_write_json(path: str, wanted: dict[str, Any], *, holds: str, remedy: str) -> None:
+    """Writes ``wanted`` to ``path`` (atomically) on the first run; later refuses any other content.
+
+    The refusal names every differing field as ``field: (existing, requested)``. ``holds`` says
+    what the directory holds and ``remedy`` what to do about it.
+    """
+    wanted = json.loads(json.dumps(wanted))  # Tuples compare as the lists JSON gives back.
     if os.path.exists(path):
         with open(path) as f:
             found = json.load(f)
-        found["key_data"] = tuple(found.get("key_data", ()))
         if found != wanted:
             diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
             raise ValueError(
-                f"{out_dir} holds a sampling run with a different plan (field: (existing, "
-                f"requested)): {diff}. Use another out_dir or the original settings."
+                f"{os.path.dirname(path)} holds {holds} (field: (existing, requested)): {diff}. "
+                f"{remedy}"
             )
         return
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(wanted, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def _check_plan_file(out_dir: str, plan: SamplingPlan) -> None:
+    """Writes ``plan.json`` on the first run; refuses to resume a run made with another plan."""
+    check_or_write_json(
+        os.path.join(out_dir, PLAN_FILE),
+        dataclasses.asdict(plan),
+        holds="a sampling run with a different plan",
+        remedy="Use another out_dir or the original settings.",
+    )
 
 
 def _check_images(images: np.ndarray, batch_size: int, batch: int) -> None:
