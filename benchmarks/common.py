@@ -43,6 +43,10 @@ def build(name: str, **overrides: Any) -> xar_model.XAR:
     return xar_model.XAR(**kwargs)
 
 
+# --tiny: the shrunken network of the CPU smoke tests.
+TINY_OVERRIDES = dict(width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4)
+
+
 def flop_counts(model: xar_model.XAR) -> dict[str, float]:
     """Forward FLOPs per image.
 
@@ -136,3 +140,13 @@ def peak_tflops() -> float | None:
 
 def np_rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def report(section: str, rows: list[dict[str, Any]], columns: list[str], args: Any) -> None:
+    """Prints the device and the summary table, then merges the rows into the JSON under
+    ``section`` (keys: model + ``args.tag``) unless ``args.no_json`` or ``args.tiny``."""
+    print(f"\ndevice: {device_name()}")
+    print_table(rows, columns)
+    if not args.no_json and not args.tiny:
+        path = update_json(section, {r["model"] + args.tag: r for r in rows})
+        print(f"wrote {path}")

@@ -28,18 +28,14 @@ PUBLISHED = {"xar_b": (40, 2.7), "xar_l": (50, 2.3), "xar_h": (50, 2.2)}
 def run_one(name, args):
     steps, cfg = PUBLISHED[name]
     steps = args.num_steps or steps
-    overrides = {
+    settings = {
         "mlp_multiple": args.mlp_multiple,
-        "dtype": jnp.dtype(args.dtype),
         "scan_layers": not args.unrolled,
         "scan_unroll": args.scan_unroll,
         "attention_impl": args.attention_impl,
     }
-    if args.tiny:
-        overrides |= dict(
-            width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4
-        )
-    model = common.build(name, **overrides)
+    tiny = common.TINY_OVERRIDES if args.tiny else {}
+    model = common.build(name, **settings, dtype=jnp.dtype(args.dtype), **tiny)
     params = common.random_params(model)
     labels = jax.random.randint(jax.random.key(1), (args.batch,), 0, 1000)
     fn = sampling.make_sampler(
@@ -70,9 +66,7 @@ def run_one(name, args):
         "tflops": per_image * args.batch / sec / 1e12,
         "mfu": None if peak is None else per_image * args.batch / sec / 1e12 / peak,
         "state_dtype": args.state_dtype,
-        "scan_layers": not args.unrolled,
-        "scan_unroll": args.scan_unroll,
-        "attention_impl": args.attention_impl,
+        **settings,
         "dtype": args.dtype,
         "times_s": [round(t, 4) for t in times],
     }
@@ -113,8 +107,8 @@ def main():
     for name in args.models.split(","):
         rows.append(run_one(name, args))
         common.print_table(rows[-1:], ["model", "img_per_s", "sec_per_batch", "compile_s"])
-    print(f"\ndevice: {common.device_name()}")
-    common.print_table(
+    common.report(
+        "sample",
         rows,
         [
             "model",
@@ -128,10 +122,8 @@ def main():
             "tflops",
             "mfu",
         ],
+        args,
     )
-    if not args.no_json and not args.tiny:
-        path = common.update_json("sample", {r["model"] + args.tag: r for r in rows})
-        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -49,21 +49,17 @@ def model_args(name: str, args: argparse.Namespace) -> argparse.Namespace:
 
 def run_one(name, args):
     batch = args.batch or DEFAULT_BATCH[name]
-    overrides = {
-        "mlp_multiple": args.mlp_multiple,
-        "dtype": jnp.dtype(args.dtype),
+    settings = {
         "attention_impl": args.attention_impl,
         "attn_dropout": args.attn_dropout,
         "dropout": args.dropout,
         "remat": args.remat,
         "scan_layers": not args.unrolled,
         "scan_unroll": args.scan_unroll,
+        "mlp_multiple": args.mlp_multiple,
     }
-    if args.tiny:
-        overrides |= dict(
-            width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4
-        )
-    model = common.build(name, **overrides)
+    tiny = common.TINY_OVERRIDES if args.tiny else {}
+    model = common.build(name, **settings, dtype=jnp.dtype(args.dtype), **tiny)
     boxed = xar_model.abstract_params(model)
     optimizer = ts.make_optimizer(
         learning_rate=4e-4,
@@ -137,13 +133,7 @@ def run_one(name, args):
         "mfu": None if peak is None else issue_tflops / peak,
         "hw_flops_util": None if peak is None else actual_tflops / peak,
         "tflops": issue_tflops,
-        "attention_impl": args.attention_impl,
-        "attn_dropout": args.attn_dropout,
-        "dropout": args.dropout,
-        "remat": args.remat,
-        "scan_layers": not args.unrolled,
-        "scan_unroll": args.scan_unroll,
-        "mlp_multiple": args.mlp_multiple,
+        **settings,
         "prng": args.prng,
         "mesh": args.mesh or "1,1",
         "devices": jax.device_count(),
@@ -199,8 +189,8 @@ def main():
     for name in names:
         rows.append(run_one(name, model_args(name, args)))
         common.print_table(rows[-1:], ["model", "img_per_s", "step_s", "compile_s", "mfu"])
-    print(f"\ndevice: {common.device_name()}")
-    common.print_table(
+    common.report(
+        "train",
         rows,
         [
             "model",
@@ -217,10 +207,8 @@ def main():
             "scan_layers",
             "remat",
         ],
+        args,
     )
-    if not args.no_json and not args.tiny:
-        path = common.update_json("train", {r["model"] + args.tag: r for r in rows})
-        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
