@@ -104,10 +104,7 @@ def convert_file(
       FileExistsError: ``out`` exists and ``overwrite`` is False (checked before reading ``src``).
     """
     src, out = os.fspath(src), os.fspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(
-            f"{out} already exists; pass overwrite=True (--overwrite) to replace it."
-        )
+    params_io.check_writable(out, overwrite)
     _, params = inception_from_torch(src)
     metadata = {
         "model": MODEL_KIND,

@@ -21,6 +21,17 @@ METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
 
 
+def check_writable(out_dir: str, overwrite: bool) -> None:
+    """Raises FileExistsError when ``out_dir`` exists and ``overwrite`` is False.
+
+    Converters call it before reading their source, so a refused run does no work.
+    """
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it."
+        )
+
+
 def save_params(
     out_dir: str, params: Any, metadata: dict[str, Any], *, overwrite: bool = False
 ) -> None:
@@ -30,10 +41,7 @@ def save_params(
       FileExistsError: ``out_dir`` exists and ``overwrite`` is False (nothing is touched).
     """
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it."
-        )
+    check_writable(out_dir, overwrite)
     tmp_dir = out_dir + ".tmp-converting"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)

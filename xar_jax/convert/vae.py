@@ -105,10 +105,7 @@ def convert_file(src: str, out: str, *, overwrite: bool = False) -> None:
     ``out`` is written atomically (temp dir, then rename) and never touched when it exists and
     ``overwrite`` is False; that check happens before reading ``src``.
     """
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(
-            f"{out} already exists; pass overwrite=True (--overwrite) to replace it."
-        )
+    params_io.check_writable(out, overwrite)
     model, params = vae_from_torch(src)
     metadata = {
         "kind": KIND,

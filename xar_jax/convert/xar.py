@@ -308,6 +308,7 @@ def model_metadata(model: xar_model.XAR) -> dict[str, Any]:
 
 def convert_file(src: str, out: str, *, overwrite: bool = False, use_ema: bool = True) -> None:
     """Converts a released ``.pth`` (or ``.npz``) to a params directory (EMA weights by default)."""
+    params_io.check_writable(out, overwrite)  # Before reading src.
     prefer = ("model_ema", "model") if use_ema else ("model",)
     model, params = xar_from_torch(os.fspath(src), prefer=prefer)
     meta = model_metadata(model) | {"source": os.path.abspath(src), "ema": use_ema}
