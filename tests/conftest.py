@@ -61,3 +61,38 @@ def event_tags(workdir) -> set[str]:
             tags.update(v.tag for v in event.summary.value)
             i += 12 + n + 4
     return tags
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
+
+
+def main_env(devices: int = 1, **extra) -> dict:
+    """The environment of a `python -m xar_jax.main` subprocess on ``devices`` CPU devices."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra)
+    return env
+
+
+def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600):
+    """Runs the real entry point; returns the CompletedProcess (output captured as text)."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "xar_jax.main", f"--config={config}", f"--workdir={workdir}",
+            *flags]
+    return subprocess.run(args, env=main_env(devices), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tree_digest(root) -> dict:
+    """``{relative path: sha256}`` of every file under ``root`` (byte-identity checks)."""
+    import hashlib
+    import pathlib
+
+    root = pathlib.Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -123,3 +123,16 @@ def test_mesh_must_cover_devices_and_batch_must_split():
         validate_config(config, num_devices=8)
     assert sharding.resolve_mesh_shape(-1, 2, 1, 8) == (4, 2, 1)
     assert jax.device_count() == 1  # The rest of the suite runs on one device.
+
+
+def test_inference_modes_accept_fused_attention_with_attention_dropout():
+    """Sampling has no dropout: the fast sampler needs no change of the training recipe."""
+    from xar_jax import experiment
+
+    c = load_config_file(os.path.join(CONFIGS, "tiny.py"))
+    c.model.attention_impl = "cudnn"
+    c.model.attn_dropout = 0.1
+    for mode in ("sample", "eval"):
+        experiment.build(c, mode)  # Validated once, for the mode at hand.
+    with pytest.raises(ValueError, match="config.model.attn_dropout"):
+        experiment.build(c, "train")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import event_tags
 
-from xar_jax import generate, train
+from xar_jax import experiment, generate, score, train
 from xar_jax import train_state as ts
 from xar_jax.evaluation.digits_score import digits_quality
 from xar_jax.evaluation.sample_writer import balanced_labels
@@ -54,15 +54,15 @@ def trained(tmp_path_factory):
 
 def test_eval_mode_scores_trained_model_far_above_untrained(trained):
     config, workdir = trained
-    scores = train.evaluate(config, str(workdir))  # what --mode=eval runs
-    assert scores["class_accuracy"] > 0.5, scores
+    scores = score.evaluate(experiment.build(config, "eval"), str(workdir))  # --mode=eval
 
     # The same sampler on freshly initialised params: digits of no particular class.
-    run = train.Run(config, str(workdir))
-    init = ts.create_train_state(run.model, run.optimizer, config.seed, run.state_shardings)
+    exp = experiment.build(config, "train")
+    setup = experiment.training_setup(exp)
+    init = ts.create_train_state(exp.model, setup.optimizer, config.seed, setup.state_shardings)
     mesh = generate.local_mesh()
     sample = generate.make_image_generator(
-        run.model, generate.replicate_on(init.ema_params, mesh), mesh=mesh,
+        exp.model, generate.replicate_on(init.ema_params, mesh), mesh=mesh,
         num_steps=config.sample.num_steps, cfg=config.sample.cfg,
     )
     labels = balanced_labels(config.eval.num_images, 10, seed=0)
@@ -74,13 +74,20 @@ def test_eval_mode_scores_trained_model_far_above_untrained(trained):
     assert scores["frechet_distance"] < untrained["frechet_distance"] / 4
 
     # Recorded: metrics.json beside the samples, eval.json, TensorBoard scalars.
-    record = json.loads((workdir / "eval.json").read_text())
+    history = json.loads((workdir / "eval.json").read_text())
+    record = history[-1]
+    assert record["step"] == TRAIN_STEPS
     assert record["class_accuracy"] == scores["class_accuracy"]
     assert record["settings"]["checkpoint_step"] == TRAIN_STEPS
     beside = json.loads(open(os.path.join(os.path.dirname(record["samples"]), "metrics.json"))
                         .read())
     assert beside == record
     assert {"eval/class_accuracy", "eval/frechet_distance"} <= event_tags(workdir)
+
+
+def _sample(config, workdir):
+    """What --mode=sample runs."""
+    return generate.sample_to_workdir(experiment.build(config, "sample"), str(workdir))
 
 
 def _adm_config(config, out_dir):
@@ -96,7 +103,7 @@ def _adm_config(config, out_dir):
 def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(trained, tmp_path,
                                                                      monkeypatch):
     config, workdir = trained
-    whole = train.sample_to_workdir(_adm_config(config, tmp_path / "whole"), str(workdir))["npz"]
+    whole = _sample(_adm_config(config, tmp_path / "whole"), workdir)["npz"]
 
     calls = []
     real = generate.make_image_generator
@@ -115,7 +122,7 @@ def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(trained, tm
     restarted = _adm_config(config, tmp_path / "restarted")
     monkeypatch.setattr(generate, "make_image_generator", dies_after_three_batches)
     with pytest.raises(KeyboardInterrupt):
-        train.sample_to_workdir(restarted, str(workdir))
+        _sample(restarted, workdir)
     run_dir = next((tmp_path / "restarted").iterdir())
     assert not (run_dir / "samples.npz").exists()  # the final file is complete or absent
     assert len(list((run_dir / "shards").glob("batch_*.npz"))) == 3
@@ -123,7 +130,7 @@ def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(trained, tm
     calls.clear()
     monkeypatch.setattr(generate, "make_image_generator", lambda *a, **k: (
         lambda fn: lambda labels, key: calls.append(1) or fn(labels, key))(real(*a, **k)))
-    path = train.sample_to_workdir(restarted, str(workdir))["npz"]
+    path = _sample(restarted, workdir)["npz"]
     assert len(calls) == 4  # only the missing batches were generated
 
     with np.load(whole) as a, np.load(path) as b:
@@ -138,11 +145,11 @@ def test_sampling_directory_is_never_reused_for_other_settings(trained, tmp_path
     config, workdir = trained
     first = _adm_config(config, tmp_path)
     first.sample.num_images = 10
-    train.sample_to_workdir(first, str(workdir))
+    _sample(first, workdir)
     other = first.copy_and_resolve_references()
     other.sample.cfg_schedule = "constant"  # not in the directory name, recorded in settings
     with pytest.raises(ValueError, match="cfg_schedule"):
-        train.sample_to_workdir(other, str(workdir))
+        _sample(other, workdir)
 
 
 def _imagenet_config(tmp_path, **fields):
@@ -168,7 +175,8 @@ def test_imagenet_eval_names_missing_files_and_their_commands_before_any_work(tm
     ]
     for fields, field, command in cases:
         with pytest.raises(FileNotFoundError) as e:
-            train.evaluate(_imagenet_config(tmp_path, **fields), str(workdir))
+            score.evaluate(experiment.build(_imagenet_config(tmp_path, **fields), "eval"),
+                           str(workdir))
         assert field in str(e.value) and command in str(e.value)
     assert not workdir.exists()
 

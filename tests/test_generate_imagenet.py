@@ -10,7 +10,7 @@ import numpy as np
 from conftest import golden_path
 
 from xar_jax import entities as ent
-from xar_jax import generate
+from xar_jax import generate, score
 from xar_jax import model as xar_model
 from xar_jax.convert import inception as inception_convert
 from xar_jax.convert import vae as vae_convert
@@ -68,7 +68,7 @@ def test_imagenet_samples_decode_to_an_adm_npz_and_score(tmp_path):
         {"eval": {"reference_stats": stats_path, "inception_checkpoint": inception_dir,
                   "batch_size": 5}}
     )
-    metrics = generate.score_imagenet(config, out)
+    metrics = score.score_imagenet(config, out)
     assert os.path.exists(stats_path)
     assert abs(metrics["fid"]) < 1e-3, metrics
     assert np.isfinite(metrics["inception_score"]) and metrics["inception_score"] >= 1.0

@@ -181,15 +181,11 @@ def test_only_process_0_writes_metrics_and_images(runs):
 
 
 def _final_params(workdir):
-    from xar_jax.train import Run
+    from xar_jax import experiment
 
     config = load_config_file(TINY)
     config.train.num_steps = STEPS
-    run = Run(config, str(workdir))
-    try:
-        state, step = run.checkpointer.restore_latest(run.abstract_state)
-    finally:
-        run.checkpointer.close()
+    state, step = experiment.restore_train_state(config, str(workdir))
     return jax.device_get(state.params), step
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import event_tags
 
+from xar_jax import experiment, generate, score
 from xar_jax.train_config import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,11 +43,7 @@ def _env():
 
 
 def _final_params(workdir, config):
-    from xar_jax.train import Run
-
-    run = Run(config, str(workdir))
-    state, step = run.checkpointer.restore_latest(run.abstract_state)
-    run.checkpointer.close()
+    state, step = experiment.restore_train_state(config, str(workdir))
     return jax.device_get(state.params), step
 
 
@@ -96,8 +93,6 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, uninterrupted)
 def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupted, caplog):
     import shutil
 
-    from xar_jax.train import Run, evaluate, sample_to_workdir
-
     workdir = tmp_path / "damaged"
     shutil.copytree(uninterrupted, workdir)
     newest = workdir / "checkpoints" / str(STEPS)
@@ -106,10 +101,8 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupt
             with open(path, "r+b") as f:
                 f.truncate(path.stat().st_size // 2)
     config = tiny_config(**{"train.num_steps": STEPS})
-    run = Run(config, str(workdir))
-    with caplog.at_level(logging.WARNING, logger="xar_jax.train"):
-        state = run.init_or_restore()
-    run.checkpointer.close()
+    with caplog.at_level(logging.WARNING, logger="xar_jax.checkpointing"):
+        state, _ = experiment.restore_train_state(config, str(workdir))
     previous = max(s for s in range(0, STEPS, config.checkpoint.every_steps))
     assert int(state.step) == previous
     assert any(f"step {STEPS}" in r.getMessage() and "unreadable" in r.getMessage()
@@ -117,13 +110,13 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupt
     # Nothing is deleted: the damaged directory is moved aside.
     assert any((workdir / "checkpoints_unreadable").iterdir())
 
-    paths = sample_to_workdir(config, str(workdir))
+    paths = generate.sample_to_workdir(experiment.build(config, "sample"), str(workdir))
     assert os.path.exists(paths["png"])
     with np.load(paths["npz"]) as data:
         assert data["images"].shape == (config.sample.num_images, 8, 8, 1)
         np.testing.assert_array_equal(data["labels"][:12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
         assert np.all(np.isfinite(data["images"]))
-    scores = evaluate(config, str(workdir))  # --mode=eval: digits score of samples.npz.
+    scores = score.evaluate(experiment.build(config, "eval"), str(workdir))  # --mode=eval: digits score of samples.npz.
     assert set(scores) == {"class_accuracy", "frechet_distance"}
     assert 0.0 <= scores["class_accuracy"] <= 1.0
     assert (workdir / "eval.json").exists()

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -98,7 +99,8 @@ def test_nonfinite_step_never_reaches_params_and_stop_freezes(setup):
     from xar_jax.train import NonFiniteError, check_finite
 
     with pytest.raises(NonFiniteError, match="Step 0 produced a non-finite"):
-        check_finite(after, "stop")
+        check_finite(after, ml_collections.ConfigDict(
+            {"nan_policy": "stop", "max_consecutive_skips": 10}))
 
 
 def test_nonfinite_step_is_skipped_under_skip_policy(setup):
@@ -110,6 +112,25 @@ def test_nonfinite_step_is_skipped_under_skip_policy(setup):
     resumed, metrics = steps[1, "skip"](skipped, batch)
     assert bool(metrics["finite"])
     assert _max_diff(resumed.params, state.params) > 1e-4
+    assert int(resumed.consecutive_skips) == 0
+
+
+def test_skip_policy_stops_after_max_consecutive_nonfinite_steps(setup):
+    from xar_jax.train import NonFiniteError, check_finite
+
+    _, _, _, state, batch, steps = setup
+    bad = dict(batch, latents=np.full_like(batch["latents"], np.inf))
+    limits = ml_collections.ConfigDict({"nan_policy": "skip", "max_consecutive_skips": 3})
+    for _ in range(2):
+        state, _ = steps[1, "skip"](state, bad)
+    check_finite(state, limits)  # Two in a row: under the limit, the run goes on.
+    interrupted, _ = steps[1, "skip"](steps[1, "skip"](state, batch)[0], bad)
+    assert int(interrupted.consecutive_skips) == 1  # A finite step resets the count.
+    check_finite(interrupted, limits)
+    state, _ = steps[1, "skip"](state, bad)
+    assert int(state.consecutive_skips) == 3 and int(state.skipped_steps) == 3
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row"):
+        check_finite(state, limits)
 
 
 def test_moments_batches_are_sampled_on_device():

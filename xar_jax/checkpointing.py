@@ -8,7 +8,12 @@ Saves are asynchronous and collective (every process calls `save`). Orbax writes
 temporary directory and renames it when complete, so a run killed mid-save leaves no half
 checkpoint under its final name. A final directory damaged later (truncated or deleted files) is
 detected at restore: the newest readable checkpoint is used instead, with a warning, and the
-damaged one is moved to ``<workdir>/checkpoints_unreadable/`` (never deleted).
+damaged one is moved to ``<workdir>/checkpoints_unreadable/`` (never deleted). At most one is set
+aside per start: a second unreadable one stops the run, since that points at the storage.
+
+A checkpoint whose arrays have other names or shapes than the config gives is *not* damaged: the
+check against the stored metadata (`CheckpointMismatchError`) comes before any restore and
+touches nothing. Sampling restores only the EMA params (`restore_params`, a partial restore).
 """
 
 from __future__ import annotations
@@ -18,11 +23,34 @@ import os
 import time
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-log = logging.getLogger("xar_jax.train")
+log = logging.getLogger("xar_jax.checkpointing")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds other arrays than the config describes (not damage: nothing is moved)."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """More than one checkpoint was unreadable in one start."""
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{'params/encoder/.../kernel': shape}`` of a TrainState, dict or Orbax metadata tree."""
+
+    def name(entry) -> str:
+        for attr in ("name", "key", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(e) for e in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 class Checkpointer:
@@ -37,19 +65,30 @@ class Checkpointer:
         max_to_keep: int,
         keep_period: int = 0,
         async_save: bool = True,
+        read_only: bool = False,
     ):
         # epath: local paths and gs:// buckets alike.
         self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self.every_steps = every_steps
+        self.read_only = read_only
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             keep_period=keep_period or None,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
             # Leftovers of saves interrupted before their atomic rename (never a finished step).
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+        # Handlers are named up front so the stored metadata can be read before any restore.
+        if read_only:  # Sampling: partial restores of the params (PyTree handler).
+            handlers = {"state": ocp.PyTreeCheckpointHandler()}
+        else:
+            handlers = {"state": ocp.StandardCheckpointHandler(),
+                        "data": grain.checkpoint.CheckpointHandler()}
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=self._options, item_handlers=handlers
+        )
 
     # ------------------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -65,8 +104,6 @@ class Checkpointer:
             return
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            import grain
-
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -82,30 +119,97 @@ class Checkpointer:
     ) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint into ``abstract_state``'s shardings.
 
+        Shardings may differ from those the checkpoint was saved with (another mesh): Orbax
+        reads each shard of the new layout from the stored arrays.
+
         Args:
           abstract_state: TrainState of `jax.ShapeDtypeStruct` with shardings.
           data_iterator: the Grain iterator whose position is restored in place (or None).
 
         Returns:
-          ``(state, step)`` or None when there is no checkpoint. Unreadable newer checkpoints are
-          skipped with a warning and moved aside.
+          ``(state, step)`` or None when there is no checkpoint.
+
+        Raises:
+          CheckpointMismatchError: the newest checkpoint holds arrays of other shapes or names
+            than ``abstract_state`` (another config). Nothing is moved.
+          UnreadableCheckpointError: a second unreadable checkpoint in one start.
         """
+        return self._restore_newest(
+            lambda step: self._restore(step, abstract_state, data_iterator),
+            lambda step: self._check_against(step, abstract_state, ""),
+        )
+
+    def restore_params(self, abstract_params: Any, *, use_ema: bool = True) -> tuple[Any, int] | None:
+        """The EMA (or raw) params of the newest readable checkpoint, nothing else.
+
+        An Orbax partial restore: the optimizer state and the other params are not read.
+
+        Returns:
+          ``(params, step)`` or None when there is no checkpoint.
+        """
+        field = "ema_params" if use_ema else "params"
+        target = {field: abstract_params}
+
+        def restore(step):
+            args = ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )
+            return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"][field]
+
+        return self._restore_newest(restore, lambda step: self._check_against(step, target, ""))
+
+    def _restore_newest(self, restore, check) -> tuple[Any, int] | None:
+        moved = None
         for step in reversed(self.all_steps()):
             try:
-                return self._restore(step, abstract_state, data_iterator), step
+                check(step)
+                return restore(step), step
+            except CheckpointMismatchError:
+                raise
             except Exception as e:  # Orbax raises many types for damaged files.
+                reason = f"{type(e).__name__}: {str(e)[:300]}"
+                if moved is not None:
+                    raise UnreadableCheckpointError(
+                        f"Checkpoint step {step} in {self.directory} is unreadable too ({reason}), "
+                        f"after step {moved} was set aside in this start. Stopping without moving "
+                        "more: two damaged checkpoints suggest a problem with the storage or the "
+                        "environment, not with one file. Nothing else was changed."
+                    ) from e
                 log.warning(
-                    "Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
-                    "previous one.", step, self.directory, type(e).__name__, str(e)[:300]
+                    "Checkpoint step %d in %s is unreadable (%s); %s and falling back to the "
+                    "previous one.", step, self.directory, reason,
+                    "leaving it (read-only)" if self.read_only else "setting it aside",
                 )
-                self._move_aside(step)
+                if not self.read_only:
+                    self._move_aside(step)
+                moved = step
         return None
+
+    def _check_against(self, step: int, target: Any, prefix: str) -> None:
+        """Raises CheckpointMismatchError when ``target``'s leaves differ from the stored ones.
+
+        Reading the metadata of a damaged checkpoint raises something else (it is unreadable).
+        """
+        stored = _leaf_shapes(self._manager.item_metadata(step)["state"].tree)
+        wanted = _leaf_shapes(target)
+        problems = [f"{k}: missing from the checkpoint" for k in wanted if k not in stored]
+        problems += [
+            f"{k}: stored {stored[k]}, config gives {shape}"
+            for k, shape in wanted.items() if k in stored and stored[k] != shape
+        ]
+        if problems:
+            more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
+            raise CheckpointMismatchError(
+                f"Checkpoint step {step} in {self.directory} does not fit this config: "
+                f"{'; '.join(problems[:6])}{more}. It was not touched; use the config it was "
+                "written with, or another workdir."
+            )
 
     def _restore(self, step, abstract_state, data_iterator):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            import grain
-
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
@@ -121,8 +225,6 @@ class Checkpointer:
                 src.rename(dst)
                 log.warning("Moved unreadable checkpoint %s to %s.", src, dst)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"xar_checkpoint_move_aside_{step}")
         self._manager.reload()
 

@@ -1,25 +1,30 @@
-"""Sampling and evaluation at scale: class-balanced, resumable, on every device of every host.
+"""``--mode=sample``: the one sampling front end, for grids and ADM ``.npz`` files alike.
 
-``--mode=sample`` with ``sample.format='adm'`` and ``--mode=eval`` run here:
+Every image this package samples goes through `make_image_generator` (labels -> uint8 images on
+a mesh of this process's devices, params replicated there, the KL-16 decoder when configured):
 
-1. Checks every path the run needs (reference statistics, Inception, VAE, output directory)
-   before any compilation, naming the config field and the command that creates the file.
-2. Restores the newest checkpoint and takes its EMA params (``sample.use_ema``).
+* ``sample.format='grid'`` (the demo) and the trainer's periodic grids: `sample_grid` writes
+  ``samples.png`` (one column per class) and ``samples.npz`` (latents, labels, images in [-1, 1]);
+* ``sample.format='adm'`` (at scale) and ``--mode=eval``: `generate_samples` writes
+  ``sample.num_images`` class-balanced images, resumable, as ADM's ``samples.npz``.
+
+The ADM run, step by step:
+1. Checks every path the run needs (VAE, output directory) before any compilation, naming the
+   config field and the command that creates the file.
+2. Takes the params from `xar_jax.experiment.inference_params`: the EMA params of the newest
+   checkpoint (a partial restore) or converted released weights (``config.weights``).
 3. Generates class-balanced labels (50 per class for 50k ImageNet images) with
    `xar_jax.evaluation.sample_writer.write_samples`: process ``p`` of ``P`` generates batches
    ``p, p + P, ...``, each batch sharded over that process's devices; finished batches are shards
    on disk, so a killed run restarted with the same command continues where it stopped, and
    ``samples.npz`` (``arr_0`` uint8 ``(N, H, W, 3)`` + ``labels``, ADM's format) is complete or
-   absent. The images depend only on the checkpoint, the settings and ``sample.seed``.
-4. ``--mode=eval`` scores them: FID and Inception Score against ``eval.reference_stats`` for
-   ImageNet, `digits_quality` (class accuracy, Fréchet distance) for the digits demo, and writes
-   ``metrics.json`` next to the samples, ``workdir/eval.json`` (the latest evaluation) and
-   TensorBoard scalars ``eval/<metric>`` at the checkpoint's step.
+   absent. The images depend only on the params, the settings and ``sample.seed``.
 
-Outputs of one checkpoint and one set of settings live in one directory under
-``sample.out_dir`` (default ``workdir/generated``), e.g. ``step_00001012-sde20-cfg2-seed0-n1000``,
-with ``settings.json`` recording everything that determines the images; a rerun with other
-settings goes to another directory, and a directory is never reused for different settings.
+Outputs of one params source and one set of settings live in one directory under
+``sample.out_dir`` (default ``workdir/generated``), e.g. ``step_00001012-sde20-cfg2-seed0-n1000``
+or ``weights_xar_h-sde50-cfg2.2-seed0-n50000``, with ``settings.json`` recording everything that
+determines the images; a rerun with other settings goes to another directory, and a directory is
+never reused for different settings.
 
 Why process-local generation: sampling needs no cross-host communication, so each host runs its
 own batches at its own pace, with the params replicated on its devices (xAR-H: 4.7 GB float32,
@@ -30,7 +35,6 @@ uint8); ImageNet images are decoded by the KL-16 VAE to ``(N, 256, 256, 3)``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -40,28 +44,29 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from xar_jax import sampling
+from xar_jax import experiment as experiment_lib
+from xar_jax import fileio, sampling
+from xar_jax import metrics as metrics_lib
 from xar_jax import sharding as sharding_lib
+from xar_jax import vae as vae_lib
+from xar_jax.convert import vae as vae_convert
+from xar_jax.evaluation import sample_writer
 
 log = logging.getLogger("xar_jax.generate")
 
 GENERATED_DIR = "generated"
 SETTINGS_FILE = "settings.json"
-METRICS_FILE = "metrics.json"
-LATEST_EVAL_FILE = "eval.json"
+GRID_PNG = "samples.png"
+GRID_NPZ = "samples.npz"
 
 ImageGenerator = Callable[[np.ndarray, jax.Array], np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks before any work.
-def _exists(path: str) -> bool:
-    return epath.Path(path).exists()
-
-
 def per_process_batch(config: ml_collections.ConfigDict, process_count: int,
                       local_devices: int) -> int:
     """Images per generator call on one process: ``sample.batch_size`` (global) / processes.
@@ -118,7 +123,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
     if not scoring or config.data.source == "digits":
         return
     stats = config.eval.reference_stats
-    if not stats or not _exists(stats):
+    if not stats or not fileio.as_path(stats).exists():
         raise FileNotFoundError(
             f"config.eval.reference_stats={stats!r} does not exist; it is the FID reference "
             "statistics .npz (mu, sigma): ADM's VIRTUAL_imagenet256_labeled.npz, or create one "
@@ -151,16 +156,10 @@ def replicate_on(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = multihost_gather(x)
+            x = sharding_lib.gather_to_host(x)
         return jax.device_put(x, replicated)
 
     return jax.tree.map(one, tree)
-
-
-def multihost_gather(x: jax.Array) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -214,21 +213,19 @@ def make_image_generator(
 
 def vae_decoder(path: str, scale: float, mesh: jax.sharding.Mesh) -> Callable[[jax.Array], Any]:
     """KL-16 decoding of scaled latents, params from a `python -m xar_jax.convert vae` dir."""
-    from xar_jax import vae as vae_lib
-    from xar_jax.convert.vae import load_converted
-
-    model, params = load_converted(path)
+    model, params = vae_convert.load_converted(path)
     params = replicate_on(params, mesh)
     return lambda latents: vae_lib.decode(params, latents, model=model, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------
-# One sampling run: a directory per (checkpoint, settings).
+# One sampling run: a directory per (params source, settings).
 @dataclasses.dataclass(frozen=True)
 class SampleRun:
     """What determines a set of generated images."""
 
-    checkpoint_step: int
+    checkpoint_step: int  # 0 for converted weights.
+    weights: str  # The converted weights directory, or '' for a workdir checkpoint.
     num_images: int
     seed: int
     num_steps: int
@@ -242,26 +239,33 @@ class SampleRun:
     batch_size: int  # global images per step
 
     def dir_name(self) -> str:
-        return (f"step_{self.checkpoint_step:08d}-{self.sampler}{self.num_steps}-cfg{self.cfg:g}"
+        if self.weights:
+            source = "weights_" + os.path.basename(os.path.normpath(self.weights))
+        else:
+            source = f"step_{self.checkpoint_step:08d}"
+        return (f"{source}-{self.sampler}{self.num_steps}-cfg{self.cfg:g}"
                 f"-seed{self.seed}-n{self.num_images}")
 
 
-def sample_run(config: ml_collections.ConfigDict, step: int, num_images: int) -> SampleRun:
+def sample_run(config: ml_collections.ConfigDict, source: experiment_lib.ParamsSource,
+               num_images: int) -> SampleRun:
     s = config.sample
     return SampleRun(
-        checkpoint_step=int(step), num_images=int(num_images), seed=s.seed,
+        checkpoint_step=int(source.step), weights=_absolute(source.weights),
+        num_images=int(num_images), seed=s.seed,
         num_steps=s.num_steps, cfg=float(s.cfg), cfg_schedule=s.cfg_schedule, sampler=s.sampler,
         use_ema=s.use_ema, model_dtype=config.model.dtype, tokenizer=config.latent.tokenizer,
-        vae_checkpoint=os.path.abspath(config.latent.vae_checkpoint)
-        if config.latent.vae_checkpoint else "",
+        vae_checkpoint=_absolute(config.latent.vae_checkpoint),
         batch_size=s.batch_size,
     )
 
 
+def _absolute(path: str) -> str:
+    return os.fspath(fileio.as_path(path)) if path else ""
+
+
 def _check_settings_file(out_dir: str, run: SampleRun) -> None:
     """Writes ``settings.json`` on the first run; refuses a directory made with other settings."""
-    from xar_jax.evaluation import sample_writer
-
     sample_writer.check_or_write_json(
         os.path.join(out_dir, SETTINGS_FILE),
         dataclasses.asdict(run),
@@ -270,40 +274,43 @@ def _check_settings_file(out_dir: str, run: SampleRun) -> None:
     )
 
 
-def _write_text(path: str, text: str) -> None:
-    """Writes via a temporary name then renames (local or gs://)."""
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{os.getpid()}-{target.name}"
-    tmp.write_text(text)
-    tmp.rename(target)
-
-
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
+def _decoder(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """The KL-16 decoder when configured; None when the latents are the images (digits)."""
+    if config.latent.tokenizer == "kl16":
+        return vae_decoder(config.latent.vae_checkpoint, config.latent.scale, mesh)
+    return None
+
+
+def _generator(exp: experiment_lib.Experiment, params: Any, mesh) -> ImageGenerator:
+    s = exp.config.sample
+    return make_image_generator(
+        exp.model, params, mesh=mesh, num_steps=s.num_steps, cfg=s.cfg, sampler=s.sampler,
+        cfg_schedule=s.cfg_schedule, decoder=_decoder(exp.config, mesh),
+    )
+
+
 def generate_samples(
-    config: ml_collections.ConfigDict, workdir: str, *, num_images: int | None = None
+    exp: experiment_lib.Experiment, workdir: str, *, num_images: int | None = None
 ) -> tuple[str, SampleRun]:
-    """``--mode=sample`` at scale: class-balanced samples of the newest checkpoint, resumable.
+    """``--mode=sample`` at scale: class-balanced samples, resumable.
 
     Every process must call this (multi-host runs share ``sample.out_dir``).
 
     Args:
-      config: a training config; ``sample.*`` set the sampler, ``latent.*`` the decoder.
-      workdir: holds ``checkpoints/``.
+      exp: the experiment (`xar_jax.experiment.build`); ``sample.*`` set the sampler,
+        ``latent.*`` the decoder, ``weights`` the params source.
+      workdir: holds ``checkpoints/`` (unless ``config.weights`` is set).
       num_images: default ``sample.num_images``; must be a multiple of ``latent.num_classes``.
 
     Returns:
       ``(path of samples.npz, SampleRun)`` on every process (the file exists when it returns).
     """
-    from xar_jax import train  # train imports this module lazily; no import cycle at load time.
-    from xar_jax.evaluation import sample_writer
-
+    config = exp.config
     num_images = config.sample.num_images if num_images is None else num_images
     classes = config.latent.num_classes
     if num_images % classes:
@@ -315,14 +322,9 @@ def generate_samples(
     local_batch = per_process_batch(config, jax.process_count(), jax.local_device_count())
     root = samples_root(config, workdir)
 
-    run = train.Run(config, workdir)
-    with jax.set_mesh(run.mesh), run.rules_context():
-        restored = run.checkpointer.restore_latest(run.abstract_state)
-    run.checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"No checkpoint under {workdir}/checkpoints to sample from.")
-    state, step = restored
-    settings = sample_run(config, step, num_images)
+    with jax.set_mesh(exp.mesh), exp.rules_context():
+        params, source = experiment_lib.inference_params(exp, workdir)
+    settings = sample_run(config, source, num_images)
     out_dir = os.path.join(root, settings.dir_name())
     final = os.path.join(out_dir, sample_writer.SAMPLES_FILE)
     if jax.process_index() == 0:
@@ -334,22 +336,14 @@ def generate_samples(
         return final, settings
 
     mesh = local_mesh()
-    params = replicate_on(state.ema_params if config.sample.use_ema else state.params, mesh)
-    del state
-    decoder = None
-    if config.latent.tokenizer == "kl16":
-        decoder = vae_decoder(config.latent.vae_checkpoint, config.latent.scale, mesh)
-    s = config.sample
-    generate = make_image_generator(
-        run.model, params, mesh=mesh, num_steps=s.num_steps, cfg=s.cfg, sampler=s.sampler,
-        cfg_schedule=s.cfg_schedule, decoder=decoder,
-    )
-    log.info("Sampling %d images (checkpoint step %d) into %s.", num_images, step, out_dir)
-    with jax.set_mesh(mesh), run.rules_context():
+    generate = _generator(exp, replicate_on(params, mesh), mesh)
+    del params
+    log.info("Sampling %d images (%s) into %s.", num_images, source.describe(), out_dir)
+    with jax.set_mesh(mesh), exp.rules_context():
         sample_writer.write_samples(
             generate, out_dir, num_images=num_images, num_classes=classes,
-            batch_size=local_batch, seed=s.seed,
-            png_dir=os.path.join(out_dir, "png") if s.write_png else None,
+            batch_size=local_batch, seed=config.sample.seed,
+            png_dir=os.path.join(out_dir, "png") if config.sample.write_png else None,
         )
     _barrier("xar_jax.generate.assembled")  # process 0 assembles after the writer's barrier
     log.info("Wrote %s.", final)
@@ -357,80 +351,95 @@ def generate_samples(
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring.
-def read_npz(path: str, key: str) -> np.ndarray:
-    with open(path, "rb") as f, np.load(f) as data:
-        return data[key]
+# Grids: the demo's --mode=sample and the trainer's periodic samples.
+def class_labels(num_images: int, num_classes: int) -> np.ndarray:
+    """Labels 0, 1, ..., num_classes-1, 0, 1, ... (a grid row per class when columns = classes)."""
+    return (np.arange(num_images) % num_classes).astype(np.int32)
 
 
-def score_digits(path: str) -> dict[str, float]:
-    """Class accuracy and Fréchet distance of an ADM-format digits ``samples.npz``."""
-    from xar_jax.evaluation.digits_score import digits_quality
+def sample_grid(exp: experiment_lib.Experiment, params: Any, num_images: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(labels, latents, images in [-1, 1] or None)`` of a class-ordered grid.
 
-    images = read_npz(path, "arr_0").astype(np.float32) / 127.5 - 1.0
-    return {k: float(v) for k, v in digits_quality(images, read_npz(path, "labels")).items()}
+    Every process must call this (the params may be sharded over hosts); every process gets the
+    same arrays. Images are None for KL-16 latents without ``latent.vae_checkpoint``.
+    """
+    config = exp.config
+    mesh = local_mesh()
+    params = replicate_on(params, mesh)
+    labels = class_labels(num_images, config.latent.num_classes)
+    # Batches split over the local devices: round up, and pad the last batch.
+    devices = mesh.devices.size
+    batch = -(-min(config.sample.batch_size, num_images) // devices) * devices
+    s = config.sample
+    sample_fn = sampling.make_sampler(exp.model, num_steps=s.num_steps, cfg=float(s.cfg),
+                                      sampler=s.sampler, cfg_schedule=s.cfg_schedule)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.random.key(seed)
+    chunks = []
+    with jax.set_mesh(mesh), exp.rules_context():
+        for i, start in enumerate(range(0, num_images, batch)):
+            real = labels[start: start + batch]
+            padded = jax.device_put(np.resize(real, batch).astype(np.int32), batch_sharding)
+            key_i = jax.device_put(jax.random.fold_in(key, i), replicated)
+            chunks.append(np.asarray(sample_fn(params, padded, key_i, None))[: len(real)])
+    latents = np.concatenate(chunks)
+    if config.latent.tokenizer == "identity":
+        return labels, latents, latents
+    if not config.latent.vae_checkpoint:
+        log.warning("latent.vae_checkpoint is empty: writing latents only (no images).")
+        return labels, latents, None
+    decode = jax.jit(_decoder(config, mesh))
+    images = np.concatenate([
+        np.asarray(decode(jnp.asarray(latents[i: i + batch])))
+        for i in range(0, num_images, batch)
+    ])
+    return labels, latents, images
 
 
-def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` from a statistics ``.npz`` at a local path or gs:// URL."""
-    from xar_jax.evaluation import fid
-
-    if "://" not in path:
-        return fid.load_reference_stats(path)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "reference.npz")
-        with open(local, "wb") as f:
-            f.write(epath.Path(path).read_bytes())
-        return fid.load_reference_stats(local)
+def write_training_grid(exp, params, workdir: str, step: int, writer) -> None:
+    """The trainer's EMA sample grid: ``workdir/samples/step_<S>.png`` and TensorBoard."""
+    n = exp.config.log.num_samples
+    _, _, images = sample_grid(exp, params, n, seed=step)
+    if images is None or jax.process_index() != 0:
+        return
+    grid = metrics_lib.image_grid(images, columns=min(exp.config.latent.num_classes, n))
+    path = fileio.write_png(fileio.as_path(workdir) / "samples" / f"step_{step:08d}.png", grid)
+    writer.write_images(step, {"samples_ema": grid[None]})
+    log.info("Wrote %s.", path)
 
 
-def score_imagenet(config: ml_collections.ConfigDict, path: str) -> dict[str, float]:
-    """FID and Inception Score of ``samples.npz`` (all processes take part)."""
-    from xar_jax.convert.inception import load_inception
-    from xar_jax.evaluation.evaluate import evaluate_images
-    from xar_jax.evaluation.image_sources import NpzImages
+def sample_to_workdir(exp: experiment_lib.Experiment, workdir: str) -> dict[str, str]:
+    """``--mode=sample``: samples as ``sample.format`` says, from `inference_params`.
 
-    reference = load_reference(config.eval.reference_stats)
-    metrics = evaluate_images(
-        load_inception(config.eval.inception_checkpoint), NpzImages(path), reference,
-        batch_size=config.eval.batch_size,
-    )
-    return {k: float(v) for k, v in metrics.items()}
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """``--mode=eval``: sample ``eval.num_images`` (resumable), decode, score, record.
-
-    Writes ``metrics.json`` next to the samples, ``workdir/eval.json`` (the latest evaluation)
-    and TensorBoard scalars ``eval/<metric>`` at the checkpoint's step.
+    * ``'grid'`` (the demo): ``workdir/samples.png`` (one column per class) and
+      ``workdir/samples.npz`` holding ``latents`` (N, H, W, C), ``labels`` (N,) and, when they
+      can be decoded, ``images`` (N, H, W, C) in [-1, 1]. A second run replaces them.
+    * ``'adm'`` (at scale): `generate_samples`.
 
     Returns:
-      The metrics: ``class_accuracy``, ``frechet_distance`` (digits) or ``fid``,
-      ``inception_score``, ``inception_score_std``, ``num_images`` (ImageNet).
+      The written paths (``{'npz': ...}`` and for a grid ``'png'``; empty on processes > 0 of a
+      grid run).
     """
-    from xar_jax import metrics as metrics_lib
-
-    check_inputs(config, workdir, scoring=True)
-    path, settings = generate_samples(config, workdir, num_images=config.eval.num_images)
-    if config.data.source == "digits":
-        metrics = score_digits(path)
-    else:
-        metrics = score_imagenet(config, path)
-    if jax.process_index() == 0:
-        record = json.dumps(
-            {**metrics, "samples": path, "settings": dataclasses.asdict(settings)}, indent=2
-        )
-        _write_text(os.path.join(os.path.dirname(path), METRICS_FILE), record)
-        _write_text(os.path.join(workdir, LATEST_EVAL_FILE), record)
-        writer = metrics_lib.create_writer(workdir, is_main_process=True)
-        writer.write_scalars(settings.checkpoint_step, {f"eval/{k}": v for k, v in metrics.items()})
-        writer.close()
-    log.info("Eval at step %d: %s", settings.checkpoint_step, metrics)
-    return metrics
-
-
-def read_latest_metrics(workdir: str) -> dict[str, Any]:
-    """The record of the latest ``--mode=eval`` in ``workdir`` (metrics, samples, settings)."""
-    return json.loads((epath.Path(workdir) / LATEST_EVAL_FILE).read_text())
+    if exp.config.sample.format == "adm":
+        path, _ = generate_samples(exp, workdir)
+        return {"npz": path}
+    config = exp.config
+    with jax.set_mesh(exp.mesh), exp.rules_context():
+        params, source = experiment_lib.inference_params(exp, workdir)
+    labels, latents, images = sample_grid(exp, params, config.sample.num_images,
+                                          seed=config.sample.seed)
+    paths = {}
+    if jax.process_index() != 0:
+        return paths
+    root = fileio.as_path(workdir)
+    arrays = {"latents": latents, "labels": labels}
+    if images is not None:
+        arrays["images"] = images
+        cols = min(config.latent.num_classes, len(labels))
+        paths["png"] = os.fspath(fileio.write_png(root / GRID_PNG,
+                                                  metrics_lib.image_grid(images, columns=cols)))
+    paths["npz"] = os.fspath(fileio.write_npz(root / GRID_NPZ, **arrays))
+    log.info("Sampled %s; wrote %s.", source.describe(), ", ".join(paths.values()))
+    return paths

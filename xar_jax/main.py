@@ -14,10 +14,13 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "eval")
+from xar_jax import experiment, generate, score, train
+from xar_jax.experiment import MODES
+from xar_jax.workdir import ALLOWED_CHANGES
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -29,6 +32,12 @@ flags.DEFINE_enum(
     "Call jax.distributed.initialize(): 'on' always (the launch/ scripts pass it on Cloud TPU VMs), "
     "'off' never, 'auto' when environment variables show several processes "
     "(JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES, or TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES on GKE).",
+)
+flags.DEFINE_multi_enum(
+    "allow_change", [], ALLOWED_CHANGES,
+    "A resume may change these recorded run fields (repeat the flag for both): 'mesh' (mesh axes "
+    "or process count; the checkpoint is resharded onto the new mesh), 'data' (data pipeline, "
+    "global batch or seed; the data iterator restarts). Model fields can never change in a workdir.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -113,8 +122,6 @@ def initialize_distributed(mode: str = "auto") -> bool:
             num_processes=count,
             process_id=index,
         )
-    import jax
-
     jax.distributed.initialize(**kwargs)
     return True
 
@@ -124,27 +131,15 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger("xar_jax").setLevel(logging.INFO)
     initialize_distributed(FLAGS.distributed)
-
-    import jax
-
-    from xar_jax import train
-
-    config = FLAGS.config
-    # Fail on a bad config before any compilation or data loading.
-    from xar_jax.train_config import validate_config
-
-    validate_config(config, jax.device_count(), training=FLAGS.mode == "train")
-    if jax.process_index() == 0:
-        # epath handles gs:// workdirs (os.makedirs would create a local 'gs:' folder).
-        from etils import epath
-
-        epath.Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-        train.sample_to_workdir(config, FLAGS.workdir)
+    config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
+    # Validates the config for this mode before any compilation or data loading.
+    exp = experiment.build(config, mode)
+    if mode == "train":
+        train.train_and_evaluate(config, workdir, allow_change=tuple(FLAGS.allow_change), exp=exp)
+    elif mode == "sample":
+        generate.sample_to_workdir(exp, workdir)
     else:
-        train.evaluate(config, FLAGS.workdir)
+        score.evaluate(exp, workdir)
 
 
 if __name__ == "__main__":

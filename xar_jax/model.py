@@ -31,6 +31,8 @@ from xar_jax.layers import (
     rope_tables,
 )
 
+# Compute dtypes by config name (params stay float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NULL_CLASS = 1000  # ImageNet's unconditional label: the extra embedding row (== num_classes).
 
 
@@ -341,9 +343,8 @@ def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_cl
     else:
         width, enc, dec = model_cfg.width, model_cfg.encoder_depth, model_cfg.decoder_depth
         enc_heads = dec_heads = model_cfg.num_heads
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-    if model_cfg.dtype not in dtypes:
-        raise ValueError(f"model.dtype={model_cfg.dtype!r}; allowed: {', '.join(dtypes)}.")
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={model_cfg.dtype!r}; allowed: {', '.join(DTYPES)}.")
     return XAR(
         layout=layout,
         width=width,
@@ -356,7 +357,7 @@ def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_cl
         mlp_multiple=model_cfg.get("mlp_multiple", 1),
         dropout=model_cfg.dropout,
         attn_dropout=model_cfg.attn_dropout,
-        dtype=dtypes[model_cfg.dtype],
+        dtype=DTYPES[model_cfg.dtype],
         attention_impl=model_cfg.attention_impl,
         scan_layers=model_cfg.scan_layers,
         scan_unroll=model_cfg.get("scan_unroll", 1),

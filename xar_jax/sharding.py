@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -117,3 +118,13 @@ def global_batch(
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
+
+
+def gather_to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) array on every host, as NumPy.
+
+    The package's one all-gather: every process must call it for arrays that span hosts.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

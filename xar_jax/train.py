@@ -1,34 +1,27 @@
-"""The training loop and the sample / eval entry points, as library functions.
+"""``--mode=train``: the training loop, as a library function.
 
-Sections follow the life of a run: config check, mesh, model, optimizer, shardings, input,
-checkpoint restore (or sharded init), jitted step, loop (metrics, checkpoints, sample grids).
-`xar_jax.main` is only flags around `train_and_evaluate`, `sample_to_workdir` and `evaluate`.
+Sections follow the life of a run: experiment (validated config, mesh, model), the workdir's
+record and lock, schedule and optimizer, input, checkpoint restore (or sharded init), the jitted
+step, the loop (metrics, checkpoints, sample grids). Sampling and evaluation live in
+`xar_jax.generate` and `xar_jax.score`; this module imports the first for its periodic grids.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
-from flax import linen as nn
-from jax.experimental import multihost_utils
 
+from xar_jax import experiment as experiment_lib
+from xar_jax import generate
 from xar_jax import metrics as metrics_lib
-from xar_jax import sampling
 from xar_jax import sharding as sharding_lib
 from xar_jax import train_state as ts
-from xar_jax.checkpointing import Checkpointer
+from xar_jax import workdir as workdir_lib
 from xar_jax.data import pipeline
-from xar_jax.entities import EntityLayout, layout_from_config
-from xar_jax.model import XAR, abstract_params, build_model, count_params
-from xar_jax.train_config import validate_config
 
 log = logging.getLogger("xar_jax.train")
 
@@ -39,13 +32,6 @@ class NonFiniteError(FloatingPointError):
 
 # ----------------------------------------------------------------------------------------------
 # Input.
-def dataset_size(config) -> int:
-    """Examples per epoch: ``train.dataset_size`` or the size of the configured split."""
-    if config.train.dataset_size > 0:
-        return config.train.dataset_size
-    return pipeline.dataset_size(config.data)
-
-
 def make_data_iterator(config, mesh: jax.sharding.Mesh):
     """This process's checkpointable Grain iterator of global, batch-sharded device arrays."""
     return pipeline.make_train_iterator(
@@ -75,76 +61,36 @@ def to_model_batch(batch: dict[str, Any], tokenizer: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup shared by training, sampling and evaluation.
-class Run:
-    """Everything derived from the config once: mesh, layout, model, optimizer, shardings."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        validate_config(config, jax.device_count())
-        self.config = config
-        self.workdir = workdir
-        m = config.mesh
-        self.mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor)
-        self.layout: EntityLayout = layout_from_config(config.entity, config.latent.grid_size)
-        # The class embedding has num_classes + 1 rows; the last is the null class.
-        self.model: XAR = build_model(
-            config.model,
-            self.layout,
-            in_channels=config.latent.channels,
-            num_classes=config.latent.num_classes,
-        )
-        t, o = config.train, config.optim
-        self.steps_per_epoch = max(dataset_size(config) // t.global_batch_size, 1)
-        epochs = lambda e: ts.steps_from_epochs(e, self.steps_per_epoch)
-        self.total_steps = t.num_steps if t.num_steps > 0 else epochs(t.num_epochs)
-        self.lr_schedule = ts.make_lr_schedule(
-            base_lr=o.lr,
-            end_lr=o.end_lr,
-            # The schedule follows the epochs; train.num_steps only ends the run elsewhere.
-            warmup_steps=epochs(o.warmup_epochs),
-            decay_start_step=epochs(o.decay_start_epoch),
-            total_steps=epochs(t.num_epochs),
-        )
-        boxed = abstract_params(self.model)
-        self.num_params = count_params(boxed, model=self.model)
-        self.optimizer = ts.make_optimizer(
-            learning_rate=self.lr_schedule,
-            b1=o.b1,
-            b2=o.b2,
-            weight_decay=o.weight_decay,
-            clip_norm=o.clip_norm,
-            weight_decay_mask=ts.weight_decay_mask_fn(boxed),
-        )
-        rng_data = jax.random.key_data(jax.random.key(config.seed))
-        specs = ts.state_partition_specs(self.model, self.optimizer, rng_data)
-        self.state_shardings = sharding_lib.logical_shardings(specs, self.mesh)
-        self.abstract_state = ts.abstract_train_state(
-            self.model, self.optimizer, rng_data, self.state_shardings
-        )
-        self.checkpointer = Checkpointer(
-            os.path.join(workdir, "checkpoints"),
-            every_steps=config.checkpoint.every_steps,
-            max_to_keep=config.checkpoint.max_to_keep,
-            keep_period=config.checkpoint.keep_period,
-            async_save=config.checkpoint.async_save,
-        )
-
-    def rules_context(self):
-        return nn.logical_axis_rules(list(sharding_lib.LOGICAL_AXIS_RULES))
-
-    def init_or_restore(self, data_iterator=None) -> ts.TrainState:
-        restored = self.checkpointer.restore_latest(self.abstract_state, data_iterator)
-        if restored is not None:
-            log.info("Resumed from checkpoint step %d in %s.", restored[1], self.workdir)
-            return restored[0]
-        log.info("No checkpoint in %s: initialising (seed %d).", self.workdir, self.config.seed)
-        return ts.create_train_state(
-            self.model, self.optimizer, self.config.seed, self.state_shardings
-        )
+# The step.
+def jit_train_step(exp: experiment_lib.Experiment, setup: experiment_lib.Training):
+    """The jitted ``step(state, batch) -> (state, metrics)`` exactly as the trainer runs it:
+    state sharded and donated, the batch split over the data axes, metrics replicated."""
+    config = exp.config
+    t = config.train
+    step_fn = ts.make_train_step(
+        exp.model,
+        exp.layout,
+        setup.optimizer,
+        ema_decay=config.optim.ema_decay,
+        label_drop_prob=t.label_drop_prob,
+        objective=t.objective,
+        grad_accum_steps=t.grad_accum_steps,
+        nan_policy=t.nan_policy,
+        latent_scale=config.latent.scale,
+        learning_rate_fn=setup.lr_schedule,
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(setup.state_shardings, sharding_lib.batch_sharding(exp.mesh)),
+        out_shardings=(setup.state_shardings, sharding_lib.replicated(exp.mesh)),
+        donate_argnums=(0,),
+    )
 
 
-def check_finite(state: ts.TrainState, nan_policy: str) -> None:
-    """Raises NonFiniteError under the 'stop' policy if any step was non-finite."""
+def check_finite(state: ts.TrainState, train_config: ml_collections.ConfigDict) -> None:
+    """Raises NonFiniteError when the run must stop: under 'stop' at the first non-finite step,
+    under 'skip' after ``train.max_consecutive_skips`` non-finite steps in a row."""
+    nan_policy = train_config.nan_policy
     bad = int(jax.device_get(state.nonfinite_step))
     if bad != ts.NO_NONFINITE and nan_policy == "stop":
         raise NonFiniteError(
@@ -152,89 +98,143 @@ def check_finite(state: ts.TrainState, nan_policy: str) -> None:
             f"those before step {bad}; nothing non-finite was checkpointed). Set "
             "--config.train.nan_policy=skip to drop such steps instead."
         )
+    limit = train_config.max_consecutive_skips
+    in_a_row = int(jax.device_get(state.consecutive_skips))
+    if nan_policy == "skip" and in_a_row >= limit:
+        raise NonFiniteError(
+            f"{in_a_row} non-finite steps in a row up to step {int(jax.device_get(state.step))} "
+            f"(train.max_consecutive_skips={limit}): the run has diverged and stopped without "
+            "saving, so the checkpoints before the divergence are kept. Resume from them with a "
+            "lower learning rate, or raise the limit."
+        )
 
 
 # ----------------------------------------------------------------------------------------------
-# Training.
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
+def _claim_workdir(exp, workdir: str, allow_change: tuple[str, ...]):
+    """Checks the config against the workdir's record and takes the lock (process 0).
+
+    Returns ``(record or None, accepted changes, lock or None)``; raises before anything is written.
+    """
+    record = workdir_lib.read_record(workdir)
+    accepted: list[str] = []
+    if record is not None:
+        accepted = workdir_lib.check_resume(record, exp.config, exp.mesh_shape,
+                                            jax.process_count(), workdir, allow_change)
+    lock = None
+    if jax.process_index() == 0:
+        fileio_root = workdir_lib.fileio.as_path(workdir)
+        fileio_root.mkdir(parents=True, exist_ok=True)
+        lock = workdir_lib.TrainLock(workdir)
+        lock.acquire()
+    return record, accepted, lock
+
+
+def _record_start(exp, workdir, record, accepted) -> None:
+    if jax.process_index() != 0:
+        return
+    if record is None:
+        workdir_lib.write_record(workdir, workdir_lib.RunRecord.for_config(
+            exp.config, exp.mesh_shape, jax.process_count(), "train"))
+    else:
+        workdir_lib.update_record(workdir, record, exp.config, exp.mesh_shape,
+                                  jax.process_count(), accepted)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_change: tuple[str, ...] = (),
+    exp: experiment_lib.Experiment | None = None,
+) -> ts.TrainState:
     """Trains (resuming from ``workdir/checkpoints`` if present) until the configured step.
 
     Args:
       config: a training config (see xar_jax/train_config.py).
-      workdir: holds ``checkpoints/``, TensorBoard events and ``samples/``.
+      workdir: holds ``run.json``, ``checkpoints/``, TensorBoard events and ``samples/``.
+      allow_change: groups of recorded run fields a resume may change ('mesh', 'data').
+      exp: the experiment of ``config`` if already built (`xar_jax.experiment.build`).
 
     Returns:
       The final TrainState.
+
+    Raises:
+      WorkdirMismatchError / WorkdirLockedError before anything is touched; NonFiniteError.
     """
-    run = Run(config, workdir)
+    exp = exp or experiment_lib.build(config, "train")
+    record, accepted, lock = _claim_workdir(exp, workdir, allow_change)
+    try:
+        return _train(exp, workdir, record, accepted, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
+    config = exp.config
+    setup = experiment_lib.training_setup(exp)
     is_main = jax.process_index() == 0
     writer = metrics_lib.create_writer(workdir, is_main_process=is_main)
     log.info(
         "Model %d params; mesh %s; %d steps (%d per epoch); global batch %d.",
-        run.num_params, dict(run.mesh.shape), run.total_steps, run.steps_per_epoch,
+        exp.num_params, exp.mesh_shape, setup.total_steps, setup.steps_per_epoch,
         config.train.global_batch_size,
     )
-    data_iterator = make_data_iterator(config, run.mesh)
-    state = run.init_or_restore(data_iterator)
+    checkpointer = experiment_lib.checkpointer(config, workdir)
+    data_iterator = make_data_iterator(config, exp.mesh)
+    # With an accepted data change the saved iterator position belongs to the old pipeline.
+    restore_iterator = None if "data" in accepted else data_iterator
+    restored = checkpointer.restore_latest(setup.abstract_state, restore_iterator)
+    if restored is not None:
+        state, step = restored
+        log.info("Resumed from checkpoint step %d in %s.", step, workdir)
+    else:
+        log.info("No checkpoint in %s: initialising (seed %d).", workdir, config.seed)
+        state = ts.create_train_state(exp.model, setup.optimizer, config.seed,
+                                      setup.state_shardings)
+    _record_start(exp, workdir, record, accepted)
     step = int(jax.device_get(state.step))
-    check_finite(state, config.train.nan_policy)
-
     t = config.train
-    step_fn = ts.make_train_step(
-        run.model,
-        run.layout,
-        run.optimizer,
-        ema_decay=config.optim.ema_decay,
-        label_drop_prob=t.label_drop_prob,
-        objective=t.objective,
-        grad_accum_steps=t.grad_accum_steps,
-        nan_policy=t.nan_policy,
-        latent_scale=config.latent.scale,
-        learning_rate_fn=run.lr_schedule,
-    )
-    batch_sharding = sharding_lib.batch_sharding(run.mesh)
-    jit_step = jax.jit(
-        step_fn,
-        in_shardings=(run.state_shardings, batch_sharding),
-        out_shardings=(run.state_shardings, sharding_lib.replicated(run.mesh)),
-        donate_argnums=(0,),
-    )
+    check_finite(state, t)
+
+    jit_step = jit_train_step(exp, setup)
     throughput = metrics_lib.Throughput(
         start_step=step,
-        total_steps=run.total_steps,
+        total_steps=setup.total_steps,
         global_batch_size=t.global_batch_size,
         num_devices=jax.device_count(),
     )
     if step == 0:
         writer.write_texts(0, {"config": str(config)})
 
-    with jax.set_mesh(run.mesh), run.rules_context():
-        pending = None
-        while step < run.total_steps:
+    with jax.set_mesh(exp.mesh), exp.rules_context():
+        while step < setup.total_steps:
             batch = to_model_batch(next(data_iterator), config.latent.tokenizer)
-            state, pending = jit_step(state, batch)
+            state, step_metrics = jit_step(state, batch)
             step += 1
-            last = step == run.total_steps
+            last = step == setup.total_steps
             if step % config.log.every_steps == 0 or last:
-                _log_step(writer, step, jax.device_get(pending), throughput, state, t.nan_policy)
-            preempted = run.checkpointer.reached_preemption(step)
-            if run.checkpointer.should_save(step) or last or preempted:
-                check_finite(state, t.nan_policy)
-                run.checkpointer.save(step, state, data_iterator)
+                _log_step(writer, step, jax.device_get(step_metrics), throughput, state, t)
+            preempted = checkpointer.reached_preemption(step)
+            if checkpointer.should_save(step) or last or preempted:
+                check_finite(state, t)
+                checkpointer.save(step, state, data_iterator)
+            if lock is not None:
+                lock.heartbeat()
             if preempted:
                 log.warning("Preemption notice at step %d: checkpoint saved, stopping.", step)
                 break
             every = config.log.sample_every_steps
             if every and (step % every == 0 or last):
-                _write_sample_grid(run, state, writer, step)
-        run.checkpointer.wait_until_finished()
+                generate.write_training_grid(exp, state.ema_params, workdir, step, writer)
+        checkpointer.wait_until_finished()
     writer.flush()
-    run.checkpointer.close()
+    checkpointer.close()
     return state
 
 
-def _log_step(writer, step, step_metrics, throughput, state, nan_policy):
-    check_finite(state, nan_policy)
+def _log_step(writer, step, step_metrics, throughput, state, train_config):
+    check_finite(state, train_config)
     rates = throughput.report(step)
     scalars = {
         "loss": step_metrics["loss"],
@@ -250,168 +250,3 @@ def _log_step(writer, step, step_metrics, throughput, state, nan_policy):
         scalars["skipped_nonfinite_steps"] = skipped
     writer.write_scalars(step, scalars)
     metrics_lib.log.info("step %d | ETA %s", step, metrics_lib.format_eta(rates["eta_seconds"]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling.
-def class_labels(num_images: int, num_classes: int) -> np.ndarray:
-    """Labels 0, 1, ..., num_classes-1, 0, 1, ... (a grid row per class when columns = classes)."""
-    return (np.arange(num_images) % num_classes).astype(np.int32)
-
-
-def generate(run: Run, params: Any, labels: np.ndarray, *, seed: int) -> np.ndarray:
-    """Latents (N, H, W, C) for ``labels``, in batches of ``sample.batch_size``."""
-    s = run.config.sample
-    key = jax.random.key(seed)
-    out = []
-    for i, start in enumerate(range(0, len(labels), s.batch_size)):
-        chunk = jnp.asarray(labels[start: start + s.batch_size])
-        latents = sampling.sample(
-            run.model,
-            params,
-            chunk,
-            num_steps=s.num_steps,
-            cfg=s.cfg,
-            key=jax.random.fold_in(key, i),
-            sampler=s.sampler,
-            cfg_schedule=s.cfg_schedule,
-        )
-        # The latents may span several processes' devices: gather them on every host.
-        out.append(np.asarray(multihost_utils.process_allgather(latents, tiled=True)))
-    return np.concatenate(out)
-
-
-def latents_to_images(run: Run, latents: np.ndarray) -> np.ndarray | None:
-    """Images in [-1, 1] (N, H, W, C), or None when no decoder is configured."""
-    if run.config.latent.tokenizer == "identity":
-        return latents
-    path = run.config.latent.vae_checkpoint
-    if not path:
-        log.warning("latent.vae_checkpoint is empty: writing latents only (no images).")
-        return None
-    from xar_jax import vae as vae_lib
-
-    model, params = _load_vae(path)
-    batch = run.config.sample.batch_size
-    images = [
-        np.asarray(vae_lib.decode(params, jnp.asarray(latents[i: i + batch]), model=model,
-                                  scale=run.config.latent.scale))
-        for i in range(0, len(latents), batch)
-    ]
-    return np.concatenate(images)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_vae(path: str):
-    """The KL-16 VAE module and its params from a `python -m xar_jax.convert vae` directory."""
-    from xar_jax import vae as vae_lib
-    from xar_jax.convert.params_io import load_params
-
-    return vae_lib.VAE(**vae_lib.vae_config("kl16")), load_params(path)
-
-
-def _write_sample_grid(run: Run, state: ts.TrainState, writer, step: int) -> None:
-    n = run.config.log.num_samples
-    labels = class_labels(n, run.config.latent.num_classes)
-    images = latents_to_images(run, generate(run, state.ema_params, labels, seed=step))
-    if images is None or jax.process_index() != 0:
-        return
-    grid = metrics_lib.image_grid(images, columns=min(run.config.latent.num_classes, n))
-    path = os.path.join(run.workdir, "samples", f"step_{step:08d}.png")
-    _write_png(path, grid)
-    writer.write_images(step, {"samples_ema": grid[None]})
-
-
-def _write_png(path: str, grid: np.ndarray) -> None:
-    """Writes via a temporary name then renames (local or gs://)."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
-    _write_bytes(path, buffer.getvalue())
-
-
-def _write_npz(path: str, **arrays) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    _write_bytes(path, buffer.getvalue())
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / (target.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.rename(target)
-
-
-def restore_for_inference(run: Run) -> ts.TrainState:
-    restored = run.checkpointer.restore_latest(run.abstract_state)
-    if restored is None:
-        raise FileNotFoundError(f"No checkpoint under {run.workdir}/checkpoints to sample from.")
-    return restored[0]
-
-
-def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """``--mode=sample``: the newest checkpoint's samples, as ``sample.format`` says.
-
-    * ``'grid'`` (the demo): ``workdir/samples.png`` (one column per class) and
-      ``workdir/samples.npz`` holding ``latents`` (N, H, W, C), ``labels`` (N,) and, when they
-      can be decoded, ``images`` (N, H, W, C) in [-1, 1].
-    * ``'adm'`` (at scale): ``sample.num_images`` class-balanced images, resumable, sharded over
-      every device of every host (`xar_jax.generate.generate_samples`), written as ADM's
-      ``samples.npz`` (``arr_0`` uint8, ``labels``) and optional PNGs.
-
-    Returns:
-      The written paths (``{'npz': ...}`` and for a grid ``'png'``; empty on processes > 0 of a
-      grid run).
-    """
-    if config.sample.format == "adm":
-        from xar_jax import generate as generate_lib
-
-        path, _ = generate_lib.generate_samples(config, workdir)
-        return {"npz": path}
-    return _sample_grid_to_workdir(config, workdir)
-
-
-def _sample_grid_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    run = Run(config, workdir)
-    with jax.set_mesh(run.mesh), run.rules_context():
-        state = restore_for_inference(run)
-        params = state.ema_params if config.sample.use_ema else state.params
-        labels = class_labels(config.sample.num_images, config.latent.num_classes)
-        latents = generate(run, params, labels, seed=config.sample.seed)
-    images = latents_to_images(run, latents)
-    run.checkpointer.close()
-    paths = {}
-    if jax.process_index() != 0:
-        return paths
-    arrays = {"latents": latents, "labels": labels}
-    if images is not None:
-        arrays["images"] = images
-        paths["png"] = os.path.join(workdir, "samples.png")
-        cols = min(config.latent.num_classes, len(labels))
-        _write_png(paths["png"], metrics_lib.image_grid(images, columns=cols))
-    paths["npz"] = os.path.join(workdir, "samples.npz")
-    _write_npz(paths["npz"], **arrays)
-    log.info("Wrote %s.", ", ".join(paths.values()))
-    return paths
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """``--mode=eval``: samples ``eval.num_images`` (resumable), decodes and scores them.
-
-    Digits: class accuracy and Fréchet distance (`digits_quality`); ImageNet: FID and Inception
-    Score against ``eval.reference_stats``. Writes ``metrics.json`` next to the samples,
-    ``workdir/eval.json`` and TensorBoard scalars; see `xar_jax.generate.evaluate`.
-
-    Returns:
-      The metrics.
-    """
-    from xar_jax import generate as generate_lib
-
-    return generate_lib.evaluate(config, workdir)

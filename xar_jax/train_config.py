@@ -15,16 +15,14 @@ import ml_collections
 
 from xar_jax import entities, flow, sharding
 from xar_jax.data.config import get_data_config, validate_data_config
-from xar_jax.model import PRESETS, REMAT_POLICIES
+from xar_jax.layers import ATTENTION_IMPLS
+from xar_jax.model import DTYPES, PRESETS, REMAT_POLICIES
+from xar_jax.sampling import CFG_SCHEDULES, SAMPLERS
 from xar_jax.train_state import NAN_POLICIES
 
 IMAGENET_TRAIN_SIZE = 1_281_167
 TOKENIZERS = ("identity", "kl16")
-DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
-SAMPLERS = ("sde", "ode")
 SAMPLE_FORMATS = ("adm", "grid")
-CFG_SCHEDULES = ("linear", "constant")
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     """Every field of a training config, with the paper's recipe where one exists."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seed of params init and of the per-step RNG (fold_in(key, step)).
+    # --mode=sample / eval only: a converted released xAR (`python -m xar_jax.convert xar --src
+    # xAR-H.pth --out DIR`) to sample instead of the workdir's checkpoints; '' = the workdir's
+    # newest checkpoint. The model fields must describe the same network (configs/xar_{b,l,h}.py).
+    c.weights = ""
 
     c.data = get_data_config("digits")  # Input pipeline; see xar_jax/data/config.py.
 
@@ -91,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.label_drop_prob = 0.1  # Probability that a label becomes the null class (paper: 0.1).
     c.train.grad_accum_steps = 1  # Microbatches per step (large global batches on few chips).
     c.train.nan_policy = "stop"  # Non-finite loss/grad: stop (error naming the step) | skip.
+    # 'skip' only: stop (without saving) after this many non-finite steps in a row, so a diverged
+    # run cannot rotate its good checkpoints out.
+    c.train.max_consecutive_skips = 10
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 4e-4  # Peak learning rate (paper: 5e-5 * batch / 256 = 4e-4).
@@ -207,6 +212,11 @@ def validate_config(
     _check_number(cfg, "latent.channels", 1, integer=True)
     _check_number(cfg, "latent.scale", 0, low_open=True)
     _check_number(cfg, "latent.num_classes", 1, integer=True)
+    if not isinstance(cfg.weights, str):
+        _fail("weights", cfg.weights, "a converted xAR directory or ''")
+    if training and cfg.weights:
+        _fail("weights", cfg.weights,
+              "'' for --mode=train (converted weights are for --mode=sample and --mode=eval)")
     if not isinstance(cfg.latent.vae_checkpoint, str):
         _fail("latent.vae_checkpoint", cfg.latent.vae_checkpoint, "a directory path or ''")
     try:
@@ -228,7 +238,7 @@ def validate_config(
     _check_number(cfg, "model.mlp_multiple", 1, integer=True)
     _check_number(cfg, "model.dropout", 0.0, 1.0)
     _check_number(cfg, "model.attn_dropout", 0.0, 1.0)
-    _check_choice(cfg, "model.dtype", DTYPES)
+    _check_choice(cfg, "model.dtype", tuple(DTYPES))
     _check_choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
     _check_choice(cfg, "model.scan_layers", (True, False))
     _check_number(cfg, "model.scan_unroll", 1, integer=True)
@@ -247,6 +257,7 @@ def validate_config(
     _check_number(cfg, "train.label_drop_prob", 0.0, 1.0)
     _check_number(cfg, "train.grad_accum_steps", 1, integer=True)
     _check_choice(cfg, "train.nan_policy", NAN_POLICIES)
+    _check_number(cfg, "train.max_consecutive_skips", 1, integer=True)
     if cfg.train.global_batch_size % cfg.train.grad_accum_steps:
         _fail("train.grad_accum_steps", cfg.train.grad_accum_steps,
               f"a divisor of train.global_batch_size={cfg.train.global_batch_size}")
@@ -307,7 +318,7 @@ def validate_config(
             _fail(field, _get(cfg, field), "a path or ''")
     _check_number(cfg, "eval.batch_size", 1, integer=True)
 
-    _validate_data(cfg, layout)
+    _validate_data(cfg, layout, training)
     _validate_balance(cfg, num_devices)
 
 
@@ -327,9 +338,9 @@ def _validate_balance(cfg, num_devices: int | None) -> None:
         _fail("eval.num_images", cfg.eval.num_images, ">= 10 (the Inception Score's splits)")
 
 
-def _validate_data(cfg, layout) -> None:
+def _validate_data(cfg, layout, training: bool) -> None:
     """The data section (its own validator if present) and its fit with the latent settings."""
-    validate_data_config(cfg.data)
+    validate_data_config(cfg.data, training=training)
     source = cfg.data.source
     if source == "digits":
         lat = cfg.latent

@@ -44,6 +44,8 @@ class TrainState:
       rng: (2,) uint32 raw key data; the step key is ``fold_in(rng, step)``.
       nonfinite_step: () int32, the first step whose loss or gradient was not finite, else -1.
       skipped_steps: () int32, steps dropped by the 'skip' non-finite policy.
+      consecutive_skips: () int32, non-finite steps in a row up to now (0 after a finite one);
+        the host stops a 'skip' run when it reaches ``train.max_consecutive_skips``.
     """
 
     step: jax.Array
@@ -53,6 +55,7 @@ class TrainState:
     rng: jax.Array
     nonfinite_step: jax.Array
     skipped_steps: jax.Array
+    consecutive_skips: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +161,7 @@ def _init_boxed(model, optimizer, rng_data):
         rng=jax.random.key_data(jax.random.fold_in(key, 1)),
         nonfinite_step=jnp.full((), NO_NONFINITE, jnp.int32),
         skipped_steps=jnp.zeros((), jnp.int32),
+        consecutive_skips=jnp.zeros((), jnp.int32),
     )
 
 
@@ -332,6 +336,7 @@ def make_train_step(
             opt_state=keep(new_opt, state.opt_state),
             nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+            consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
         )
         metrics = {
             "loss": loss,

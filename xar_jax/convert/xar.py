@@ -16,6 +16,7 @@ from flax import linen as nn
 from xar_jax import entities as ent
 from xar_jax import model as xar_model
 from xar_jax.convert import params_io, torch_io
+from xar_jax.layers import rope_tables
 
 _DERIVED_SUFFIXES = ("attn.rope.freqs", "attn.rope.freqs_cos", "attn.rope.freqs_sin")
 _TOP_LINEARS = {
@@ -129,8 +130,6 @@ def xar_from_torch(
 
 def _check_derived_buffers(sd: Mapping[str, np.ndarray], model: xar_model.XAR) -> None:
     """RoPE tables in the checkpoint must equal ours: a mismatch means a different layout."""
-    from xar_jax.layers import rope_tables
-
     for stack, heads in (
         ("encoder_blocks", model.encoder_heads),
         ("decoder_blocks", model.decoder_heads),

@@ -90,8 +90,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the field and its allowed values; reads no data and no files."""
+def validate_data_config(cfg: ml_collections.ConfigDict, *, training: bool = True) -> None:
+    """Raises ValueError naming the field and its allowed values; reads no data and no files.
+
+    ``training=False`` (sampling, evaluation) does not ask for the training data's location.
+    """
     missing = [k for k in get_data_config().keys() if k not in cfg]
     if missing:
         raise ValueError(f"data config lacks fields {missing}; start from get_data_config().")
@@ -123,7 +126,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     _require(
         cfg.cache_dtype in CACHE_DTYPES, "cache_dtype", cfg.cache_dtype, " | ".join(CACHE_DTYPES)
     )
-    if cfg.source == "latents":
+    if cfg.source == "latents" and training:
         _require(
             isinstance(cfg.cache_dir, str) and cfg.cache_dir != "",
             "cache_dir",

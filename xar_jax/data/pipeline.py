@@ -34,8 +34,8 @@ import ml_collections
 import numpy as np
 
 from xar_jax.data import config as config_lib
+from xar_jax.data import device, sources
 from xar_jax.data import latents as latents_lib
-from xar_jax.data import sources
 
 
 def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -181,9 +181,7 @@ def make_train_iterator(
         records=records,
     )
     if sharding is not None:
-        from xar_jax.data import device
-
-        ds = device.prefetch_to_device(ds, sharding, buffer_size=data_cfg.device_prefetch)
+            ds = device.prefetch_to_device(ds, sharding, buffer_size=data_cfg.device_prefetch)
     return iter(ds)
 
 

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from xar_jax.convert.inception import load_inception
 from xar_jax.evaluation import fid as fid_lib
 from xar_jax.evaluation import image_sources
 from xar_jax.evaluation.inception import NUM_LOGITS, POOL3_DIM, inception_features
@@ -212,8 +213,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.distributed:
         jax.distributed.initialize()
-    from xar_jax.convert.inception import load_inception
-
     reference = fid_lib.load_reference_stats(args.reference)
     source = image_sources.open_images(args.images)
     metrics = evaluate_images(

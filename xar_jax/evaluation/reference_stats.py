@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from xar_jax.convert.inception import load_inception
 from xar_jax.evaluation import evaluate, fid, image_sources
 
 
@@ -70,8 +71,6 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     if args.distributed:
         jax.distributed.initialize()
-    from xar_jax.convert.inception import load_inception
-
     if args.tfds_name is not None:
         crop = 256 if args.center_crop is None else args.center_crop
         source = image_sources.TfdsImages(args.tfds_name, args.split, args.data_dir, crop)

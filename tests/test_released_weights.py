@@ -1,0 +1,92 @@
+"""Released weights to FID through the real entry point, with no training checkpoint and no data.
+
+The "release" is the golden test vectors' xAR (the authors' network at a small width, on the real
+16x16x16 KL-16 latent grid), written as the authors' state dict and converted with
+`python -m xar_jax.convert xar`, exactly as a user converts xAR-H.pth. So that a test can sample a
+class-balanced set in seconds, its class table is cut to 10 classes (+ the null class); every
+other weight is the golden file's. The VAE and Inception are the golden-size networks.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, golden_path, main_env, run_main
+from test_generate_imagenet import _converted_weights
+
+from xar_jax.convert import inception as inception_convert
+from xar_jax.evaluation import image_sources, reference_stats
+
+CONFIG = f"{REPO}/configs/xar_b.py"
+CLASSES = 10
+
+
+def _release_like_state_dict(path):
+    with np.load(golden_path("xar_tiny_golden.npz")) as z:
+        state = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
+    table = state["class_emb.weight"]  # (1000 + 1, D): the last row is the null class.
+    state["class_emb.weight"] = np.concatenate([table[:CLASSES], table[-1:]])
+    np.savez(path, **state)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("release")
+    _release_like_state_dict(tmp / "xar.npz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "xar_jax.convert", "xar", "--src", str(tmp / "xar.npz"), "--out",
+         str(tmp / "xar")], env=main_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    vae_dir, inception_dir = _converted_weights(tmp)
+    # Reference statistics of a few random images stand in for ADM's ImageNet statistics.
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "reference.npz", arr_0=rng.integers(0, 256, (10, 64, 64, 3), np.uint8))
+    reference_stats.compute_reference_stats(
+        inception_convert.load_inception(inception_dir),
+        image_sources.NpzImages(str(tmp / "reference.npz")), str(tmp / "stats.npz"), batch_size=5,
+    )
+    flags = [
+        f"--config.weights={tmp / 'xar'}",
+        f"--config.latent.vae_checkpoint={vae_dir}",
+        f"--config.eval.inception_checkpoint={inception_dir}",
+        f"--config.eval.reference_stats={tmp / 'stats.npz'}",
+        # The golden network's sizes (the paper's layout flags of xar_b.py stay: scanned blocks,
+        # MLP padded to 128, so the converted weights are re-laid out on load).
+        "--config.model.preset=", "--config.model.width=64", "--config.model.encoder_depth=2",
+        "--config.model.decoder_depth=2", "--config.model.num_heads=4",
+        f"--config.latent.num_classes={CLASSES}", "--config.model.dtype=float32",
+        "--config.sample.num_steps=2", "--config.sample.batch_size=10",
+        "--config.sample.num_images=10", "--config.eval.num_images=10",
+        "--config.eval.batch_size=5",
+    ]
+    return tmp, flags
+
+
+def test_converted_weights_sample_and_evaluate_without_checkpoint_or_data(release, tmp_path):
+    tmp, flags = release
+    workdir = tmp_path / "eval_run"
+    proc = run_main(workdir, "--mode=sample", *flags, config=CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [npz] = workdir.glob("generated/weights_xar-sde2-*/samples.npz")
+    with np.load(npz) as z:
+        assert z["arr_0"].shape == (10, 256, 256, 3) and z["arr_0"].std() > 0
+        assert sorted(z["labels"].tolist()) == list(range(CLASSES))
+
+    proc = run_main(workdir, "--mode=eval", *flags, config=CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = json.loads((workdir / "eval.json").read_text())
+    assert np.isfinite(record["fid"]) and record["fid"] > 0
+    assert record["settings"]["weights"] == str(tmp / "xar")
+    assert not (workdir / "checkpoints").exists()  # Nothing but the outputs was written.
+
+
+def test_weights_of_another_model_are_refused_before_any_work(release, tmp_path):
+    _, flags = release
+    proc = run_main(tmp_path / "w", "--mode=sample", *flags, "--config.model.width=32",
+                    config=CONFIG)
+    assert proc.returncode != 0
+    assert "does not fit the config's model (width: 64 in the weights, 32 in the config" in (
+        proc.stderr)
+    assert not (tmp_path / "w" / "generated").exists()

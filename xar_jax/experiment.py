@@ -1,0 +1,258 @@
+"""The experiment layer: what training, sampling and evaluation all stand on.
+
+`build` turns a config into an `Experiment` once per process: it validates the config for the mode
+at hand (the only place that does), then makes the mesh, the entity layout, the model and the
+params' shardings. Training adds its optimizer, schedule and state layout with `training_setup`
+(the only step that needs the size of the training set). Sampling and evaluation get their params
+from `inference_params`: the EMA params of the workdir's newest checkpoint (an Orbax partial
+restore, no optimizer state), or converted released weights (``config.weights``).
+
+Nothing here reads data, compiles a step or writes a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from flax import linen as nn
+
+from xar_jax import sharding as sharding_lib
+from xar_jax import train_state as ts
+from xar_jax import workdir as workdir_lib
+from xar_jax.checkpointing import Checkpointer
+from xar_jax.convert import params_io
+from xar_jax.convert import xar as xar_convert
+from xar_jax.data import pipeline
+from xar_jax.entities import EntityLayout, layout_from_config
+from xar_jax.model import XAR, abstract_params, build_model, count_params
+from xar_jax.train_config import validate_config
+
+log = logging.getLogger("xar_jax.experiment")
+
+MODES = ("train", "sample", "eval")
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Mesh, layout, model and param shardings of one config on one set of devices."""
+
+    config: ml_collections.ConfigDict
+    mode: str
+    mesh: jax.sharding.Mesh
+    layout: EntityLayout
+    model: XAR
+    param_shardings: Any  # Params-shaped tree of NamedSharding.
+    abstract_params: Any  # Params-shaped tree of ShapeDtypeStruct with shardings.
+    num_params: int  # The published count (MLP padding not counted).
+
+    def rules_context(self):
+        """Logical axis rules for linen's constraints inside jitted code."""
+        return nn.logical_axis_rules(list(sharding_lib.LOGICAL_AXIS_RULES))
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.mesh.shape.items()}
+
+
+def build(
+    config: ml_collections.ConfigDict, mode: str, *, devices: Sequence[Any] | None = None
+) -> Experiment:
+    """Validates ``config`` for ``mode`` and builds the experiment on ``devices`` (default all).
+
+    ``devices`` may be abstract (a TPU topology's, for ahead-of-time compilation).
+
+    Raises:
+      ValueError naming the config field, before anything is built.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; allowed: {' | '.join(MODES)}.")
+    devices = list(jax.devices() if devices is None else devices)
+    validate_config(config, len(devices), training=mode == "train")
+    m = config.mesh
+    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    layout = layout_from_config(config.entity, config.latent.grid_size)
+    # The class embedding has num_classes + 1 rows; the last is the null class.
+    model = build_model(config.model, layout, in_channels=config.latent.channels,
+                        num_classes=config.latent.num_classes)
+    boxed = abstract_params(model)
+    shardings = sharding_lib.logical_shardings(nn.get_partition_spec(boxed), mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(boxed), shardings,
+    )
+    return Experiment(config=config, mode=mode, mesh=mesh, layout=layout, model=model,
+                      param_shardings=shardings, abstract_params=abstract,
+                      num_params=count_params(boxed, model=model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What only training needs: the schedule, optimizer and the train state's layout."""
+
+    steps_per_epoch: int
+    total_steps: int
+    lr_schedule: Any
+    optimizer: Any
+    state_shardings: Any  # TrainState-shaped tree of NamedSharding.
+    abstract_state: Any  # TrainState of ShapeDtypeStruct with shardings.
+
+
+def dataset_size(config: ml_collections.ConfigDict) -> int:
+    """Examples per epoch: ``train.dataset_size`` or the size of the configured split."""
+    if config.train.dataset_size > 0:
+        return config.train.dataset_size
+    return pipeline.dataset_size(config.data)
+
+
+def training_setup(exp: Experiment) -> Training:
+    """Schedule, optimizer and state shardings of ``exp``'s config (reads the dataset's size)."""
+    config = exp.config
+    t, o = config.train, config.optim
+    steps_per_epoch = max(dataset_size(config) // t.global_batch_size, 1)
+
+    def epochs(e):
+        return ts.steps_from_epochs(e, steps_per_epoch)
+
+    lr_schedule = ts.make_lr_schedule(
+        base_lr=o.lr,
+        end_lr=o.end_lr,
+        # The schedule follows the epochs; train.num_steps only ends the run elsewhere.
+        warmup_steps=epochs(o.warmup_epochs),
+        decay_start_step=epochs(o.decay_start_epoch),
+        total_steps=epochs(t.num_epochs),
+    )
+    optimizer = ts.make_optimizer(
+        learning_rate=lr_schedule,
+        b1=o.b1,
+        b2=o.b2,
+        weight_decay=o.weight_decay,
+        clip_norm=o.clip_norm,
+        weight_decay_mask=ts.weight_decay_mask_fn(abstract_params(exp.model)),
+    )
+    rng_data = jax.random.key_data(jax.random.key(config.seed))
+    specs = ts.state_partition_specs(exp.model, optimizer, rng_data)
+    state_shardings = sharding_lib.logical_shardings(specs, exp.mesh)
+    return Training(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=t.num_steps if t.num_steps > 0 else epochs(t.num_epochs),
+        lr_schedule=lr_schedule,
+        optimizer=optimizer,
+        state_shardings=state_shardings,
+        abstract_state=ts.abstract_train_state(exp.model, optimizer, rng_data, state_shardings),
+    )
+
+
+def checkpointer(config: ml_collections.ConfigDict, workdir: str, *,
+                 read_only: bool = False) -> Checkpointer:
+    """The workdir's checkpoint manager (``read_only`` for sampling: creates and cleans nothing)."""
+    c = config.checkpoint
+    return Checkpointer(
+        str(workdir_lib.fileio.as_path(workdir) / CHECKPOINT_DIR),
+        every_steps=c.every_steps,
+        max_to_keep=c.max_to_keep,
+        keep_period=c.keep_period,
+        async_save=c.async_save,
+        read_only=read_only,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Params for sampling and evaluation.
+@dataclasses.dataclass(frozen=True)
+class ParamsSource:
+    """Where sampling params came from: a checkpoint step of the workdir, or converted weights."""
+
+    step: int  # The checkpoint's step; 0 for converted weights.
+    weights: str  # The converted weights directory, or '' for a checkpoint.
+
+    def describe(self) -> str:
+        return f"weights {self.weights}" if self.weights else f"checkpoint step {self.step}"
+
+
+def check_weights(exp: Experiment, weights: str) -> dict[str, Any]:
+    """Refuses converted weights whose model differs from the config's; returns their metadata.
+
+    Raises:
+      FileNotFoundError: ``weights`` is not a converted xAR directory.
+      ValueError naming each differing model field.
+    """
+    meta = params_io.load_metadata(weights)
+    if meta.get("kind") != "xar":
+        raise ValueError(
+            f"config.weights={weights!r} holds a {meta.get('kind')!r} checkpoint; allowed: the "
+            "output of `python -m xar_jax.convert xar --src xAR-*.pth --out DIR`."
+        )
+    wanted = xar_convert.model_metadata(exp.model)
+    diff = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
+    if diff:
+        details = "; ".join(f"{k}: {old!r} in the weights, {new!r} in the config"
+                            for k, (old, new) in diff.items())
+        raise ValueError(
+            f"config.weights={weights!r} does not fit the config's model ({details}). Use the "
+            "config of the released model (configs/xar_b.py, xar_l.py, xar_h.py)."
+        )
+    return meta
+
+
+def _converted_params(exp: Experiment, weights: str) -> Any:
+    """Converted weights placed with ``exp``'s param shardings."""
+    model = exp.model
+    if not model.scan_layers and model.mlp_multiple == 1:
+        # Stored layout == module layout: a sharded Orbax restore straight into place.
+        return params_io.load_params(weights, target=exp.abstract_params)
+    # Stored unrolled and unpadded: read on the host, re-lay out, then place sharded.
+    _, params = xar_convert.load_converted(
+        weights, scan_layers=model.scan_layers, mlp_multiple=model.mlp_multiple
+    )
+    return jax.device_put(params, exp.param_shardings)
+
+
+def inference_params(exp: Experiment, workdir: str) -> tuple[Any, ParamsSource]:
+    """Sampling params: ``config.weights`` if set, else the workdir's newest checkpoint.
+
+    From a checkpoint only the EMA params (``sample.use_ema``; else the raw params) are read.
+
+    Raises:
+      WorkdirMismatchError / CheckpointMismatchError: the config's model is not the run's.
+      FileNotFoundError: no weights and no checkpoint.
+    """
+    config = exp.config
+    if config.weights:
+        check_weights(exp, config.weights)
+        return _converted_params(exp, config.weights), ParamsSource(0, config.weights)
+    workdir_lib.check_model(workdir_lib.read_record(workdir), config, workdir, exp.mode)
+    ckpt = checkpointer(config, workdir, read_only=True)
+    if not ckpt.all_steps():
+        raise FileNotFoundError(
+            f"No checkpoint under {workdir}/{CHECKPOINT_DIR} to sample from; train first, or "
+            "sample converted released weights with --config.weights=DIR (`python -m "
+            "xar_jax.convert xar --src xAR-H.pth --out DIR`)."
+        )
+    try:
+        restored = ckpt.restore_params(exp.abstract_params, use_ema=config.sample.use_ema)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"No readable checkpoint under {workdir}/{CHECKPOINT_DIR}.")
+    params, step = restored
+    return params, ParamsSource(step, "")
+
+
+def restore_train_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int] | None:
+    """``(TrainState, step)`` of the workdir's newest checkpoint, or None (notebooks, tests)."""
+    exp = build(config, "train")
+    setup = training_setup(exp)
+    ckpt = checkpointer(config, workdir)
+    try:
+        with jax.set_mesh(exp.mesh), exp.rules_context():
+            return ckpt.restore_latest(setup.abstract_state)
+    finally:
+        ckpt.close()
