@@ -62,7 +62,7 @@ def test_config_that_does_not_fit_the_workdir_is_refused_and_nothing_is_touched(
     before = tree_digest(trained)
     # Resume with another model width: refused, naming the field.
     _refused(run_main(trained, "--config.model.width=64", devices=DEVICES),
-             "model.width: 32 in the workdir, 64 now", "Nothing was touched")
+             "model.width: 32 in the workdir, 64 now", "nothing was touched")
     # Sample and eval with the wrong config: refused the same way.
     for mode in ("sample", "eval"):
         _refused(run_main(trained, f"--mode={mode}", "--config.model.width=64", devices=DEVICES),
