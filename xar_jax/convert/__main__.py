@@ -3,6 +3,8 @@
 python -m xar_jax.convert xar --src xAR-H.pth --out ckpt/xar_h      # EMA weights by default
 python -m xar_jax.convert vae --src kl16.ckpt --out ckpt/vae
 python -m xar_jax.convert inception --src pt_inception-2015-12-05.pth --out ckpt/inception
+
+--overwrite replaces only a directory this command wrote earlier (it refuses anything else).
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=sorted(KINDS), help="which network the checkpoint holds")
     parser.add_argument("--src", required=True, help=".pth / .ckpt / .npz file to read")
     parser.add_argument("--out", required=True, help="directory to write (must not exist)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --out written by an earlier conversion (anything else is refused)",
+    )
     parser.add_argument(
         "--no-ema",
         action="store_true",
