@@ -1,14 +1,19 @@
-"""Converter files: --overwrite replaces only converter output, atomically."""
+"""Converter files: --overwrite replaces only converter output, atomically; .pth files are
+unpickled without running code unless --allow_unsafe_pickle says the file is trusted."""
 
+import argparse
 import os
+import shlex
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import golden_path
 from xar_jax.convert import __main__ as convert_cli
-from xar_jax.convert import params_io
+from xar_jax.convert import params_io, torch_io
 from xar_jax.convert import vae as convert_vae
+from xar_jax.convert import xar as convert_xar
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +124,101 @@ def test_directories_converted_before_the_marker_count_as_converter_output(tmp_p
     assert params_io.converter_output_problem(str(out)) is None
     (out / "extra.txt").write_text("not ours")  # No longer exactly the converter's layout.
     assert "lacks" in params_io.converter_output_problem(str(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe unpickling
+
+
+class TrainingConfig:
+    """Stands in for a custom class a checkpoint might pickle (not on the allow-list)."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def mar_style_checkpoint(torch, state_dict, args):
+    """What MAR/xAR's `misc.save_model` writes: weights, EMA, optimizer, scaler, epoch, args."""
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
+    return {
+        "model": tensors,
+        "model_ema": {k: v.clone() for k, v in tensors.items()},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 4e-4}]},
+        "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+        "epoch": 3,
+        "args": args,
+    }
+
+
+def test_xar_training_checkpoint_with_an_argparse_namespace_loads(tmp_path, xar_golden_state_dict):
+    torch = pytest.importorskip("torch", reason="the 'torch' extra reads .pth files")
+    path = tmp_path / "checkpoint-last.pth"
+    args = argparse.Namespace(model="xar_b", lr=None, blr=5e-5, cfg=2.7, num_iter=4)
+    torch.save(mar_style_checkpoint(torch, xar_golden_state_dict, args), path)
+    loaded = torch_io.load_torch_file(path)
+    assert loaded["args"] == args and loaded["epoch"] == 3
+    model, params = convert_xar.xar_from_torch(str(path))
+    ref_model, ref_params = convert_xar.xar_from_torch(xar_golden_state_dict)
+    assert model == ref_model
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+
+def test_vae_and_inception_file_layouts_need_no_extra_globals(tmp_path):
+    torch = pytest.importorskip("torch", reason="the 'torch' extra reads .pth files")
+    from collections import OrderedDict
+
+    conv = {"conv.weight": torch.ones(2, 1, 3, 3), "bn.num_batches_tracked": torch.tensor(7)}
+    files = {
+        # MAR's kl16.ckpt: {'model': state_dict}; an LDM/Lightning one: 'state_dict' + counters.
+        "kl16.ckpt": {"model": conv},
+        "lightning.ckpt": {"state_dict": conv, "epoch": 1, "global_step": 10,
+                           "pytorch-lightning_version": "1.4.2"},
+        # torch-fidelity's Inception weights: a flat OrderedDict state dict.
+        "inception.pth": OrderedDict(conv),
+    }
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        sd = torch_io.load_state_dict(tmp_path / name, prefer=("state_dict", "model"))
+        assert sorted(sd) == sorted(conv), name
+
+
+def test_a_pickled_custom_class_is_refused_with_its_name_and_loads_when_trusted(
+    tmp_path, xar_golden_state_dict, capsys
+):
+    torch = pytest.importorskip("torch", reason="the 'torch' extra reads .pth files")
+    src = tmp_path / "xar.pth"
+    torch.save(mar_style_checkpoint(torch, xar_golden_state_dict, TrainingConfig(4e-4)), src)
+    out = tmp_path / "out"
+    assert convert_cli.main(["xar", "--src", str(src), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{__name__}.TrainingConfig" in err and "--allow_unsafe_pickle" in err
+    assert not out.exists()
+    argv = ["xar", "--src", str(src), "--out", str(out), "--allow_unsafe_pickle"]
+    assert convert_cli.main(argv) == 0
+    model, _ = convert_xar.load_converted(str(out))
+    assert model.width == xar_golden_state_dict["z_proj.weight"].shape[0]
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    torch = pytest.importorskip("torch", reason="the 'torch' extra reads .pth files")
+    marker = tmp_path / "code_ran"
+    src = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": RunsCode(marker)}, src)
+    with pytest.raises(torch_io.UnsafePickleError, match="system") as info:
+        torch_io.load_state_dict(src, prefer=("model",))
+    assert "allow_unsafe_pickle" in str(info.value)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="Refused to unpickle"):
+        convert_vae.convert_file(str(src), str(tmp_path / "vae"))
+    assert not marker.exists()
+    assert not (tmp_path / "vae").exists()

@@ -5,6 +5,8 @@ python -m xar_jax.convert vae --src kl16.ckpt --out ckpt/vae
 python -m xar_jax.convert inception --src pt_inception-2015-12-05.pth --out ckpt/inception
 
 --overwrite replaces only a directory this command wrote earlier (it refuses anything else).
+.pth/.ckpt files are unpickled with torch's weights_only=True and a small allow-list, so a
+malicious file cannot run code; --allow_unsafe_pickle lifts that for a file you trust.
 """
 
 from __future__ import annotations
@@ -35,13 +37,19 @@ def main(argv: list[str] | None = None) -> int:
         help="replace an --out written by an earlier conversion (anything else is refused)",
     )
     parser.add_argument(
+        "--allow_unsafe_pickle",
+        action="store_true",
+        help="unpickle --src with torch.load(weights_only=False): it may run code the file "
+        "carries; only for files you trust",
+    )
+    parser.add_argument(
         "--no-ema",
         action="store_true",
         help="xar only: convert the raw 'model' weights instead of 'model_ema'",
     )
     args = parser.parse_args(argv)
     module = importlib.import_module(KINDS[args.kind])
-    kwargs = {"overwrite": args.overwrite}
+    kwargs = {"overwrite": args.overwrite, "allow_unsafe_pickle": args.allow_unsafe_pickle}
     if args.kind == "xar":
         kwargs["use_ema"] = not args.no_ema
     elif args.no_ema:
