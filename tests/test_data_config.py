@@ -26,6 +26,7 @@ def test_defaults_of_every_source_validate(source):
         ("cache_dtype", "bfloat16", "float32 | float16"),
         ("num_workers", -1, "integer >= 0"),
         ("shuffle_seed", 2**40, r"\[0, 2\*\*32\)"),
+        ("shuffle_seed", -2, r"-1 \(the run's seed\) or an integer in \[0, 2\*\*32\)"),
         ("device_prefetch", -1, "integer >= 0"),
     ],
 )

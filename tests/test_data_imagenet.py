@@ -252,3 +252,15 @@ def test_tfrecord_preparation_is_rejected_with_the_array_record_command(tmp_path
     cfg = _imagenet_cfg(_prepared_data_dir(tmp_path, file_format="tfrecord"))
     with pytest.raises(FileNotFoundError, match="--file_format=array_record"):
         pipeline.make_train_iterator(cfg, global_batch_size=8, process_index=0, process_count=1)
+
+
+def test_one_adm_crop_serves_training_and_fid_and_converts_to_rgb():
+    from xar_jax.evaluation import image_sources
+
+    assert image_sources.adm_center_crop is imagenet.adm_center_crop
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    for image in (rgb, rgb.convert("RGBA"), rgb.convert("P"), rgb.convert("L")):
+        crop = imagenet.adm_center_crop(image, SIZE)
+        expected = reference_preprocess(image.convert("RGB"), SIZE)
+        assert crop.shape == (SIZE, SIZE, 3) and crop.dtype == np.uint8, image.mode
+        np.testing.assert_array_equal(imagenet.to_unit_range(crop), expected, err_msg=image.mode)

@@ -114,6 +114,32 @@ def test_every_epoch_is_a_fresh_global_permutation_and_the_seed_fixes_it():
     assert not np.array_equal(_labels(_take(make(4), n // 16)), epochs[0])
 
 
+def test_data_shuffle_seed_orders_the_data_and_minus_one_follows_the_run_seed():
+    n = 64
+
+    def first_epoch(run_seed, **overrides):
+        it = pipeline.make_train_iterator(
+            _cfg(**overrides),
+            global_batch_size=16,
+            process_index=0,
+            process_count=1,
+            seed=run_seed,
+            records=IndexedRecords(n),
+        )
+        return _labels(_take(it, n // 16))
+
+    assert _cfg().shuffle_seed == config_lib.FOLLOW_RUN_SEED == -1
+    by_shuffle_seed = first_epoch(3, shuffle_seed=11)
+    # data.shuffle_seed decides the order, whatever the run's seed; a different one reorders.
+    np.testing.assert_array_equal(first_epoch(4, shuffle_seed=11), by_shuffle_seed)
+    np.testing.assert_array_equal(first_epoch(None, shuffle_seed=11), by_shuffle_seed)
+    assert not np.array_equal(first_epoch(3, shuffle_seed=12), by_shuffle_seed)
+    # -1 (the default): the run's seed decides, 0 without one.
+    np.testing.assert_array_equal(first_epoch(11), by_shuffle_seed)
+    assert not np.array_equal(first_epoch(3), by_shuffle_seed)
+    np.testing.assert_array_equal(first_epoch(None), first_epoch(7, shuffle_seed=0))
+
+
 def test_random_flip_mirrors_about_half_of_the_images():
     n = 200
     batches = _take(

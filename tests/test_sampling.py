@@ -152,9 +152,65 @@ def test_sampler_rejects_bad_settings():
             num_steps=3,
             cfg=1.0,
             key=jax.random.key(0),
-            sampler="heun",
+            sampler="rk4",  # Not in sampling.SOLVERS.
         )
     with pytest.raises(ValueError, match="num_steps"):
         sampling.sample(model, params, jnp.array([1]), num_steps=1, cfg=1.0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="key"):
         sampling.sample(model, params, jnp.array([1]), num_steps=3, cfg=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Solvers: step functions on a known ODE, and Heun through the real sampler.
+
+
+def _solve(step, num_steps, x1=1.5, rate=1.3):
+    """Integrates dx/dt = rate * x from t = 1 to 0 with ``step``; returns |x(0) - exact|."""
+    grid = np.linspace(1.0, 0.0, num_steps + 1)
+    x = np.float64(x1)
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        x = step(x, t, t_next, lambda x, t: rate * x, None)
+    return abs(x - x1 * np.exp(-rate))
+
+
+def test_heun_is_second_order_and_euler_first_order_on_a_linear_ode():
+    for name, order in (("heun", 2), ("ode", 1)):
+        step = sampling.SOLVERS[name].step
+        errors = [_solve(step, n) for n in (8, 16, 32, 64)]
+        ratios = np.array(errors[:-1]) / np.array(errors[1:])
+        # Halving the step divides the error by about 2**order.
+        np.testing.assert_allclose(ratios, 2.0**order, rtol=0.15, err_msg=name)
+    assert _solve(sampling.heun_step, 16) < _solve(sampling.euler_step, 16) / 20
+
+
+def test_samplers_are_the_solver_table_keys_and_grids_end_at_zero():
+    assert sampling.SAMPLERS == tuple(sampling.SOLVERS) == ("sde", "ode", "heun")
+    for name, solver in sampling.SOLVERS.items():
+        grid = solver.grid(max(solver.min_steps, 5))
+        assert grid[0] == 1.0 and grid[-1] == 0.0 and (np.diff(grid) < 0).all(), name
+    t, dt, scale = sampling.time_grid(5, "heun")
+    np.testing.assert_allclose(t, [1.0, 0.8, 0.6, 0.4, 0.2], rtol=1e-6)
+    assert np.allclose(dt, -0.2) and not scale.any()
+
+
+@pytest.mark.parametrize("layout", [KIND_LAYOUTS[0], KIND_LAYOUTS[1]], ids=["looped", "unrolled"])
+def test_heun_cached_sampling_matches_full_forward(layout):
+    model, params = _tiny(layout)
+    labels = jnp.array([3, 7])
+    kw = dict(num_steps=3, cfg=2.0, key=jax.random.key(5), sampler="heun")
+    cached = sampling.sample(model, params, labels, **kw)
+    full = sampling.sample(model, params, labels, use_cache=False, **kw)
+    assert np.isfinite(np.asarray(cached)).all()
+    assert rel_l2(cached, full) < 1e-5
+
+
+def test_heun_with_guidance_runs_and_differs_from_euler_and_unguided():
+    layout = ent.make_layout("cell", 8, cell_size=4)
+    model, params = _tiny(layout)
+    labels = jnp.array([1, 2])
+    kw = dict(num_steps=4, key=jax.random.key(0))
+    heun = sampling.sample(model, params, labels, cfg=3.0, sampler="heun", **kw)
+    euler = sampling.sample(model, params, labels, cfg=3.0, sampler="ode", **kw)
+    plain = sampling.sample(model, params, labels, cfg=1.0, sampler="heun", **kw)
+    assert heun.shape == (2, 8, 8, 2) and np.isfinite(np.asarray(heun)).all()
+    assert rel_l2(heun, euler) > 1e-3 and rel_l2(heun, plain) > 1e-3

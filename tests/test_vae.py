@@ -280,8 +280,14 @@ def test_convert_file_never_overwrites_without_permission(tmp_path, state_dict):
     with pytest.raises(FileExistsError, match="overwrite"):
         convert_vae.convert_file(src, str(out))
     assert (out / "keep.txt").read_text() == "user data"
+    # Not a converter output: --overwrite refuses it too (tests/test_convert_files.py).
+    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
+        convert_vae.convert_file(src, str(out), overwrite=True)
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    convert_vae.convert_file(src, str(out))
     convert_vae.convert_file(src, str(out), overwrite=True)
-    assert not (out / "keep.txt").exists()
     assert convert_vae.load_converted(str(out))[0].ch == 32
 
 

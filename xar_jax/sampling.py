@@ -5,16 +5,26 @@ runs only the current entity's tokens. The whole generation is one jit-compiled 
 steps are a `lax.fori_loop`; entities are a `lax.fori_loop` too when they all have the same size
 (every kind but ``scale``, whose few entities are unrolled).
 
-Euler-Maruyama (the release): grid ``t_0 = 1 > ... > t_{S-1} = 0.04`` (S = num_steps points,
-linear, float64), then 0. Drift ``d = (2 - t) v + x`` (= ``v - t * score`` on the linear path),
-guided ``d = d_u + w (d_c - d_u)``, update ``x += d dt + sqrt(2 t) sqrt(|dt|) n``; the last step
-has no noise. The network sees ``float32(t_i)``. Euler (ODE): ``t`` linear from 1 to 0 in
-num_steps steps, ``x += v dt`` with guided v.
+Solvers are pure step functions in `SOLVERS`; each sees the guided velocity
+``v = v_u + w (v_c - v_u)`` through a callable, so adding one is writing one function:
+
+* ``sde``, Euler-Maruyama (the release): grid ``t_0 = 1 > ... > t_{S-1} = 0.04`` (S = num_steps
+  points, linear, float64), then 0. Drift ``d = (2 - t) v + x`` (= ``v - t * score`` on the linear
+  path), update ``x += d dt + sqrt(2 t) sqrt(|dt|) n``; the last step has no noise.
+* ``ode``, Euler: ``t`` linear from 1 to 0 in num_steps steps, ``x += v dt``.
+* ``heun``: the same grid, trapezoidal predictor-corrector (2nd order, two velocity evaluations
+  per step).
+
+The network sees ``float32(t_i)`` of the float64 grid (for 4 sde steps 0.68 must map to index 680).
+The release guides the drift rather than the velocity; the drift being affine in v with the same
+x in both halves, the two agree up to rounding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,12 +33,86 @@ import numpy as np
 
 from xar_jax.model import XAR, KVCache
 
-SAMPLERS = ("sde", "ode")
 CFG_SCHEDULES = ("linear", "constant")
 SDE_T_END = 0.04
 # Up to this many equal entities the entity loop is unrolled (static cache prefixes); beyond it,
 # a fori_loop keeps compile time flat (e.g. the 256 entities of the token kind).
 STATIC_ENTITY_LIMIT = 8
+
+# velocity(x, t) -> guided velocity, x and the result (B, n, C) in the sampler's state dtype.
+VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def sde_noise_scale(t, t_next):
+    """The release's noise scale ``sqrt(2 t) sqrt(|dt|)``; 0 on the final step to ``t = 0``.
+
+    Plain arithmetic, so it serves NumPy grids and traced JAX scalars alike.
+    """
+    return (2.0 * t) ** 0.5 * abs(t_next - t) ** 0.5 * (t_next > 0)
+
+
+def euler_maruyama_step(x, t, t_next, velocity: VelocityFn, eps):
+    """The release's reverse-SDE step: drift ``(2 - t) v + x``, Brownian noise ``eps``."""
+    drift = (2.0 - t) * velocity(x, t) + x
+    return x + drift * (t_next - t) + sde_noise_scale(t, t_next) * eps
+
+
+def euler_step(x, t, t_next, velocity: VelocityFn, eps=None):
+    """Euler on the probability-flow ODE ``dx/dt = v`` (1st order)."""
+    del eps
+    return x + velocity(x, t) * (t_next - t)
+
+
+def heun_step(x, t, t_next, velocity: VelocityFn, eps=None):
+    """Heun (trapezoidal predictor-corrector) on ``dx/dt = v`` (2nd order, 2 evaluations)."""
+    del eps
+    dt = t_next - t
+    v = velocity(x, t)
+    v_next = velocity(x + v * dt, t_next)
+    return x + (v + v_next) * (0.5 * dt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """A step function ``step(x, t, t_next, velocity, eps) -> x_next`` and its time grid.
+
+    Attributes:
+      step: the pure step; ``eps`` is N(0, I) noise shaped like x for stochastic solvers, else None.
+      t_end: the grid runs linearly from 1 to ``t_end`` in num_steps points, then to 0 (0.0: linear
+        from 1 to 0 in num_steps steps).
+      min_steps: the fewest num_steps the grid allows.
+      stochastic: draws ``eps`` every step.
+    """
+
+    step: Callable[..., jax.Array]
+    t_end: float = 0.0
+    min_steps: int = 1
+    stochastic: bool = False
+
+    def grid(self, num_steps: int) -> np.ndarray:
+        """The ``num_steps + 1`` float64 time points, from 1 down to 0."""
+        if self.t_end > 0:
+            return np.append(np.linspace(1.0, self.t_end, num_steps, dtype=np.float64), 0.0)
+        return np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
+
+
+SOLVERS: dict[str, Solver] = {
+    "sde": Solver(euler_maruyama_step, t_end=SDE_T_END, min_steps=2, stochastic=True),
+    "ode": Solver(euler_step),
+    "heun": Solver(heun_step),
+}
+SAMPLERS = tuple(SOLVERS)  # Valid `sample.sampler` values.
+
+
+def get_solver(sampler: str, num_steps: int) -> Solver:
+    """The solver named ``sampler``, checked to allow ``num_steps``."""
+    if sampler not in SOLVERS:
+        raise ValueError(f"sample.sampler={sampler!r}; allowed: {', '.join(SAMPLERS)}.")
+    solver = SOLVERS[sampler]
+    if num_steps < solver.min_steps:
+        minima = ", ".join(f"{s.min_steps} for {n!r}" for n, s in SOLVERS.items())
+        raise ValueError(f"sample.num_steps={num_steps} is too few; at least {minima}.")
+    return solver
 
 
 def time_grid(num_steps: int, sampler: str = "sde") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,19 +121,10 @@ def time_grid(num_steps: int, sampler: str = "sde") -> tuple[np.ndarray, np.ndar
     Built in float64 then cast, as the release does: the network's time index comes from
     ``float32(t_i)`` (for 4 steps the grid point 0.68 must map to index 680).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sample.sampler={sampler!r}; allowed: {', '.join(SAMPLERS)}.")
-    if num_steps < 1 or (sampler == "sde" and num_steps < 2):
-        raise ValueError(f"sample.num_steps={num_steps} must be >= 2 for 'sde', >= 1 for 'ode'.")
-    if sampler == "sde":
-        t = np.append(np.linspace(1.0, SDE_T_END, num_steps, dtype=np.float64), 0.0)
-        dt = np.diff(t)
-        scale = np.sqrt(2.0 * t[:-1]) * np.sqrt(np.abs(dt))
-        scale[-1] = 0.0  # The final step to t = 0 is deterministic.
-    else:
-        t = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
-        dt = np.diff(t)
-        scale = np.zeros(num_steps)
+    solver = get_solver(sampler, num_steps)
+    t = solver.grid(num_steps)
+    dt = np.diff(t)
+    scale = sde_noise_scale(t[:-1], t[1:]) if solver.stochastic else np.zeros(num_steps)
     return t[:-1].astype(np.float32), dt, scale
 
 
@@ -62,21 +137,18 @@ def guidance_scales(num_entities: int, cfg: float, schedule: str = "linear") -> 
     return 1.0 + (cfg - 1.0) * np.arange(num_entities) / (num_entities - 1)
 
 
-def _step_tables(model: XAR, num_steps, steps_per_entity, sampler):
-    """(K, S_max) tables of t, dt, noise scale, and (K,) step counts."""
+def _time_table(model: XAR, num_steps, steps_per_entity, sampler):
+    """(K, S_max + 1) float32 time points of each entity's grid, and (K,) step counts."""
     k = model.layout.num_entities
     steps = [int(num_steps)] * k if steps_per_entity is None else [int(s) for s in steps_per_entity]
     if len(steps) != k:
         raise ValueError(
             f"sample.steps_per_entity has {len(steps)} entries; the layout has {k} entities."
         )
-    s_max = max(steps)
-    t_tab = np.zeros((k, s_max), np.float32)
-    dt_tab = np.zeros((k, s_max), np.float64)
-    sc_tab = np.zeros((k, s_max), np.float64)
+    t_tab = np.zeros((k, max(steps) + 1), np.float32)
     for e, s in enumerate(steps):
-        t_tab[e, :s], dt_tab[e, :s], sc_tab[e, :s] = time_grid(s, sampler)
-    return t_tab, dt_tab, sc_tab, np.asarray(steps, np.int32)
+        t_tab[e, : s + 1] = get_solver(sampler, s).grid(s)
+    return t_tab, np.asarray(steps, np.int32)
 
 
 def sample(
@@ -100,12 +172,12 @@ def sample(
       model: the `XAR` module (its ``dtype`` is the network's compute dtype).
       params: its params.
       labels: (B,) int class labels.
-      num_steps: flow steps per entity (grid points for 'sde').
+      num_steps: flow steps per entity (grid points for 'sde'; 'heun' evaluates twice per step).
       cfg: guidance scale (1.0 disables guidance and the doubled batch).
       key: PRNG key for all noise (needed unless ``noise`` replaces every draw).
       noise: optional ``{'init': (K, B, n, C), 'steps': (K, S-1, B, n, C)}`` replacing the initial
         noise of each entity and the Euler-Maruyama noise of each step (uniform entities only).
-      sampler: 'sde' (Euler-Maruyama, the release) or 'ode' (Euler).
+      sampler: a `SOLVERS` key: 'sde' (Euler-Maruyama, the release), 'ode' (Euler) or 'heun'.
       cfg_schedule: 'linear' over entities (the release) or 'constant'.
       steps_per_entity: optional per-entity step counts (e.g. decreasing 50 -> 5).
       use_cache: KV cache for finished entities (False recomputes the whole prefix every step).
@@ -147,7 +219,8 @@ def make_sampler(
     """A jitted ``fn(params, labels, key, noise) -> latents`` for fixed settings (noise may be None)."""
     layout = model.layout
     k = layout.num_entities
-    t_tab, dt_tab, sc_tab, steps = _step_tables(model, num_steps, steps_per_entity, sampler)
+    t_tab, steps = _time_table(model, num_steps, steps_per_entity, sampler)  # Checks sampler.
+    solver = SOLVERS[sampler]
     w_tab = guidance_scales(k, cfg, cfg_schedule)
     guided = cfg != 1.0
     entity_of_token = jnp.asarray(layout.entity_of_token)
@@ -158,23 +231,13 @@ def make_sampler(
         c = model.in_channels
         null = jnp.full_like(labels, model.num_classes)  # The null class is the extra last row.
         lab = jnp.concatenate([labels, null]) if guided else labels
-        tab = jax.tree.map(
-            jnp.asarray,
-            (
-                t_tab,
-                dt_tab.astype(np.float32),
-                sc_tab.astype(np.float32),
-                w_tab.astype(np.float32),
-                steps,
-            ),
-        )
-        t_net, dt, scale, w, n_steps = tab
+        t_pts, w, n_steps = jax.tree.map(jnp.asarray, (t_tab, w_tab.astype(np.float32), steps))
 
         def doubled(x):
             """The guided batch: conditional and unconditional halves share x."""
             return jnp.concatenate([x, x]) if guided else x
 
-        def velocity(xin, t_scalar, e, start, n, caches, seq):
+        def network(xin, t_scalar, e, start, n, caches, seq):
             xin = xin.astype(jnp.float32)
             t_b = jnp.full((lab.shape[0],), t_scalar, jnp.float32)
             if use_cache:
@@ -199,21 +262,26 @@ def make_sampler(
             else:
                 x = jax.random.normal(key_init, (b, n, c), state_dtype)
 
-            def flow_step(i, x):
-                t = t_net[e, i]
-                xin = doubled(x)
-                v = velocity(xin, t, e, start, n, caches, seq).astype(state_dtype)
-                d = (2.0 - t) * v + xin if sampler == "sde" else v
+            def velocity(x, t):
+                """The guided velocity of the current entity at state x, time t."""
+                v = network(doubled(x), t, e, start, n, caches, seq).astype(state_dtype)
                 if guided:
-                    d_c, d_u = d[:b], d[b:]
-                    d = d_u + w[e] * (d_c - d_u)
+                    v_c, v_u = v[:b], v[b:]
+                    v = v_u + w[e] * (v_c - v_u)
+                return v
+
+            def step_noise(i, shape):
+                if not solver.stochastic:
+                    return None
                 if noise is not None:
                     steps_noise = jnp.asarray(noise["steps"])
                     last = steps_noise.shape[1] - 1
-                    eps = steps_noise[e, jnp.minimum(i, last)].astype(state_dtype)
-                else:
-                    eps = jax.random.normal(jax.random.fold_in(key_steps, i), x.shape, state_dtype)
-                return x + d * dt[e, i] + scale[e, i] * eps
+                    return steps_noise[e, jnp.minimum(i, last)].astype(state_dtype)
+                return jax.random.normal(jax.random.fold_in(key_steps, i), shape, state_dtype)
+
+            def flow_step(i, x):
+                eps = step_noise(i, x.shape)
+                return solver.step(x, t_pts[e, i], t_pts[e, i + 1], velocity, eps)
 
             x = jax.lax.fori_loop(0, n_steps[e], flow_step, x)
             seq = jax.lax.dynamic_update_slice_in_dim(seq, x.astype(jnp.float32), start, axis=1)

@@ -17,7 +17,7 @@ from xar_jax import entities, flow, sharding
 from xar_jax.data.config import get_data_config, validate_data_config
 from xar_jax.layers import ATTENTION_IMPLS
 from xar_jax.model import DTYPES, PRESETS, REMAT_POLICIES
-from xar_jax.sampling import CFG_SCHEDULES, SAMPLERS
+from xar_jax.sampling import CFG_SCHEDULES, SAMPLERS, SOLVERS
 from xar_jax.train_state import NAN_POLICIES
 
 IMAGENET_TRAIN_SIZE = 1_281_167
@@ -128,7 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_steps = 50  # Flow steps per entity (paper: 40 for B, 50 for L/H).
     c.sample.cfg = 2.2  # Guidance scale (paper: 2.7 B, 2.3 L, 2.2 H); 1.0 = no guidance.
     c.sample.cfg_schedule = "linear"  # linear over entities (the release) | constant.
-    c.sample.sampler = "sde"  # sde (Euler-Maruyama, the release) | ode (Euler).
+    # sde (Euler-Maruyama, the release) | ode (Euler) | heun (2nd-order ODE, 2 evaluations/step).
+    c.sample.sampler = "sde"
     # What --mode=sample writes. 'adm': num_images class-balanced images (a multiple of
     # latent.num_classes), resumable, every device of every host, into
     # <out_dir>/step_<S>-<settings>/samples.npz (arr_0 uint8 (N, H, W, 3), labels) -- ADM's
@@ -298,8 +299,8 @@ def validate_config(
     _check_number(cfg, "log.sample_every_steps", 0, integer=True)
     _check_number(cfg, "log.num_samples", 1, integer=True)
 
-    min_steps = 2 if cfg.sample.sampler == "sde" else 1
     _check_choice(cfg, "sample.sampler", SAMPLERS)
+    min_steps = SOLVERS[cfg.sample.sampler].min_steps
     _check_number(cfg, "sample.num_steps", min_steps, integer=True)
     _check_number(cfg, "sample.cfg", 0.0)
     _check_choice(cfg, "sample.cfg_schedule", CFG_SCHEDULES)

@@ -3,6 +3,10 @@
 python -m xar_jax.convert xar --src xAR-H.pth --out ckpt/xar_h      # EMA weights by default
 python -m xar_jax.convert vae --src kl16.ckpt --out ckpt/vae
 python -m xar_jax.convert inception --src pt_inception-2015-12-05.pth --out ckpt/inception
+
+--overwrite replaces only a directory this command wrote earlier (it refuses anything else).
+.pth/.ckpt files are unpickled with torch's weights_only=True and a small allow-list, so a
+malicious file cannot run code; --allow_unsafe_pickle lifts that for a file you trust.
 """
 
 from __future__ import annotations
@@ -27,7 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=sorted(KINDS), help="which network the checkpoint holds")
     parser.add_argument("--src", required=True, help=".pth / .ckpt / .npz file to read")
     parser.add_argument("--out", required=True, help="directory to write (must not exist)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --out written by an earlier conversion (anything else is refused)",
+    )
+    parser.add_argument(
+        "--allow_unsafe_pickle",
+        action="store_true",
+        help="unpickle --src with torch.load(weights_only=False): it may run code the file "
+        "carries; only for files you trust",
+    )
     parser.add_argument(
         "--no-ema",
         action="store_true",
@@ -35,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     module = importlib.import_module(KINDS[args.kind])
-    kwargs = {"overwrite": args.overwrite}
+    kwargs = {"overwrite": args.overwrite, "allow_unsafe_pickle": args.allow_unsafe_pickle}
     if args.kind == "xar":
         kwargs["use_ema"] = not args.no_ema
     elif args.no_ema:

@@ -56,11 +56,14 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: np.ndarray) -> None
 
 def inception_from_torch(
     state_dict_or_path: str | os.PathLike | Mapping[str, Any],
+    *,
+    allow_unsafe_pickle: bool = False,
 ) -> tuple[inception_lib.InceptionV3, dict[str, Any]]:
     """Builds the Flax InceptionV3 and its parameters from torch-fidelity's weights.
 
     Args:
       state_dict_or_path: a ``{name: tensor/array}`` mapping, or a ``.pth`` / ``.npz`` file.
+      allow_unsafe_pickle: unpickle a ``.pth`` without the allow-list (trusted files only).
 
     Returns:
       ``(model, params)``: the module and a nested dict of float32 NumPy arrays; use them with
@@ -69,7 +72,9 @@ def inception_from_torch(
     Raises:
       ValueError: names missing or unexpected (all listed), or a parameter of the wrong shape.
     """
-    state = torch_io.load_state_dict(state_dict_or_path, prefer=("state_dict",))
+    state = torch_io.load_state_dict(
+        state_dict_or_path, prefer=("state_dict",), allow_unsafe_pickle=allow_unsafe_pickle
+    )
     shapes = inception_lib.param_shapes()
     names = {torch_name(path): path for path in shapes}
     ignored = {n for n in state if n.endswith(_IGNORED_SUFFIX)}
@@ -91,21 +96,27 @@ def _sha256(path: str) -> str:
 
 
 def convert_file(
-    src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    allow_unsafe_pickle: bool = False,
 ) -> None:
     """Converts torch-fidelity's ``.pth`` (or an ``.npz`` of it) to a converted-params directory.
 
     Args:
       src: the weights file.
       out: the directory to write (Orbax params + ``metadata.json``), written atomically.
-      overwrite: replace ``out`` if it exists.
+      overwrite: replace ``out`` if it exists and is an earlier converter output.
+      allow_unsafe_pickle: unpickle a ``.pth`` without the allow-list (trusted files only).
 
     Raises:
-      FileExistsError: ``out`` exists and ``overwrite`` is False (checked before reading ``src``).
+      FileExistsError: ``out`` exists and ``overwrite`` is False, or it is not a converter output
+        (checked before reading ``src``).
     """
     src, out = os.fspath(src), os.fspath(out)
     params_io.check_writable(out, overwrite)
-    _, params = inception_from_torch(src)
+    _, params = inception_from_torch(src, allow_unsafe_pickle=allow_unsafe_pickle)
     metadata = {
         "model": MODEL_KIND,
         "source_file": os.path.basename(src),

@@ -74,7 +74,10 @@ def params_from_state_dict(model: vae_lib.VAE, state_dict: Mapping[str, np.ndarr
 
 
 def vae_from_torch(
-    state_dict_or_path: str | os.PathLike | Mapping[str, Any], *, ch: int | None = None
+    state_dict_or_path: str | os.PathLike | Mapping[str, Any],
+    *,
+    ch: int | None = None,
+    allow_unsafe_pickle: bool = False,
 ) -> tuple[vae_lib.VAE, Any]:
     """Builds the KL-16 VAE and its params from a released checkpoint.
 
@@ -82,11 +85,14 @@ def vae_from_torch(
       state_dict_or_path: ``kl16.ckpt`` / a ``.pth`` / a ``.npz``, or a mapping of names to arrays
         or tensors (``{'model': ...}`` and ``{'state_dict': ...}`` wrappers are unwrapped).
       ch: base width; None infers it from ``encoder.conv_in.weight`` (128 for the release).
+      allow_unsafe_pickle: unpickle a torch file without the allow-list (trusted files only).
 
     Returns:
       ``(model, params)``: a float32 ``VAE`` and its params pytree (NumPy leaves).
     """
-    state_dict = torch_io.load_state_dict(state_dict_or_path, prefer=("state_dict", "model"))
+    state_dict = torch_io.load_state_dict(
+        state_dict_or_path, prefer=("state_dict", "model"), allow_unsafe_pickle=allow_unsafe_pickle
+    )
     if ch is None:
         if "encoder.conv_in.weight" not in state_dict:
             shown = ", ".join(sorted(state_dict)[:8])
@@ -99,14 +105,17 @@ def vae_from_torch(
     return model, params_from_state_dict(model, state_dict)
 
 
-def convert_file(src: str, out: str, *, overwrite: bool = False) -> None:
+def convert_file(
+    src: str, out: str, *, overwrite: bool = False, allow_unsafe_pickle: bool = False
+) -> None:
     """Converts a released VAE checkpoint file into a converted-params directory at ``out``.
 
     ``out`` is written atomically (temp dir, then rename) and never touched when it exists and
-    ``overwrite`` is False; that check happens before reading ``src``.
+    ``overwrite`` is False, or when it is not an earlier converter output; that check happens
+    before reading ``src``. ``allow_unsafe_pickle`` unpickles a trusted file without the allow-list.
     """
     params_io.check_writable(out, overwrite)
-    model, params = vae_from_torch(src)
+    model, params = vae_from_torch(src, allow_unsafe_pickle=allow_unsafe_pickle)
     metadata = {
         "kind": KIND,
         "ch": model.ch,

@@ -78,6 +78,7 @@ def xar_from_torch(
     *,
     layout: ent.EntityLayout | None = None,
     prefer: tuple[str, ...] = ("model_ema", "model"),
+    allow_unsafe_pickle: bool = False,
     **model_kwargs: Any,
 ) -> tuple[xar_model.XAR, dict]:
     """Builds the configured `XAR` and its params from the authors' weights.
@@ -88,12 +89,15 @@ def xar_from_torch(
       num_heads: int or (encoder, decoder) pair; inferred from the RoPE buffers when omitted.
       layout: entity layout; default the release's cell 8 on the 16x16 grid.
       prefer: wrapper keys to look in, in order.
+      allow_unsafe_pickle: unpickle a ``.pth`` without the allow-list (trusted files only).
       **model_kwargs: further `XAR` fields (dtype, attention_impl, scan_layers, mlp_multiple, ...).
 
     Returns:
       ``(model, params)``.
     """
-    sd = torch_io.load_state_dict(state_dict, prefer=prefer)
+    sd = torch_io.load_state_dict(
+        state_dict, prefer=prefer, allow_unsafe_pickle=allow_unsafe_pickle
+    )
     width = sd["z_proj.weight"].shape[0] if "z_proj.weight" in sd else None
     if width is None:
         raise ValueError("The state dict has no 'z_proj.weight': not an xAR checkpoint.")
@@ -305,11 +309,24 @@ def model_metadata(model: xar_model.XAR) -> dict[str, Any]:
     }
 
 
-def convert_file(src: str, out: str, *, overwrite: bool = False, use_ema: bool = True) -> None:
-    """Converts a released ``.pth`` (or ``.npz``) to a params directory (EMA weights by default)."""
+def convert_file(
+    src: str,
+    out: str,
+    *,
+    overwrite: bool = False,
+    use_ema: bool = True,
+    allow_unsafe_pickle: bool = False,
+) -> None:
+    """Converts a released ``.pth`` (or ``.npz``) to a params directory (EMA weights by default).
+
+    ``overwrite`` replaces only an earlier converter output (see `params_io.check_writable`);
+    ``allow_unsafe_pickle`` unpickles a trusted ``.pth`` without the allow-list.
+    """
     params_io.check_writable(out, overwrite)  # Before reading src.
     prefer = ("model_ema", "model") if use_ema else ("model",)
-    model, params = xar_from_torch(os.fspath(src), prefer=prefer)
+    model, params = xar_from_torch(
+        os.fspath(src), prefer=prefer, allow_unsafe_pickle=allow_unsafe_pickle
+    )
     meta = model_metadata(model) | {"source": os.path.abspath(src), "ema": use_ema}
     params_io.save_params(out, params, meta, overwrite=overwrite)
 

@@ -13,6 +13,8 @@ SOURCES = ("digits", "imagenet", "latents")
 IMAGE_DECODERS = ("pil", "tfds")
 LATENT_SAMPLING = ("device", "host")
 CACHE_DTYPES = ("float32", "float16")
+# `shuffle_seed` value meaning "the run's seed" (see get_data_config).
+FOLLOW_RUN_SEED = -1
 DIGITS_SPLITS = ("train", "heldout", "all")
 
 _DEFAULT_SPLITS = {
@@ -62,7 +64,10 @@ def get_data_config(source: str = "digits") -> ml_collections.ConfigDict:
     # Off for digits: a mirrored digit is not the same digit.
     c.random_flip = source != "digits"
     # Seed of the global shuffle (reshuffled every epoch), the flips and host-side latent noise.
-    c.shuffle_seed = 0
+    # -1: the run's top-level `seed` (what train.py passes to the pipeline as `seed`; 0 without
+    # one), so changing the run seed changes the data order too. >= 0: this seed, whatever the
+    # run seed (e.g. fixed data order across init seeds). The same on every host.
+    c.shuffle_seed = FOLLOW_RUN_SEED
     # Grain worker processes per host (0 = decode in the training process's threads).
     c.num_workers = 0
     # Batches each worker process prepares ahead.
@@ -146,10 +151,11 @@ def validate_data_config(cfg: ml_collections.ConfigDict, *, training: bool = Tru
     for field in ("random_flip", "allow_corrupt_records"):
         _require(isinstance(cfg[field], bool), field, cfg[field], "True | False")
     _require(
-        _is_int(cfg.shuffle_seed) and 0 <= cfg.shuffle_seed < 2**32,
+        _is_int(cfg.shuffle_seed)
+        and (cfg.shuffle_seed == FOLLOW_RUN_SEED or 0 <= cfg.shuffle_seed < 2**32),
         "shuffle_seed",
         cfg.shuffle_seed,
-        "an integer in [0, 2**32)",
+        f"{FOLLOW_RUN_SEED} (the run's seed) or an integer in [0, 2**32)",
     )
     for field, low in (
         ("num_workers", 0),

@@ -27,7 +27,16 @@ IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
 
 def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM center crop of an RGB PIL image to ``(size, size, 3)`` uint8."""
+    """ADM's ``center_crop_arr``: the ImageNet preprocessing of ADM/MAR/xAR and their FID stats.
+
+    The one implementation, shared by the training input and `xar_jax.evaluation.image_sources`.
+    Images in another mode (grey, CMYK, palette) are converted to RGB first.
+
+    Returns:
+      ``(size, size, 3)`` uint8.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
     scale = size / min(image.size)

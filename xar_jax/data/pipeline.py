@@ -2,7 +2,8 @@
 
 Train pipeline (identical for digits, ImageNet and cached latents; only the reader differs)::
 
-    range(N) -> seed -> global shuffle of example indices -> repeat forever (reshuffled each epoch)
+    range(N) -> seed (data.shuffle_seed, or the run's seed when it is -1)
+             -> global shuffle of example indices -> repeat forever (reshuffled each epoch)
              -> draw the flip (and host noise) from the position in the global stream, then read
                 that example in that orientation (cached latents: only that record)
              -> [process_index::process_count] -> batch(global // process_count, drop remainder)
@@ -107,6 +108,14 @@ def parallel_read(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict) -> 
     return ids
 
 
+def pipeline_seed(data_cfg: ml_collections.ConfigDict, run_seed: int | None) -> int:
+    """The seed of the shuffle, flips and host noise: ``data_cfg.shuffle_seed`` when set (>= 0),
+    else (-1) the run's seed, 0 when there is none."""
+    if data_cfg.shuffle_seed != config_lib.FOLLOW_RUN_SEED:
+        return int(data_cfg.shuffle_seed)
+    return 0 if run_seed is None else int(run_seed)
+
+
 def make_train_dataset(
     data_cfg: ml_collections.ConfigDict,
     *,
@@ -123,8 +132,9 @@ def make_train_dataset(
       global_batch_size: examples per step over all processes; this process yields
         ``global_batch_size // process_count`` of them.
       process_index, process_count: default to ``jax.process_index()`` / ``jax.process_count()``.
-      seed: pipeline seed (shuffle, flips, host noise); default ``data_cfg.shuffle_seed``. Must be
-        the same on every process.
+      seed: the run's seed (train.py passes ``config.seed``); seeds the shuffle, flips and host
+        noise when ``data_cfg.shuffle_seed`` is -1, else ``shuffle_seed`` does (see
+        `pipeline_seed`). Must be the same on every process.
       records: optional data replacing what ``data_cfg.source`` would open: raw image records
         (decoded as the source decodes them) or an ``ExampleReader`` (see ``sources.build_reader``).
 
@@ -142,7 +152,7 @@ def make_train_dataset(
         )
     # The elements are example indices: shuffled globally, reshuffled every epoch; the flip and the
     # noise are drawn from the position in the global stream, then only that record is read.
-    ds = grain.MapDataset.range(len(reader)).seed(data_cfg.shuffle_seed if seed is None else seed)
+    ds = grain.MapDataset.range(len(reader)).seed(pipeline_seed(data_cfg, seed))
     ds = ds.shuffle().repeat()
     ds = ds.random_map(
         functools.partial(
@@ -208,8 +218,8 @@ def make_eval_dataset(
 
     Process ``i`` of ``n`` reads examples ``i, i + n, ...``; all processes yield
     ``ceil(ceil(N / n) / b)`` batches, the last ones padded (copies of example 0, mask False), so
-    multi-host eval loops stay in step. Host-sampled latents use ``seed`` (default
-    ``data_cfg.shuffle_seed``) and the example's index, so evaluation is repeatable.
+    multi-host eval loops stay in step. Host-sampled latents use `pipeline_seed` (``shuffle_seed``,
+    or the run's ``seed`` when it is -1) and the example's index, so evaluation is repeatable.
     """
     config_lib.validate_data_config(data_cfg)
     index, count = resolve_process(process_index, process_count)
@@ -217,7 +227,7 @@ def make_eval_dataset(
     reader = sources.build_reader(data_cfg, data_cfg.eval_split, records=records)
     per_process = math.ceil(len(reader) / count)
     padded = math.ceil(per_process / local_batch) * local_batch * count
-    ds = grain.MapDataset.range(padded).seed(data_cfg.shuffle_seed if seed is None else seed)
+    ds = grain.MapDataset.range(padded).seed(pipeline_seed(data_cfg, seed))
     ds = ds.random_map(
         functools.partial(
             _load_eval_example, reader=reader, latent_sampling=data_cfg.latent_sampling

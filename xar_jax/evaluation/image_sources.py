@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from xar_jax.data.imagenet import adm_center_crop  # The one ADM crop (training and FID).
 from xar_jax.evaluation import npz_io
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -23,27 +24,6 @@ class ImageSource(Protocol):
     def __len__(self) -> int: ...
 
     def read(self, start: int, stop: int) -> np.ndarray: ...
-
-
-def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM's center crop: the preprocessing of ImageNet for xAR/MAR/ADM and their FID statistics.
-
-    Halves the image with a box filter while its short side is at least ``2 * size``, resizes the
-    short side to ``size`` with bicubic interpolation, then cuts the central ``size x size``.
-
-    Returns:
-      ``(size, size, 3)`` uint8.
-    """
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(
-        (round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC
-    )
-    array = np.asarray(image)
-    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-    return array[top : top + size, left : left + size]
 
 
 def _check_rgb_uint8(images: np.ndarray, where: str) -> np.ndarray:
