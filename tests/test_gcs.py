@@ -37,7 +37,7 @@ def _cache(out_dir, **kwargs):
 
 def test_docs_list_every_emulator_variable():
     doc = (epath.Path(REPO) / "docs" / "tpu.md").read_text()
-    section = doc[doc.index("## Testing against a local GCS emulator") :]
+    section = doc[doc.index("Testing against a local GCS emulator\n") :]
     for name in gcs_env.emulator_environment("127.0.0.1:1"):
         assert f"`{name}`" in section, f"docs/tpu.md's emulator section lacks {name}"
 
