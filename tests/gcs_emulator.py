@@ -92,7 +92,13 @@ class GcsEmulator:
 def gcs_bucket(tmp_path_factory) -> Iterator[str]:
     """``"gs://xar-test"``: a bucket on a local emulator; every GCS client of xar-jax points there."""
     start = time.perf_counter()
-    emulator = GcsEmulator(tmp_path_factory.mktemp("gcs"))
+    for attempt in range(3):  # another process may take the free port before the server binds it
+        try:
+            emulator = GcsEmulator(tmp_path_factory.mktemp("gcs"))
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     env = gcs_env.emulator_environment(emulator.host_port)
     saved = {name: os.environ.get(name) for name in env}
     gcs_env.apply_in_process(env)
