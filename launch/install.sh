@@ -8,7 +8,7 @@
 # access to the repository, and every worker runs exactly the same commit (recorded in
 # ~/xar-jax/.xar_commit and at the top of each log). Uncommitted changes stop the script unless
 # ALLOW_DIRTY=1; CODE_TARBALL=path ships a tarball you made yourself instead.
-# Then, on every worker: ~/xar_venv (Python PYTHON_VERSION via uv), `pip install -e ~/xar-jax
+# Then, on every worker: ~/xar_venv (Python PYTHON_VERSION via uv), `pip install -e "$HOME/xar-jax[gcs]"
 # "$JAX_SPEC"`, and converted weights from WEIGHTS_GCS to ~/xar_weights.
 set -euo pipefail
 # shellcheck source=common.sh

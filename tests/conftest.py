@@ -1,9 +1,11 @@
-"""Shared fixtures: golden vectors and the converted tiny reference model (loaded once)."""
+"""Shared fixtures: golden vectors, the converted tiny reference model (loaded once), and a GCS
+bucket on a local emulator (`gcs_bucket`, tests/gcs_emulator.py)."""
 
 import os
 
 import numpy as np
 import pytest
+from gcs_emulator import gcs_bucket  # noqa: F401  (the session fixture: a bucket on an emulator)
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 

@@ -8,8 +8,8 @@ import shlex
 import jax
 import numpy as np
 import pytest
-
 from conftest import golden_path
+
 from xar_jax.convert import __main__ as convert_cli
 from xar_jax.convert import params_io, torch_io
 from xar_jax.convert import vae as convert_vae

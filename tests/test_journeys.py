@@ -94,7 +94,7 @@ def test_changed_mesh_with_override_reshards_and_resumes_to_the_same_params(trai
                     "--config.log.sample_every_steps=4", devices=DEVICES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resumed from checkpoint step 8" in proc.stderr
-    assert not list(workdir.rglob("*.tmp")) and not list(workdir.rglob(".tmp-*"))
+    assert not list(workdir.rglob("*.tmp")) and not list(workdir.rglob("*.tmp-*"))
     record = json.loads((workdir / "run.json").read_text())
     assert record["mesh"]["mesh.fsdp"] == 2  # The accepted mesh is the run's mesh now.
     assert record["history"][-1]["accepted_changes"] == ["mesh"]
@@ -116,7 +116,7 @@ def test_train_eval_train_eval_eval_keeps_an_evaluation_history(trained, tmp_pat
     beside = json.loads(open(os.path.join(os.path.dirname(history[-1]["samples"]),
                                           "metrics.json")).read())
     assert beside == history[-1]
-    assert not list(workdir.rglob(".tmp-*"))  # Atomic writes leave no temporary files.
+    assert not list(workdir.rglob("*.tmp-*"))  # Atomic writes leave no temporary files.
 
 
 def test_sample_grid_twice_replaces_its_files(trained, tmp_path):

@@ -155,7 +155,8 @@ def test_worker_install_swaps_in_the_new_tree_and_installs_it_with_jax(installer
     calls = log.read_text().splitlines()
     assert f"uv venv --quiet --python 3.12 {home}/xar_venv" in calls
     assert (
-        f"uv pip install --quiet --python {home}/xar_venv/bin/python -e {home}/xar-jax jax[tpu]"
+        f"uv pip install --quiet --python {home}/xar_venv/bin/python -e {home}/xar-jax[gcs] "
+        "jax[tpu]"
     ) in calls
     assert "gsutil -q ls gs://b/w" in calls and "no weights at gs://b/w" in proc.stdout
 

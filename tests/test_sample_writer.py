@@ -106,12 +106,12 @@ def test_run_killed_with_sigkill_resumes_to_the_identical_file(reference, tmp_pa
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
     assert sorted(os.listdir(tmp_path / "shards")) == [f"batch_00000{i}.npz" for i in range(3)]
     # A write cut short by the kill leaves only a temporary file, which must not count as a batch.
-    (tmp_path / "shards" / ".tmp-123-batch_000003.npz").write_bytes(b"partial")
+    (tmp_path / "shards" / "batch_000003.npz.tmp-host-123-abc").write_bytes(b"partial")
 
     path = sample_writer.write_samples(fake_generator, str(tmp_path), progress=False, **PLAN)
     for got, want in zip(load_samples(path), reference, strict=True):
         np.testing.assert_array_equal(got, want)
-    assert not any(name.startswith(".tmp-") for name in os.listdir(tmp_path))
+    assert not any(".tmp-" in p.name for p in tmp_path.rglob("*"))
 
 
 def test_two_processes_together_write_the_single_process_file(reference, tmp_path):

@@ -252,7 +252,6 @@ def restore_train_state(config: ml_collections.ConfigDict, workdir: str) -> tupl
     setup = training_setup(exp)
     ckpt = checkpointer(config, workdir)
     try:
-        with jax.set_mesh(exp.mesh), exp.rules_context():
-            return ckpt.restore_latest(setup.abstract_state)
+        return ckpt.restore_latest(setup.abstract_state)
     finally:
         ckpt.close()

@@ -1,11 +1,13 @@
-"""Atomic, overwriting file writes on local paths and ``gs://`` alike (through `etils.epath`).
+"""File I/O that works the same on local disk and on ``gs://`` (etils ``epath``; gcsfs for GCS).
 
 Every artifact a run writes outside Orbax (sample grids, ``samples.npz``, ``metrics.json``,
-``eval.json``, ``run.json``) goes through `write_bytes`: the data lands under a temporary name in
-the target's directory, then `replace` moves it over the target. A reader sees the old file or the
-new one, never half of one, and a second evaluation in the same workdir replaces the first's files
-instead of failing (`epath.Path.rename` refuses an existing target; `replace` does not).
-On an object store the final copy is one object write, which is atomic per object.
+``eval.json``, ``run.json``, latent-cache shards) goes through `write_bytes` or `upload_file`: the
+data lands under a temporary name in the target's directory, then `replace` moves it over the
+target. A reader sees the old file or the new one, never a part of one, and a second evaluation in
+the same workdir replaces the first's files instead of failing (``epath.Path.rename`` refuses an
+existing target; ``replace`` does not). Locally that is ``os.replace`` after an fsync; on GCS an
+object appears only once its upload completes, and the move is a server-side copy and delete, so a
+preempted writer leaves at most a stray ``*.tmp-*`` object.
 """
 
 from __future__ import annotations
@@ -13,56 +15,101 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import uuid
 from typing import Any
 
 import numpy as np
 from etils import epath
+from PIL import Image
+
+PathLike = str | os.PathLike
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
+def is_remote(path: PathLike) -> bool:
+    """True for URIs such as ``gs://bucket/dir`` (anything with a scheme), False for local paths."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
     """``path`` as an `epath.Path`; local paths are made absolute (gs:// stays as it is)."""
     text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> epath.Path:
+def exists(path: PathLike) -> bool:
+    return epath.Path(path).exists()
+
+
+def makedirs(path: PathLike) -> None:
+    """Creates ``path`` and its parents if missing (on GCS directories are implicit: a no-op)."""
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _temporary_sibling(path: epath.Path) -> epath.Path:
+    # Unique per host, process and call: two writers of one target never share a temporary.
+    suffix = f"tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / f"{path.name}.{suffix}"
+
+
+def write_bytes(path: PathLike, data: bytes) -> epath.Path:
     """Writes ``data`` to ``path`` atomically, replacing any existing file; makes parents."""
-    target = as_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name: two processes writing the same target never share one.
-    tmp = target.parent / f".tmp-{uuid.uuid4().hex[:12]}-{target.name}"
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
     try:
-        tmp.write_bytes(data)
-        tmp.replace(target)
-    finally:
+        if is_remote(path):
+            tmp.write_bytes(data)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
         if tmp.exists():
             tmp.unlink()
-    return target
+        raise
+    return path
 
 
-def write_text(path: str | os.PathLike, text: str) -> epath.Path:
+def write_text(path: PathLike, text: str) -> epath.Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike, value: Any) -> epath.Path:
+def write_json(path: PathLike, value: Any) -> epath.Path:
     return write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: PathLike) -> Any:
     return json.loads(as_path(path).read_text())
 
 
-def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> epath.Path:
+def write_npz(path: PathLike, **arrays: np.ndarray) -> epath.Path:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return write_bytes(path, buffer.getvalue())
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray) -> epath.Path:
+def write_png(path: PathLike, image: np.ndarray) -> epath.Path:
     """A uint8 image (H, W, C) with C in {1, 3} as PNG."""
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
     return write_bytes(path, buffer.getvalue())
+
+
+def upload_file(local: PathLike, path: PathLike) -> None:
+    """Copies the finished local file ``local`` to ``path`` (local or ``gs://``) atomically.
+
+    For files that a library can only write locally (ArrayRecord shards): write them on local
+    disk, then publish them with this.
+    """
+    path = epath.Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        epath.Path(local).copy(tmp, overwrite=True)  # Streamed: shards need not fit in memory.
+        tmp.replace(path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise

@@ -322,8 +322,7 @@ def generate_samples(
     local_batch = per_process_batch(config, jax.process_count(), jax.local_device_count())
     root = samples_root(config, workdir)
 
-    with jax.set_mesh(exp.mesh), exp.rules_context():
-        params, source = experiment_lib.inference_params(exp, workdir)
+    params, source = experiment_lib.inference_params(exp, workdir)
     settings = sample_run(config, source, num_images)
     out_dir = os.path.join(root, settings.dir_name())
     final = os.path.join(out_dir, sample_writer.SAMPLES_FILE)
@@ -376,9 +375,10 @@ def sample_grid(exp: experiment_lib.Experiment, params: Any, num_images: int, se
                                       sampler=s.sampler, cfg_schedule=s.cfg_schedule)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    key = jax.random.key(seed)
     chunks = []
+    # Inside the local mesh alone: the trainer calls this within its own (global) mesh.
     with jax.set_mesh(mesh), exp.rules_context():
+        key = jax.random.key(seed)
         for i, start in enumerate(range(0, num_images, batch)):
             real = labels[start: start + batch]
             padded = jax.device_put(np.resize(real, batch).astype(np.int32), batch_sharding)
@@ -390,11 +390,12 @@ def sample_grid(exp: experiment_lib.Experiment, params: Any, num_images: int, se
     if not config.latent.vae_checkpoint:
         log.warning("latent.vae_checkpoint is empty: writing latents only (no images).")
         return labels, latents, None
-    decode = jax.jit(_decoder(config, mesh))
-    images = np.concatenate([
-        np.asarray(decode(jnp.asarray(latents[i: i + batch])))
-        for i in range(0, num_images, batch)
-    ])
+    with jax.set_mesh(mesh):
+        decode = jax.jit(_decoder(config, mesh))
+        images = np.concatenate([
+            np.asarray(decode(jax.device_put(latents[i: i + batch], replicated)))
+            for i in range(0, num_images, batch)
+        ])
     return labels, latents, images
 
 
@@ -426,8 +427,7 @@ def sample_to_workdir(exp: experiment_lib.Experiment, workdir: str) -> dict[str,
         path, _ = generate_samples(exp, workdir)
         return {"npz": path}
     config = exp.config
-    with jax.set_mesh(exp.mesh), exp.rules_context():
-        params, source = experiment_lib.inference_params(exp, workdir)
+    params, source = experiment_lib.inference_params(exp, workdir)
     labels, latents, images = sample_grid(exp, params, config.sample.num_images,
                                           seed=config.sample.seed)
     paths = {}

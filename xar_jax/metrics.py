@@ -29,12 +29,42 @@ class NullWriter:
     def close(self) -> None: ...
 
 
+def _register_gcs_event_files() -> None:
+    """Makes tensorboardX's ``gs://`` event files upload only when they changed.
+
+    tensorboardX (2.6) writes a ``gs://`` event file by re-uploading the whole file on every
+    flush, and once more from ``__del__`` after ``close``: at interpreter exit that last upload
+    retries for 120 s when the storage endpoint is gone (an emulator stopped first), and
+    uploads unchanged bytes otherwise. The replacement skips uploads of unchanged files.
+    """
+    from tensorboardX import record_writer
+
+    if not record_writer.GCS_ENABLED:
+        return  # tensorboardX itself explains that google-cloud-storage is needed
+
+    class _GcsEventFile(record_writer.GCSRecordWriter):
+        _uploaded = -1  # buffer size at the last upload
+
+        def flush(self):
+            if self.buffer.tell() != self._uploaded:
+                super().flush()
+                self._uploaded = self.buffer.tell()
+
+    class _Factory(record_writer.GCSRecordWriterFactory):
+        def open(self, path):
+            return _GcsEventFile(path)
+
+    record_writer.register_writer_factory("gs", _Factory())
+
+
 class TensorBoardWriter(NullWriter):
-    """TensorBoard event files in ``logdir`` via tensorboardX (no TensorFlow needed)."""
+    """TensorBoard event files in ``logdir`` (local or ``gs://``) via tensorboardX (no TF)."""
 
     def __init__(self, logdir: str):
         from tensorboardX import SummaryWriter
 
+        if logdir.startswith("gs://"):
+            _register_gcs_event_files()
         self._writer = SummaryWriter(logdir=logdir)
 
     def write_scalars(self, step, scalars):

@@ -366,9 +366,14 @@ def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_cl
 
 
 def abstract_params(model: XAR, batch_size: int = 1) -> Any:
-    """Parameter shapes (ShapeDtypeStructs, boxed with logical axes) without allocating them."""
+    """Parameter shapes (ShapeDtypeStructs, boxed with logical axes) without allocating them.
+
+    Traced with the XLA attention: the params do not depend on the attention kernel, and a fused
+    kernel may not trace on this host (cuDNN on a CPU-only machine preparing a GPU run).
+    """
     inputs = example_inputs(model, batch_size)
-    return jax.eval_shape(lambda k: model.init(k, *inputs)["params"], jax.random.key(0))
+    portable = model.clone(attention_impl="xla")
+    return jax.eval_shape(lambda k: portable.init(k, *inputs)["params"], jax.random.key(0))
 
 
 def example_inputs(model: XAR, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -9,8 +9,8 @@
 # 3. swaps ~/xar-jax.new into ~/xar-jax (the old tree is removed only after the move);
 # 4. creates ~/xar_venv with `uv` for the requested Python (the TPU images ship Ubuntu 22.04's
 #    Python 3.10, older than the project needs; uv fetches a standalone CPython) and installs
-#    the project editable together with JAX for TPU in one resolver run, so the versions agree
-#    with setup.cfg;
+#    the project editable with its [gcs] extra (gs:// workdirs and caches) together with JAX for
+#    TPU in one resolver run, so the versions agree with setup.cfg;
 # 5. syncs converted weights from --weights to ~/xar_weights (skipped if nothing is there yet).
 set -euo pipefail
 
@@ -72,7 +72,7 @@ if [[ ${current} != "${python_version}" ]]; then
   uv venv --quiet --python "${python_version}" "${venv}"
 fi
 say "installing xar-jax (${commit}) and ${jax_spec}"
-uv pip install --quiet --python "${venv}/bin/python" -e "${target}" "${jax_spec}"
+uv pip install --quiet --python "${venv}/bin/python" -e "${target}[gcs]" "${jax_spec}"
 # Import only: initialising the TPU backend here would wait for the other hosts of the slice.
 "${venv}/bin/python" -c 'import jax, jaxlib, xar_jax; print("jax", jax.__version__, "jaxlib", jaxlib.__version__)'
 

@@ -10,6 +10,9 @@ Guarantees:
   redone; a shard being written lives under ``<name>.incomplete`` and is renamed (after fsync) only
   when complete, so an interrupted run leaves nothing a reader accepts, and rerunning the same
   command finishes the job.
+- Local disk or GCS: ArrayRecord cannot write ``gs://``, so for a ``gs://`` out_dir each shard is
+  written on local disk (a temporary directory), uploaded under a temporary object name and moved
+  to its final name once complete (`xar_jax.fileio.upload_file`); the same guarantees hold.
 - Multi-host: shard ``s`` belongs to process ``s % process_count``; each process encodes its own
   shards with its local devices (the encoder must not span hosts: ``device.local_data_parallel``).
 - Deterministic: the same images in the same order, decoded by the same Grain pipeline as training
@@ -28,14 +31,17 @@ import importlib
 import json
 import logging
 import os
-import socket
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
+from etils import epath
 
+from xar_jax import fileio
 from xar_jax.data import config as config_lib
 from xar_jax.data import latent_format, pipeline, sources
 from xar_jax.data.latent_format import LatentCacheRecords  # noqa: F401  (the reader, re-exported)
@@ -98,9 +104,8 @@ def _spec(
 def _write_or_check_spec(directory: str, spec: dict[str, Any]) -> None:
     """Writes the spec atomically, or checks that an existing cache used the same settings."""
     path = os.path.join(directory, latent_format.SPEC_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
+    if fileio.exists(path):
+        existing = json.loads(epath.Path(path).read_text())
         if existing != spec:
             diff = {
                 k: (existing.get(k), spec.get(k))
@@ -113,12 +118,7 @@ def _write_or_check_spec(directory: str, spec: dict[str, Any]) -> None:
                 "the original settings to resume."
             )
         return
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(spec, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(spec, indent=2, sort_keys=True))
 
 
 def _commit(tmp: str, final: str) -> None:
@@ -179,7 +179,8 @@ def cache_latents(
         ``cache_dtype``, ``num_workers``/``read_threads`` (decoding) are used; flips are not.
       encode_fn: ``images (b, S, S, C) float32 in [-1, 1] -> moments (b, h, w, 2*C)`` (NumPy or
         jax arrays); called twice per batch (image and mirror), always with ``b = batch_size``.
-      out_dir: cache root (``data.cache_dir`` when training); local disk or a gcsfuse mount.
+      out_dir: cache root (``data.cache_dir`` when training): local disk, ``gs://bucket/dir`` or
+        a gcsfuse mount.
       batch_size: images per encoder call on this process.
       shard_size: examples per shard (2 records of 32 KiB each at 16x16x32 float32).
       process_index, process_count: default to JAX's.
@@ -208,17 +209,22 @@ def cache_latents(
     reader = sources.build_reader(data_cfg, data_cfg.split, records=records)
     sizes = latent_format.shard_sizes(len(reader), shard_size)
     directory = latent_format.split_dir(out_dir, data_cfg.split)
-    os.makedirs(directory, exist_ok=True)
+    fileio.makedirs(directory)
     _write_or_check_spec(directory, _spec(data_cfg, len(reader), shard_size))
 
     finals = [
         os.path.join(directory, latent_format.shard_name(s, len(sizes))) for s in range(len(sizes))
     ]
     mine = list(range(index, len(sizes), count))
-    kept = [s for s in mine if os.path.exists(finals[s])]
+    present = latent_format.existing_names(directory)  # one listing, not a request per shard
+    kept = [s for s in mine if os.path.basename(finals[s]) in present]
     for s in kept:
         _check_finished_shard(finals[s], 2 * sizes[s])
     todo = [s for s in mine if s not in kept]
+    for s in todo:  # uploads of this process's shards cut short by an earlier run (gs://)
+        stale = os.path.basename(finals[s]) + ".tmp-"
+        for name in (n for n in present if n.startswith(stale)):
+            epath.Path(directory, name).unlink(missing_ok=True)
     plan = [
         (s, start, min(start + batch_size, s * shard_size + sizes[s]))
         for s in todo
@@ -239,15 +245,23 @@ def cache_latents(
             grain.MapDataset.source(_ShardBatches(reader, plan, batch_size)), data_cfg
         )
     )
+    # ArrayRecord writes local files only: shards bound for gs:// are staged on local disk.
+    staging = tempfile.mkdtemp(prefix="xar-latent-cache-") if fileio.is_remote(out_dir) else None
     try:
-        _write_shards(batches, encode_fn, finals, sizes, data_cfg.cache_dtype, summary)
+        _write_shards(batches, encode_fn, finals, sizes, data_cfg.cache_dtype, summary, staging)
     finally:
         batches.close()  # stops Grain's worker processes and threads
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
-def _write_shards(batches, encode_fn, finals, sizes, dtype, summary) -> None:
-    """Encodes the planned batches (grouped by shard, in order) and commits each finished shard."""
+def _write_shards(batches, encode_fn, finals, sizes, dtype, summary, staging) -> None:
+    """Encodes the planned batches (grouped by shard, in order) and commits each finished shard.
+
+    ``staging``: a local directory where shards are written before their upload to a remote
+    ``finals`` path, or None to write them next to their final name.
+    """
     from array_record.python.array_record_module import ArrayRecordWriter
 
     writer, shard, written = None, None, 0
@@ -255,7 +269,10 @@ def _write_shards(batches, encode_fn, finals, sizes, dtype, summary) -> None:
         for batch in batches:
             if int(batch["shard"]) != shard:
                 shard, written = int(batch["shard"]), 0
-                tmp = finals[shard] + INCOMPLETE_SUFFIX
+                local = finals[shard]
+                if staging is not None:
+                    local = os.path.join(staging, os.path.basename(local))
+                tmp = local + INCOMPLETE_SUFFIX
                 if os.path.exists(tmp):  # left by an interrupted run
                     os.remove(tmp)
                 writer = ArrayRecordWriter(tmp, latent_format.WRITER_OPTIONS)
@@ -273,7 +290,11 @@ def _write_shards(batches, encode_fn, finals, sizes, dtype, summary) -> None:
             if written == sizes[shard]:
                 writer.close()
                 writer = None
-                _commit(tmp, finals[shard])
+                if staging is None:
+                    _commit(tmp, finals[shard])
+                else:  # upload under a temporary name, then move: complete or absent
+                    fileio.upload_file(tmp, finals[shard])
+                    os.remove(tmp)
                 summary["written"].append(shard)
                 logging.info("latent cache: wrote %s", finals[shard])
     finally:

@@ -3,7 +3,10 @@
 Layout: ``<cache_dir>/<split>/cache_spec.json`` plus ArrayRecord shards
 ``latents-SSSSS-of-NNNNN.array_record`` (written with ``group_size:1,uncompressed``: moments are
 incompressible floats and uncompressed records read about 5x faster than brotli ones). A shard
-exists under its final name only once complete (written to a temporary name, fsynced, renamed).
+exists under its final name only once complete (written to a temporary name, fsynced, renamed;
+on ``gs://`` written on local disk and uploaded under a temporary name, then moved). The cache may
+live on local disk or on GCS: file access goes through etils ``epath``, and array_record reads
+``gs://`` shards natively.
 
 Example ``i`` is stored as two consecutive records, ``2i`` (moments of the image) and ``2i + 1``
 (moments of its mirror image), so training reads only the orientation it drew: half the bytes.
@@ -28,6 +31,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 FORMAT_NAME = "xar-latent-cache"
 FORMAT_VERSION = 1
@@ -122,16 +126,24 @@ def cache_command(split: str, cache_dir: str) -> str:
     )
 
 
+def existing_names(directory: str) -> set[str]:
+    """Names of the files in ``directory`` (local or ``gs://``); empty if it does not exist."""
+    try:
+        return {p.name for p in epath.Path(directory).iterdir()}
+    except FileNotFoundError:
+        return set()
+
+
 def read_spec(directory: str, *, split: str, cache_dir: str) -> dict[str, Any]:
     """Reads ``cache_spec.json`` of a split directory, with a clear error when it is absent."""
-    path = os.path.join(directory, SPEC_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(directory) / SPEC_FILE
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"No latent cache at {directory} ({SPEC_FILE} missing). Create it with\n"
             f"  {cache_command(split, cache_dir)}"
-        )
-    with open(path) as f:
-        spec = json.load(f)
+        ) from None
     if spec.get("format") != FORMAT_NAME or spec.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} describes format {spec.get('format')!r} version "
@@ -157,9 +169,8 @@ class LatentCacheRecords:
         sizes = shard_sizes(self.spec["num_examples"], self.spec["shard_size"])
         names = [shard_name(i, len(sizes)) for i in range(len(sizes))]
         paths = [os.path.join(self.directory, name) for name in names]
-        missing = [
-            name for name, path in zip(names, paths, strict=True) if not os.path.exists(path)
-        ]
+        present = existing_names(self.directory)  # one listing, not a request per shard
+        missing = [name for name in names if name not in present]
         if missing:
             raise FileNotFoundError(
                 f"Latent cache {self.directory} is incomplete: {len(missing)} of {len(paths)} "

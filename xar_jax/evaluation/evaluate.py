@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from xar_jax import fileio
 from xar_jax.convert.inception import load_inception
 from xar_jax.evaluation import fid as fid_lib
 from xar_jax.evaluation import image_sources
@@ -221,10 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if jax.process_index() == 0:
         print(json.dumps(metrics, indent=2))
         if args.out:
-            tmp = f"{args.out}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(metrics, f, indent=2)
-            os.replace(tmp, args.out)
+            fileio.write_json(args.out, metrics)
     return metrics
 
 

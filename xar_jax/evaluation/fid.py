@@ -17,10 +17,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from xar_jax import fileio
 
 ISC_SPLITS = 10
 ISC_SEED = 2020  # torch-fidelity's default rng_seed for the Inception Score permutation.
@@ -199,17 +200,7 @@ def save_reference_stats(path: str | os.PathLike, mu: Any, sigma: Any, **extra: 
     _check_gaussian(mu, sigma, "statistics to save")
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; remove it first or choose another --out.")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, **extra)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    fileio.write_npz(path, mu=mu, sigma=sigma, **extra)
 
 
 def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -27,15 +27,14 @@ import json
 import operator
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
 
+from xar_jax import fileio
 from xar_jax.evaluation import npz_io
 
 Generator = Callable[[np.ndarray, jax.Array], Any]
@@ -131,25 +130,6 @@ def _shard_path(out_dir: str, batch: int) -> str:
     return os.path.join(out_dir, SHARD_DIR, f"batch_{batch:06d}.npz")
 
 
-def _atomic_savez(path: str, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_png(path: str, image: np.ndarray) -> None:
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def check_or_write_json(path: str, wanted: dict[str, Any], *, holds: str, remedy: str) -> None:
     """Writes ``wanted`` to ``path`` (atomically) on the first run; later refuses any other content.
 
@@ -167,10 +147,7 @@ def check_or_write_json(path: str, wanted: dict[str, Any], *, holds: str, remedy
                 f"{remedy}"
             )
         return
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(wanted, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    fileio.write_json(path, wanted)
 
 
 def _check_plan_file(out_dir: str, plan: SamplingPlan) -> None:
@@ -315,9 +292,9 @@ def write_samples(
         images = images[:keep]
         if png_dir is not None:
             for i, image in enumerate(images):
-                _atomic_png(os.path.join(png_dir, f"{b * plan.batch_size + i:06d}.png"), image)
+                fileio.write_png(os.path.join(png_dir, f"{b * plan.batch_size + i:06d}.png"), image)
         # The shard is the batch's completion record: written last, atomically.
-        _atomic_savez(_shard_path(out_dir, b), images=images, labels=batch_labels[:keep])
+        fileio.write_npz(_shard_path(out_dir, b), images=images, labels=batch_labels[:keep])
 
     (barrier or (lambda: _default_barrier(process_count)))()
     if process_index != 0:
@@ -336,5 +313,7 @@ def _clean_up(out_dir: str, png_dir: str | None, keep_shards: bool) -> None:
         shutil.rmtree(os.path.join(out_dir, SHARD_DIR), ignore_errors=True)
     for directory in (out_dir, png_dir):
         if directory is not None:
-            for tmp in glob.glob(os.path.join(directory, "**", ".tmp-*"), recursive=True):
-                os.remove(tmp)
+            # fileio's temporaries (name.tmp-host-pid-id) and npz_io's streaming ones (.tmp-*).
+            for pattern in ("*.tmp-*", ".tmp-*"):
+                for tmp in glob.glob(os.path.join(directory, "**", pattern), recursive=True):
+                    os.remove(tmp)
