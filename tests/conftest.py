@@ -47,22 +47,31 @@ def optimized_golden_model(xar_golden_state_dict):
     )
 
 
-def event_tags(workdir) -> set[str]:
-    """Scalar/image tags in the TensorBoard event files of ``workdir`` (read without TensorFlow)."""
+def event_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of the TensorBoard event files in ``workdir`` (read without
+    TensorFlow); image summaries appear with no values."""
     import struct
 
     from tensorboardX.proto import event_pb2
 
-    tags = set()
-    for path in workdir.glob("events.out.tfevents.*"):
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
         data, i = path.read_bytes(), 0
         while i < len(data):  # TFRecord framing: length, crc, payload, crc.
             (n,) = struct.unpack("<Q", data[i : i + 8])
             event = event_pb2.Event()
             event.ParseFromString(data[i + 12 : i + 12 + n])
-            tags.update(v.tag for v in event.summary.value)
+            for v in event.summary.value:
+                values = scalars.setdefault(v.tag, [])
+                if v.HasField("simple_value"):
+                    values.append((event.step, v.simple_value))
             i += 12 + n + 4
-    return tags
+    return scalars
+
+
+def event_tags(workdir) -> set[str]:
+    """Scalar/image tags in the TensorBoard event files of ``workdir``."""
+    return set(event_scalars(workdir))
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,3 +107,14 @@ def tree_digest(root) -> dict:
     root = pathlib.Path(root)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def import_torch():
+    """torch, for the tests that read .pth files. Without the `torch` extra they skip, saying
+    why; under CI (.ci/run installs torch) they always run."""
+    if os.environ.get("CI"):
+        import torch
+
+        return torch
+    return pytest.importorskip("torch", reason="needs the 'torch' extra (reads .pth files): "
+                                               "pip install -e '.[torch]'")

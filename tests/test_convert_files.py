@@ -8,7 +8,7 @@ import shlex
 import jax
 import numpy as np
 import pytest
-from conftest import golden_path
+from conftest import golden_path, import_torch
 
 from xar_jax.convert import __main__ as convert_cli
 from xar_jax.convert import params_io, torch_io
@@ -161,7 +161,7 @@ def mar_style_checkpoint(torch, state_dict, args):
 
 
 def test_xar_training_checkpoint_with_an_argparse_namespace_loads(tmp_path, xar_golden_state_dict):
-    torch = pytest.importorskip("torch", reason="the 'torch' extra reads .pth files")
+    torch = import_torch()
     path = tmp_path / "checkpoint-last.pth"
     args = argparse.Namespace(model="xar_b", lr=None, blr=5e-5, cfg=2.7, num_iter=4)
     torch.save(mar_style_checkpoint(torch, xar_golden_state_dict, args), path)
@@ -174,7 +174,7 @@ def test_xar_training_checkpoint_with_an_argparse_namespace_loads(tmp_path, xar_
 
 
 def test_vae_and_inception_file_layouts_need_no_extra_globals(tmp_path):
-    torch = pytest.importorskip("torch", reason="the 'torch' extra reads .pth files")
+    torch = import_torch()
     from collections import OrderedDict
 
     conv = {"conv.weight": torch.ones(2, 1, 3, 3), "bn.num_batches_tracked": torch.tensor(7)}
@@ -195,7 +195,7 @@ def test_vae_and_inception_file_layouts_need_no_extra_globals(tmp_path):
 def test_a_pickled_custom_class_is_refused_with_its_name_and_loads_when_trusted(
     tmp_path, xar_golden_state_dict, capsys
 ):
-    torch = pytest.importorskip("torch", reason="the 'torch' extra reads .pth files")
+    torch = import_torch()
     src = tmp_path / "xar.pth"
     torch.save(mar_style_checkpoint(torch, xar_golden_state_dict, TrainingConfig(4e-4)), src)
     out = tmp_path / "out"
@@ -210,7 +210,7 @@ def test_a_pickled_custom_class_is_refused_with_its_name_and_loads_when_trusted(
 
 
 def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
-    torch = pytest.importorskip("torch", reason="the 'torch' extra reads .pth files")
+    torch = import_torch()
     marker = tmp_path / "code_ran"
     src = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(2)}, "payload": RunsCode(marker)}, src)

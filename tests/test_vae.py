@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import import_torch
 
 from xar_jax import vae as vae_lib
 from xar_jax.convert import params_io
@@ -238,7 +239,7 @@ def test_conv_kernels_become_hwio(state_dict, converted):
 
 
 def test_torch_pth_checkpoint_loads(tmp_path, state_dict, converted):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     path = tmp_path / "kl16.ckpt"
     torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, path)
     model, params = convert_vae.vae_from_torch(path)

@@ -29,10 +29,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from xar_jax.errors import UserError
+
 log = logging.getLogger("xar_jax.checkpointing")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint holds other arrays than the config describes (not damage: nothing is moved)."""
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
+import einops
 import jax.numpy as jnp
 import numpy as np
 
@@ -106,9 +107,10 @@ class EntityLayout:
         if self.kind == "subsample":
             s = self.subsample_factor
             # (r, c) = (i*s + a, j*s + b): entity (a, b), token (i, j) inside it.
-            return raster.reshape(h // s, s, w // s, s).transpose(1, 3, 0, 2).reshape(-1)
+            return einops.rearrange(raster, "(i a) (j b) -> (a b i j)", a=s, b=s)
         k = self.cell_size
-        return raster.reshape(h // k, k, w // k, k).transpose(0, 2, 1, 3).reshape(-1)
+        # (r, c) = (e*k + a, f*k + b): entity (e, f), token (a, b) inside it.
+        return einops.rearrange(raster, "(e a) (f b) -> (e f a b)", a=k, b=k)
 
     @functools.cached_property
     def inverse_order(self) -> np.ndarray:
@@ -183,7 +185,7 @@ def area_downsample(grid: jnp.ndarray, size: int) -> jnp.ndarray:
     b, h, w, c = grid.shape
     if size == h and size == w:
         return grid
-    return grid.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
+    return einops.reduce(grid, "b (y p) (x q) c -> b y x c", "mean", y=size, x=size)
 
 
 def make_layout(

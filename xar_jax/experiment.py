@@ -29,6 +29,7 @@ from xar_jax.convert import params_io
 from xar_jax.convert import xar as xar_convert
 from xar_jax.data import pipeline
 from xar_jax.entities import EntityLayout, layout_from_config
+from xar_jax.errors import ConfigError, MissingInputError
 from xar_jax.model import XAR, abstract_params, build_model, count_params
 from xar_jax.train_config import validate_config
 
@@ -71,7 +72,7 @@ def build(
       ValueError naming the config field, before anything is built.
     """
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not allowed; allowed: {' | '.join(MODES)}.")
+        raise ConfigError(f"mode={mode!r} is not allowed; allowed: {' | '.join(MODES)}.")
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, len(devices), training=mode == "train")
     m = config.mesh
@@ -186,7 +187,7 @@ def check_weights(exp: Experiment, weights: str) -> dict[str, Any]:
     """
     meta = params_io.load_metadata(weights)
     if meta.get("kind") != "xar":
-        raise ValueError(
+        raise ConfigError(
             f"config.weights={weights!r} holds a {meta.get('kind')!r} checkpoint; allowed: the "
             "output of `python -m xar_jax.convert xar --src xAR-*.pth --out DIR`."
         )
@@ -195,7 +196,7 @@ def check_weights(exp: Experiment, weights: str) -> dict[str, Any]:
     if diff:
         details = "; ".join(f"{k}: {old!r} in the weights, {new!r} in the config"
                             for k, (old, new) in diff.items())
-        raise ValueError(
+        raise ConfigError(
             f"config.weights={weights!r} does not fit the config's model ({details}). Use the "
             "config of the released model (configs/xar_b.py, xar_l.py, xar_h.py)."
         )
@@ -231,7 +232,7 @@ def inference_params(exp: Experiment, workdir: str) -> tuple[Any, ParamsSource]:
     workdir_lib.check_model(workdir_lib.read_record(workdir), config, workdir, exp.mode)
     ckpt = checkpointer(config, workdir, read_only=True)
     if not ckpt.all_steps():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"No checkpoint under {workdir}/{CHECKPOINT_DIR} to sample from; train first, or "
             "sample converted released weights with --config.weights=DIR (`python -m "
             "xar_jax.convert xar --src xAR-H.pth --out DIR`)."
@@ -241,7 +242,7 @@ def inference_params(exp: Experiment, workdir: str) -> tuple[Any, ParamsSource]:
     finally:
         ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"No readable checkpoint under {workdir}/{CHECKPOINT_DIR}.")
+        raise MissingInputError(f"No readable checkpoint under {workdir}/{CHECKPOINT_DIR}.")
     params, step = restored
     return params, ParamsSource(step, "")
 

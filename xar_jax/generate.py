@@ -53,6 +53,7 @@ from xar_jax import metrics as metrics_lib
 from xar_jax import sharding as sharding_lib
 from xar_jax import vae as vae_lib
 from xar_jax.convert import vae as vae_convert
+from xar_jax.errors import ConfigError, MissingInputError
 from xar_jax.evaluation import sample_writer
 
 log = logging.getLogger("xar_jax.generate")
@@ -76,7 +77,7 @@ def per_process_batch(config: ml_collections.ConfigDict, process_count: int,
     """
     batch = config.sample.batch_size
     if batch % process_count or (batch // process_count) % local_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.sample.batch_size={batch} is not allowed; allowed: a multiple of "
             f"{process_count} processes x {local_devices} local devices."
         )
@@ -92,7 +93,7 @@ def samples_root(config: ml_collections.ConfigDict, workdir: str) -> str:
     root = config.sample.out_dir or os.path.join(workdir, GENERATED_DIR)
     if "://" in root:
         field = "sample.out_dir" if config.sample.out_dir else "sample.out_dir (default: workdir)"
-        raise ValueError(
+        raise ConfigError(
             f"config.{field}={root!r} is not allowed; allowed: a local path, or with several "
             "hosts a filesystem they share (e.g. a gcsfuse mount such as /gcs/BUCKET/samples); "
             "the resumable sample writer renames files, which object stores do not do atomically."
@@ -115,7 +116,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
     if config.latent.tokenizer == "kl16":
         vae = config.latent.vae_checkpoint
         if not vae or not os.path.isdir(vae):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"config.latent.vae_checkpoint={vae!r} is not a directory; sampling images needs "
                 "the KL-16 VAE converted with `python -m xar_jax.convert vae --src kl16.ckpt "
                 "--out DIR` (a local path)."
@@ -124,7 +125,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
         return
     stats = config.eval.reference_stats
     if not stats or not fileio.as_path(stats).exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"config.eval.reference_stats={stats!r} does not exist; it is the FID reference "
             "statistics .npz (mu, sigma): ADM's VIRTUAL_imagenet256_labeled.npz, or create one "
             "with `python -m xar_jax.evaluation.reference_stats --images DIR --inception DIR "
@@ -132,7 +133,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
         )
     inception = config.eval.inception_checkpoint
     if not inception or not os.path.exists(inception):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"config.eval.inception_checkpoint={inception!r} does not exist; convert the FID "
             "Inception weights with `python -m xar_jax.convert inception --src "
             "pt_inception-2015-12-05-6726825d.pth --out DIR` (a local path)."
@@ -314,7 +315,7 @@ def generate_samples(
     num_images = config.sample.num_images if num_images is None else num_images
     classes = config.latent.num_classes
     if num_images % classes:
-        raise ValueError(
+        raise ConfigError(
             f"{num_images} images cannot be class-balanced over latent.num_classes={classes}; "
             f"allowed: a multiple of {classes}."
         )

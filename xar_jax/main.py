@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from xar_jax import experiment, generate, score, train
+from xar_jax.console import configure_logging, report_user_error
+from xar_jax.errors import UserError
 from xar_jax.experiment import MODES
+from xar_jax.train_config import load_config_file
 from xar_jax.workdir import ALLOWED_CHANGES
+
+log = logging.getLogger("xar_jax.main")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -39,7 +45,9 @@ flags.DEFINE_multi_enum(
     "or process count; the checkpoint is resharded onto the new mesh), 'data' (data pipeline, "
     "global batch or seed; the data iterator restarts). Model fields can never change in a workdir.",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("print_config", False,
+                  "Print the effective config (file + overrides) as JSON and exit.")
+flags.mark_flags_as_required(["config"])
 
 
 def _env_int(name: str) -> int | None:
@@ -126,21 +134,80 @@ def initialize_distributed(mode: str = "auto") -> bool:
     return True
 
 
+def _config_file_flag(argv: list[str]) -> str | None:
+    for arg in argv:
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+    return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first ``--config.a.b=...`` of ``argv`` naming no field of the config file."""
+    path = _config_file_flag(argv)
+    if path is None or not os.path.exists(path):
+        return None
+    base = load_config_file(path)
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            field = arg[len("--config."):].split("=", 1)[0]
+            node = base
+            for part in field.split("."):
+                if not hasattr(node, "keys") or part not in node:
+                    return field
+                node = node[part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose user mistakes end in two lines and exit code 2, not a traceback."""
+    hint = "Every config field, with its meaning: xar_jax/train_config.py (base_config)."
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config  # noqa: B018  (loads the config file and applies the overrides now)
+    except flags.Error as e:
+        report_user_error(str(e), "Run with --helpshort to list the flags.")
+        sys.exit(2)
+    except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+        path = _config_file_flag(argv)
+        if path and not os.path.exists(path):
+            report_user_error(f"--config={path}: no such file.", "Configs: configs/*.py.")
+        elif (field := _unknown_override(argv)) is not None:
+            report_user_error(f"--config.{field}: no such config field.", hint)
+        else:
+            report_user_error(f"--config: {type(e).__name__}: {e}", hint)
+        sys.exit(2)
+    return rest
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger("xar_jax").setLevel(logging.INFO)
-    initialize_distributed(FLAGS.distributed)
+        report_user_error(f"unexpected arguments: {argv[1:]}")
+        sys.exit(2)
+    configure_logging()
     config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
-    # Validates the config for this mode before any compilation or data loading.
-    exp = experiment.build(config, mode)
-    if mode == "train":
-        train.train_and_evaluate(config, workdir, allow_change=tuple(FLAGS.allow_change), exp=exp)
-    elif mode == "sample":
-        generate.sample_to_workdir(exp, workdir)
-    else:
-        score.evaluate(exp, workdir)
+    if FLAGS.print_config:
+        print(config.to_json_best_effort(indent=2, sort_keys=True))
+        return
+    if not workdir:
+        report_user_error("--workdir is required (a local directory or gs://bucket/path).")
+        sys.exit(2)
+    initialize_distributed(FLAGS.distributed)
+    try:
+        # Validates the config for this mode before any compilation or data loading.
+        exp = experiment.build(config, mode)
+        log.info("--mode=%s in %s with the config:\n%s", mode, workdir,
+                 config.to_json_best_effort(indent=2, sort_keys=True))
+        if mode == "train":
+            train.train_and_evaluate(config, workdir, allow_change=tuple(FLAGS.allow_change),
+                                     exp=exp)
+        elif mode == "sample":
+            generate.sample_to_workdir(exp, workdir)
+        else:
+            score.evaluate(exp, workdir)
+    except UserError as e:
+        report_user_error(str(e))
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

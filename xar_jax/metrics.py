@@ -13,7 +13,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from clu import metrics as clu_metrics
 
 log = logging.getLogger("xar_jax.train")
 
@@ -165,6 +167,10 @@ class Throughput:
         self._step = start_step
         self._time = time.perf_counter()
 
+    def measurable(self, step: int) -> bool:
+        """Whether steps were taken since the previous report (else there is no rate yet)."""
+        return step > self._step
+
     def report(self, step: int) -> dict[str, float]:
         """Rates since the previous report (or construction) and the ETA to ``total_steps``."""
         now = time.perf_counter()
@@ -177,6 +183,94 @@ class Throughput:
             "images_per_sec_per_device": steps_per_sec * self.batch / self.devices,
             "eta_seconds": remaining,
         }
+
+
+# ----------------------------------------------------------------------------------------------
+# Interval means, on device.
+def _scalars(step_metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The averaged metrics of one step: loss, grad_norm and each entity's loss as scalars."""
+    out = {"loss": step_metrics["loss"], "grad_norm": step_metrics["grad_norm"]}
+    for i in range(step_metrics["loss_per_entity"].shape[0]):
+        out[f"loss_entity_{i}"] = step_metrics["loss_per_entity"][i]
+    return out
+
+
+class IntervalMeans:
+    """Means of the step metrics over a log interval, accumulated on device.
+
+    `add` merges each step's metrics into a `clu.metrics` collection of averages inside a small
+    jitted function: no host synchronisation per step. `result` reads the means (one transfer)
+    and starts a new interval.
+    """
+
+    def __init__(self, num_entities: int):
+        names = ("loss", "grad_norm", *[f"loss_entity_{i}" for i in range(num_entities)])
+        self._collection = clu_metrics.Collection.create(
+            **{name: clu_metrics.Average.from_output(name) for name in names}
+        )
+        collection = self._collection
+        self._first = jax.jit(lambda m: collection.single_from_model_output(**_scalars(m)))
+        self._merge = jax.jit(
+            lambda acc, m: acc.merge(collection.single_from_model_output(**_scalars(m)))
+        )
+        self._acc = None
+
+    def add(self, step_metrics: Mapping[str, Any]) -> None:
+        self._acc = (self._first(step_metrics) if self._acc is None
+                     else self._merge(self._acc, step_metrics))
+
+    def result(self) -> dict[str, float]:
+        """``{name: mean over the steps added since the last result}``; resets."""
+        if self._acc is None:
+            return {}
+        means = jax.device_get(self._acc.compute())
+        self._acc = None
+        return {k: float(v) for k, v in means.items()}
+
+
+def memory_summary(compiled: Any) -> str:
+    """A compiled program's memory per device, from XLA's own analysis (GiB)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return "not reported on this backend"
+    gib = 1024.0**3
+    fields = {
+        "arguments": analysis.argument_size_in_bytes,
+        "outputs": analysis.output_size_in_bytes,
+        "aliased": analysis.alias_size_in_bytes,
+        "temporaries": analysis.temp_size_in_bytes,
+        "generated code": analysis.generated_code_size_in_bytes,
+    }
+    total = (fields["arguments"] + fields["outputs"] - fields["aliased"] + fields["temporaries"])
+    parts = ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in fields.items())
+    return f"{parts}; peak about {total / gib:.3f} GiB"
+
+
+class ProfilerWindow:
+    """A `jax.profiler` trace of steps ``start .. start + num - 1`` into ``workdir`` (TensorBoard's
+    profile plugin reads ``workdir/plugins/profile``). ``start`` 0 turns it off."""
+
+    def __init__(self, workdir: str, start: int, num: int):
+        self._dir, self._start, self._end = workdir, start, start + num - 1
+        self._active = False
+
+    def before_step(self, step: int) -> None:
+        if self._start > 0 and step == self._start and not self._active:
+            jax.profiler.start_trace(self._dir)
+            self._active = True
+            log.info("Profiling steps %d-%d into %s/plugins/profile.", self._start, self._end,
+                     self._dir)
+
+    def after_step(self, step: int, state: Any) -> None:
+        if self._active and step >= self._end:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self._active:
+            jax.profiler.stop_trace()
+            self._active = False
+            log.info("Profiler trace written under %s/plugins/profile.", self._dir)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:

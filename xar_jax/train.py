@@ -9,11 +9,12 @@ step, the loop (metrics, checkpoints, sample grids). Sampling and evaluation liv
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
+from clu import parameter_overview
 
 from xar_jax import experiment as experiment_lib
 from xar_jax import generate
@@ -132,6 +133,8 @@ def _claim_workdir(exp, workdir: str, allow_change: tuple[str, ...]):
 def _record_start(exp, workdir, record, accepted) -> None:
     if jax.process_index() != 0:
         return
+    log.info("Effective config written to %s.",
+             workdir_lib.write_effective_config(workdir, exp.config))
     if record is None:
         workdir_lib.write_record(workdir, workdir_lib.RunRecord.for_config(
             exp.config, exp.mesh_shape, jax.process_count(), "train"))
@@ -176,10 +179,13 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
     is_main = jax.process_index() == 0
     writer = metrics_lib.create_writer(workdir, is_main_process=is_main)
     log.info(
-        "Model %d params; mesh %s; %d steps (%d per epoch); global batch %d.",
-        exp.num_params, exp.mesh_shape, setup.total_steps, setup.steps_per_epoch,
+        "Model %s params; mesh %s; %d steps (%d per epoch); global batch %d.",
+        f"{exp.num_params:,}", exp.mesh_shape, setup.total_steps, setup.steps_per_epoch,
         config.train.global_batch_size,
     )
+    if is_main:
+        log.info("Parameters:\n%s", parameter_overview.get_parameter_overview(
+            exp.abstract_params, include_stats=False))
     checkpointer = experiment_lib.checkpointer(config, workdir)
     data_iterator = make_data_iterator(config, exp.mesh)
     # With an accepted data change the saved iterator position belongs to the old pipeline.
@@ -193,28 +199,40 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
         state = ts.create_train_state(exp.model, setup.optimizer, config.seed,
                                       setup.state_shardings)
     _record_start(exp, workdir, record, accepted)
+    log.info("Writing checkpoints to %s and TensorBoard events to %s.",
+             checkpointer.directory, workdir)
     step = int(jax.device_get(state.step))
     t = config.train
     check_finite(state, t)
-
-    jit_step = jit_train_step(exp, setup)
-    throughput = metrics_lib.Throughput(
-        start_step=step,
-        total_steps=setup.total_steps,
-        global_batch_size=t.global_batch_size,
-        num_devices=jax.device_count(),
-    )
     if step == 0:
         writer.write_texts(0, {"config": str(config)})
+    if step >= setup.total_steps:
+        log.info("Step %d reached train.num_steps / num_epochs: nothing to train.", step)
+        checkpointer.close()
+        return state
 
     with jax.set_mesh(exp.mesh), exp.rules_context():
+        batch = to_model_batch(next(data_iterator), config.latent.tokenizer)
+        compiled = _compile(jit_train_step(exp, setup), state, batch)
+        means = metrics_lib.IntervalMeans(exp.layout.num_entities)
+        profiler = metrics_lib.ProfilerWindow(workdir, config.log.profile_start_step,
+                                              config.log.profile_num_steps)
+        throughput = None
         while step < setup.total_steps:
-            batch = to_model_batch(next(data_iterator), config.latent.tokenizer)
-            state, step_metrics = jit_step(state, batch)
+            profiler.before_step(step + 1)
+            state, step_metrics = compiled(state, batch)
             step += 1
+            means.add(step_metrics)
+            profiler.after_step(step, state)
+            if throughput is None:
+                # Rates and ETA from the steady state: the first step (warm-up) is not counted.
+                jax.block_until_ready(state.step)
+                throughput = metrics_lib.Throughput(
+                    start_step=step, total_steps=setup.total_steps,
+                    global_batch_size=t.global_batch_size, num_devices=jax.device_count())
             last = step == setup.total_steps
             if step % config.log.every_steps == 0 or last:
-                _log_step(writer, step, jax.device_get(step_metrics), throughput, state, t)
+                _log_step(writer, step, means.result(), step_metrics, throughput, state, t)
             preempted = checkpointer.reached_preemption(step)
             if checkpointer.should_save(step) or last or preempted:
                 check_finite(state, t)
@@ -227,26 +245,38 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
             every = config.log.sample_every_steps
             if every and (step % every == 0 or last):
                 generate.write_training_grid(exp, state.ema_params, workdir, step, writer)
+            if not last:
+                batch = to_model_batch(next(data_iterator), config.latent.tokenizer)
+        profiler.close()
         checkpointer.wait_until_finished()
     writer.flush()
     checkpointer.close()
+    log.info("Training done at step %d; checkpoints in %s.", step, checkpointer.directory)
     return state
 
 
-def _log_step(writer, step, step_metrics, throughput, state, train_config):
+def _compile(jitted, state, batch):
+    """Compiles the step ahead of the loop, saying so, and logs its memory per device."""
+    log.info("Compiling the train step (first start on this machine can take minutes)...")
+    start = time.perf_counter()
+    compiled = jitted.lower(state, batch).compile()
+    log.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
+    log.info("Train step memory per device: %s.", metrics_lib.memory_summary(compiled))
+    return compiled
+
+
+def _log_step(writer, step, interval_means, step_metrics, throughput, state, train_config):
+    """Interval means of the losses and gradient norm, the step's learning rate, the rates."""
     check_finite(state, train_config)
-    rates = throughput.report(step)
-    scalars = {
-        "loss": step_metrics["loss"],
-        "grad_norm": step_metrics["grad_norm"],
-        "lr": step_metrics["lr"],
-        "steps_per_sec": rates["steps_per_sec"],
-        "images_per_sec_per_device": rates["images_per_sec_per_device"],
-    }
-    for i, value in enumerate(np.asarray(step_metrics["loss_per_entity"])):
-        scalars[f"loss_entity_{i}"] = value
+    scalars = dict(interval_means)
+    scalars["lr"] = jax.device_get(step_metrics["lr"])
+    rates = throughput.report(step) if throughput.measurable(step) else None
+    if rates is not None:
+        scalars["steps_per_sec"] = rates["steps_per_sec"]
+        scalars["images_per_sec_per_device"] = rates["images_per_sec_per_device"]
     skipped = int(jax.device_get(state.skipped_steps))
     if skipped:
         scalars["skipped_nonfinite_steps"] = skipped
     writer.write_scalars(step, scalars)
-    metrics_lib.log.info("step %d | ETA %s", step, metrics_lib.format_eta(rates["eta_seconds"]))
+    if rates is not None:
+        log.info("step %d | ETA %s", step, metrics_lib.format_eta(rates["eta_seconds"]))

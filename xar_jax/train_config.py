@@ -15,6 +15,7 @@ import ml_collections
 
 from xar_jax import entities, flow, sharding
 from xar_jax.data.config import get_data_config, validate_data_config
+from xar_jax.errors import ConfigError
 from xar_jax.layers import ATTENTION_IMPLS
 from xar_jax.model import DTYPES, PRESETS, REMAT_POLICIES
 from xar_jax.sampling import CFG_SCHEDULES, SAMPLERS, SOLVERS
@@ -123,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.every_steps = 100  # Console + TensorBoard scalars every N steps.
     c.log.sample_every_steps = 50_000  # EMA sample grid (PNG + TensorBoard) every N steps; 0 = off.
     c.log.num_samples = 16  # Images in a periodic sample grid.
+    # A jax.profiler trace of log.profile_num_steps steps from this step on (0 = off), written
+    # under workdir/plugins/profile for TensorBoard's profile plugin.
+    c.log.profile_start_step = 0
+    c.log.profile_num_steps = 5
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 50  # Flow steps per entity (paper: 40 for B, 50 for L/H).
@@ -160,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 # ----------------------------------------------------------------------------------------------
 def _fail(field: str, value, allowed: str) -> None:
-    raise ValueError(f"config.{field}={value!r} is not allowed; allowed: {allowed}.")
+    raise ConfigError(f"config.{field}={value!r} is not allowed; allowed: {allowed}.")
 
 
 def _check_choice(cfg, field: str, choices) -> None:
@@ -223,7 +228,7 @@ def validate_config(
     try:
         layout = entities.layout_from_config(cfg.entity, cfg.latent.grid_size)
     except ValueError as e:
-        raise ValueError(f"config.entity: {e}") from None
+        raise ConfigError(f"config.entity: {e}") from None
 
     if cfg.model.preset:
         _check_choice(cfg, "model.preset", tuple(PRESETS) + ("",))
@@ -284,7 +289,7 @@ def validate_config(
             shape = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
                                                 num_devices)
         except ValueError as e:
-            raise ValueError(f"config.{e}") from None
+            raise ConfigError(f"config.{e}") from None
         shards = shape[0] * shape[1]
         if cfg.train.global_batch_size % (shards * cfg.train.grad_accum_steps):
             _fail("train.global_batch_size", cfg.train.global_batch_size,
@@ -298,6 +303,8 @@ def validate_config(
     _check_number(cfg, "log.every_steps", 1, integer=True)
     _check_number(cfg, "log.sample_every_steps", 0, integer=True)
     _check_number(cfg, "log.num_samples", 1, integer=True)
+    _check_number(cfg, "log.profile_start_step", 0, integer=True)
+    _check_number(cfg, "log.profile_num_steps", 1, integer=True)
 
     _check_choice(cfg, "sample.sampler", SAMPLERS)
     min_steps = SOLVERS[cfg.sample.sampler].min_steps
@@ -346,7 +353,7 @@ def _validate_data(cfg, layout, training: bool) -> None:
     if source == "digits":
         lat = cfg.latent
         if lat.tokenizer != "identity" or lat.grid_size != 8 or lat.channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 "config.data.source='digits' needs latent.tokenizer='identity', "
                 "latent.grid_size=8, "
                 f"latent.channels=1 (got {cfg.latent.tokenizer!r}, {cfg.latent.grid_size}, "
@@ -358,7 +365,7 @@ def _validate_data(cfg, layout, training: bool) -> None:
         if cfg.latent.tokenizer != "kl16":
             _fail("latent.tokenizer", cfg.latent.tokenizer, "'kl16' for data.source='latents'")
     elif source == "imagenet":
-        raise ValueError(
+        raise ConfigError(
             "config.data.source='imagenet' (raw images) needs on-device VAE encoding, which the "
             "trainer does not do yet; cache latents first and use data.source='latents'."
         )

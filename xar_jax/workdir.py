@@ -32,10 +32,12 @@ import jax
 import ml_collections
 
 from xar_jax import fileio
+from xar_jax.errors import UserError
 
 log = logging.getLogger("xar_jax.workdir")
 
 RUN_FILE = "run.json"
+CONFIG_FILE = "config.json"  # The effective config of the latest training start.
 LOCK_FILE = "train.lock"
 STALE_AFTER_SECONDS = 15 * 60
 HEARTBEAT_SECONDS = 60
@@ -51,11 +53,11 @@ _ENTITY_FIELD = {"cell": "entity.cell_size", "subsample": "entity.subsample_fact
 _DATA_FIELDS = ("seed", "train.global_batch_size")
 
 
-class WorkdirMismatchError(ValueError):
+class WorkdirMismatchError(UserError, ValueError):
     """The config does not fit the run recorded in the workdir (nothing was touched)."""
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
     """Another live trainer holds the workdir."""
 
 
@@ -204,6 +206,11 @@ def check_resume(
             "recorded config or a new --workdir."
         )
     return accepted
+
+
+def write_effective_config(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """``workdir/config.json``: this start's config with its overrides (every start)."""
+    return str(fileio.write_json(fileio.as_path(workdir) / CONFIG_FILE, _jsonable(config.to_dict())))
 
 
 def write_record(workdir: str, record: RunRecord) -> None:

@@ -23,6 +23,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from xar_jax import fileio
+from xar_jax.errors import MissingInputError
+
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
 # metadata.json key and value marking a directory as converter output.
@@ -127,19 +130,18 @@ def _swap_into_place(new_dir: str, out_dir: str) -> None:
 
 def load_metadata(ckpt_dir: str) -> dict[str, Any]:
     """Reads ``metadata.json`` of a converted checkpoint directory."""
-    path = os.path.join(os.path.abspath(ckpt_dir), METADATA_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
+    path = fileio.as_path(ckpt_dir) / METADATA_FILE
+    if not path.exists():
+        raise MissingInputError(
             f"{path} not found: {ckpt_dir} is not a converted checkpoint directory "
             "(create one with `python -m xar_jax.convert ...`)."
         )
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def load_params(ckpt_dir: str, target: Any | None = None) -> Any:
     """Restores the params pytree; ``target`` (arrays or ShapeDtypeStructs with shardings) places it."""
-    path = os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR)
+    path = fileio.as_path(ckpt_dir) / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckptr:
         if target is None:
             return ckptr.restore(path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from xar_jax.errors import ConfigError
+
 SOURCES = ("digits", "imagenet", "latents")
 IMAGE_DECODERS = ("pil", "tfds")
 LATENT_SAMPLING = ("device", "host")
@@ -27,7 +29,7 @@ _DEFAULT_SPLITS = {
 def get_data_config(source: str = "digits") -> ml_collections.ConfigDict:
     """The data config with defaults suited to ``source`` ('digits' | 'imagenet' | 'latents')."""
     if source not in SOURCES:
-        raise ValueError(
+        raise ConfigError(
             f"get_data_config: source={source!r} is not allowed; choose one of {SOURCES}."
         )
     train_split, eval_split = _DEFAULT_SPLITS[source]
@@ -86,7 +88,7 @@ def get_data_config(source: str = "digits") -> ml_collections.ConfigDict:
 
 def _require(cond: bool, field: str, value, allowed: str) -> None:
     if not cond:
-        raise ValueError(
+        raise ConfigError(
             f"data config field '{field}'={value!r} is not allowed; allowed: {allowed}."
         )
 
@@ -102,7 +104,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict, *, training: bool = Tru
     """
     missing = [k for k in get_data_config().keys() if k not in cfg]
     if missing:
-        raise ValueError(f"data config lacks fields {missing}; start from get_data_config().")
+        raise ConfigError(f"data config lacks fields {missing}; start from get_data_config().")
     _require(cfg.source in SOURCES, "source", cfg.source, " | ".join(SOURCES))
     for field in ("split", "eval_split"):
         value = cfg[field]
