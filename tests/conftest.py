@@ -118,3 +118,33 @@ def import_torch():
         return torch
     return pytest.importorskip("torch", reason="needs the 'torch' extra (reads .pth files): "
                                                "pip install -e '.[torch]'")
+
+
+TINY_RUN_STEPS = 12  # Checkpoints at 4, 8, 12 (configs/tiny.py: every 4 steps, keep 5).
+TINY_RUN_FLAGS = (f"--config.train.num_steps={TINY_RUN_STEPS}", "--config.log.sample_every_steps=4")
+TINY_RUN_DEVICES = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A workdir trained by ``python -m xar_jax.main`` on configs/tiny.py for 12 steps on two CPU
+    devices (journeys and the gs:// journey compare against it; tests change only copies)."""
+    workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+    proc = run_main(workdir, *TINY_RUN_FLAGS, devices=TINY_RUN_DEVICES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (workdir / "samples" / f"step_{TINY_RUN_STEPS:08d}.png").exists()
+    return workdir
+
+
+def train_state_params(workdir, step):
+    """The params of the checkpoint at ``step`` (the newest) of a configs/tiny.py workdir."""
+    import jax
+
+    from xar_jax import experiment
+    from xar_jax.train_config import load_config_file
+
+    config = load_config_file(TINY_CONFIG)
+    config.train.num_steps = step
+    state, restored_step = experiment.restore_train_state(config, str(workdir))
+    assert restored_step == step
+    return jax.device_get(state.params)

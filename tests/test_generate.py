@@ -180,8 +180,9 @@ def test_imagenet_eval_names_missing_files_and_their_commands_before_any_work(tm
         assert field in str(e.value) and command in str(e.value)
     assert not workdir.exists()
 
-    with pytest.raises(ValueError, match="config.sample.out_dir"):
-        generate.check_inputs(_imagenet_config(tmp_path), "gs://bucket/run", scoring=False)
+    # One process may sample into gs:// (staged locally, then uploaded).
+    assert generate.samples_root(_imagenet_config(tmp_path), "gs://bucket/run") == (
+        "gs://bucket/run/generated")
 
 
 def test_config_rejects_unbalanced_or_unshardable_sampling():

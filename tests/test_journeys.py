@@ -17,23 +17,23 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_CONFIG, main_env, run_main, tree_digest
+from conftest import (
+    REPO,
+    TINY_CONFIG,
+    TINY_RUN_DEVICES,
+    TINY_RUN_STEPS,
+    main_env,
+    run_main,
+    train_state_params,
+    tree_digest,
+)
 
-from xar_jax import experiment
-from xar_jax.train_config import load_config_file
-
-STEPS = 12  # Checkpoints at 4, 8, 12 (configs/tiny.py: every 4 steps, keep 5).
-DEVICES = 2
+STEPS, DEVICES = TINY_RUN_STEPS, TINY_RUN_DEVICES
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("journeys") / "run"
-    proc = run_main(workdir, f"--config.train.num_steps={STEPS}",
-                    "--config.log.sample_every_steps=4", devices=DEVICES)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (workdir / "samples" / f"step_{STEPS:08d}.png").exists()
-    return workdir
+def trained(tiny_run):
+    return tiny_run
 
 
 def _copy(trained, tmp_path, name="run"):
@@ -77,14 +77,6 @@ def test_config_that_does_not_fit_the_workdir_is_refused_and_nothing_is_touched(
     assert not (trained / "checkpoints_unreadable").exists()
 
 
-def _params_at(workdir, step):
-    config = load_config_file(TINY_CONFIG)
-    config.train.num_steps = step
-    state, restored_step = experiment.restore_train_state(config, str(workdir))
-    assert restored_step == step
-    return jax.device_get(state.params)
-
-
 def test_changed_mesh_with_override_reshards_and_resumes_to_the_same_params(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # Resume from step 8.
@@ -98,7 +90,7 @@ def test_changed_mesh_with_override_reshards_and_resumes_to_the_same_params(trai
     record = json.loads((workdir / "run.json").read_text())
     assert record["mesh"]["mesh.fsdp"] == 2  # The accepted mesh is the run's mesh now.
     assert record["history"][-1]["accepted_changes"] == ["mesh"]
-    resharded, original = _params_at(workdir, STEPS), _params_at(trained, STEPS)
+    resharded, original = train_state_params(workdir, STEPS), train_state_params(trained, STEPS)
     for a, b in zip(jax.tree.leaves(resharded), jax.tree.leaves(original), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

@@ -10,10 +10,12 @@ other weight is the golden file's. The VAE and Inception are the golden-size net
 import json
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
 from conftest import REPO, golden_path, main_env, run_main
+from etils import epath
 from test_generate_imagenet import _converted_weights
 
 from xar_jax.convert import inception as inception_convert
@@ -64,22 +66,52 @@ def release(tmp_path_factory):
     return tmp, flags
 
 
-def test_converted_weights_sample_and_evaluate_without_checkpoint_or_data(release, tmp_path):
+def _upload(local, remote):
+    """Copies a file or directory tree to ``remote`` (gs:// on the emulator)."""
+    local, remote = epath.Path(local), epath.Path(remote)
+    files = [local] if local.is_file() else [p for p in local.rglob("*") if p.is_file()]
+    for path in files:
+        target = remote if path == local else remote / path.relative_to(local)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.copy(target)
+    return str(remote)
+
+
+def test_converted_weights_sample_without_checkpoint_or_data(release, tmp_path):
     tmp, flags = release
-    workdir = tmp_path / "eval_run"
+    workdir = tmp_path / "sample_run"
     proc = run_main(workdir, "--mode=sample", *flags, config=CONFIG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [npz] = workdir.glob("generated/weights_xar-sde2-*/samples.npz")
     with np.load(npz) as z:
         assert z["arr_0"].shape == (10, 256, 256, 3) and z["arr_0"].std() > 0
         assert sorted(z["labels"].tolist()) == list(range(CLASSES))
+    assert not (workdir / "checkpoints").exists()  # Nothing but the outputs was written.
 
-    proc = run_main(workdir, "--mode=eval", *flags, config=CONFIG)
+
+def test_converted_weights_evaluate_with_everything_on_gs(release, gcs_bucket):
+    """Weights, VAE, Inception, reference statistics and the workdir all on gs://."""
+    tmp, flags = release
+    remote = f"{gcs_bucket}/release-{uuid.uuid4().hex[:8]}"
+    paths = {name: _upload(tmp / name, f"{remote}/{name}")
+             for name in ("xar", "vae", "inception", "stats.npz")}
+    remote_flags = [
+        f"--config.weights={paths['xar']}", f"--config.latent.vae_checkpoint={paths['vae']}",
+        f"--config.eval.inception_checkpoint={paths['inception']}",
+        f"--config.eval.reference_stats={paths['stats.npz']}",
+        *[f for f in flags if not f.startswith(("--config.weights=", "--config.latent.vae_",
+                                                 "--config.eval.inception_", "--config.eval.ref"))],
+    ]
+    workdir = epath.Path(f"{remote}/eval_run")
+    proc = run_main(workdir, "--mode=eval", *remote_flags, config=CONFIG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [record] = json.loads((workdir / "eval.json").read_text())
     assert np.isfinite(record["fid"]) and record["fid"] > 0
-    assert record["settings"]["weights"] == str(tmp / "xar")
-    assert not (workdir / "checkpoints").exists()  # Nothing but the outputs was written.
+    assert record["settings"]["weights"] == paths["xar"]
+    published = epath.Path(record["samples"])
+    assert str(published).startswith(str(workdir)) and published.exists()
+    assert json.loads((published.parent / "metrics.json").read_text()) == record
+    assert not (workdir / "checkpoints").exists()
 
 
 def test_weights_of_another_model_are_refused_before_any_work(release, tmp_path):

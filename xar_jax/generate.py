@@ -35,8 +35,10 @@ uint8); ImageNet images are decoded by the KL-16 VAE to ``(N, 256, 256, 3)``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -85,20 +87,41 @@ def per_process_batch(config: ml_collections.ConfigDict, process_count: int,
 
 
 def samples_root(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """The directory holding one sub-directory per sampling run (a local or shared filesystem).
+    """The directory holding one sub-directory per sampling run.
+
+    Local (or a filesystem all hosts share), or ``gs://`` for a single-process run, which then
+    samples into a local staging directory and uploads the finished files (`generate_samples`).
 
     Raises:
-      ValueError for a gs:// location: the resumable writer needs a POSIX filesystem.
+      ConfigError for a gs:// location with several processes: they would need a shared place
+      to write their shards, which an object store is not.
     """
     root = config.sample.out_dir or os.path.join(workdir, GENERATED_DIR)
-    if "://" in root:
+    if fileio.is_remote(root) and jax.process_count() > 1:
         field = "sample.out_dir" if config.sample.out_dir else "sample.out_dir (default: workdir)"
         raise ConfigError(
-            f"config.{field}={root!r} is not allowed; allowed: a local path, or with several "
-            "hosts a filesystem they share (e.g. a gcsfuse mount such as /gcs/BUCKET/samples); "
-            "the resumable sample writer renames files, which object stores do not do atomically."
+            f"config.{field}={root!r} is not allowed with {jax.process_count()} processes; "
+            "allowed: a filesystem all hosts share (e.g. a gcsfuse mount such as "
+            "/gcs/BUCKET/samples): the hosts write their shards there and process 0 assembles "
+            "them. One process may use gs:// (it stages locally and uploads)."
         )
     return root
+
+
+def staging_dir(out_dir: str) -> str:
+    """Where a gs:// sampling run writes its shards locally: stable per destination, so a killed
+    run restarted on the same machine resumes."""
+    digest = hashlib.sha1(out_dir.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "xar_jax_staging", digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """A finished sampling run: where to read ``samples.npz`` here, where it was published."""
+
+    path: str  # A local path (the staged copy when the run's directory is on gs://).
+    published: str  # Its final location (== path for local runs).
+    settings: SampleRun
 
 
 def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bool) -> None:
@@ -115,11 +138,11 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
     samples_root(config, workdir)
     if config.latent.tokenizer == "kl16":
         vae = config.latent.vae_checkpoint
-        if not vae or not os.path.isdir(vae):
+        if not vae or not fileio.exists(fileio.as_path(vae) / "metadata.json"):
             raise MissingInputError(
                 f"config.latent.vae_checkpoint={vae!r} is not a directory; sampling images needs "
                 "the KL-16 VAE converted with `python -m xar_jax.convert vae --src kl16.ckpt "
-                "--out DIR` (a local path)."
+                "--out DIR` (a local path or gs://)."
             )
     if not scoring or config.data.source == "digits":
         return
@@ -132,11 +155,11 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
             "--out stats.npz`."
         )
     inception = config.eval.inception_checkpoint
-    if not inception or not os.path.exists(inception):
+    if not inception or not fileio.exists(inception):
         raise MissingInputError(
             f"config.eval.inception_checkpoint={inception!r} does not exist; convert the FID "
             "Inception weights with `python -m xar_jax.convert inception --src "
-            "pt_inception-2015-12-05-6726825d.pth --out DIR` (a local path)."
+            "pt_inception-2015-12-05-6726825d.pth --out DIR` (a local path or gs://)."
         )
 
 
@@ -265,14 +288,18 @@ def _absolute(path: str) -> str:
     return os.fspath(fileio.as_path(path)) if path else ""
 
 
-def _check_settings_file(out_dir: str, run: SampleRun) -> None:
-    """Writes ``settings.json`` on the first run; refuses a directory made with other settings."""
-    sample_writer.check_or_write_json(
-        os.path.join(out_dir, SETTINGS_FILE),
-        dataclasses.asdict(run),
-        holds="samples made with other settings",
-        remedy="Delete it or set config.sample.out_dir elsewhere.",
-    )
+def _check_settings_file(out_dir: str, run: SampleRun, published_dir: str = "") -> None:
+    """Writes ``settings.json`` on the first run; refuses a directory made with other settings.
+
+    With a gs:// ``published_dir``, the published copy is checked (and written) as well.
+    """
+    for directory in filter(None, (published_dir, out_dir)):
+        sample_writer.check_or_write_json(
+            os.path.join(directory, SETTINGS_FILE),
+            dataclasses.asdict(run),
+            holds="samples made with other settings",
+            remedy="Delete it or set config.sample.out_dir elsewhere.",
+        )
 
 
 def _barrier(name: str) -> None:
@@ -297,7 +324,7 @@ def _generator(exp: experiment_lib.Experiment, params: Any, mesh) -> ImageGenera
 
 def generate_samples(
     exp: experiment_lib.Experiment, workdir: str, *, num_images: int | None = None
-) -> tuple[str, SampleRun]:
+) -> Samples:
     """``--mode=sample`` at scale: class-balanced samples, resumable.
 
     Every process must call this (multi-host runs share ``sample.out_dir``).
@@ -309,7 +336,7 @@ def generate_samples(
       num_images: default ``sample.num_images``; must be a multiple of ``latent.num_classes``.
 
     Returns:
-      ``(path of samples.npz, SampleRun)`` on every process (the file exists when it returns).
+      The finished `Samples` on every process (the files exist when it returns).
     """
     config = exp.config
     num_images = config.sample.num_images if num_images is None else num_images
@@ -325,15 +352,23 @@ def generate_samples(
 
     params, source = experiment_lib.inference_params(exp, workdir)
     settings = sample_run(config, source, num_images)
-    out_dir = os.path.join(root, settings.dir_name())
+    published_dir = os.path.join(root, settings.dir_name())
+    remote = fileio.is_remote(published_dir)
+    out_dir = staging_dir(published_dir) if remote else published_dir
     final = os.path.join(out_dir, sample_writer.SAMPLES_FILE)
-    if jax.process_index() == 0:
+    published = os.path.join(published_dir, sample_writer.SAMPLES_FILE)
+    if remote:
+        # The published settings are the authority: refuse other settings before any work.
+        _check_settings_file(out_dir, settings, published_dir)
+        if fileio.exists(published) and not os.path.exists(final):
+            fileio.as_path(published).copy(fileio.as_path(final))
+    elif jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         _check_settings_file(out_dir, settings)
     _barrier("xar_jax.generate.settings")
     if os.path.exists(final):
-        log.info("%s exists: nothing to sample.", final)
-        return final, settings
+        log.info("%s exists: nothing to sample.", published)
+        return Samples(final, published, settings)
 
     mesh = local_mesh()
     generate = _generator(exp, replicate_on(params, mesh), mesh)
@@ -346,8 +381,10 @@ def generate_samples(
             png_dir=os.path.join(out_dir, "png") if config.sample.write_png else None,
         )
     _barrier("xar_jax.generate.assembled")  # process 0 assembles after the writer's barrier
-    log.info("Wrote %s.", final)
-    return final, settings
+    if remote:
+        fileio.upload_file(final, published)
+    log.info("Wrote %s.", published)
+    return Samples(final, published, settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,8 +462,7 @@ def sample_to_workdir(exp: experiment_lib.Experiment, workdir: str) -> dict[str,
       grid run).
     """
     if exp.config.sample.format == "adm":
-        path, _ = generate_samples(exp, workdir)
-        return {"npz": path}
+        return {"npz": generate_samples(exp, workdir).published}
     config = exp.config
     params, source = experiment_lib.inference_params(exp, workdir)
     labels, latents, images = sample_grid(exp, params, config.sample.num_images,

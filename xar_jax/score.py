@@ -92,22 +92,23 @@ def evaluate(exp: experiment_lib.Experiment, workdir: str) -> dict[str, float]:
     """
     config = exp.config
     generate.check_inputs(config, workdir, scoring=True)
-    path, settings = generate.generate_samples(exp, workdir, num_images=config.eval.num_images)
+    samples = generate.generate_samples(exp, workdir, num_images=config.eval.num_images)
     if config.data.source == "digits":
-        metrics = score_digits(path)
+        metrics = score_digits(samples.path)
     else:
-        metrics = score_imagenet(config, path)
+        metrics = score_imagenet(config, samples.path)
+    settings = samples.settings
     step = settings.checkpoint_step
     if jax.process_index() == 0:
         record = {**metrics, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "samples": path, "settings": dataclasses.asdict(settings)}
-        fileio.write_json(os.path.join(os.path.dirname(path), METRICS_FILE), record)
+                  "samples": samples.published, "settings": dataclasses.asdict(settings)}
+        fileio.write_json(os.path.join(os.path.dirname(samples.published), METRICS_FILE), record)
         history_path = fileio.write_json(fileio.as_path(workdir) / EVAL_HISTORY_FILE,
                                          [*read_history(workdir), record])
         writer = metrics_lib.create_writer(workdir, is_main_process=True)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         writer.close()
-        log.info("Wrote %s and %s.", os.path.join(os.path.dirname(path), METRICS_FILE),
+        log.info("Wrote %s and %s.", os.path.join(os.path.dirname(samples.published), METRICS_FILE),
                  history_path)
     log.info("Eval of %s: %s", settings.dir_name(), metrics)
     return metrics

@@ -147,8 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.seed = 0  # Seed of the labels' order and of the sampling noise.
     c.sample.use_ema = True  # Sample from EMA params (as the release does).
     c.sample.write_png = False  # 'adm': also write every image as png/<index>.png.
-    # 'adm': where the sampling runs go (default '' = workdir/generated); a POSIX path, shared
-    # by all hosts of a multi-host run (not gs://: the resumable writer renames files).
+    # 'adm': where the sampling runs go (default '' = workdir/generated); a path all hosts of a
+    # multi-host run share, or gs:// for one process (it samples into a local staging directory
+    # and uploads the finished files).
     c.sample.out_dir = ""
 
     c.eval = ml_collections.ConfigDict()
@@ -317,9 +318,9 @@ def validate_config(
     _check_choice(cfg, "sample.use_ema", (True, False))
     _check_choice(cfg, "sample.format", SAMPLE_FORMATS)
     _check_choice(cfg, "sample.write_png", (True, False))
-    if not isinstance(cfg.sample.out_dir, str) or "://" in cfg.sample.out_dir:
+    if not isinstance(cfg.sample.out_dir, str):
         _fail("sample.out_dir", cfg.sample.out_dir,
-              "'' (workdir/generated) or a POSIX path shared by all hosts (not gs://)")
+              "'' (workdir/generated), a path shared by all hosts, or gs:// (one process)")
     _check_number(cfg, "eval.num_images", 1, integer=True)
     for field in ("eval.reference_stats", "eval.inception_checkpoint"):
         if not isinstance(_get(cfg, field), str):

@@ -137,9 +137,8 @@ def check_or_write_json(path: str, wanted: dict[str, Any], *, holds: str, remedy
     what the directory holds and ``remedy`` what to do about it.
     """
     wanted = json.loads(json.dumps(wanted))  # Tuples compare as the lists JSON gives back.
-    if os.path.exists(path):
-        with open(path) as f:
-            found = json.load(f)
+    if fileio.exists(path):
+        found = fileio.read_json(path)
         if found != wanted:
             diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
             raise ValueError(
