@@ -15,8 +15,12 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from xar_jax.flash_attention import flash_attention
+
 Array = jax.Array
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+# 'xla': einsum + mask (+ nn.Dropout); 'dot_product' / 'cudnn': jax.nn.dot_product_attention (no
+# attention dropout); 'pallas': our fused kernel (xar_jax.flash_attention) with attention dropout.
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "pallas")
 
 dense_init = nn.initializers.xavier_uniform()
 
@@ -180,7 +184,8 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "heads", "head_dim"))
         scale = 1.0 / np.sqrt(head_dim)
-        impl = None if self.impl == "dot_product" else self.impl
+        # Sampling (cached keys, no dropout) with 'pallas' runs jax.nn.dot_product_attention.
+        impl = None if self.impl in ("dot_product", "pallas") else self.impl
         if kv_context is not None and self.impl == "xla":
             out = _two_part_attention(q, k, v, kv_context, scale)
         elif kv_context is not None:
@@ -190,11 +195,17 @@ class Attention(nn.Module):
             out = _masked_softmax_attention(
                 q, k, v, mask, scale, lambda p: drop(p, deterministic=deterministic)
             )
+        elif self.impl == "pallas":
+            # The keep mask hashes (key, b, h, q, k); make_rng folds in this module's path, so
+            # every layer, step and microbatch draws its own mask.
+            rate = 0.0 if deterministic else self.attn_dropout
+            key = self.make_rng("dropout") if rate > 0 else None
+            out = flash_attention(q, k, v, mask, key=key, rate=rate, scale=scale)
         else:
             if self.attn_dropout > 0 and not deterministic:
                 raise ValueError(
                     f"model.attention_impl={self.impl!r} has no dropout on attention probabilities; "
-                    "set model.attn_dropout=0.0 or model.attention_impl='xla'."
+                    "set model.attn_dropout=0.0 or model.attention_impl='pallas' (or 'xla')."
                 )
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=None if mask is None else mask[None, None], implementation=impl
