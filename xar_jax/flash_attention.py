@@ -394,6 +394,7 @@ def flash_attention(
     mask: Array | None = None,
     *,
     key: Array | None = None,
+    streams: Array | None = None,
     rate: float = 0.0,
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
@@ -406,6 +407,8 @@ def flash_attention(
       mask: (T, S) bool, True where a query may attend a key; None = all.
       key: JAX PRNG key of the dropout draw (needed when ``rate > 0``); the keep mask is
         `attention_dropout_mask(key, (B, H, T, S), rate)`.
+      streams: instead of ``key``, the (B, H) int32 `head_streams` of the draw (a shard of the
+        global batch passes its rows of the global streams, so sharding leaves the masks unchanged).
       rate: dropout probability of each attention probability (0 = no dropout).
       scale: logit scale, default ``1/sqrt(d)``.
       block_sizes: kernel tiles (shrunk to the padded sequence lengths).
@@ -418,8 +421,8 @@ def flash_attention(
     s = k.shape[1]
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"attention dropout rate must be in [0, 1); got {rate}.")
-    if rate > 0 and key is None:
-        raise ValueError("attention dropout needs a PRNG key.")
+    if rate > 0 and key is None and streams is None:
+        raise ValueError("attention dropout needs a PRNG key (or its head streams).")
     if max(t, s) >= _KEY_STRIDE:
         raise ValueError(f"flash_attention supports at most {_KEY_STRIDE - 1} tokens; got {t}, {s}.")
     if interpret is None:
@@ -449,9 +452,9 @@ def flash_attention(
     mask = jnp.pad(mask, ((0, t_pad - t), (0, s_pad - s)))
     kv_hi_fwd, _ = _block_bounds(mask, blocks.block_q, blocks.block_k)
     kv_hi_bwd, q_lo_bwd = _block_bounds(mask, blocks.block_q_bwd, blocks.block_k_bwd)
-    if rate > 0:
+    if rate > 0 and streams is None:
         streams = head_streams(seed_words(key), batch, heads)
-    else:
+    elif rate == 0:
         streams = jnp.zeros((batch, heads), jnp.int32)
     st = _Static(scale=scale, rate=float(rate), blocks=blocks, interpret=bool(interpret))
     out = _flash(
