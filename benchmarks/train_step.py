@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from xar_jax import model as xar_model  # noqa: E402
+from xar_jax.layers import ATTENTION_IMPLS  # noqa: E402
 from xar_jax import train_state as ts  # noqa: E402
 
 DEFAULT_BATCH = {"xar_b": 256, "xar_l": 128, "xar_h": 64}
@@ -151,7 +152,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="steps per timed chunk")
     parser.add_argument("--repeats", type=int, default=3, help="timed chunks (median reported)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--attention_impl", default="xla", choices=["xla", "dot_product", "cudnn"])
+    parser.add_argument("--attention_impl", default="xla", choices=list(ATTENTION_IMPLS))
     parser.add_argument("--attn_dropout", type=float, default=0.1)
     parser.add_argument("--dropout", type=float, default=0.1, help="after attention proj and MLP")
     parser.add_argument("--remat", default="none", choices=list(xar_model.REMAT_POLICIES))

@@ -47,3 +47,12 @@ def test_sample_benchmark_prints_the_table():
         "sample.py", "--models", "xar_b", "--batch", "2", "--num_steps", "2", "--repeats", "1"
     )
     assert any(line.startswith("xar_b | 2 ") for line in out.splitlines())
+
+
+def test_attention_layer_benchmark_checks_and_times_the_kernel():
+    out = _run(
+        "attention_layer.py", "--batch", "1", "--heads", "2", "--head_dim", "16",
+        "--iters", "1", "--repeats", "1",
+    )  # fmt: skip
+    assert "rel L2" in out and "FAILED" not in out
+    assert any(line.startswith("pallas_drop") for line in out.splitlines())

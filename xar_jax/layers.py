@@ -15,8 +15,12 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from xar_jax.flash_attention import flash_attention, head_streams, seed_words
+
 Array = jax.Array
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+# 'xla': einsum + mask (+ nn.Dropout); 'dot_product' / 'cudnn': jax.nn.dot_product_attention (no
+# attention dropout); 'pallas': our fused kernel (xar_jax.flash_attention) with attention dropout.
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "pallas")
 
 dense_init = nn.initializers.xavier_uniform()
 
@@ -153,6 +157,35 @@ def _fused_cached_attention(q, k, v, ctx: KVContext, impl):
     return jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=impl)
 
 
+def _sharded_flash_attention(q, k, v, mask, key, rate, scale):
+    """`flash_attention` per shard of batch and heads when a mesh is set (else directly).
+
+    XLA cannot partition a Pallas kernel (it would gather the whole batch onto every device), so
+    under a mesh the kernel runs inside shard_map, split as the logical rules split
+    (batch, heads). The dropout streams are drawn for the global (B, H) and sharded alike, so the
+    masks do not depend on the mesh.
+    """
+    b, _, h, _ = q.shape
+    streams = None if rate == 0 else head_streams(seed_words(key), b, h)
+    call = lambda q, k, v, mask, streams: flash_attention(
+        q, k, v, mask, streams=streams, rate=rate, scale=scale
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    if mesh.empty or spec is None or all(a is None for a in spec):
+        return call(q, k, v, mask, streams)
+    P = jax.sharding.PartitionSpec
+    qkv_spec = P(*spec)
+    stream_spec = None if streams is None else P(spec[0], spec[2])
+    mask_spec = None if mask is None else P()
+    return jax.shard_map(
+        call,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, mask_spec, stream_spec),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, mask, streams)
+
+
 # Names of the block's matmul (and attention) outputs, for rematerialisation policies.
 MATMUL_OUTPUTS = ("qkv", "attention", "proj", "fc1_g", "fc1_x", "fc2")
 
@@ -180,7 +213,8 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "heads", "head_dim"))
         scale = 1.0 / np.sqrt(head_dim)
-        impl = None if self.impl == "dot_product" else self.impl
+        # Sampling (cached keys, no dropout) with 'pallas' runs jax.nn.dot_product_attention.
+        impl = None if self.impl in ("dot_product", "pallas") else self.impl
         if kv_context is not None and self.impl == "xla":
             out = _two_part_attention(q, k, v, kv_context, scale)
         elif kv_context is not None:
@@ -190,11 +224,17 @@ class Attention(nn.Module):
             out = _masked_softmax_attention(
                 q, k, v, mask, scale, lambda p: drop(p, deterministic=deterministic)
             )
+        elif self.impl == "pallas":
+            # The keep mask hashes (key, b, h, q, k); make_rng folds in this module's path, so
+            # every layer, step and microbatch draws its own mask.
+            rate = 0.0 if deterministic else self.attn_dropout
+            key = self.make_rng("dropout") if rate > 0 else None
+            out = _sharded_flash_attention(q, k, v, mask, key, rate, scale)
         else:
             if self.attn_dropout > 0 and not deterministic:
                 raise ValueError(
                     f"model.attention_impl={self.impl!r} has no dropout on attention probabilities; "
-                    "set model.attn_dropout=0.0 or model.attention_impl='xla'."
+                    "set model.attn_dropout=0.0 or model.attention_impl='pallas' (or 'xla')."
                 )
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=None if mask is None else mask[None, None], implementation=impl

@@ -156,7 +156,8 @@ class XAR(nn.Module):
       dropout / attn_dropout: training dropout after proj/MLP and on attention probabilities.
       dtype: compute dtype (params stay float32).
       attention_impl: 'xla' (einsum + mask, supports attention dropout), 'dot_product'
-        (jax.nn.dot_product_attention, backend's choice), 'cudnn' (fused, GPU bf16/fp16).
+        (jax.nn.dot_product_attention, backend's choice), 'cudnn' (fused, GPU bf16/fp16),
+        'pallas' (fused Pallas kernel with attention dropout; interpreted off GPU).
       scan_layers: scan over blocks (compile time flat in depth; params stacked on a leading axis).
       scan_unroll: blocks per iteration of the layer scan (1 = a loop over single blocks; larger
         values trade compile time for fewer loop iterations; the params are the same).

@@ -76,8 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1  # Dropout after attention proj and in the MLP (paper: 0.1).
     c.model.attn_dropout = 0.1  # Dropout on attention probabilities (paper: 0.1).
     c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 | float16 (params stay float32).
-    # xla (supports attn dropout) | dot_product | cudnn. On an H200, cudnn trained xAR-B 1.4x faster
-    # (needs attn_dropout=0.0) and sampled 1.3x faster (no trade-off: sampling has no dropout).
+    # xla (supports attn dropout) | dot_product | cudnn | pallas (fused kernel with attn dropout).
+    # On an H200, cudnn trained xAR-B 1.4x faster (needs attn_dropout=0.0) and sampled 1.3x faster
+    # (no trade-off: sampling has no dropout). pallas draws its own dropout masks (docs/training.md).
     c.model.attention_impl = "xla"
     c.model.scan_layers = False  # Scan over blocks: compile time flat in depth.
     c.model.scan_unroll = 1  # Blocks per layer-scan iteration (same params; no gain on an H200).
@@ -250,9 +251,10 @@ def validate_config(
     _check_choice(cfg, "model.scan_layers", (True, False))
     _check_number(cfg, "model.scan_unroll", 1, integer=True)
     _check_choice(cfg, "model.remat", REMAT_POLICIES)
-    if training and cfg.model.attention_impl != "xla" and cfg.model.attn_dropout > 0:
+    has_attn_dropout = cfg.model.attention_impl in ("xla", "pallas")
+    if training and not has_attn_dropout and cfg.model.attn_dropout > 0:
         _fail("model.attn_dropout", cfg.model.attn_dropout,
-              "0.0 unless model.attention_impl='xla' (the fused kernels have no attention dropout)")
+              "0.0 unless model.attention_impl is 'xla' or 'pallas' (cuDNN has no attention dropout)")
 
     _check_number(cfg, "train.global_batch_size", 1, integer=True)
     _check_number(cfg, "train.num_epochs", 0, low_open=True)

@@ -1,0 +1,263 @@
+"""The fused Pallas attention with dropout: equal to the XLA form given the same keep mask.
+
+On CPU the kernels run in the Pallas interpreter; on a GPU the same tests run the Triton kernels
+(bf16 inputs there, float32 here).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from xar_jax import flash_attention as fa
+from xar_jax import layers
+from xar_jax import train_state as ts
+from xar_jax.entities import make_layout
+from xar_jax.model import abstract_params, build_model, example_inputs
+
+ON_GPU = jax.default_backend() == "gpu"
+DTYPE = jnp.bfloat16 if ON_GPU else jnp.float32
+TOL = 2e-2 if ON_GPU else 1e-5  # Relative to the largest reference value.
+LAYOUT = make_layout("cell", 8, cell_size=4)  # 64 tokens, 4 entities of 16: block-causal mask.
+MASK = jnp.asarray(LAYOUT.attention_mask)
+B, T, H, D = 2, 64, 2, 16
+BLOCKS = fa.BlockSizes(16, 32, 32, 16)  # Mixed tiles: the bounds of both passes are exercised.
+RATE = 0.1
+
+
+def _qkv(seed=0, shape=(B, T, H, D)):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(DTYPE) for k in keys)
+
+
+def _assert_close(got, want):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    scale = max(float(np.max(np.abs(want))), 1e-6)
+    np.testing.assert_allclose(got / scale, want / scale, atol=TOL, rtol=0)
+
+
+def _fused(q, k, v, key=None, rate=0.0, mask=MASK):
+    return fa.flash_attention(q, k, v, mask, key=key, rate=rate, block_sizes=BLOCKS)
+
+
+def _mask(key, shape=(B, H, T, T), rate=RATE):
+    return np.asarray(fa.attention_dropout_mask(key, shape, rate))
+
+
+def test_without_dropout_equals_xla_attention():
+    q, k, v = _qkv()
+    _assert_close(_fused(q, k, v), fa.reference_attention(q, k, v, MASK, None, 0.0))
+    # No mask, and lengths/head dim that need padding to the kernel's tiles.
+    q, k, v = _qkv(1, (B, 40, H, 12))
+    _assert_close(fa.flash_attention(q, k, v), fa.reference_attention(q, k, v, None, None, 0.0))
+
+
+def test_with_dropout_equals_xla_attention_given_the_same_mask():
+    q, k, v = _qkv()
+    key = jax.random.key(7)
+    keep = fa.attention_dropout_mask(key, (B, H, T, T), RATE)
+    want = fa.reference_attention(q, k, v, MASK, keep, RATE)
+    _assert_close(_fused(q, k, v, key, RATE), want)
+    # And it is not the output without dropout.
+    assert not np.allclose(want, fa.reference_attention(q, k, v, MASK, None, 0.0), atol=1e-3)
+
+
+def test_kept_fraction_is_one_minus_rate():
+    shape = (4, 3, 256, 256)
+    for rate in (0.1, 0.5):
+        kept = _mask(jax.random.key(1), shape, rate).mean()
+        sigma = np.sqrt(rate * (1 - rate) / np.prod(shape))
+        assert abs(kept - (1 - rate)) < 5 * sigma, (rate, kept)
+    # Rows and columns are not degenerate either: per-row kept fractions spread binomially.
+    rows = _mask(jax.random.key(2), shape, 0.5).mean(-1).ravel()
+    assert abs(rows.std() - np.sqrt(0.25 / 256)) < 0.01
+
+
+def test_kept_probabilities_are_scaled_by_one_over_keep_probability():
+    # With v = identity rows, out[q, :] is the dropped-out probability row itself.
+    q, k, _ = _qkv(3, (1, 16, 1, 16))
+    v = jnp.eye(16, dtype=jnp.float32)[None, :, None, :].astype(DTYPE)
+    key = jax.random.key(4)
+    rate = 0.5
+    got = np.asarray(fa.flash_attention(q, k, v, key=key, rate=rate, block_sizes=BLOCKS), np.float32)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / 4.0
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    keep = _mask(key, (1, 1, 16, 16), rate)
+    np.testing.assert_array_equal(got[0, :, 0] == 0, ~keep[0, 0])
+    ratio = got[0, :, 0][keep[0, 0]] / probs[0, 0][keep[0, 0]]
+    np.testing.assert_allclose(ratio, 1 / (1 - rate), rtol=TOL * 2)
+
+
+def test_same_key_same_mask_and_every_coordinate_draws_its_own():
+    key = jax.random.key(5)
+    a, b = _mask(key), _mask(key)
+    np.testing.assert_array_equal(a, b)
+    q, k, v = _qkv()
+    np.testing.assert_array_equal(_fused(q, k, v, key, RATE), _fused(q, k, v, key, RATE))
+    assert not np.array_equal(a, _mask(jax.random.key(6)))  # Another step's key.
+    assert not np.array_equal(a, _mask(jax.random.fold_in(key, 1)))  # Another flax rng fold.
+    assert not np.array_equal(a[0], a[1])  # Another example.
+    assert not np.array_equal(a[:, 0], a[:, 1])  # Another head.
+    # Positions within one row and one column are not copies of each other either.
+    assert not np.array_equal(a[0, 0, 1:], a[0, 0, :-1])
+    assert not np.array_equal(a[0, 0, :, 1:], a[0, 0, :, :-1])
+
+
+def test_gradients_equal_xla_attention_given_the_same_mask():
+    q, k, v = _qkv(8)
+    key = jax.random.key(9)
+    keep = fa.attention_dropout_mask(key, (B, H, T, T), RATE)
+    weights = jax.random.normal(jax.random.key(10), (B, T, H, D))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * weights)
+
+    got = jax.grad(loss(lambda q, k, v: _fused(q, k, v, key, RATE)), (0, 1, 2))(q, k, v)
+    want = jax.grad(
+        loss(lambda q, k, v: fa.reference_attention(q, k, v, MASK, keep, RATE)), (0, 1, 2)
+    )(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        _assert_close(g, w)
+
+
+def _attention_layer(impl, rate):
+    return layers.Attention(num_heads=H, dtype=DTYPE, attn_dropout=rate, impl=impl)
+
+
+def _layer_inputs():
+    x = jax.random.normal(jax.random.key(11), (B, T, H * D), jnp.float32).astype(DTYPE)
+    cos, sin = (jnp.asarray(a) for a in layers.rope_tables(LAYOUT.positions, D))
+    return x, cos, sin
+
+
+def test_attention_layer_deterministic_equals_the_xla_layer():
+    x, cos, sin = _layer_inputs()
+    ref = _attention_layer("xla", RATE)
+    params = ref.init(jax.random.key(0), x, cos, sin, MASK, None, True)
+    want, _ = ref.apply(params, x, cos, sin, MASK, None, True)
+    got, _ = _attention_layer("pallas", RATE).apply(params, x, cos, sin, MASK, None, True)
+    _assert_close(got, want)
+
+
+def test_attention_layer_draws_a_new_mask_per_layer_and_step():
+    x, cos, sin = _layer_inputs()
+    layer = _attention_layer("pallas", 0.5)
+    params = layer.init(jax.random.key(0), x, cos, sin, MASK, None, True)
+    run = lambda rng: layer.apply(params, x, cos, sin, MASK, None, False, rngs={"dropout": rng})[0]
+    a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+    class TwoLayers(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return [_attention_layer("pallas", 0.5)(x, cos, sin, MASK, None, False)[0] for _ in "ab"]
+
+    two = TwoLayers()
+    p2 = two.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    # Same params in both layers: only their dropout masks can make the outputs differ.
+    layer_params = p2["params"]["Attention_0"]
+    p2 = {"params": {"Attention_0": layer_params, "Attention_1": layer_params}}
+    first, second = two.apply(p2, x, rngs={"dropout": jax.random.key(3)})
+    assert not np.allclose(first, second)
+
+
+class _ModelConfig(dict):
+    """The attribute access of a config's ``model`` section, without ml_collections (GPU image)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def test_xar_trains_a_step_with_pallas_attention_dropout():
+    model_cfg = _ModelConfig(
+        preset="", width=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_multiple=1,
+        dropout=0.0, attn_dropout=0.1, dtype="float32", attention_impl="pallas",
+        scan_layers=True, remat="none",
+    )  # fmt: skip
+    model = build_model(model_cfg, LAYOUT, in_channels=1, num_classes=10)
+    mask = ts.weight_decay_mask_fn(abstract_params(model))
+    tx = ts.make_optimizer(learning_rate=1e-2, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
+                           weight_decay_mask=mask)  # fmt: skip
+    state = ts.create_train_state(model, tx, seed=0)
+    rng = np.random.default_rng(0)
+    batch = {
+        "labels": rng.integers(0, 10, 4).astype(np.int32),
+        "latents": rng.uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32),
+    }
+    step = jax.jit(ts.make_train_step(model, LAYOUT, tx, ema_decay=0.5, label_drop_prob=0.1))
+    new_state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(new_state.step) == 1
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 0
+    # The same model with the XLA attention form gives the same loss without attention dropout:
+    # the kernel is only a faster route to the same function.
+    deterministic = [
+        build_model(_ModelConfig(model_cfg, attn_dropout=0.0, attention_impl=impl), LAYOUT,
+                    in_channels=1, num_classes=10)  # fmt: skip
+        for impl in ("pallas", "xla")
+    ]
+    x, t, y = (jnp.ones_like(a) * 0.3 for a in example_inputs(model, 2))
+    outs = [m.apply({"params": state.params}, x, t, y.astype(jnp.int32)) for m in deterministic]
+    _assert_close(outs[0], outs[1])
+
+
+def test_training_config_accepts_pallas_with_attention_dropout():
+    pytest.importorskip("ml_collections")
+    import os
+
+    from xar_jax import train_config
+
+    assert train_config.ATTENTION_IMPLS is layers.ATTENTION_IMPLS
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    config = train_config.load_config_file(os.path.join(configs, "xar_b.py"))
+    config.data.cache_dir = "/data/latent_cache"
+    config.model.attention_impl = "pallas"
+    assert config.model.attn_dropout == 0.1
+    train_config.validate_config(config, num_devices=256)
+
+
+SHARDED_SCRIPT = """
+import json
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from xar_jax import layers, sharding as sh
+from xar_jax.entities import make_layout
+
+mask = jnp.asarray(make_layout("cell", 8, cell_size=4).attention_mask)
+x = jax.random.normal(jax.random.key(0), (4, 64, 32))
+cos, sin = (jnp.asarray(a) for a in layers.rope_tables(make_layout("cell", 8, cell_size=4).positions, 16))
+layer = layers.Attention(num_heads=2, attn_dropout=0.5, impl="pallas")
+params = layer.init(jax.random.key(1), x, cos, sin, mask, None, True)
+run = jax.jit(lambda p, x: layer.apply(p, x, cos, sin, mask, None, False,
+                                       rngs={"dropout": jax.random.key(2)})[0])
+single = np.asarray(run(params, x))
+mesh = sh.make_mesh(2, 1, 2)  # Batch over 'data', the two heads over 'tensor'.
+with jax.set_mesh(mesh), nn.logical_axis_rules(list(sh.LOGICAL_AXIS_RULES)):
+    hlo = run.lower(params, x).as_text()
+    sharded = np.asarray(run(params, x))
+print(json.dumps({"max_diff": float(np.max(np.abs(single - sharded))),
+                  "shard_map": "shard_map" in hlo or "sdy.manual_computation" in hlo,
+                  "scale": float(np.max(np.abs(single)))}))
+"""
+
+
+def test_sharded_pallas_attention_runs_per_shard_with_the_same_masks():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
+        cwd=repo, env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": repo},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shard_map"]
+    assert result["max_diff"] <= 1e-5 * result["scale"]
