@@ -261,3 +261,105 @@ def test_sharded_pallas_attention_runs_per_shard_with_the_same_masks():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shard_map"]
     assert result["max_diff"] <= 1e-5 * result["scale"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 'auto': the backend's fast exact kernel, resolved once when the model is built.
+@pytest.mark.parametrize(
+    "backend, rate, dtype, want",
+    [
+        ("gpu", 0.1, jnp.bfloat16, "pallas"),  # The paper's recipe: in-kernel attention dropout.
+        ("gpu", 0.1, jnp.float32, "pallas"),
+        ("gpu", 0.0, jnp.bfloat16, "cudnn"),
+        ("gpu", 0.0, jnp.float32, "dot_product"),  # cuDNN takes half types only.
+        ("tpu", 0.1, jnp.bfloat16, "xla"),  # The Pallas kernel is Triton (GPU) only.
+        ("tpu", 0.0, jnp.bfloat16, "xla"),
+        ("cpu", 0.1, jnp.float32, "xla"),
+    ],
+)
+def test_auto_attention_picks_the_fast_exact_kernel_of_the_backend(backend, rate, dtype, want):
+    assert layers.resolve_attention_impl("auto", rate, dtype, backend) == want
+    assert layers.resolve_attention_impl("cudnn", rate, dtype, backend) == "cudnn"  # Unchanged.
+
+
+def _tiny_model_config(**overrides):
+    return _ModelConfig(
+        dict(
+            preset="", width=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_multiple=1,
+            dropout=0.1, attn_dropout=0.1, dtype="float32", attention_impl="auto",
+            scan_layers=True, remat="none",
+        ),
+        **overrides,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU resolution")
+def test_auto_attention_builds_the_xla_model_on_cpu_with_the_same_params():
+    model = build_model(_tiny_model_config(), LAYOUT, in_channels=1, num_classes=10)
+    assert model.attention_impl == "xla"  # Resolved by build_model, once.
+    unresolved = model.clone(attention_impl="auto")
+    assert unresolved.resolved_attention_impl == "xla"
+    shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nn.meta.unbox(abstract_params(m)))
+    for impl in ("auto", "pallas", "cudnn"):
+        assert shapes(model.clone(attention_impl=impl)) == shapes(model)
+    x, t, y = (jnp.ones_like(a) * 0.3 for a in example_inputs(model, 2))
+    params = jax.jit(lambda k: model.init(k, x, t, y.astype(jnp.int32)))(jax.random.key(0))
+    run = lambda m: m.apply(params, x, t, y.astype(jnp.int32))
+    np.testing.assert_array_equal(run(unresolved), run(model))
+
+
+def test_remat_policies_keep_the_pallas_kernel_residuals():
+    """A rematerialised block keeps the kernel's output and log-sum-exp, so the backward pass does
+    not run the forward kernel again (a custom call is no dot for 'dots')."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from xar_jax import model as xar_model
+
+    w = jax.random.normal(jax.random.key(1), (H * D, H * D))
+
+    def block(x):
+        qkv = (x @ w).reshape(B, T, H, D)
+        out = _fused(qkv, qkv, qkv, key=jax.random.key(3), rate=RATE)
+        return jnp.sin(out.reshape(B, T, H * D)) @ w
+
+    x = jax.random.normal(jax.random.key(0), (B, T, H * D))
+    for policy in ("dots", "dots_no_batch", "matmuls"):
+        f = jax.checkpoint(block, policy=xar_model._REMAT[policy])
+        saved = " ".join(str(s) for _, s in saved_residuals(f, x))
+        for name in fa.RESIDUAL_NAMES:
+            assert f"named '{name}'" in saved, (policy, saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hash dropout after the projection and in the MLP.
+def test_hash_dropout_keeps_one_minus_rate_scaled_and_depends_on_the_key():
+    x = jnp.ones((8, 64, 96), jnp.float32)
+    a = np.asarray(layers.hash_dropout(x, 0.25, jax.random.key(0)))
+    kept = a != 0
+    assert abs(kept.mean() - 0.75) < 0.01
+    np.testing.assert_allclose(a[kept], 1 / 0.75, rtol=1e-6)
+    again = np.asarray(layers.hash_dropout(x, 0.25, jax.random.key(0)))
+    other = np.asarray(layers.hash_dropout(x, 0.25, jax.random.key(1)))
+    np.testing.assert_array_equal(a, again)
+    assert 0.5 < ((other != 0) == kept).mean() < 0.7  # Independent masks agree on ~62.5%.
+    # Rows do not repeat one another's masks.
+    assert not (kept[0] == kept[1]).all() and not (kept[:, 0] == kept[:, 1]).all()
+    assert layers.hash_dropout(x, 0.0, jax.random.key(0)) is x
+
+
+def test_hash_dropout_model_is_the_rng_model_when_deterministic_and_trains():
+    cfg = _tiny_model_config(attention_impl="xla")
+    rng_model = build_model(cfg, LAYOUT, in_channels=1, num_classes=10)
+    hash_model = build_model(
+        _ModelConfig(cfg, dropout_impl="hash"), LAYOUT, in_channels=1, num_classes=10
+    )
+    assert rng_model.dropout_impl == "rng" and hash_model.dropout_impl == "hash"
+    x, t, y = (jnp.ones_like(a) * 0.3 for a in example_inputs(rng_model, 2))
+    y = y.astype(jnp.int32)
+    params = rng_model.init(jax.random.key(0), x, t, y)
+    np.testing.assert_array_equal(
+        hash_model.apply(params, x, t, y), rng_model.apply(params, x, t, y)
+    )
+    train = lambda k: hash_model.apply(params, x, t, y, train=True, rngs={"dropout": k})
+    a, b = train(jax.random.key(1)), train(jax.random.key(2))
+    assert np.all(np.isfinite(a)) and not np.allclose(a, b)

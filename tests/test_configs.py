@@ -112,6 +112,33 @@ def test_documented_gpu_overrides_validate(name):
     validate_config(config, num_devices=256)
 
 
+@pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
+def test_paper_configs_train_the_paper_recipe_on_the_auto_attention(name):
+    config = load(name)
+    config.data.cache_dir = "/data/latent_cache"
+    assert config.model.attention_impl == "auto" and config.model.attn_dropout == 0.1
+    assert config.model.dropout_impl == "hash" and config.model.dropout == 0.1
+    validate_config(config, num_devices=256)  # 'auto' keeps attention dropout: accepted.
+    layout = layout_from_config(config.entity, config.latent.grid_size)
+    model = build_model(config.model, layout, in_channels=16, num_classes=1000)
+    assert model.attention_impl == ("pallas" if jax.default_backend() == "gpu" else "xla")
+
+
+def _paper_gpu_overrides(name):
+    """The --config overrides of the paper-recipe GPU table in docs/training.md."""
+    with open(os.path.join(CONFIGS, "..", "docs", "training.md")) as f:
+        row = next(line for line in f if line.startswith(f"| `{name}.py` (paper) |"))
+    return row.split(" | ")[1].strip("`").split()
+
+
+@pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
+def test_documented_paper_gpu_overrides_validate(name):
+    argv = [f"--config={os.path.join(CONFIGS, name + '.py')}", *_paper_gpu_overrides(name)]
+    config = _parse(["prog", *argv, "--config.data.cache_dir=/data/latent_cache"])
+    assert config.model.attention_impl == "auto" and config.model.attn_dropout == 0.1
+    validate_config(config, num_devices=256)
+
+
 def test_mesh_must_cover_devices_and_batch_must_split():
     config = load("demo")
     config.mesh.data, config.mesh.fsdp = 3, 1

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 Array = jax.Array
@@ -34,6 +35,9 @@ _LOG2E = math.log2(math.e)
 # Queries and keys are numbered q * 2^16 + k in a stream, so T and S must stay below 2^16.
 _KEY_STRIDE = 1 << 16
 _RATE_BITS = 24  # The dropout decision compares the top 24 bits of the hash with rate * 2^24.
+# checkpoint_name of the residuals the backward kernels need (output and log-sum-exp), for
+# remat policies (xar_jax.model keeps them under 'matmuls' and 'dots').
+RESIDUAL_NAMES = ("flash_out", "flash_lse")
 
 
 def _i32(value: int) -> np.int32:
@@ -41,7 +45,7 @@ def _i32(value: int) -> np.int32:
     return np.array(value, np.uint32).view(np.int32)[()]
 
 
-def _fmix32(x: Array) -> Array:
+def fmix32(x: Array) -> Array:
     """MurmurHash3's 32-bit finaliser on int32 bits (a bijection with full avalanche).
 
     Written with int32 multiplies (which wrap) and logical shifts so that XLA and Triton compute
@@ -65,13 +69,13 @@ def head_streams(seeds: Array, batch: int, heads: int) -> Array:
     index = (jnp.arange(batch, dtype=jnp.int32)[:, None] * heads) + jnp.arange(
         heads, dtype=jnp.int32
     )
-    return _fmix32(_fmix32(index ^ seeds[0]) + seeds[1])
+    return fmix32(fmix32(index ^ seeds[0]) + seeds[1])
 
 
 def _keep(stream: Array, q_idx: Array, k_idx: Array, threshold: int) -> Array:
     """Keep decision of elements (q_idx[:, None], k_idx[None, :]) of one stream (or broadcast)."""
     counter = q_idx[..., :, None] * np.int32(_KEY_STRIDE) + k_idx[..., None, :]
-    bits = _fmix32(counter ^ stream)
+    bits = fmix32(counter ^ stream)
     return lax.shift_right_logical(bits, np.int32(32 - _RATE_BITS)) >= np.int32(threshold)
 
 
@@ -359,7 +363,11 @@ def _flash(q, k, v, mask8, kv_hi_fwd, kv_hi_bwd, q_lo_bwd, streams, st: _Static)
 
 def _flash_fwd(q, k, v, mask8, kv_hi_fwd, kv_hi_bwd, q_lo_bwd, streams, st):
     out, lse = _fwd_call(q, k, v, mask8, kv_hi_fwd, streams, st)
-    return out, (q, k, v, mask8, kv_hi_bwd, q_lo_bwd, streams, out, lse)
+    # Named, so that a remat policy can keep the kernel's residuals: without the names, the
+    # backward of a rematerialised block runs the forward kernel again to rebuild them.
+    out_saved = checkpoint_name(out, RESIDUAL_NAMES[0])
+    lse = checkpoint_name(lse, RESIDUAL_NAMES[1])
+    return out, (q, k, v, mask8, kv_hi_bwd, q_lo_bwd, streams, out_saved, lse)
 
 
 def _flash_bwd(st, res, do):

@@ -15,14 +15,77 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from xar_jax.flash_attention import flash_attention, head_streams, seed_words
+from xar_jax.flash_attention import flash_attention, fmix32, head_streams, seed_words
 
 Array = jax.Array
 # 'xla': einsum + mask (+ nn.Dropout); 'dot_product' / 'cudnn': jax.nn.dot_product_attention (no
-# attention dropout); 'pallas': our fused kernel (xar_jax.flash_attention) with attention dropout.
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "pallas")
+# attention dropout); 'pallas': our fused kernel (xar_jax.flash_attention) with attention dropout;
+# 'auto': one of those, chosen for the backend by `resolve_attention_impl` when the model is built.
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "pallas")
+
+
+def resolve_attention_impl(
+    impl: str, attn_dropout: float, dtype: Any, backend: str | None = None
+) -> str:
+    """The concrete attention kernel for ``impl`` ('auto' resolved; anything else unchanged).
+
+    'auto' picks the fastest kernel that keeps the recipe exact on ``backend`` (default:
+    ``jax.default_backend()``):
+    * GPU with attention dropout: 'pallas', the fused Triton kernel with in-kernel dropout;
+    * GPU without it: 'cudnn' for bf16/fp16 compute, else 'dot_product' (cuDNN needs half types);
+    * TPU and CPU: 'xla' (the Pallas kernel is Triton-only, so GPU-only; 'xla' has the dropout).
+    Sampling with 'pallas' runs its cached attention through jax.nn.dot_product_attention, so an
+    'auto' model trained with attention dropout also samples with the fused GPU kernel.
+    """
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if backend not in ("gpu", "cuda", "rocm"):
+        return "xla"
+    if attn_dropout > 0:
+        return "pallas"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half else "dot_product"
+
+
+# Dropout after the projection and in the MLP: 'rng' = nn.Dropout (Bernoulli bits from the
+# 'dropout' PRNG, a materialised bits array); 'hash' = a counter hash of each element's index
+# under a seed from that PRNG, computed inside the consumer's fusion (no bits array).
+DROPOUT_IMPLS = ("rng", "hash")
 
 dense_init = nn.initializers.xavier_uniform()
+
+
+def hash_dropout(x: Array, rate: float, key: Array) -> Array:
+    """Inverted dropout of ``x`` whose keep mask hashes each element's index under ``key``.
+
+    The mask is MurmurHash3's finaliser (twice, keyed by two seed words) of the element's
+    row-major index, compared with ``rate * 2^24`` on the top 24 bits: elementwise integer work
+    that XLA fuses into the producer and consumer of ``x`` instead of reading a bits array.
+    Indices wrap at 2^32 elements (masks repeat only beyond that).
+    """
+    if rate == 0.0:
+        return x
+    seeds = seed_words(key)
+    index = jnp.zeros(x.shape, jnp.int32)
+    stride = 1
+    for dim in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.int32, x.shape, dim) * np.int32(stride)
+        stride = (stride * x.shape[dim]) % (1 << 32)
+        stride = stride - (1 << 32) if stride >= (1 << 31) else stride
+    bits = fmix32(fmix32(index ^ seeds[0]) + seeds[1])
+    threshold = int(round(rate * (1 << 24)))
+    keep = jax.lax.shift_right_logical(bits, np.int32(8)) >= np.int32(threshold)
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def _dropout(module: nn.Module, x, rate, name, deterministic, impl):
+    """``nn.Dropout(rate, name=name)`` ('rng') or `hash_dropout` under module's 'dropout' rng."""
+    if impl == "hash":
+        if deterministic or rate == 0.0:
+            return x
+        return hash_dropout(x, rate, module.make_rng("dropout"))
+    return nn.Dropout(rate, name=name)(x, deterministic=deterministic)
 
 
 def param_dense(features: int, name: str, dtype: Any, axes: tuple[str, str]) -> nn.Dense:
@@ -198,6 +261,7 @@ class Attention(nn.Module):
     attn_dropout: float = 0.0
     proj_dropout: float = 0.0
     impl: str = "xla"
+    dropout_impl: str = "rng"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv_context: KVContext | None, deterministic: bool):
@@ -213,18 +277,23 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "heads", "head_dim"))
         scale = 1.0 / np.sqrt(head_dim)
-        # Sampling (cached keys, no dropout) with 'pallas' runs jax.nn.dot_product_attention.
-        impl = None if self.impl in ("dot_product", "pallas") else self.impl
-        if kv_context is not None and self.impl == "xla":
+        mode = resolve_attention_impl(self.impl, self.attn_dropout, self.dtype)
+        impl = None if mode == "dot_product" else mode
+        if mode == "pallas":
+            # Cached sampling has no dropout: cuDNN's fused kernel where it runs (a GPU and a
+            # half dtype); elsewhere jax.nn.dot_product_attention's XLA form.
+            fused = resolve_attention_impl("auto", 0.0, self.dtype)
+            impl = "cudnn" if fused == "cudnn" else None
+        if kv_context is not None and mode == "xla":
             out = _two_part_attention(q, k, v, kv_context, scale)
         elif kv_context is not None:
             out = _fused_cached_attention(q, k, v, kv_context, impl)
-        elif self.impl == "xla":
+        elif mode == "xla":
             drop = nn.Dropout(self.attn_dropout, name="attn_drop")
             out = _masked_softmax_attention(
                 q, k, v, mask, scale, lambda p: drop(p, deterministic=deterministic)
             )
-        elif self.impl == "pallas":
+        elif mode == "pallas":
             # The keep mask hashes (key, b, h, q, k); make_rng folds in this module's path, so
             # every layer, step and microbatch draws its own mask.
             rate = 0.0 if deterministic else self.attn_dropout
@@ -233,7 +302,7 @@ class Attention(nn.Module):
         else:
             if self.attn_dropout > 0 and not deterministic:
                 raise ValueError(
-                    f"model.attention_impl={self.impl!r} has no dropout on attention probabilities; "
+                    f"model.attention_impl={mode!r} has no dropout on attention probabilities; "
                     "set model.attn_dropout=0.0 or model.attention_impl='pallas' (or 'xla')."
                 )
             out = jax.nn.dot_product_attention(
@@ -243,7 +312,7 @@ class Attention(nn.Module):
         out = checkpoint_name(
             param_dense(d_model, "proj", self.dtype, ("qkv_out", "embed"))(out), "proj"
         )
-        out = nn.Dropout(self.proj_dropout, name="proj_drop")(out, deterministic=deterministic)
+        out = _dropout(self, out, self.proj_dropout, "proj_drop", deterministic, self.dropout_impl)
         return out, (k, v)
 
 
@@ -299,6 +368,7 @@ class GatedMLP(nn.Module):
     hidden_padded: int
     dtype: Any = jnp.float32
     dropout: float = 0.0
+    dropout_impl: str = "rng"
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
@@ -308,7 +378,7 @@ class GatedMLP(nn.Module):
         u = checkpoint_name(self._fc1("fc1_x", width)(x), "fc1_x")
         hidden = gated_gelu(g, u)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        hidden = nn.Dropout(self.dropout, name="drop1")(hidden, deterministic=deterministic)
+        hidden = _dropout(self, hidden, self.dropout, "drop1", deterministic, self.dropout_impl)
         fc2_init = dense_init
         if width != self.hidden:
             fc2_init = _zero_padded(dense_init, self.hidden, axis=0)
@@ -321,7 +391,7 @@ class GatedMLP(nn.Module):
             name="fc2",
         )(hidden)
         out = checkpoint_name(out, "fc2")
-        return nn.Dropout(self.dropout, name="drop2")(out, deterministic=deterministic)
+        return _dropout(self, out, self.dropout, "drop2", deterministic, self.dropout_impl)
 
     def _fc1(self, name, width):
         init = dense_init if width == self.hidden else _zero_padded(dense_init, self.hidden, axis=1)
@@ -364,6 +434,7 @@ class Block(nn.Module):
     dropout: float = 0.0
     attn_dropout: float = 0.0
     attention_impl: str = "xla"
+    dropout_impl: str = "rng"
 
     @nn.compact
     def __call__(self, x, cond, token_entity, cos, sin, mask, kv_context, deterministic: bool):
@@ -394,12 +465,18 @@ class Block(nn.Module):
             attn_dropout=self.attn_dropout,
             proj_dropout=self.dropout,
             impl=self.attention_impl,
+            dropout_impl=self.dropout_impl,
             name="attn",
         )(flat(h), cos, sin, mask, kv_context, deterministic)
         x = x + gamma1 * attn_out.reshape(grouped)
         h = (rms_normalize(x) * (1 + scale2) + shift2).astype(self.dtype)
         mlp_out = GatedMLP(
-            self.mlp_hidden, self.mlp_hidden_padded, self.dtype, self.dropout, name="mlp"
+            self.mlp_hidden,
+            self.mlp_hidden_padded,
+            self.dtype,
+            self.dropout,
+            self.dropout_impl,
+            name="mlp",
         )(h, deterministic)
         x = flat(x + gamma2 * mlp_out)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -20,14 +20,17 @@ import numpy as np
 from flax import linen as nn
 
 from xar_jax import entities as ent
+from xar_jax.flash_attention import RESIDUAL_NAMES as FLASH_RESIDUALS
 from xar_jax.layers import (
     ATTENTION_IMPLS,
+    DROPOUT_IMPLS,
     MATMUL_OUTPUTS,
     Block,
     KVContext,
     RMSNorm,
     TimestepEmbedder,
     param_dense,
+    resolve_attention_impl,
     rope_tables,
 )
 
@@ -85,14 +88,20 @@ class _LayerBlock(Block):
         return x, (kv if self.return_kv else None)
 
 
+_POLICIES = jax.checkpoint_policies
+# The Pallas attention's residuals (output, log-sum-exp) are kept by every policy but 'full': a
+# custom call is no dot, so otherwise the backward pass would run the forward kernel again.
+_KEEP_FLASH = _POLICIES.save_only_these_names(*FLASH_RESIDUALS)
 _REMAT = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    # Keep the outputs of the matmuls and of the attention (all compute-dtype); recompute the
-    # elementwise work (norms, modulation, RoPE, GELU, dropout masks) in the backward pass. The
-    # fused kernels' softmax statistics are not kept, so their forward runs again.
-    "matmuls": jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS),
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.checkpoint_dots, _KEEP_FLASH),
+    "dots_no_batch": _POLICIES.save_from_both_policies(
+        _POLICIES.checkpoint_dots_with_no_batch_dims, _KEEP_FLASH
+    ),
+    # Keep the outputs of the matmuls and of the attention (all compute-dtype) and the Pallas
+    # kernel's statistics; recompute the elementwise work (norms, modulation, RoPE, GELU, dropout
+    # masks) in the backward pass. cuDNN's softmax statistics are not kept: its forward reruns.
+    "matmuls": _POLICIES.save_only_these_names(*MATMUL_OUTPUTS, *FLASH_RESIDUALS),
 }
 REMAT_POLICIES = ("none", *_REMAT)  # 'none' or a rematerialisation policy of each block.
 
@@ -157,10 +166,13 @@ class XAR(nn.Module):
       dtype: compute dtype (params stay float32).
       attention_impl: 'xla' (einsum + mask, supports attention dropout), 'dot_product'
         (jax.nn.dot_product_attention, backend's choice), 'cudnn' (fused, GPU bf16/fp16),
-        'pallas' (fused Pallas kernel with attention dropout; interpreted off GPU).
+        'pallas' (fused Pallas kernel with attention dropout; interpreted off GPU), 'auto' (the
+        backend's fastest exact choice: `layers.resolve_attention_impl`; `build_model` resolves it).
       scan_layers: scan over blocks (compile time flat in depth; params stacked on a leading axis).
       scan_unroll: blocks per iteration of the layer scan (1 = a loop over single blocks; larger
         values trade compile time for fewer loop iterations; the params are the same).
+      dropout_impl: 'rng' (nn.Dropout) or 'hash' (`layers.hash_dropout`, fused; other masks)
+        for the dropout after the projection and in the MLP.
       remat: rematerialisation policy of each block: 'none', 'full', 'dots', 'dots_no_batch',
         'matmuls' (keep the named matmul and attention outputs, ``layers.MATMUL_OUTPUTS``).
     """
@@ -182,12 +194,17 @@ class XAR(nn.Module):
     scan_layers: bool = False
     scan_unroll: int = 1
     remat: str = "none"
+    dropout_impl: str = "rng"
 
     def setup(self):
         d = self.width
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"model.attention_impl={self.attention_impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}."
+            )
+        if self.dropout_impl not in DROPOUT_IMPLS:
+            raise ValueError(
+                f"model.dropout_impl={self.dropout_impl!r}; allowed: {', '.join(DROPOUT_IMPLS)}."
             )
         if self.scan_unroll < 1:
             raise ValueError(f"model.scan_unroll={self.scan_unroll}; allowed: an integer >= 1.")
@@ -230,6 +247,11 @@ class XAR(nn.Module):
         self.pred = param_dense(self.in_channels, "pred", self.dtype, ("embed", "latent"))
 
     @property
+    def resolved_attention_impl(self) -> str:
+        """The attention kernel the blocks run ('auto' resolved for the default backend)."""
+        return resolve_attention_impl(self.attention_impl, self.attn_dropout, self.dtype)
+
+    @property
     def mlp_hidden(self) -> int:
         return mlp_hidden_width(self.width, self.mlp_ratio)
 
@@ -241,7 +263,8 @@ class XAR(nn.Module):
             ("dtype", self.dtype),
             ("dropout", self.dropout),
             ("attn_dropout", self.attn_dropout),
-            ("attention_impl", self.attention_impl),
+            ("attention_impl", self.resolved_attention_impl),
+            ("dropout_impl", self.dropout_impl),
         )
         return BlockStack(depth, kwargs, self.scan_layers, self.scan_unroll, self.remat, name=name)
 
@@ -346,6 +369,14 @@ def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_cl
         enc_heads = dec_heads = model_cfg.num_heads
     if model_cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype={model_cfg.dtype!r}; allowed: {', '.join(DTYPES)}.")
+    if model_cfg.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"model.attention_impl={model_cfg.attention_impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}."
+        )
+    # 'auto' is resolved here, once, for the backend this process runs on.
+    attention_impl = resolve_attention_impl(
+        model_cfg.attention_impl, model_cfg.attn_dropout, DTYPES[model_cfg.dtype]
+    )
     return XAR(
         layout=layout,
         width=width,
@@ -359,10 +390,11 @@ def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_cl
         dropout=model_cfg.dropout,
         attn_dropout=model_cfg.attn_dropout,
         dtype=DTYPES[model_cfg.dtype],
-        attention_impl=model_cfg.attention_impl,
+        attention_impl=attention_impl,
         scan_layers=model_cfg.scan_layers,
         scan_unroll=model_cfg.get("scan_unroll", 1),
         remat=model_cfg.remat,
+        dropout_impl=model_cfg.get("dropout_impl", "rng"),
     )
 
 

@@ -16,7 +16,7 @@ import ml_collections
 from xar_jax import entities, flow, sharding
 from xar_jax.data.config import get_data_config, validate_data_config
 from xar_jax.errors import ConfigError
-from xar_jax.layers import ATTENTION_IMPLS
+from xar_jax.layers import ATTENTION_IMPLS, DROPOUT_IMPLS
 from xar_jax.model import DTYPES, PRESETS, REMAT_POLICIES
 from xar_jax.sampling import CFG_SCHEDULES, SAMPLERS, SOLVERS
 from xar_jax.train_state import NAN_POLICIES
@@ -76,10 +76,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1  # Dropout after attention proj and in the MLP (paper: 0.1).
     c.model.attn_dropout = 0.1  # Dropout on attention probabilities (paper: 0.1).
     c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 | float16 (params stay float32).
-    # xla (supports attn dropout) | dot_product | cudnn | pallas (fused kernel with attn dropout).
-    # On an H200, cudnn trained xAR-B 1.4x faster (needs attn_dropout=0.0) and sampled 1.3x faster
-    # (no trade-off: sampling has no dropout). pallas draws its own dropout masks (docs/training.md).
+    # auto | xla (supports attn dropout) | dot_product | cudnn | pallas (fused kernel with attn
+    # dropout, GPU). auto is resolved once when the model is built: on a GPU, pallas if
+    # attn_dropout > 0 (the paper's recipe, exact and fast), else cudnn (dot_product in float32);
+    # on TPU/CPU, xla. cudnn needs attn_dropout=0.0 for training; sampling has no dropout, and
+    # pallas samples through cuDNN. pallas draws its own dropout masks (docs/training.md).
     c.model.attention_impl = "xla"
+    # Dropout after attention proj and in the MLP: rng (nn.Dropout, bits from the dropout PRNG) |
+    # hash (a counter hash fused into the neighbouring kernels; same rate, other masks).
+    c.model.dropout_impl = "rng"
     c.model.scan_layers = False  # Scan over blocks: compile time flat in depth.
     c.model.scan_unroll = 1  # Blocks per layer-scan iteration (same params; no gain on an H200).
     # Rematerialisation per block: none | full | dots | dots_no_batch | matmuls (keep matmul and
@@ -248,13 +253,16 @@ def validate_config(
     _check_number(cfg, "model.attn_dropout", 0.0, 1.0)
     _check_choice(cfg, "model.dtype", tuple(DTYPES))
     _check_choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
+    _check_choice(cfg, "model.dropout_impl", DROPOUT_IMPLS)
     _check_choice(cfg, "model.scan_layers", (True, False))
     _check_number(cfg, "model.scan_unroll", 1, integer=True)
     _check_choice(cfg, "model.remat", REMAT_POLICIES)
-    has_attn_dropout = cfg.model.attention_impl in ("xla", "pallas")
+    # 'auto' always resolves to a kernel with attention dropout when attn_dropout > 0.
+    has_attn_dropout = cfg.model.attention_impl in ("auto", "xla", "pallas")
     if training and not has_attn_dropout and cfg.model.attn_dropout > 0:
         _fail("model.attn_dropout", cfg.model.attn_dropout,
-              "0.0 unless model.attention_impl is 'xla' or 'pallas' (cuDNN has no attention dropout)")
+              "0.0 unless model.attention_impl is 'auto', 'xla' or 'pallas' (cuDNN has no "
+              "attention dropout)")
 
     _check_number(cfg, "train.global_batch_size", 1, integer=True)
     _check_number(cfg, "train.num_epochs", 0, low_open=True)
@@ -396,6 +404,10 @@ def paper_config(preset: str, sample_steps: int, cfg_scale: float):
     c.entity.cell_size = 8
     c.model.preset = preset
     c.model.dtype = "bfloat16"  # bf16 compute, float32 params (paper: mixed precision).
+    # GPU: the fused Pallas kernel with the paper's attention dropout; TPU/CPU: xla.
+    c.model.attention_impl = "auto"
+    # Fused hash dropout after proj and in the MLP: +4% on xAR-B/L on an H200 (docs/benchmarks.md).
+    c.model.dropout_impl = "hash"
     c.model.scan_layers = True  # Compile time flat in depth.
     c.model.remat = "dots_no_batch"
     c.model.mlp_multiple = 128
