@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from xar_jax import sampling  # noqa: E402
+from xar_jax.layers import ATTENTION_IMPLS, resolve_attention_impl  # noqa: E402
 
 PUBLISHED = {"xar_b": (40, 2.7), "xar_l": (50, 2.3), "xar_h": (50, 2.2)}
 
@@ -91,16 +92,17 @@ def main():
     parser.add_argument(
         "--attention_impl",
         default="auto",
-        choices=["auto", "xla", "dot_product", "cudnn"],
+        choices=list(ATTENTION_IMPLS),
         help="cached attention: xla = two-part softmax; cudnn = fused kernel over [cache, entity]; "
-        "auto = cudnn on GPUs, else xla",
+        "auto = the model's choice for sampling (no dropout): cudnn on GPUs, else xla; pallas "
+        "samples through cudnn on GPUs",
     )
     parser.add_argument("--tag", default="", help="suffix of the JSON key (variants)")
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
     parser.add_argument("--no_json", action="store_true")
     args = parser.parse_args()
-    if args.attention_impl == "auto":
-        args.attention_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    # Sampling has no dropout: 'auto' resolves as for a model trained without attention dropout.
+    args.attention_impl = resolve_attention_impl(args.attention_impl, 0.0, jnp.dtype(args.dtype))
     if args.state_dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     rows = []

@@ -42,6 +42,19 @@ def test_train_step_benchmark_fast_recipe_prints_the_table():
     assert any("True" in r and r.startswith("xar_l") and r.rstrip().endswith("dots") for r in rows)
 
 
+def test_train_step_benchmark_paper_recipe_keeps_attention_dropout():
+    out = _run(
+        "train_step.py", "--models", "xar_b,xar_h", "--recipe", "paper", "--batch", "2",
+        "--steps", "1", "--repeats", "1",
+    )  # fmt: skip
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("xar_")]
+    table = {r[0].strip(): [c.strip() for c in r] for r in rows if len(r) > 5}
+    # On a CPU 'auto' resolves to the XLA form; attention dropout 0.1, hash dropout.
+    b, h = table["xar_b"], table["xar_h"]
+    assert b[8:11] == ["xla", "0.1", "hash"] and b[-2:] == ["False", "none"]
+    assert h[8:11] == ["xla", "0.1", "hash"] and h[-2:] == ["True", "matmuls"]
+
+
 def test_sample_benchmark_prints_the_table():
     out = _run(
         "sample.py", "--models", "xar_b", "--batch", "2", "--num_steps", "2", "--repeats", "1"
