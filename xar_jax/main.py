@@ -6,7 +6,9 @@ either class-balanced at scale into ``DIR/generated/<run>/samples.npz`` (ADM's f
 ``eval.num_images`` images and scores them (FID / Inception Score for ImageNet, class accuracy
 for the digits), writing ``metrics.json``, ``DIR/eval.json`` and TensorBoard scalars. Any config
 field can be overridden: ``--config.train.num_steps=100``. Multi-process runs (TPU pods) call
-`jax.distributed.initialize()` first; see `initialize_distributed`.
+`jax.distributed.initialize()` first; see `initialize_distributed`. ``--check_only`` parses the
+flags and the config with its overrides, validates it for the mode and prints ``ok`` (what
+tests/test_launch_commands.py runs on every command line the launch scripts start).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ml_collections import config_flags
 
 from xar_jax import experiment, generate, score, train
 from xar_jax.experiment import MODES
+from xar_jax.train_config import validate_config
 from xar_jax.workdir import ALLOWED_CHANGES
 
 FLAGS = flags.FLAGS
@@ -38,6 +41,12 @@ flags.DEFINE_multi_enum(
     "A resume may change these recorded run fields (repeat the flag for both): 'mesh' (mesh axes "
     "or process count; the checkpoint is resharded onto the new mesh), 'data' (data pipeline, "
     "global batch or seed; the data iterator restarts). Model fields can never change in a workdir.",
+)
+flags.DEFINE_bool(
+    "check_only", False,
+    "Parse the flags and the config with its overrides, validate the config for --mode (no device "
+    "count: the mesh is not checked), print 'ok' and exit. Touches no workdir, starts no "
+    "jax.distributed and compiles nothing: the launch tests run every launched command this way.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -129,9 +138,16 @@ def initialize_distributed(mode: str = "auto") -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
+    if FLAGS.check_only:
+        try:
+            validate_config(config, num_devices=None, training=mode == "train")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        print("ok")
+        return
     logging.getLogger("xar_jax").setLevel(logging.INFO)
     initialize_distributed(FLAGS.distributed)
-    config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
     # Validates the config for this mode before any compilation or data loading.
     exp = experiment.build(config, mode)
     if mode == "train":
