@@ -27,8 +27,9 @@
 #                      [configs/xar_h.py]; `file.py:arg` passes arg to get_config
 #   RUN_NAME           name of the run [config file name without .py]
 #   WORKDIR            checkpoints, metrics, logs; must be gs:// [gs://BUCKET/runs/RUN_NAME]
-#   DATA_SOURCE        latents | imagenet | digits [latents]
-#   DATA_DIR           TFDS data dir with imagenet2012 [gs://BUCKET/tfds]
+#   DATA_SOURCE        latents | digits [latents] (the trainer reads ImageNet only as cached
+#                      latents: launch/prepare_data.sh cache makes them)
+#   DATA_DIR           TFDS data dir with imagenet2012 (prepare_data.sh) [gs://BUCKET/tfds]
 #   LATENT_DIR         cached VAE latents [gs://BUCKET/latents]
 #   CONFIG_OVERRIDES   extra `--config.x=y` flags, space-separated (no spaces inside a value) []
 #   MAIN_FLAGS         other flags of xar_jax.main, e.g. --distributed=auto []; without a
@@ -239,7 +240,9 @@ load_run_settings() {
   WORKDIR="${WORKDIR:-gs://${BUCKET}/runs/${RUN_NAME}}"
   check_gcs WORKDIR
   DATA_SOURCE="${DATA_SOURCE:-latents}"
-  check_choice DATA_SOURCE latents imagenet digits
+  [[ ${DATA_SOURCE} != imagenet ]] \
+    || die "DATA_SOURCE=imagenet: the trainer reads ImageNet only as cached VAE latents; make them with launch/prepare_data.sh cache and use DATA_SOURCE=latents"
+  check_choice DATA_SOURCE latents digits
   DATA_DIR="${DATA_DIR:-gs://${BUCKET}/tfds}"
   LATENT_DIR="${LATENT_DIR:-gs://${BUCKET}/latents}"
   check_gcs DATA_DIR
@@ -296,8 +299,6 @@ main_args() {
   case "${DATA_SOURCE}" in
     latents)
       printf '%s\n' "--config.data.source=latents" "--config.data.cache_dir=${LATENT_DIR}" ;;
-    imagenet)
-      printf '%s\n' "--config.data.source=imagenet" "--config.data.data_dir=${DATA_DIR}" ;;
     digits) ;;  # the embedded dataset needs no location
   esac
   if ((${#OVERRIDE_FLAGS[@]} > 0)); then

@@ -5,7 +5,8 @@
 #
 #   launch/logs.sh [--dry-run] [--env FILE] [--upload]
 #
-# MODE (train) picks the job; the job also uploads its log by itself every few minutes.
+# MODE (train; sample, eval, or cache for prepare_data.sh cache) picks the job (tmux session
+# xar-MODE); the job also uploads its log by itself every few minutes.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -19,7 +20,7 @@ for arg in "${ARGS[@]}"; do
 done
 load_tpu_settings
 MODE="${MODE:-train}"
-check_choice MODE train sample eval cache_latents
+check_choice MODE train sample eval cache
 
 if [[ ${UPLOAD} == 1 ]]; then
   load_run_settings

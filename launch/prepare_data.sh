@@ -9,16 +9,24 @@
 #            uploads the result to DATA_DIR/imagenet2012/ (takes hours)
 #   status   the end of the build log, and whether DATA_DIR holds the finished dataset
 #   cleanup  delete PREP_VM (asks unless YES=1)
-#   cache    on the TPU slice (installed, with the converted VAE in your config): run
-#            `python -m xar_jax.main --mode=cache_latents` on every worker, reading
-#            DATA_DIR and writing latent shards to LATENT_DIR (restartable: finished shards
-#            are kept)
+#   cache    on the TPU slice (installed, with the converted VAE on every worker): run
+#            `python -m xar_jax.data.latent_cache --multihost` on every worker, detached in
+#            tmux session xar-cache (follow with MODE=cache launch/logs.sh), reading split
+#            CACHE_SPLIT of DATA_DIR and writing VAE moments to LATENT_DIR/CACHE_SPLIT/. Shard s
+#            is encoded by worker s % number of workers, on its own chips; rerunning after an
+#            interruption keeps the finished shards. Run it once per split (train, validation).
 #
 # IMAGENET_TARS      gs:// folder with the two ImageNet archives [gs://BUCKET/imagenet_manual]
 # PREP_VM            name of the CPU VM [xar-prep]
 # PREP_ZONE          its zone; keep it in the bucket's region [ZONE]
 # PREP_MACHINE_TYPE  [n2-standard-32]     PREP_DISK_GB  boot disk, archives + output [500]
 # TFDS_SPEC          pip requirement for tensorflow-datasets on the VM ["tensorflow-datasets>=4.9.9,<5"]
+# cache only:
+# VAE_DIR            the converted KL-16 VAE on every worker, absolute path, e.g.
+#                    /home/USER/xar_weights/kl16 (convert_weights.sh, then install.sh) [required]
+# CACHE_SPLIT        train | validation [train]      IMAGE_SIZE  256 | 512 (ADM crop) [256]
+# CACHE_BATCH_SIZE   images per encoder call per worker, a multiple of its chips [256]
+# CACHE_SHARD_SIZE   examples per shard [1000]       CACHE_READ_WORKERS  decoding processes [16]
 # DATA_DIR, LATENT_DIR, CONFIG, WORKDIR and the TPU settings as in launch/common.sh.
 set -euo pipefail
 # shellcheck source=common.sh
@@ -83,7 +91,27 @@ case "${ACTION}" in
     run gcloud compute instances delete "${PREP_VM}" "${VM_FLAGS[@]}" "${quiet[@]}"
     ;;
   cache)
-    DATA_SOURCE=imagenet  # the encoder reads images; training later reads the latents
-    start_job cache_latents "--config.data.cache_dir=${LATENT_DIR}"
+    require_var VAE_DIR "the converted KL-16 VAE on the workers, e.g. /home/USER/xar_weights/kl16"
+    [[ ${VAE_DIR} == /* ]] || die "VAE_DIR='${VAE_DIR}' must be an absolute path on the workers"
+    CACHE_SPLIT="${CACHE_SPLIT:-train}"
+    check_choice CACHE_SPLIT train validation
+    IMAGE_SIZE="${IMAGE_SIZE:-256}"
+    check_choice IMAGE_SIZE 256 512
+    CACHE_BATCH_SIZE="${CACHE_BATCH_SIZE:-256}"
+    CACHE_SHARD_SIZE="${CACHE_SHARD_SIZE:-1000}"
+    CACHE_READ_WORKERS="${CACHE_READ_WORKERS:-16}"
+    for name in CACHE_BATCH_SIZE CACHE_SHARD_SIZE CACHE_READ_WORKERS; do
+      [[ ${!name} =~ ^[0-9]+$ ]] || die "${name}='${!name}' must be a number"
+    done
+    # Every worker runs the same command: --multihost initialises jax.distributed, which gives
+    # each process its index, and the cache assigns shard s to process s % process_count.
+    cache_args=(--source=imagenet --data_dir="${DATA_DIR}" --split="${CACHE_SPLIT}"
+      --image_size="${IMAGE_SIZE}" --out_dir="${LATENT_DIR}"
+      --encoder=xar_jax.data.latent_cache:converted_vae_encoder --encoder_arg="${VAE_DIR}"
+      --batch_size="${CACHE_BATCH_SIZE}" --shard_size="${CACHE_SHARD_SIZE}"
+      --num_workers="${CACHE_READ_WORKERS}" --multihost)
+    step "start python -m xar_jax.data.latent_cache on every worker (tmux session xar-cache)"
+    tpu_ssh all "$(worker_cmd start cache "${WORKDIR}/logs" "${cache_args[@]}")"
+    say "started; follow with: MODE=cache launch/logs.sh"
     ;;
 esac

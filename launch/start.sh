@@ -6,7 +6,7 @@
 #
 #   launch/start.sh [--dry-run] [--env FILE] [--config.field=value ...]
 #
-# MODE (train | sample | eval | cache_latents) [train]; CONFIG, WORKDIR, DATA_SOURCE, DATA_DIR,
+# MODE (train | sample | eval) [train]; CONFIG, WORKDIR, DATA_SOURCE, DATA_DIR,
 # LATENT_DIR, CONFIG_OVERRIDES as in launch/common.sh. Arguments of the form
 # --config.field=value are passed on to xar_jax.main after the overrides from the environment.
 # The local CONFIG file is copied to every worker first, so edits need no reinstall.
@@ -20,6 +20,6 @@ done
 load_tpu_settings
 load_run_settings
 MODE="${MODE:-train}"
-check_choice MODE train sample eval cache_latents
+check_choice MODE train sample eval
 
 start_job "${MODE}" "${ARGS[@]}"

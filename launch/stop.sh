@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stops the job of MODE (train) on every worker: SIGTERM to the python process, SIGKILL after
-# STOP_TIMEOUT seconds (120), then the tmux session is closed. The slice keeps running (and
+# Stops the job of MODE (train; sample, eval, or cache for prepare_data.sh cache) on every
+# worker: SIGTERM to the python process, SIGKILL after STOP_TIMEOUT seconds (120), then the tmux
+# session xar-MODE is closed. The slice keeps running (and
 # billing) until launch/delete.sh. Checkpoints already in WORKDIR are untouched.
 #
 #   launch/stop.sh [--dry-run] [--env FILE]
@@ -11,6 +12,6 @@ xar_init "$@"
 ((${#ARGS[@]} == 0)) || die "unexpected argument(s): ${ARGS[*]} (see --help)"
 load_tpu_settings
 MODE="${MODE:-train}"
-check_choice MODE train sample eval cache_latents
+check_choice MODE train sample eval cache
 
 stop_job "${MODE}"

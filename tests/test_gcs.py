@@ -159,3 +159,31 @@ def test_latent_cache_killed_midway_on_gcs_resumes_to_the_complete_cache(tmp_pat
 def test_missing_gcs_cache_names_the_path_and_the_caching_command(gcs_dir):
     with pytest.raises(FileNotFoundError, match=r"No latent cache at gs://.*heldout.*\n.*--split"):
         pipeline.make_train_iterator(_latents_cfg(gcs_dir / "nothing"), global_batch_size=8)
+
+
+_COMPILE_CACHE_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp
+from xar_jax.main import enable_compile_cache
+from xar_jax.train_config import base_config
+config = base_config()
+config.compile_cache_dir = sys.argv[1]
+enable_compile_cache(config, "/unused")
+print(float(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(4.0)).sum()))
+"""
+
+
+def test_compilation_cache_on_gcs_is_written_then_hit_by_the_next_process(gcs_dir):
+    # A preempted job restarts on another VM: the cache must live in the bucket.
+    runs = [
+        subprocess.run([sys.executable, "-c", _COMPILE_CACHE_SCRIPT, str(gcs_dir)], cwd=REPO,
+                       env={**os.environ, "JAX_LOG_COMPILES": "1"}, capture_output=True,
+                       text=True, timeout=120)
+        for _ in range(2)
+    ]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert runs[0].stdout == runs[1].stdout
+    hit = "Persistent compilation cache hit for 'jit__lambda'"
+    assert hit not in runs[0].stderr and hit in runs[1].stderr
+    assert any(p.name.startswith("jit__lambda-") for p in gcs_dir.iterdir())

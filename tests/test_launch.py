@@ -185,9 +185,10 @@ def test_missing_bucket_stops_before_any_command(launch, script):
         ({"CONFIG": "configs/xar_x.py"}, "configs/xar_h.py"),
         (
             {"MODE": "serve"},
-            "MODE='serve' is not allowed; use one of: train sample eval cache_latents",
+            "MODE='serve' is not allowed; use one of: train sample eval",
         ),
         ({"DATA_SOURCE": "lmdb"}, "DATA_SOURCE='lmdb' is not allowed"),
+        ({"DATA_SOURCE": "imagenet"}, "DATA_SOURCE=imagenet: the trainer reads ImageNet only"),
         ({"CONFIG_OVERRIDES": "--lr=1"}, "each entry must look like --config.field=value"),
         ({"MAIN_FLAGS": "--workdir=/tmp"}, "MAIN_FLAGS holds '--workdir=/tmp'"),
         ({"BUCKET": "gs://my-bkt"}, "give the bare name"),
@@ -294,17 +295,18 @@ def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):
 
 
 def test_start_appends_overrides_from_environment_then_command_line(launch):
-    env = {"DATA_SOURCE": "imagenet", "MODE": "sample", "CONFIG": "configs/xar_b.py"}
-    env["CONFIG_OVERRIDES"] = "--config.batch_size=1024 --config.seed=1"
+    env = {"LATENT_DIR": "gs://my-bkt/lat", "MODE": "sample", "CONFIG": "configs/xar_b.py"}
+    env["CONFIG_OVERRIDES"] = "--config.train.global_batch_size=1024 --config.seed=1"
     env["MAIN_FLAGS"] = "--distributed=auto"
-    result = launch("start.sh", "--config.optimizer.lr=1e-4", "--config.seed=3", **env)
+    result = launch("start.sh", "--config.optim.lr=1e-4", "--config.seed=3", **env)
     words = _start_command(result)
     assert words[7:9] == ["--mode=sample", "--distributed=auto"] and words[3] == "sample"
     assert [w for w in words if w.startswith("--distributed")] == ["--distributed=auto"]
     assert "--config=configs/xar_b.py" in words and "--workdir=gs://my-bkt/runs/xar_b" in words
     expected = (
-        "--config.data.source=imagenet --config.data.data_dir=gs://my-bkt/tfds"
-        " --config.batch_size=1024 --config.seed=1 --config.optimizer.lr=1e-4 --config.seed=3"
+        "--config.data.source=latents --config.data.cache_dir=gs://my-bkt/lat"
+        " --config.train.global_batch_size=1024 --config.seed=1 --config.optim.lr=1e-4"
+        " --config.seed=3"
     )
     assert words[-6:] == expected.split()
 
@@ -363,7 +365,6 @@ def _start_command(result: Result) -> list[str]:
             {"REFERENCE_STATS": "gs://b/ref.npz", "SAMPLES_DIR": "/s", "VAE_DIR": "/v",
              "INCEPTION_DIR": "/i"},
         ),
-        ("prepare_data.sh", ("cache",), {}),
     ],
 )
 def test_every_job_initialises_jax_distributed_on_the_tpu_vms(launch, script, args, env):
@@ -450,10 +451,28 @@ def test_prepare_data_build_runs_tfds_on_a_cpu_vm_detached(launch):
 
 
 def test_prepare_data_cache_encodes_imagenet_into_the_latent_dir_on_every_worker(launch):
-    words = _start_command(launch("prepare_data.sh", "cache", LATENT_DIR="gs://my-bkt/lat256"))
-    assert words[3] == "cache_latents" and "--mode=cache_latents" in words
-    expected = "--config.data.source=imagenet --config.data.data_dir=gs://my-bkt/tfds"
-    assert set(f"{expected} --config.data.cache_dir=gs://my-bkt/lat256".split()) <= set(words)
+    assert "VAE_DIR is not set" in launch("prepare_data.sh", "cache").stderr
+    result = launch("prepare_data.sh", "cache", LATENT_DIR="gs://my-bkt/lat256", VAE_DIR="/w/kl16")
+    assert flag(result.one("ssh"), "worker") == "all"
+    words = _start_command(result)
+    assert words[3:5] == ["cache", f"{WORKDIR}/logs"]  # tmux session xar-cache
+    expected = (
+        "--source=imagenet --data_dir=gs://my-bkt/tfds --split=train --image_size=256"
+        " --out_dir=gs://my-bkt/lat256"
+        " --encoder=xar_jax.data.latent_cache:converted_vae_encoder --encoder_arg=/w/kl16"
+        " --batch_size=256 --shard_size=1000 --num_workers=16 --multihost"
+    )
+    assert words[5:] == expected.split()  # --multihost: each worker encodes its own shards
+    assert "CACHE_SPLIT='test'" in launch("prepare_data.sh", "cache", VAE_DIR="/w",
+                                          CACHE_SPLIT="test").stderr
+    assert "absolute path" in launch("prepare_data.sh", "cache", VAE_DIR="w/kl16").stderr
+
+
+def test_stop_and_logs_know_the_cache_job(launch):
+    stop = launch("stop.sh", MODE="cache").one("ssh")
+    assert remote(stop)[2:4] == ["stop", "cache"]
+    assert remote(launch("logs.sh", MODE="cache").one("ssh"))[2:4] == ["log", "cache"]
+    assert "use one of: train sample eval cache" in launch("stop.sh", MODE="cache_latents").stderr
 
 
 def test_convert_weights_runs_on_worker_0_for_each_given_file(launch):

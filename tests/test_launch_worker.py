@@ -89,6 +89,18 @@ def test_worker_runs_one_detached_job_logs_it_and_stops_it_by_pid(worker_home):
 
 
 @needs_tmux
+def test_worker_runs_the_cache_job_as_the_latent_cache_module_and_stops_it(worker_home):
+    home, worker = worker_home
+    worker("start", "cache", "", "--out_dir=gs://b/latents", "--multihost")
+    log = home / "xar_logs" / f"cache_{os.uname().nodename}.log"
+    _wait_for(lambda: log.exists() and "fake python" in log.read_text())
+    assert "fake python: -m xar_jax.data.latent_cache --out_dir=gs://b/latents" in log.read_text()
+    assert "stopped" in worker("stop", "cache", "10").stdout  # its pid is recognised as ours
+    refused = worker("start", "cache_latents", "", check=False)
+    assert refused.returncode == 1 and "not one of train, sample, eval, cache" in refused.stderr
+
+
+@needs_tmux
 def test_worker_kills_a_job_that_ignores_sigterm_after_the_timeout(worker_home):
     home, worker = worker_home
     worker("start", "train", "", "--ignore-term")

@@ -14,7 +14,7 @@ import pytest
 from conftest import event_tags
 
 from xar_jax import experiment, generate, score
-from xar_jax.train_config import load_config_file
+from xar_jax.train_config import load_config_file, validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -64,7 +64,9 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
-def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, uninterrupted):
+def test_sigkill_then_restart_matches_uninterrupted_run_and_skips_the_compile(
+    tmp_path, uninterrupted
+):
     workdir = tmp_path / "killed"
     args = _cli(workdir, f"--config.train.num_steps={STEPS}")
     proc = subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -77,11 +79,16 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, uninterrupted)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] < STEPS, saved
+    # config.compile_cache_dir='' keeps JAX's compilation cache in the workdir.
+    cached = [p.name for p in (workdir / "compile_cache").iterdir()]
+    assert any(name.startswith("jit_train_step-") for name in cached), cached
 
-    resumed = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
+    # JAX_LOG_COMPILES makes JAX log its cache hits.
+    resumed = subprocess.run(args, env={**_env(), "JAX_LOG_COMPILES": "1"}, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {saved[-1]}" in resumed.stderr
+    assert "Persistent compilation cache hit for 'jit_train_step'" in resumed.stderr
 
     config = tiny_config(**{"train.num_steps": STEPS})
     expected, step_a = _final_params(uninterrupted, config)
@@ -128,6 +135,20 @@ def test_bad_config_value_fails_before_compilation(tmp_path):
     assert proc.returncode != 0
     assert "config.train.nan_policy='ignore' is not allowed; allowed: stop | skip" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_compile_cache_dir_defaults_to_the_workdir_and_can_be_turned_off():
+    from xar_jax.main import compile_cache_path
+
+    config = tiny_config()
+    assert compile_cache_path(config, "gs://b/runs/x") == "gs://b/runs/x/compile_cache"
+    assert compile_cache_path(config, "runs/x") == os.path.join(os.getcwd(), "runs/x/compile_cache")
+    assert compile_cache_path(tiny_config(compile_cache_dir="none"), "/w") is None
+    assert compile_cache_path(tiny_config(compile_cache_dir="gs://b/cc"), "/w") == "gs://b/cc"
+    with pytest.raises(ValueError, match="config.compile_cache_dir=' /x'"):
+        validate_config(tiny_config(compile_cache_dir=" /x"))
+    with pytest.raises(ValueError, match="config.compile_cache_min_compile_secs=-1"):
+        validate_config(tiny_config(compile_cache_min_compile_secs=-1))
 
 
 def test_tensorboard_events_hold_training_metrics(uninterrupted):

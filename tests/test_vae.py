@@ -292,6 +292,21 @@ def test_convert_file_never_overwrites_without_permission(tmp_path, state_dict):
     assert convert_vae.load_converted(str(out))[0].ch == 32
 
 
+def test_latent_cache_encoder_of_a_converted_directory_gives_the_golden_moments(
+    tmp_path, converted, golden, moments
+):
+    # What `launch/prepare_data.sh cache` passes as --encoder to xar_jax.data.latent_cache.
+    from xar_jax.data.latent_cache import converted_vae_encoder
+
+    model, params = converted
+    params_io.save_params(str(tmp_path / "kl16"), params,
+                          {"kind": convert_vae.KIND, "config": model.arch_config()})
+    encode_fn = converted_vae_encoder(str(tmp_path / "kl16"))
+    out = encode_fn(nhwc(golden["enc/image_nchw"]))
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, moments, rtol=1e-5, atol=1e-5)
+
+
 def test_load_converted_rejects_other_kinds(tmp_path):
     params_io.save_params(str(tmp_path / "x"), {"w": np.zeros(2, np.float32)}, {"kind": "xar"})
     with pytest.raises(ValueError, match="'xar' params, not 'vae'"):

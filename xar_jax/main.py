@@ -6,7 +6,9 @@ either class-balanced at scale into ``DIR/generated/<run>/samples.npz`` (ADM's f
 ``eval.num_images`` images and scores them (FID / Inception Score for ImageNet, class accuracy
 for the digits), writing ``metrics.json``, ``DIR/eval.json`` and TensorBoard scalars. Any config
 field can be overridden: ``--config.train.num_steps=100``. Multi-process runs (TPU pods) call
-`jax.distributed.initialize()` first; see `initialize_distributed`.
+`jax.distributed.initialize()` first; see `initialize_distributed`. ``--check_only`` parses the
+flags and the config with its overrides, validates it for the mode and prints ``ok`` (what
+tests/test_launch_commands.py runs on every command line the launch scripts start).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from xar_jax import experiment, generate, score, train
+from xar_jax import experiment, fileio, generate, score, train
 from xar_jax.console import configure_logging, report_user_error
 from xar_jax.errors import UserError
 from xar_jax.experiment import MODES
-from xar_jax.train_config import load_config_file
+from xar_jax.train_config import load_config_file, validate_config
 from xar_jax.workdir import ALLOWED_CHANGES
 
 log = logging.getLogger("xar_jax.main")
@@ -47,6 +49,12 @@ flags.DEFINE_multi_enum(
 )
 flags.DEFINE_bool("print_config", False,
                   "Print the effective config (file + overrides) as JSON and exit.")
+flags.DEFINE_bool(
+    "check_only", False,
+    "Parse the flags and the config with its overrides, validate the config for --mode (no device "
+    "count: the mesh is not checked), print 'ok' and exit. Touches no workdir, starts no "
+    "jax.distributed and compiles nothing: the launch tests run every launched command this way.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -134,6 +142,33 @@ def initialize_distributed(mode: str = "auto") -> bool:
     return True
 
 
+def compile_cache_path(config, workdir: str) -> str | None:
+    """Where ``config.compile_cache_dir`` puts JAX's compilation cache; None when it is 'none'."""
+    value = config.compile_cache_dir
+    if value == "none":
+        return None
+    if not value:
+        value = os.path.join(workdir, "compile_cache")
+    return value if fileio.is_remote(value) else os.path.abspath(value)
+
+
+def enable_compile_cache(config, workdir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache (before anything compiles). Returns its path.
+
+    A gs:// path goes through etils.epath (the [gcs] extra); JAX creates the directory at the
+    first compilation.
+    """
+    path = compile_cache_path(config, workdir)
+    if path is None:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(config.compile_cache_min_compile_secs))
+    # -1: no size floor (JAX's 0 lets it pick one per filesystem); small programs count too.
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
+
+
 def _config_file_flag(argv: list[str]) -> str | None:
     for arg in argv:
         if arg.startswith("--config="):
@@ -191,6 +226,16 @@ def main(argv):
     if not workdir:
         report_user_error("--workdir is required (a local directory or gs://bucket/path).")
         sys.exit(2)
+    if FLAGS.check_only:
+        try:
+            validate_config(config, num_devices=None, training=mode == "train")
+        except UserError as e:
+            report_user_error(str(e))
+            sys.exit(2)
+        print("ok")
+        return
+    cache = enable_compile_cache(config, workdir)
+    log.info("Compilation cache: %s", cache or "off")
     initialize_distributed(FLAGS.distributed)
     try:
         # Validates the config for this mode before any compilation or data loading.

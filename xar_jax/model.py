@@ -402,11 +402,13 @@ def abstract_params(model: XAR, batch_size: int = 1) -> Any:
     """Parameter shapes (ShapeDtypeStructs, boxed with logical axes) without allocating them.
 
     Traced with the XLA attention: the params do not depend on the attention kernel, and a fused
-    kernel may not trace on this host (cuDNN on a CPU-only machine preparing a GPU run).
+    kernel may not trace on this host (cuDNN on a CPU-only machine preparing a GPU run). The key
+    and the example inputs are made inside the trace too, so nothing is compiled: a run refused
+    by its workdir has not written to the compilation cache.
     """
-    inputs = example_inputs(model, batch_size)
     portable = model.clone(attention_impl="xla")
-    return jax.eval_shape(lambda k: portable.init(k, *inputs)["params"], jax.random.key(0))
+    return jax.eval_shape(
+        lambda: portable.init(jax.random.key(0), *example_inputs(model, batch_size))["params"])
 
 
 def example_inputs(model: XAR, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -44,6 +44,17 @@ def base_config() -> ml_collections.ConfigDict:
     # newest checkpoint. The model fields must describe the same network (configs/xar_{b,l,h}.py).
     c.weights = ""
 
+    # JAX's persistent compilation cache, so that a restarted job (preemption, resume.sh) loads
+    # its compiled programs instead of compiling them again: '' = <workdir>/compile_cache (on a
+    # gs:// workdir a gs:// directory that every host reads; process 0 writes), 'none' = off,
+    # anything else = that directory (local or gs://). Shared by runs of the same code and
+    # config; entries are keyed by program, compiler version and devices, so a stale one is
+    # never used, only missed.
+    c.compile_cache_dir = ""
+    # Programs that compiled faster than this are not written to the cache (JAX's default is 1 s;
+    # 0 caches every program, which is what a small CPU config needs to gain anything).
+    c.compile_cache_min_compile_secs = 0.0
+
     c.data = get_data_config("digits")  # Input pipeline; see xar_jax/data/config.py.
 
     c.latent = ml_collections.ConfigDict()
@@ -230,6 +241,11 @@ def validate_config(
     if training and cfg.weights:
         _fail("weights", cfg.weights,
               "'' for --mode=train (converted weights are for --mode=sample and --mode=eval)")
+    value = cfg.compile_cache_dir
+    if not isinstance(value, str) or value != value.strip():
+        _fail("compile_cache_dir", value,
+              "'' (<workdir>/compile_cache), 'none' (off) or a directory (local or gs://)")
+    _check_number(cfg, "compile_cache_min_compile_secs", 0.0)
     if not isinstance(cfg.latent.vae_checkpoint, str):
         _fail("latent.vae_checkpoint", cfg.latent.vae_checkpoint, "a directory path or ''")
     try:

@@ -3,7 +3,8 @@
 #
 #   run_main.sh MODE LOG_GCS ARGS...
 #
-# Activates ~/xar_venv and runs `python -m xar_jax.main ARGS...` from the installed repository.
+# Activates ~/xar_venv and runs, from the installed repository, `python -m xar_jax.main ARGS...`
+# for MODE train, sample or eval, or `python -m xar_jax.data.latent_cache ARGS...` for MODE cache.
 # Output goes to the tmux pane and to ~/xar_logs/MODE_<hostname>.log; the python pid is kept in
 # ~/xar_logs/MODE.pid while it runs (for `worker.sh stop`) and its exit status in
 # ~/xar_logs/MODE.exit afterwards. If LOG_GCS is not empty the log is copied there every
@@ -14,6 +15,11 @@ set -uo pipefail  # no -e: the exit status of python is recorded, not fatal here
 mode=$1
 log_gcs=$2
 shift 2
+case "${mode}" in
+  train | sample | eval) module=xar_jax.main ;;
+  cache) module=xar_jax.data.latent_cache ;;
+  *) echo "error: MODE '${mode}' is not one of train, sample, eval, cache" >&2; exit 2 ;;
+esac
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 logs="${HOME}/xar_logs"
@@ -35,7 +41,7 @@ source "${HOME}/xar_venv/bin/activate" || { echo "no ~/xar_venv; run launch/inst
 cd "${repo}" || exit 2
 {
   echo "=== $(date -u +%FT%TZ) ${host} code $(cat .xar_commit 2>/dev/null || echo unknown)"
-  echo "=== python -m xar_jax.main $*"
+  echo "=== python -m ${module} $*"
 } >>"${log}"
 
 # The subshell records its pid and becomes python (exec), so the pid file names python itself;
@@ -43,7 +49,7 @@ cd "${repo}" || exit 2
 # line, and with pipefail its status is python's.
 (
   echo "${BASHPID}" >"${pid_file}"
-  exec python -m xar_jax.main "$@"
+  exec python -m "${module}" "$@"
 ) 2>&1 | tee -a "${log}" &
 job=$!
 

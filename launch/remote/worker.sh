@@ -3,7 +3,8 @@
 # Manages one detached job per mode in tmux session xar-MODE; logs live in ~/xar_logs/.
 #
 #   worker.sh start MODE LOG_GCS ARGS...   start `python -m xar_jax.main ARGS...` in xar-MODE
-#                                         (refused while any xar-* session runs on this worker);
+#                                         (MODE cache: `python -m xar_jax.data.latent_cache`;
+#                                         refused while any xar-* session runs on this worker);
 #                                         LOG_GCS ('' for none) receives the log every few minutes
 #   worker.sh stop MODE TIMEOUT            SIGTERM the job, SIGKILL after TIMEOUT s, end the session
 #   worker.sh status MODE                  prints '<hostname> running|finished|failed:RC|absent'
@@ -24,8 +25,8 @@ fail() {
   exit 1
 }
 
-check_mode() {
-  [[ $1 =~ ^[a-z_]+$ ]] || fail "mode '$1' must be lower-case letters and '_' (e.g. train, eval)"
+check_mode() {  # the jobs run_main.sh knows
+  [[ $1 =~ ^(train|sample|eval|cache)$ ]] || fail "mode '$1' is not one of train, sample, eval, cache"
 }
 
 log_file() { printf '%s/%s_%s.log' "${LOG_DIR}" "$1" "${HOST}"; }
@@ -58,7 +59,7 @@ job_pid() {
   pid="$(cat "${pidfile}")"
   [[ ${pid} =~ ^[0-9]+$ ]] || return 1
   kill -0 "${pid}" 2>/dev/null || return 1
-  tr '\0' ' ' <"/proc/${pid}/cmdline" 2>/dev/null | grep -q 'xar_jax.main' || return 1
+  tr '\0' ' ' <"/proc/${pid}/cmdline" 2>/dev/null | grep -q -E -- '-m xar_jax\.(main|data\.latent_cache)' || return 1
   printf '%s' "${pid}"
 }
 

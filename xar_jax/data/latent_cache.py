@@ -22,6 +22,9 @@ Command line (see docs/data.md)::
 
     python -m xar_jax.data.latent_cache --source=imagenet --data_dir=DIR --split=train \
         --image_size=256 --out_dir=CACHE --encoder=MODULE:FACTORY --encoder_arg=VAE_CKPT
+
+For the released KL-16 VAE, converted with ``python -m xar_jax.convert vae``:
+``--encoder=xar_jax.data.latent_cache:converted_vae_encoder --encoder_arg=CONVERTED_VAE_DIR``.
 """
 
 from __future__ import annotations
@@ -300,6 +303,40 @@ def _write_shards(batches, encode_fn, finals, sizes, dtype, summary, staging) ->
     finally:
         if writer is not None:  # interrupted mid-shard: the .incomplete file is never renamed
             writer.close()
+
+
+def converted_vae_encoder(path: str) -> EncodeFn:
+    """The KL-16 encoder of a ``python -m xar_jax.convert vae`` directory, on this process's chips.
+
+    For ``--encoder=xar_jax.data.latent_cache:converted_vae_encoder --encoder_arg=DIR`` (what
+    ``launch/prepare_data.sh cache`` runs on every TPU worker). Params are replicated over the
+    local devices and each batch is split over them (its size must divide by their count); no
+    computation spans hosts, since every process encodes its own shards.
+
+    Returns:
+      ``encode_fn(images (b, S, S, 3) float32 in [-1, 1]) -> moments (b, S/16, S/16, 32)`` NumPy.
+    """
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from xar_jax import vae as vae_lib
+    from xar_jax.convert import vae as vae_convert
+
+    model, params = vae_convert.load_converted(path)
+    devices = jax.local_devices()
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+
+    def encode_fn(images: np.ndarray) -> np.ndarray:
+        if images.shape[0] % len(devices):
+            raise ValueError(
+                f"--batch_size={images.shape[0]} does not split over {len(devices)} local devices."
+            )
+        images = jax.device_put(np.asarray(images, np.float32), batch_sharding)
+        return np.asarray(vae_lib.encode(params, images, model=model))
+
+    return encode_fn
 
 
 def _load_encoder(spec: str, arg: str | None) -> EncodeFn:
