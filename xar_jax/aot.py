@@ -21,7 +21,8 @@ It reports per chip:
   as ``compiler_optimal_seconds`` but not used. Collective time is not in the estimate (it
   overlaps with compute when XLA schedules it well); the collectives are listed instead.
   ``est_mfu`` = model FLOPs per step / (chips x peak x est_step_s), model FLOPs counted as
-  3 x the forward matmuls and attention (no rematerialisation, no optimizer).
+  3 x the forward matmuls and attention (no rematerialisation, no optimizer). With
+  ``train.grad_accum_steps > 1`` the microbatch loop is another loop counted once: no estimate.
 * Scanned layers: the cost analysis counts a ``while`` body once, so a model with
   ``scan_layers`` (the xAR configs) would look ~depth times cheaper. The estimate compiles the
   step a second time with twice the layers per scan iteration and extrapolates linearly:
@@ -32,8 +33,9 @@ It reports per chip:
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
   all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
 
-``--find_max_batch`` compiles per-chip batches 1, 2, 4, ... until one does not fit, then one
-bisection step between the last fit and the first failure; it reports the largest that fit.
+``--find_max_batch`` doubles the per-chip batch from the compiled one while it fits (or halves it
+while it does not), then takes one bisection step between the last fit and the first failure;
+it reports the largest batch that fit (memory only: no estimate compiles).
 """
 
 from __future__ import annotations
@@ -48,10 +50,16 @@ import time
 from importlib import metadata
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from xar_jax import tpu_topology
+from xar_jax import experiment, generate, hlo_stats, sampling, tpu_topology, train
+from xar_jax import sharding as sharding_lib
+from xar_jax.model import PRESETS
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -87,7 +95,6 @@ def quiet_libtpu() -> None:
 def topology_devices(topo: tpu_topology.Topology, num_slices: int) -> list:
     """Abstract (compile-only) devices of ``num_slices`` copies of ``topo``."""
     quiet_libtpu()
-    from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(**topo.describe(num_slices)).devices)
 
@@ -107,10 +114,7 @@ def train_batch_spec(config, mesh) -> dict[str, Any]:
     Cached latents with on-device sampling give ``moments`` (B, g, g, 2C) float32; host sampling
     ``latents`` (B, g, g, C); the digits' images are the latents (B, 8, 8, 1). Labels (B,) int32.
     """
-    import jax
-    import jax.numpy as jnp
 
-    from xar_jax import sharding as sharding_lib
 
     b, g, c = config.train.global_batch_size, config.latent.grid_size, config.latent.channels
     s = sharding_lib.batch_sharding(mesh)
@@ -124,9 +128,7 @@ def train_batch_spec(config, mesh) -> dict[str, Any]:
 
 def compile_train(config, devices):
     """``(compiled, experiment)`` of the trainer's jitted step for ``devices``."""
-    import jax
 
-    from xar_jax import experiment, train
 
     exp = experiment.build(config, "train", devices=devices)
     setup = experiment.training_setup(exp)
@@ -138,12 +140,7 @@ def compile_train(config, devices):
 
 def compile_sample(config, devices):
     """``(compiled, experiment)`` of the sampler on one host's chips (as `generate` runs it)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from xar_jax import experiment, generate, sampling
-    from xar_jax import sharding as sharding_lib
 
     exp = experiment.build(config, "sample", devices=devices)
     local = [d for d in devices if d.process_index == devices[0].process_index]
@@ -205,7 +202,6 @@ def scan_corrected_cost(config, devices, c1: dict[str, float]) -> tuple[dict[str
 
 
 def _depths(config) -> tuple[int, int]:
-    from xar_jax.model import PRESETS
 
     m = config.model
     if m.preset:
@@ -249,7 +245,6 @@ def prepare_config(config, topo: tpu_topology.Topology, *, num_slices: int | Non
 def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
                    estimate: bool = True, config_name: str = "") -> dict[str, Any]:
     """Compiles ``config`` (already `prepare_config`-ed) for ``topo`` and returns the report."""
-    from xar_jax import hlo_stats
 
     num_slices = config.mesh.num_slices
     devices = topology_devices(topo, num_slices)
@@ -292,6 +287,9 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     if what != "train":
         record["estimate_basis"] = "none: the sampler's flow-step loops are counted once"
         return record
+    if config.train.grad_accum_steps > 1:
+        record["estimate_basis"] = "none: the gradient-accumulation loop is counted once"
+        return record
     if estimate:
         t0 = time.perf_counter()
         corrected, basis = scan_corrected_cost(config, devices, c1)
@@ -313,9 +311,12 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     return record
 
 
-def find_max_batch(config, topo, *, what: str, config_name: str) -> dict[str, Any]:
-    """Largest per-chip batch that fits: 1, 2, 4, ... to the first failure, then one bisection
-    step. Returns ``{'max_per_chip_batch', 'tried': [(batch, fits, total GiB)]}``."""
+def find_max_batch(config, topo, *, what: str, config_name: str,
+                   first: tuple[int, bool]) -> dict[str, Any]:
+    """Largest per-chip batch that fits, from ``first`` = (batch already compiled, fits): double
+    while it fits (halve while it does not) to the first change, then one bisection step
+    between the last fit and the first failure. Returns ``{'max_per_chip_batch',
+    'max_batch_tried': [{per_chip_batch, fits, compile_s, hbm_total_gib}]}``."""
     tried = []
 
     def fits(b: int) -> bool:
@@ -326,13 +327,20 @@ def find_max_batch(config, topo, *, what: str, config_name: str) -> dict[str, An
         log.info("per-chip batch %d: %s", b, "fits" if r["fits"] else "does not fit")
         return r["fits"]
 
-    good, bad, b = 0, None, 1
-    while b <= 65536:
-        if fits(b):
-            good, b = b, 2 * b
-        else:
+    b, ok = first
+    good, bad = (b, None) if ok else (0, b)
+    while ok and b < 65536:
+        b *= 2
+        if not fits(b):
             bad = b
             break
+        good = b
+    while not ok and b > 1:
+        b //= 2
+        if fits(b):
+            good = b
+            break
+        bad = b
     if good and bad and bad - good > 1:
         mid = (good + bad) // 2
         if fits(mid):
@@ -375,7 +383,8 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def record_key(r: dict[str, Any]) -> tuple:
-    return (r["config"], r["what"], r["topology"], r["num_slices"], r["per_chip_batch"])
+    return (r["config"], r["what"], r["topology"], r["num_slices"], r["per_chip_batch"],
+            r.get("grad_accum_steps", 1))
 
 
 def merge_record(path: str, record: dict[str, Any]) -> None:
@@ -407,7 +416,8 @@ def main(argv):
     record = compile_report(config, topo, what=FLAGS.what, estimate=FLAGS.estimate,
                             config_name=name)
     if FLAGS.find_max_batch:
-        record.update(find_max_batch(config, topo, what=FLAGS.what, config_name=name))
+        record.update(find_max_batch(config, topo, what=FLAGS.what, config_name=name,
+                                     first=(record["per_chip_batch"], record["fits"])))
     print(format_table(record), file=sys.stderr if FLAGS.json == "-" else sys.stdout)
     text = json.dumps(record, indent=1)
     if FLAGS.json == "-":
