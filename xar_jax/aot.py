@@ -59,7 +59,7 @@ from ml_collections import config_flags
 
 from xar_jax import experiment, generate, hlo_stats, sampling, tpu_topology, train
 from xar_jax import sharding as sharding_lib
-from xar_jax.model import PRESETS
+from xar_jax.model import PRESETS, mlp_hidden_width
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -127,7 +127,7 @@ def train_batch_spec(config, mesh) -> dict[str, Any]:
 
 
 def compile_train(config, devices):
-    """``(compiled, experiment)`` of the trainer's jitted step for ``devices``."""
+    """``(compiled, mesh)`` of the trainer's jitted step for ``devices``."""
 
 
     exp = experiment.build(config, "train", devices=devices)
@@ -135,11 +135,11 @@ def compile_train(config, devices):
     with jax.set_mesh(exp.mesh), exp.rules_context():
         lowered = train.jit_train_step(exp, setup).lower(
             setup.abstract_state, train_batch_spec(config, exp.mesh))
-        return lowered.compile(), exp
+        return lowered.compile(), exp.mesh
 
 
 def compile_sample(config, devices):
-    """``(compiled, experiment)`` of the sampler on one host's chips (as `generate` runs it)."""
+    """``(compiled, mesh)`` of the sampler on one host's chips (as `generate` runs it)."""
 
 
     exp = experiment.build(config, "sample", devices=devices)
@@ -157,7 +157,7 @@ def compile_sample(config, devices):
                                   sharding=sharding_lib.batch_sharding(mesh))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     with jax.set_mesh(mesh), exp.rules_context():
-        return fn.lower(params, labels, key, None).compile(), exp
+        return fn.lower(params, labels, key, None).compile(), mesh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,16 +209,18 @@ def _depths(config) -> tuple[int, int]:
     return m.encoder_depth, m.decoder_depth
 
 
-def model_flops_per_example(exp) -> float:
+def model_flops_per_example(config) -> float:
     """Training FLOPs of one example: 3 x (forward matmuls + attention), MLP padding excluded.
 
     Per token and block the forward does 2 x (4 D^2 + 3 D H) for qkv, projection and the gated
     MLP, and 4 T D for scores and values over the whole sequence (the block-causal mask is
     applied as a dense mask, so all of it is computed). adaLN runs per entity and is left out.
     """
-    model = exp.model
-    d, h, t = model.width, model.mlp_hidden, model.layout.num_tokens
-    depth = model.encoder_depth + model.decoder_depth
+    m = config.model
+    d = PRESETS[m.preset].width if m.preset else m.width
+    h = mlp_hidden_width(d)
+    t = config.latent.grid_size**2
+    depth = sum(_depths(config))
     return 3.0 * t * depth * (2.0 * (4 * d * d + 3 * d * h) + 4.0 * t * d)
 
 
@@ -266,7 +268,7 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
         record["per_chip_batch"] = config.sample.batch_size // chips
     start = time.perf_counter()
     try:
-        compiled, exp = (compile_train if what == "train" else compile_sample)(config, devices)
+        compiled, mesh = (compile_train if what == "train" else compile_sample)(config, devices)
     except Exception as e:  # The compiler refuses programs that do not fit in HBM.
         message = str(e)
         if not any(m in message for m in OOM_MARKERS):
@@ -275,8 +277,7 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
                       error=" ".join(message.split())[:600])
         return record
     record["compile_s"] = round(time.perf_counter() - start, 1)
-    record["mesh"] = {k: int(v) for k, v in exp.mesh.shape.items()}
-    record["model_params"] = exp.num_params
+    record["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
     hbm = hbm_per_chip(compiled)
     record["hbm_per_chip_gib"] = hbm
     record["fits"] = hbm["total"] <= gen.hbm_gib
@@ -299,7 +300,7 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     compute_s = corrected["flops"] / (gen.peak_bf16_tflops * 1e12)
     memory_s = corrected["bytes"] / (gen.hbm_gbps * 1e9)
     step_s = max(compute_s, memory_s)
-    model_flops = model_flops_per_example(exp) * config.train.global_batch_size
+    model_flops = model_flops_per_example(config) * config.train.global_batch_size
     record.update(
         compiled_flops_per_chip=corrected["flops"], compiled_bytes_per_chip=corrected["bytes"],
         model_flops_per_step=model_flops, est_compute_s=compute_s, est_memory_s=memory_s,
