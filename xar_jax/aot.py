@@ -71,7 +71,8 @@ flags.DEFINE_integer("per_chip_batch", None,
                      "Examples per chip per step (sets train.global_batch_size = N x chips, or "
                      "sample.batch_size for --what=sample); default: the config's batch.")
 flags.DEFINE_bool("find_max_batch", False, "Bisect for the largest per-chip batch that fits.")
-flags.DEFINE_bool("estimate", True, "Compile a second time for the scanned-layer cost estimate.")
+flags.DEFINE_bool("estimate", True, "Compile a second time for the scanned-layer cost estimate "
+                  "(--noestimate: memory and collectives only, no speed estimate).")
 flags.DEFINE_string("json", None, "Write the result as JSON to this file, or '-' for stdout.")
 flags.DEFINE_string("record", None, "Merge the result into this JSON list (docs/tpu_aot.json), "
                     "replacing a record of the same config, topology, slices, what and batch.")
@@ -291,12 +292,13 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     if config.train.grad_accum_steps > 1:
         record["estimate_basis"] = "none: the gradient-accumulation loop is counted once"
         return record
-    if estimate:
-        t0 = time.perf_counter()
-        corrected, basis = scan_corrected_cost(config, devices, c1)
-        record["estimate_compile_s"] = round(time.perf_counter() - t0, 1)
-    else:
-        corrected, basis = c1, "as compiled (--noestimate: scanned layers counted once)"
+    scanned = config.model.scan_layers and sum(_depths(config)) / 2 > config.model.scan_unroll
+    if scanned and not estimate:
+        record["estimate_basis"] = "none: --noestimate (scanned layers would be counted once)"
+        return record
+    t0 = time.perf_counter()
+    corrected, basis = scan_corrected_cost(config, devices, c1)
+    record["estimate_compile_s"] = round(time.perf_counter() - t0, 1)
     compute_s = corrected["flops"] / (gen.peak_bf16_tflops * 1e12)
     memory_s = corrected["bytes"] / (gen.hbm_gbps * 1e9)
     step_s = max(compute_s, memory_s)
