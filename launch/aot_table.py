@@ -34,6 +34,20 @@ def _batch(r: dict) -> str:
     return f"{b} ({accum} x {b // accum})" if accum > 1 else str(b)
 
 
+def _hbm(r: dict) -> str:
+    total = (r.get("hbm_per_chip_gib") or {}).get("total")
+    if total is not None:
+        return f"{total:.1f}"
+    needed = r.get("hbm_temporaries_needed_gib")
+    return f"temporaries alone {needed:.1f}" if needed else "n/a"
+
+
+def _step(r: dict) -> str:
+    if r.get("est_step_s") is None:
+        return "n/a"
+    return f"{r['est_step_s']:.3f} ({r['est_compute_s']:.3f} / {r['est_memory_s']:.3f})"
+
+
 def _num(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -42,7 +56,8 @@ def table(records: list[dict]) -> str:
     """Markdown rows, one per record (sorted by model, chip generation, chips, slices, batch)."""
     header = (
         "| model | slice | chips | mesh (dcn, data, fsdp, tensor) | batch / chip | "
-        "HBM / chip GiB (of) | fits | compile s | est. step s | est. img/s / chip | est. MFU | "
+        "HBM / chip GiB (of) | fits | compile s | est. step s (compute / memory) | "
+        "est. img/s / chip | est. MFU | "
         "all-gather n / MiB | reduce-scatter n / MiB | all-reduce n / MiB | max batch / chip |"
     )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -53,15 +68,14 @@ def table(records: list[dict]) -> str:
             continue
         mesh = r.get("mesh") or {}
         mesh_text = ", ".join(str(mesh.get(k, "?")) for k in ("dcn", "data", "fsdp", "tensor"))
-        hbm = (r.get("hbm_per_chip_gib") or {}).get("total")
         slice_text = r["topology"] + (f" x {r['num_slices']}" if r["num_slices"] > 1 else "")
         c = r.get("collectives") or {}
         rows.append(
             f"| {_model(r['config'])} | {slice_text} | {r['chips']} | "
             f"{mesh_text if mesh else 'n/a'} | {_batch(r)} | "
-            f"{_num(hbm, '.1f')} ({r['hbm_capacity_gib']:g}) | "
+            f"{_hbm(r)} ({r['hbm_capacity_gib']:g}) | "
             f"{'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} | "
-            f"{_num(r.get('est_step_s'), '.3f')} | {_num(r.get('est_img_per_s_per_chip'), ',.0f')} | "
+            f"{_step(r)} | {_num(r.get('est_img_per_s_per_chip'), ',.0f')} | "
             f"{_num(r.get('est_mfu'), '.0%')} | "
             + " | ".join(_mib(c, k) if c else "n/a"
                          for k in ("all-gather", "reduce-scatter", "all-reduce"))

@@ -45,6 +45,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 import time
 from importlib import metadata
@@ -276,6 +277,9 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
             raise
         record.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
                       error=" ".join(message.split())[:600])
+        needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
+        if needed:  # XLA's "G" is GiB.
+            record["hbm_temporaries_needed_gib"] = float(needed.group(1))
         return record
     record["compile_s"] = round(time.perf_counter() - start, 1)
     record["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
