@@ -200,7 +200,8 @@ def scan_corrected_cost(config, devices, c1: dict[str, float]) -> tuple[dict[str
     c2 = cost(compile_train(doubled, devices)[0])
     u = m.scan_unroll
     out = {k: c1[k] + (depth - u) * (c2[k] - c1[k]) / u for k in ("flops", "bytes")}
-    return out, f"scan extrapolated: c(u={u}) + ({depth:g} - u) x (c(2u) - c(u)) / u"
+    points = ", ".join(f"{k} c(u) {c1[k]:.4g} c(2u) {c2[k]:.4g}" for k in ("flops", "bytes"))
+    return out, f"scan extrapolated: c(u={u}) + ({depth:g} - u) x (c(2u) - c(u)) / u; {points}"
 
 
 def _depths(config) -> tuple[int, int]:
