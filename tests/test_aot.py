@@ -111,7 +111,7 @@ def test_scanned_layer_cost_is_extrapolated_to_the_unrolled_cost_and_two_slices_
     assert unrolled["corrected"] == unrolled["raw"]  # No loop: nothing to extrapolate.
     # Uncorrected, 4 + 4 scanned layers look ~3x cheaper than they are.
     assert scanned["raw"] < 0.5 * unrolled["raw"]
-    # Extrapolated: within 15% of the unrolled model's FLOPs (layouts and fusions differ a little).
+    # Extrapolated: within 15% of the unrolled model's FLOPs (measured: 6% below; fusions differ).
     assert abs(scanned["corrected"] / unrolled["raw"] - 1) < 0.15, (scanned, unrolled)
     s = r["slices"]
     assert s["mesh"] == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1} and s["chips"] == 8
