@@ -120,11 +120,18 @@ def _device_grid(devices: list, num_slices: int, ici: tuple[int, int, int]) -> n
     found = len({getattr(d, "slice_index", None) or 0 for d in devices})
     if found != num_slices:
         raise ValueError(f"mesh.num_slices={num_slices}, but the TPU devices form {found} slice(s).")
-    if num_slices == 1:
-        return mesh_utils.create_device_mesh(shape, devices)
-    return mesh_utils.create_hybrid_device_mesh(
-        (1, *ici), (num_slices, 1, 1, 1), devices=devices
-    )
+    def grid(split: bool) -> np.ndarray:
+        if num_slices == 1:
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+        return mesh_utils.create_hybrid_device_mesh(
+            (1, *ici), (num_slices, 1, 1, 1), devices=devices, allow_split_physical_axes=split
+        )
+
+    try:
+        return grid(False)
+    except (ValueError, NotImplementedError):
+        # A shape that cuts a physical torus axis (jax.make_mesh allows it on v5e): still valid.
+        return grid(True)
 
 
 def logical_shardings(specs: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
