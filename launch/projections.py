@@ -1,8 +1,10 @@
-"""Projected cost of training and evaluating xAR on Cloud TPU, from FLOP counts.
+"""Projected dollars of training and evaluating xAR on Cloud TPU, from FLOP counts.
 
-Prints the tables of docs/tpu.md. These are projections from stated assumptions (peak bf16
-throughput, an assumed model-FLOPs utilisation, list prices), not measurements; replace the
-assumptions below with measured throughput once the trainer has run on a slice.
+Prints the cost tables of docs/tpu.md: what a compiler cannot tell. Per-chip memory, the mesh and
+batch that fit, and step-time estimates come from compiling the real step for the slice
+(``python -m xar_jax.aot``, docs/tpu_aot.json); this script's earlier memory projections are
+gone, and its throughput (an ASSUMED model-FLOPs utilisation) is superseded by those estimates
+and, finally, by measurements on a slice. Replace TRAIN_MFU with a measured value when you have one.
 
     python launch/projections.py            # markdown tables
 """
@@ -130,14 +132,13 @@ def vae_decoder_flops_per_image() -> float:
 class Chip:
     name: str
     peak_bf16_tflops: float
-    hbm_gib: float
     usd_per_chip_hour: float  # ASSUMED on-demand list price, see PRICE_NOTE
 
 
 CHIPS = (
-    Chip("v4", 275.0, 32.0, 3.22),
-    Chip("v5p", 459.0, 95.0, 4.20),
-    Chip("v6e", 918.0, 32.0, 2.70),
+    Chip("v4", 275.0, 3.22),
+    Chip("v5p", 459.0, 4.20),
+    Chip("v6e", 918.0, 2.70),
 )
 PRICE_NOTE = (
     "ASSUMED on-demand list prices per chip-hour in US regions (v4 $3.22, v5p $4.20, v6e $2.70), "
@@ -153,17 +154,6 @@ IMAGENET_TRAIN = 1_281_167
 FID_SAMPLES = 50_000
 GLOBAL_BATCH = 2048
 
-# Bytes of training state per parameter: float32 params, AdamW m and v, EMA, gradients.
-STATE_BYTES_PER_PARAM = 4 * 5
-
-
-def activation_bytes_per_image(m: Model) -> float:
-    """Activations kept for the backward pass without rematerialisation, bf16: the usual
-    transformer estimate of (34 + 5 * heads * seq / width) * seq * width bytes per block."""
-    heads = {768: 12, 1024: 16, 1280: 16}[m.width]
-    return m.blocks * TOKENS * m.width * (34 + 5 * heads * TOKENS / m.width)
-
-
 def _fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
@@ -171,8 +161,8 @@ def _fmt(x: float, digits: int = 0) -> str:
 def model_table() -> str:
     rows = [
         "| model | params (M) | train GFLOP / image | 6·N·T GFLOP | train EFLOP, 800 ep | "
-        "sample GFLOP / image | state GB | act. GB / image |",
-        "|---|---|---|---|---|---|---|---|",
+        "sample GFLOP / image |",
+        "|---|---|---|---|---|---|",
     ]
     for m in MODELS:
         p = param_counts(m)
@@ -181,14 +171,13 @@ def model_table() -> str:
             f"| {m.name} | {n / 1e6:.2f} | {_fmt(train_flops_per_image(m) / 1e9)} | "
             f"{_fmt(6 * n * TOKENS / 1e9)} | "
             f"{_fmt(train_flops_per_image(m) * EPOCHS * IMAGENET_TRAIN / 1e18)} | "
-            f"{_fmt(sample_flops_per_image(m) / 1e9)} | "
-            f"{n * STATE_BYTES_PER_PARAM / 1e9:.1f} | {activation_bytes_per_image(m) / 1e9:.2f} |"
+            f"{_fmt(sample_flops_per_image(m) / 1e9)} |"
         )
     return "\n".join(rows)
 
 
-# Recommended slice sizes in chips (see memory_table): a per-chip batch of 32-64 at the
-# paper's global batch 2048, and training state that fits without rematerialisation.
+# Recommended slice sizes in chips: a per-chip batch of 32-64 at the paper's global batch 2048
+# (docs/tpu_aot.json has what the compiler says fits).
 RECOMMENDED_CHIPS = {"xAR-B": 32, "xAR-L": 64, "xAR-H": 64}
 
 
@@ -254,35 +243,6 @@ def eval_table() -> str:
     return "\n".join(rows)
 
 
-def memory_table() -> str:
-    """Per-chip HBM at the paper's global batch 2048 for several slice sizes."""
-    rows = [
-        "| model | chips | batch / chip | state, replicated (GB) | state, FSDP (GB) | "
-        "activations (GB) | 32 GiB chip (v4, v6e) | 95 GiB chip (v5p) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for m in MODELS:
-        n = sum(param_counts(m).values())
-        state = n * STATE_BYTES_PER_PARAM / 1e9
-        for chips in (16, 32, 64, 128):
-            per_chip = GLOBAL_BATCH // chips
-            act = activation_bytes_per_image(m) * per_chip / 1e9
-            verdicts = []
-            for gib in (32, 95):
-                usable = gib * 2**30 / 1e9 * 0.9  # leave ~10% to XLA's own buffers
-                if state + act <= usable:
-                    verdicts.append("replicated")
-                elif state / chips + act <= usable:
-                    verdicts.append("FSDP")
-                else:
-                    verdicts.append("remat or more chips")
-            rows.append(
-                f"| {m.name} | {chips} | {per_chip} | {state:.1f} | {state / chips:.2f} | "
-                f"{act:.1f} | {verdicts[0]} | {verdicts[1]} |"
-            )
-    return "\n".join(rows)
-
-
 def check_param_counts() -> None:
     """The architecture formulas must reproduce the published sizes (XAR_REFERENCE.md)."""
     for m in MODELS:
@@ -294,12 +254,10 @@ def check_param_counts() -> None:
 
 def main() -> None:
     check_param_counts()
-    print("## Model FLOPs and memory\n")
+    print("## Model FLOPs\n")
     print(model_table())
     print("\n## Training, 800 epochs of ImageNet (projection)\n")
     print(training_table())
-    print("\n## Per-chip memory at global batch 2048 (projection)\n")
-    print(memory_table())
     print("\n## Latent caching (projection)\n")
     print(caching_table())
     print("\n## FID evaluation: sampling 50,000 images (projection)\n")

@@ -7,6 +7,7 @@ The worker scripts run for real on this machine (tmux sessions, signals, a fake 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -197,7 +198,19 @@ def test_projection_formulas_reproduce_the_published_parameter_counts():
 def test_runbook_tables_are_the_projection_script_output():
     p = _projections()
     doc = (REPO / "docs" / "tpu.md").read_text()
-    tables = (p.model_table, p.training_table, p.memory_table, p.caching_table, p.eval_table)
+    tables = (p.model_table, p.training_table, p.caching_table, p.eval_table)
     for table in (make() for make in tables):
         for line in table.splitlines():
             assert line in doc, f"docs/tpu.md lacks (run python launch/projections.py): {line}"
+
+
+def test_runbook_compiled_table_is_generated_from_the_aot_records():
+    spec = importlib.util.spec_from_file_location("aot_table", LAUNCH / "aot_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    records = json.loads((REPO / "docs" / "tpu_aot.json").read_text())
+    assert {r["topology"] for r in records} and all(r["libtpu"] for r in records)
+    expected = module.provenance(records) + "\n\n" + module.table(records)
+    doc = (REPO / "docs" / "tpu.md").read_text()
+    block = doc.split(module.BEGIN + "\n", 1)[1].split("\n" + module.END, 1)[0]
+    assert block == expected, "run: python launch/aot_table.py --update docs/tpu.md"

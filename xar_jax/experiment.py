@@ -76,7 +76,8 @@ def build(
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, len(devices), training=mode == "train")
     m = config.mesh
-    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices,
+                                  num_slices=m.num_slices)
     layout = layout_from_config(config.entity, config.latent.grid_size)
     # The class embedding has num_classes + 1 rows; the last is the null class.
     model = build_model(config.model, layout, in_channels=config.latent.channels,

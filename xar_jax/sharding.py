@@ -1,8 +1,11 @@
 """Device mesh and the one table mapping logical axis names to mesh axes.
 
-Mesh axes: ``data`` (pure data parallel: params replicated), ``fsdp`` (data parallel whose params
-and optimizer state are sharded along the model width), ``tensor`` (Megatron-style: heads and MLP
-hidden units split). The batch is sharded over ``('data', 'fsdp')``.
+Mesh axes: ``dcn`` (data parallel across TPU slices, which talk over the data-centre network:
+params replicated, only the gradient all-reduce crosses it; size ``mesh.num_slices``, 1 on one
+slice), then the axes inside a slice (ICI): ``data`` (pure data parallel: params replicated),
+``fsdp`` (data parallel whose params and optimizer state are sharded along the model width),
+``tensor`` (Megatron-style: heads and MLP hidden units split). The batch is sharded over
+``('dcn', 'data', 'fsdp')``. No rule maps a param axis to ``dcn``, so params never cross slices.
 
 Rules are applied in order by flax (`nn.logical_to_mesh_sharding`): a logical name takes the first
 rule whose mesh axes are still free in that array. Activations carry ``batch`` first, so their
@@ -18,11 +21,11 @@ from typing import Any
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+BATCH_AXES = ("dcn", "data", "fsdp")
 
 # Logical axis -> mesh axes (None = replicated). The only place this mapping lives.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -48,6 +51,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """Mesh shape with one ``-1`` entry filled so the product equals ``num_devices``.
+
+    ``num_devices`` is the devices of one slice (the axes are those inside a slice).
 
     Raises ValueError naming ``mesh.<axis>`` when the shape cannot cover the devices.
     """
@@ -75,15 +80,58 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    num_slices: int = 1,
 ) -> jax.sharding.Mesh:
-    """A ``('data', 'fsdp', 'tensor')`` mesh with Auto axis types (linen constraints need Auto)."""
+    """A ``('dcn', 'data', 'fsdp', 'tensor')`` mesh with Auto axis types (linen constraints need
+    Auto).
+
+    Args:
+      data, fsdp, tensor: the axes inside one slice (one may be -1: the slice's remaining devices).
+      devices: all devices (default `jax.devices()`); may be a TPU topology's abstract devices.
+      num_slices: size of the ``dcn`` axis. TPU devices are grouped by their ``slice_index``
+        (`mesh_utils.create_hybrid_device_mesh`); devices without one (CPU tests) are taken as
+        ``num_slices`` consecutive groups.
+
+    Raises:
+      ValueError naming ``mesh.<field>`` when the shape cannot cover the devices.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    if num_slices < 1 or len(devices) % num_slices:
+        raise ValueError(
+            f"mesh.num_slices={num_slices} must be a positive divisor of the {len(devices)} devices."
+        )
+    ici = resolve_mesh_shape(data, fsdp, tensor, len(devices) // num_slices)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    if devices[0].platform != "tpu" and num_slices == 1 and len(devices) == len(jax.devices()):
+        return jax.make_mesh((1, *ici), MESH_AXES, axis_types=auto)
+    return jax.sharding.Mesh(_device_grid(devices, num_slices, ici), MESH_AXES, axis_types=auto)
+
+
+def _device_grid(devices: list, num_slices: int, ici: tuple[int, int, int]) -> np.ndarray:
+    """(num_slices, data, fsdp, tensor) array of devices; on TPU, ICI neighbours adjacent."""
+    shape = (num_slices, *ici)
+    if devices[0].platform != "tpu":
+        return np.asarray(devices).reshape(shape)  # Slices = consecutive groups (CPU tests).
+    found = len({getattr(d, "slice_index", None) or 0 for d in devices})
+    if found != num_slices:
+        raise ValueError(f"mesh.num_slices={num_slices}, but the TPU devices form {found} slice(s).")
+    def grid(split: bool) -> np.ndarray:
+        if num_slices == 1:
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+        return mesh_utils.create_hybrid_device_mesh(
+            (1, *ici), (num_slices, 1, 1, 1), devices=devices, allow_split_physical_axes=split
+        )
+
+    try:
+        return grid(False)
+    except (ValueError, NotImplementedError):
+        # A shape that cuts a physical torus axis (jax.make_mesh allows it on v5e): still valid.
+        return grid(True)
 
 
 def logical_shardings(specs: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
@@ -101,7 +149,7 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def num_data_shards(mesh: jax.sharding.Mesh) -> int:
-    """How many ways the batch is split (data x fsdp)."""
+    """How many ways the batch is split (dcn x data x fsdp)."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 

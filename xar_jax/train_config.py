@@ -127,7 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.9999  # EMA of params, used for sampling (paper: 0.9999).
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # Pure data-parallel axis size; -1 = all devices not used by other axes.
+    # TPU slices joined over the data-centre network (DCN): the batch is split across them, params
+    # are replicated on each (only gradients cross DCN). The axes below are those inside a slice.
+    c.mesh.num_slices = 1
+    c.mesh.data = -1  # Pure data-parallel axis size; -1 = the slice's devices not used by others.
     c.mesh.fsdp = 1  # Fully sharded data parallel (params sharded along the width).
     c.mesh.tensor = 1  # Tensor parallel (heads and MLP units split).
 
@@ -311,16 +314,20 @@ def validate_config(
 
     for axis in ("data", "fsdp", "tensor"):
         _check_number(cfg, f"mesh.{axis}", -1, integer=True)
+    _check_number(cfg, "mesh.num_slices", 1, integer=True)
     if num_devices is not None:
+        slices = cfg.mesh.num_slices
+        if num_devices % slices:
+            _fail("mesh.num_slices", slices, f"a divisor of the {num_devices} devices")
         try:
             shape = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
-                                                num_devices)
+                                                num_devices // slices)
         except ValueError as e:
             raise ConfigError(f"config.{e}") from None
-        shards = shape[0] * shape[1]
+        shards = slices * shape[0] * shape[1]
         if cfg.train.global_batch_size % (shards * cfg.train.grad_accum_steps):
             _fail("train.global_batch_size", cfg.train.global_batch_size,
-                  f"a multiple of data x fsdp shards ({shards}) x grad_accum_steps "
+                  f"a multiple of num_slices x data x fsdp shards ({shards}) x grad_accum_steps "
                   f"({cfg.train.grad_accum_steps})")
 
     _check_number(cfg, "checkpoint.every_steps", 1, integer=True)

@@ -96,7 +96,8 @@ def data_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def mesh_signature(mesh_shape: dict[str, int], process_count: int) -> dict[str, Any]:
-    return {**{f"mesh.{k}": int(v) for k, v in mesh_shape.items()},
+    # One slice (dcn = 1) is recorded as before the dcn axis existed, so older runs resume.
+    return {**{f"mesh.{k}": int(v) for k, v in mesh_shape.items() if k != "dcn" or v != 1},
             "process_count": int(process_count)}
 
 

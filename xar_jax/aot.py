@@ -1,0 +1,441 @@
+"""Ahead-of-time compilation for a Cloud TPU slice, on any machine (no TPU needed; libtpu is).
+
+  python -m xar_jax.aot --config=configs/xar_h.py --topology=v5p-128 [--num_slices=N]
+      [--what=train|sample] [--per_chip_batch=N] [--find_max_batch] [--config.X=...]
+      [--json=FILE|-] [--record=docs/tpu_aot.json]
+
+Compiles exactly what the trainer runs (`xar_jax.train.jit_train_step`, its shardings and
+donation; the batch as the input pipeline shapes it) or, with ``--what=sample``, the sampler's
+program as `xar_jax.generate` places it (params replicated on one host's chips, the batch split
+over them), for the abstract devices of the slice (`xar_jax.tpu_topology` maps the cloud names).
+It reports per chip:
+
+* HBM from the compiler's memory analysis: arguments, temporaries, outputs, aliased (donated
+  state reused for the new state), code; total = arguments + outputs - aliased + temporaries +
+  code, against the chip's capacity. A program that does not fit usually fails to compile
+  ("out of memory"); it is reported with ``fits: false`` and the compiler's message.
+* Estimates (labelled so; a real TPU has the last word): the compiler's cost analysis gives
+  FLOPs and HBM bytes per chip; ``est_step_s`` is their roofline ``max(flops / peak bf16,
+  bytes / HBM bandwidth)``. libtpu 0.0.42's own ``optimal_seconds`` comes back negative for
+  compile-only devices (-3.0 for configs/tiny.py, -1.9 for xAR-B on v5p-8), so it is recorded
+  as ``compiler_optimal_seconds`` but not used. Collective time is not in the estimate (it
+  overlaps with compute when XLA schedules it well); the collectives are listed instead.
+  ``est_mfu`` = model FLOPs per step / (chips x peak x est_step_s), model FLOPs counted as
+  3 x the forward matmuls and attention (no rematerialisation, no optimizer). With
+  ``train.grad_accum_steps > 1`` the microbatch loop is another loop counted once: no estimate.
+* Scanned layers: the cost analysis counts a ``while`` body once, so a model with
+  ``scan_layers`` (the xAR configs) would look ~depth times cheaper. The estimate compiles the
+  step a second time with twice the layers per scan iteration and extrapolates linearly:
+  ``cost = c(u) + (depth - u) (c(2u) - c(u)) / u`` (u = ``model.scan_unroll``; depth = the mean
+  of encoder and decoder depth, equal in every preset). tests/test_aot.py checks this against
+  the unrolled model's cost. Sampling loops over flow steps as well, so ``--what=sample`` gives
+  memory and collectives but no speed estimate.
+* Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
+  all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
+
+``--find_max_batch`` doubles the per-chip batch from the compiled one while it fits (or halves it
+while it does not), then takes one bisection step between the last fit and the first failure;
+it reports the largest batch that fit (memory only: no estimate compiles).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import os
+import re
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from xar_jax import experiment, generate, hlo_stats, sampling, tpu_topology, train
+from xar_jax import sharding as sharding_lib
+from xar_jax.model import PRESETS, mlp_hidden_width
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                 lock_config=True)
+flags.DEFINE_string("topology", None, f"TPU slice: {tpu_topology.ACCEPTED_FORMS}.")
+flags.DEFINE_integer("num_slices", None, "Slices joined over DCN (sets config.mesh.num_slices).")
+flags.DEFINE_enum("what", "train", ("train", "sample"), "The trainer's step or the sampler.")
+flags.DEFINE_integer("per_chip_batch", None,
+                     "Examples per chip per step (sets train.global_batch_size = N x chips, or "
+                     "sample.batch_size for --what=sample); default: the config's batch.")
+flags.DEFINE_bool("find_max_batch", False, "Bisect for the largest per-chip batch that fits.")
+flags.DEFINE_bool("estimate", True, "Compile a second time for the scanned-layer cost estimate "
+                  "(--noestimate: memory and collectives only, no speed estimate).")
+flags.DEFINE_string("json", None, "Write the result as JSON to this file, or '-' for stdout.")
+flags.DEFINE_string("record", None, "Merge the result into this JSON list (docs/tpu_aot.json), "
+                    "replacing a record of the same config, topology, slices, what and batch.")
+flags.mark_flags_as_required(["config", "topology"])
+
+log = logging.getLogger("xar_jax.aot")
+GIB = 2**30
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory", "exceeds the memory")
+
+
+def quiet_libtpu() -> None:
+    """Environment for a compile-only libtpu on a machine without TPUs.
+
+    No metadata-server lookup (not a Cloud VM), and no exclusive /tmp/libtpu_lockfile: any JAX
+    process on the machine may hold it once libtpu is installed, and compiling needs no chip.
+    """
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def topology_devices(topo: tpu_topology.Topology, num_slices: int) -> list:
+    """Abstract (compile-only) devices of ``num_slices`` copies of ``topo``."""
+    quiet_libtpu()
+
+    return list(topologies.get_topology_desc(**topo.describe(num_slices)).devices)
+
+
+def libtpu_version() -> str:
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# ----------------------------------------------------------------------------------------------
+# What gets compiled.
+def train_batch_spec(config, mesh) -> dict[str, Any]:
+    """The train step's batch as ShapeDtypeStructs, sharded as `train.make_data_iterator` does.
+
+    Cached latents with on-device sampling give ``moments`` (B, g, g, 2C) float32; host sampling
+    ``latents`` (B, g, g, C); the digits' images are the latents (B, 8, 8, 1). Labels (B,) int32.
+    """
+
+
+    b, g, c = config.train.global_batch_size, config.latent.grid_size, config.latent.channels
+    s = sharding_lib.batch_sharding(mesh)
+    batch = {"labels": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s)}
+    if config.data.source == "latents" and config.data.latent_sampling == "device":
+        batch["moments"] = jax.ShapeDtypeStruct((b, g, g, 2 * c), jnp.float32, sharding=s)
+    else:
+        batch["latents"] = jax.ShapeDtypeStruct((b, g, g, c), jnp.float32, sharding=s)
+    return batch
+
+
+def compile_train(config, devices):
+    """``(compiled, mesh)`` of the trainer's jitted step for ``devices``."""
+
+
+    exp = experiment.build(config, "train", devices=devices)
+    setup = experiment.training_setup(exp)
+    with jax.set_mesh(exp.mesh), exp.rules_context():
+        lowered = train.jit_train_step(exp, setup).lower(
+            setup.abstract_state, train_batch_spec(config, exp.mesh))
+        return lowered.compile(), exp.mesh
+
+
+def compile_sample(config, devices):
+    """``(compiled, mesh)`` of the sampler on one host's chips (as `generate` runs it)."""
+
+
+    exp = experiment.build(config, "sample", devices=devices)
+    local = [d for d in devices if d.process_index == devices[0].process_index]
+    hosts = len(devices) // len(local)
+    batch = generate.per_process_batch(config, hosts, len(local))
+    mesh = sharding_lib.make_mesh(-1, 1, 1, devices=local)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    s = config.sample
+    fn = sampling.make_sampler(exp.model, num_steps=s.num_steps, cfg=float(s.cfg),
+                               sampler=s.sampler, cfg_schedule=s.cfg_schedule)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          exp.abstract_params)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32,
+                                  sharding=sharding_lib.batch_sharding(mesh))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    with jax.set_mesh(mesh), exp.rules_context():
+        return fn.lower(params, labels, key, None).compile(), mesh
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the compiled program.
+def hbm_per_chip(compiled) -> dict[str, float]:
+    m = compiled.memory_analysis()
+    parts = {
+        "arguments": m.argument_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "code": m.generated_code_size_in_bytes,
+    }
+    total = (parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"]
+             + parts["code"])
+    out = {k: round(v / GIB, 3) for k, v in parts.items()}
+    out["total"] = round(total / GIB, 3)
+    return out
+
+
+def cost(compiled) -> dict[str, float]:
+    """Per-chip FLOPs, HBM bytes and the compiler's optimal_seconds (while bodies counted once)."""
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)),
+            "optimal_seconds": float(ca.get("optimal_seconds", float("nan")))}
+
+
+def scan_corrected_cost(config, devices, c1: dict[str, float]) -> tuple[dict[str, float], str]:
+    """Per-chip cost of the step with every layer counted (see the module docstring)."""
+    m = config.model
+    depth = (_depths(config)[0] + _depths(config)[1]) / 2
+    if not m.scan_layers or depth <= m.scan_unroll:
+        return c1, "as compiled (no layer loop)"
+    doubled = copy.deepcopy(config)
+    with doubled.unlocked():
+        doubled.model.scan_unroll = 2 * m.scan_unroll
+    c2 = cost(compile_train(doubled, devices)[0])
+    u = m.scan_unroll
+    out = {k: c1[k] + (depth - u) * (c2[k] - c1[k]) / u for k in ("flops", "bytes")}
+    points = ", ".join(f"{k} c(u) {c1[k]:.4g} c(2u) {c2[k]:.4g}" for k in ("flops", "bytes"))
+    return out, f"scan extrapolated: c(u={u}) + ({depth:g} - u) x (c(2u) - c(u)) / u; {points}"
+
+
+def _depths(config) -> tuple[int, int]:
+
+    m = config.model
+    if m.preset:
+        return PRESETS[m.preset].encoder_depth, PRESETS[m.preset].decoder_depth
+    return m.encoder_depth, m.decoder_depth
+
+
+def model_flops_per_example(config) -> float:
+    """Training FLOPs of one example: 3 x (forward matmuls + attention), MLP padding excluded.
+
+    Per token and block the forward does 2 x (4 D^2 + 3 D H) for qkv, projection and the gated
+    MLP, and 4 T D for scores and values over the whole sequence (the block-causal mask is
+    applied as a dense mask, so all of it is computed). adaLN runs per entity and is left out.
+    """
+    m = config.model
+    d = PRESETS[m.preset].width if m.preset else m.width
+    h = mlp_hidden_width(d)
+    t = config.latent.grid_size**2
+    depth = sum(_depths(config))
+    return 3.0 * t * depth * (2.0 * (4 * d * d + 3 * d * h) + 4.0 * t * d)
+
+
+# ----------------------------------------------------------------------------------------------
+def prepare_config(config, topo: tpu_topology.Topology, *, num_slices: int | None,
+                   per_chip_batch: int | None, what: str):
+    """A copy of ``config`` set up for compiling: slices, batch, and a placeholder data path
+    (validation asks for the latent cache, which compiling never reads)."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        if num_slices is not None:
+            config.mesh.num_slices = num_slices
+        chips = topo.chips * config.mesh.num_slices
+        if per_chip_batch is not None:
+            if what == "train":
+                config.train.global_batch_size = per_chip_batch * chips
+            else:
+                config.sample.batch_size = per_chip_batch * chips
+        if config.data.source == "latents" and not config.data.cache_dir:
+            config.data.cache_dir = "/aot-compile/reads-no-data"
+    return config
+
+
+def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
+                   estimate: bool = True, config_name: str = "") -> dict[str, Any]:
+    """Compiles ``config`` (already `prepare_config`-ed) for ``topo`` and returns the report."""
+
+    num_slices = config.mesh.num_slices
+    devices = topology_devices(topo, num_slices)
+    chips = len(devices)
+    gen = topo.generation
+    record: dict[str, Any] = {
+        "config": config_name, "what": what, "topology": topo.name,
+        "topology_name": topo.topology_name, "num_slices": num_slices, "chips": chips,
+        "hosts": topo.hosts * num_slices, "hbm_capacity_gib": gen.hbm_gib,
+        "peak_bf16_tflops": gen.peak_bf16_tflops, "hbm_gbps": gen.hbm_gbps,
+        "libtpu": libtpu_version(), "date": datetime.date.today().isoformat(),
+    }
+    if what == "train":
+        record["global_batch"] = config.train.global_batch_size
+        record["grad_accum_steps"] = config.train.grad_accum_steps
+        record["per_chip_batch"] = config.train.global_batch_size // chips
+    else:
+        record["global_batch"] = config.sample.batch_size
+        record["per_chip_batch"] = config.sample.batch_size // chips
+    start = time.perf_counter()
+    try:
+        compiled, mesh = (compile_train if what == "train" else compile_sample)(config, devices)
+    except Exception as e:  # The compiler refuses programs that do not fit in HBM.
+        message = str(e)
+        if not any(m in message for m in OOM_MARKERS):
+            raise
+        record.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
+                      error=" ".join(message.split())[:600])
+        needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
+        if needed:  # XLA's "G" is GiB.
+            record["hbm_temporaries_needed_gib"] = float(needed.group(1))
+        return record
+    record["compile_s"] = round(time.perf_counter() - start, 1)
+    record["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
+    hbm = hbm_per_chip(compiled)
+    record["hbm_per_chip_gib"] = hbm
+    record["fits"] = hbm["total"] <= gen.hbm_gib
+    record["collectives"] = hlo_stats.collectives(compiled.as_text())
+    c1 = cost(compiled)
+    record["compiler_optimal_seconds"] = c1["optimal_seconds"]
+    record.update(est_step_s=None, est_img_per_s_per_chip=None, est_mfu=None)
+    if what != "train":
+        record["estimate_basis"] = "none: the sampler's flow-step loops are counted once"
+        return record
+    if config.train.grad_accum_steps > 1:
+        record["estimate_basis"] = "none: the gradient-accumulation loop is counted once"
+        return record
+    scanned = config.model.scan_layers and sum(_depths(config)) / 2 > config.model.scan_unroll
+    if scanned and not estimate:
+        record["estimate_basis"] = "none: --noestimate (scanned layers would be counted once)"
+        return record
+    t0 = time.perf_counter()
+    corrected, basis = scan_corrected_cost(config, devices, c1)
+    record["estimate_compile_s"] = round(time.perf_counter() - t0, 1)
+    compute_s = corrected["flops"] / (gen.peak_bf16_tflops * 1e12)
+    memory_s = corrected["bytes"] / (gen.hbm_gbps * 1e9)
+    step_s = max(compute_s, memory_s)
+    model_flops = model_flops_per_example(config) * config.train.global_batch_size
+    record.update(
+        compiled_flops_per_chip=corrected["flops"], compiled_bytes_per_chip=corrected["bytes"],
+        model_flops_per_step=model_flops, est_compute_s=compute_s, est_memory_s=memory_s,
+        est_step_s=step_s,
+        est_img_per_s_per_chip=config.train.global_batch_size / chips / step_s,
+        est_mfu=model_flops / (chips * gen.peak_bf16_tflops * 1e12 * step_s),
+        estimate_basis=f"roofline of the compiler's per-chip FLOPs and bytes; {basis}",
+    )
+    return record
+
+
+def find_max_batch(config, topo, *, what: str, config_name: str,
+                   first: tuple[int, bool]) -> dict[str, Any]:
+    """Largest per-chip batch that fits, from ``first`` = (batch already compiled, fits): double
+    while it fits (halve while it does not) to the first change, then one bisection step
+    between the last fit and the first failure. Returns ``{'max_per_chip_batch',
+    'max_batch_tried': [{per_chip_batch, fits, compile_s, hbm_total_gib}]}``."""
+    tried = []
+
+    def fits(b: int) -> bool:
+        c = prepare_config(config, topo, num_slices=None, per_chip_batch=b, what=what)
+        r = compile_report(c, topo, what=what, estimate=False, config_name=config_name)
+        tried.append({"per_chip_batch": b, "fits": r["fits"], "compile_s": r["compile_s"],
+                      "hbm_total_gib": r.get("hbm_per_chip_gib", {}).get("total")})
+        log.info("per-chip batch %d: %s", b, "fits" if r["fits"] else "does not fit")
+        return r["fits"]
+
+    b, ok = first
+    good, bad = (b, None) if ok else (0, b)
+    while ok and b < 65536:
+        b *= 2
+        if not fits(b):
+            bad = b
+            break
+        good = b
+    while not ok and b > 1:
+        b //= 2
+        if fits(b):
+            good = b
+            break
+        bad = b
+    if good and bad and bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+    return {"max_per_chip_batch": good, "max_batch_tried": tried}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+def format_table(r: dict[str, Any]) -> str:
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    hbm = r.get("hbm_per_chip_gib") or {}
+    c = r.get("collectives") or {}
+    rows = [
+        ("config / what", f"{r['config']} / {r['what']}"),
+        ("topology", f"{r['topology']} ({r['topology_name']}) x {r['num_slices']} slice(s), "
+                     f"{r['chips']} chips, {r['hosts']} host(s); libtpu {r['libtpu']}"),
+        ("mesh", str(r.get("mesh", "n/a"))),
+        ("batch", f"global {r['global_batch']}, per chip {r['per_chip_batch']}"),
+        ("compile", f"{r['compile_s']} s"),
+        ("HBM per chip (GiB)", ", ".join(f"{k} {v}" for k, v in hbm.items()) or "n/a"),
+        ("fits", f"{r['fits']} (capacity {r['hbm_capacity_gib']} GiB)"),
+        ("est. step (s)", num(r.get("est_step_s"), ".4f")),
+        ("est. img/s/chip", num(r.get("est_img_per_s_per_chip"), ".1f")),
+        ("est. MFU", num(r.get("est_mfu"), ".1%")
+         + f" (peak bf16 {r['peak_bf16_tflops']} TFLOP/s per chip)"),
+    ]
+    for kind in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                 "collective-permute"):
+        if kind in c:
+            rows.append((kind, f"{c[kind]['count']} ops, {c[kind]['bytes'] / 2**20:.1f} MiB"))
+    if "max_per_chip_batch" in r:
+        rows.append(("max per-chip batch", str(r["max_per_chip_batch"])))
+    if r.get("error"):
+        rows.append(("compiler", r["error"][:200]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def record_key(r: dict[str, Any]) -> tuple:
+    return (r["config"], r["what"], r["topology"], r["num_slices"], r["per_chip_batch"],
+            r.get("grad_accum_steps", 1))
+
+
+def merge_record(path: str, record: dict[str, Any]) -> None:
+    """Adds ``record`` to the JSON list at ``path``, replacing one with the same `record_key`."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            records = json.load(f)
+    records = [r for r in records if record_key(r) != record_key(record)] + [record]
+    records.sort(key=lambda r: tuple(str(x) for x in record_key(r)))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        topo = tpu_topology.parse(FLAGS.topology)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    name = os.path.relpath(config_flags.get_config_filename(FLAGS["config"]))
+    config = prepare_config(FLAGS.config, topo, num_slices=FLAGS.num_slices,
+                            per_chip_batch=FLAGS.per_chip_batch, what=FLAGS.what)
+    record = compile_report(config, topo, what=FLAGS.what, estimate=FLAGS.estimate,
+                            config_name=name)
+    if FLAGS.find_max_batch:
+        record.update(find_max_batch(config, topo, what=FLAGS.what, config_name=name,
+                                     first=(record["per_chip_batch"], record["fits"])))
+    print(format_table(record), file=sys.stderr if FLAGS.json == "-" else sys.stdout)
+    text = json.dumps(record, indent=1)
+    if FLAGS.json == "-":
+        print(text)
+    elif FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            f.write(text + "\n")
+    if FLAGS.record:
+        merge_record(FLAGS.record, record)
+
+
+if __name__ == "__main__":
+    app.run(main)

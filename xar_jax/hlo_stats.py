@@ -1,0 +1,154 @@
+"""Per-step statistics read from a compiled module's HLO text (``compiled.as_text()``).
+
+`collectives` counts the cross-chip collectives one execution of the module runs, by kind, with
+the bytes each moves. A collective inside a ``while`` body (a scan over layers) runs once per
+iteration: each computation's counts are multiplied by the trip count XLA recorded for its loop
+(``known_trip_count`` in the loop's backend config), through every level of nesting.
+
+Compiled TPU modules often carry no ``known_trip_count``; then the count is read from the loop's
+condition, ``i < N`` with a constant N (the form of every `jax.lax.scan` and ``fori_loop`` with
+static bounds, which count from 0).
+
+Bytes are those of the collective's result on one chip (all-gather: the gathered array;
+reduce-scatter: the scattered shard; all-reduce: the reduced array), summed over executions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+    "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_OP = re.compile(r"\s(" + "|".join(KINDS) + r")(-start)?\(")
+_CALLEE = re.compile(r"\b(?:calls|body|to_apply|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_COND = re.compile(r"\bcondition=%?([\w.\-]+)")
+_INT_CONST = re.compile(r"=\s*[su](?:32|64)\[\]\S*\s+constant\((\d+)\)")
+
+
+@dataclasses.dataclass
+class _Computation:
+    own: dict[str, list[float]]  # kind -> [count, bytes]
+    # (callee, executions per execution of this computation; None = the trip count of the loop
+    # whose condition is the third entry).
+    calls: list[tuple[str, int | None, str]]
+    int_constants: list[int] = dataclasses.field(default_factory=list)
+    less_than: bool = False
+
+
+def _array_bytes(shape_text: str) -> list[float]:
+    """Bytes of each array in an HLO shape (a tuple gives several)."""
+    out = []
+    for dtype, dims in _ARRAY.findall(shape_text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        out.append(n * _DTYPE_BYTES[dtype])
+    return out
+
+
+def _result_bytes(shape_text: str, is_start: bool) -> float:
+    arrays = _array_bytes(shape_text)
+    if is_start and len(arrays) > 1:
+        # Async starts return (operands..., results..., [scalar contexts]): keep the results.
+        arrays = [a for a in arrays if a > 4] or arrays
+        arrays = arrays[len(arrays) // 2:]
+    return float(sum(arrays))
+
+
+def _parse(text: str) -> tuple[dict[str, _Computation], str, list[str]]:
+    comps: dict[str, _Computation] = {}
+    entry, current, unknown_trips = "", None, []
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = _Computation(own={}, calls=[])
+            comps[header.group(1)] = current
+            if line.startswith("ENTRY"):
+                entry = header.group(1)
+            continue
+        if current is None or "=" not in line:
+            continue
+        const = _INT_CONST.search(line)
+        if const:
+            current.int_constants.append(int(const.group(1)))
+        if "direction=LT" in line:
+            current.less_than = True
+        rhs = line.split("=", 1)[1]
+        op = _OP.search(rhs)
+        if op:
+            shape = rhs[: op.start()]
+            counts = current.own.setdefault(op.group(1), [0, 0.0])
+            counts[0] += 1
+            counts[1] += _result_bytes(shape, bool(op.group(2)))
+        callees = _CALLEE.findall(line)
+        for group in _BRANCHES.findall(line):
+            callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+        if not callees:
+            continue
+        times, cond = 1, ""
+        if " while(" in line:
+            trip = _TRIP.search(line)
+            cond_match = _COND.search(line)
+            if trip:
+                times = int(trip.group(1))
+            elif cond_match:
+                times, cond = None, cond_match.group(1)
+            else:
+                unknown_trips.append(line.split("=", 1)[0].strip())
+        current.calls += [(c, times, cond) for c in callees]
+    return comps, entry, unknown_trips
+
+
+def _trip_count(comps: dict[str, _Computation], cond: str) -> int | None:
+    c = comps.get(cond)
+    if c is not None and c.less_than and len(c.int_constants) == 1:
+        return c.int_constants[0]
+    return None
+
+
+def collectives(hlo_text: str) -> dict[str, Any]:
+    """Collectives of one execution of the module: ``{kind: {'count', 'bytes'}}`` for every kind
+    in `KINDS` (zeros included), plus ``'unknown_trip_counts'``: loops counted once because XLA
+    recorded no trip count (an undercount; empty in the train step's scan over layers)."""
+    comps, entry, unknown = _parse(hlo_text)
+    memo: dict[str, dict[str, list[float]]] = {}
+
+    def total(name: str, depth: int = 0) -> dict[str, list[float]]:
+        if name in memo:
+            return memo[name]
+        comp = comps.get(name)
+        out: dict[str, list[float]] = {}
+        if comp is not None and depth < 64:
+            for kind, (n, b) in comp.own.items():
+                out[kind] = [n, b]
+            for callee, times, cond in comp.calls:
+                if times is None:
+                    times = _trip_count(comps, cond)
+                    if times is None:
+                        unknown.append(f"loop with condition {cond}")
+                        times = 1
+                for kind, (n, b) in total(callee, depth + 1).items():
+                    acc = out.setdefault(kind, [0, 0.0])
+                    acc[0] += times * n
+                    acc[1] += times * b
+        memo[name] = out
+        return out
+
+    counts = total(entry) if entry else {}
+    result: dict[str, Any] = {
+        k: {"count": int(counts.get(k, [0, 0])[0]), "bytes": int(counts.get(k, [0, 0.0])[1])}
+        for k in KINDS
+    }
+    result["unknown_trip_counts"] = unknown
+    return result
