@@ -165,6 +165,7 @@ def test_imagenet_eval_names_missing_files_and_their_commands_before_any_work(tm
     workdir = tmp_path / "run"  # no checkpoints: reaching the sampler would fail differently
     vae, stats = tmp_path / "vae", tmp_path / "stats.npz"
     vae.mkdir()
+    (vae / "metadata.json").write_text("{}")  # What marks a converted directory.
     stats.write_bytes(b"")
     cases = [
         ({}, "config.latent.vae_checkpoint=''", "python -m xar_jax.convert vae"),
@@ -201,5 +202,4 @@ def test_config_rejects_unbalanced_or_unshardable_sampling():
         validate_config(c)
     c.eval.num_images = 50_000
     c.sample.out_dir = "gs://bucket/samples"
-    with pytest.raises(ValueError, match="config.sample.out_dir"):
-        validate_config(c)
+    validate_config(c)  # One process may sample into gs:// (several need a shared filesystem).

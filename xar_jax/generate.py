@@ -140,7 +140,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
         vae = config.latent.vae_checkpoint
         if not vae or not fileio.exists(fileio.as_path(vae) / "metadata.json"):
             raise MissingInputError(
-                f"config.latent.vae_checkpoint={vae!r} is not a directory; sampling images needs "
+                f"config.latent.vae_checkpoint={vae!r} is not a converted VAE directory; sampling images needs "
                 "the KL-16 VAE converted with `python -m xar_jax.convert vae --src kl16.ckpt "
                 "--out DIR` (a local path or gs://)."
             )
