@@ -8,6 +8,7 @@ other weight is the golden file's. The VAE and Inception are the golden-size net
 """
 
 import json
+import pathlib
 import subprocess
 import sys
 import uuid
@@ -68,12 +69,12 @@ def release(tmp_path_factory):
 
 def _upload(local, remote):
     """Copies a file or directory tree to ``remote`` (gs:// on the emulator)."""
-    local, remote = epath.Path(local), epath.Path(remote)
+    local, remote = pathlib.Path(local), epath.Path(remote)
     files = [local] if local.is_file() else [p for p in local.rglob("*") if p.is_file()]
     for path in files:
-        target = remote if path == local else remote / path.relative_to(local)
+        target = remote if path == local else remote / str(path.relative_to(local))
         target.parent.mkdir(parents=True, exist_ok=True)
-        path.copy(target)
+        target.write_bytes(path.read_bytes())
     return str(remote)
 
 

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from xar_jax import fileio
 from xar_jax.convert import params_io, torch_io
+from xar_jax.errors import MissingInputError
 from xar_jax.evaluation import inception as inception_lib
 
 MODEL_KIND = "inception_v3_compat"
@@ -140,11 +142,11 @@ def load_converted(ckpt_dir: str | os.PathLike) -> tuple[inception_lib.Inception
 def load_inception(path: str | os.PathLike) -> Any:
     """Inception params from a converted directory, or directly from the ``.pth`` / ``.npz``."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if fileio.exists(fileio.as_path(path) / params_io.METADATA_FILE):  # Local or gs://.
         return load_converted(path)[1]
     if os.path.isfile(path):
         return inception_from_torch(path)[1]
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"Inception weights not found at {path}: pass a directory written by "
         f"`python -m xar_jax.convert inception` or torch-fidelity's {RELEASED_FILE_NAME}."
     )
