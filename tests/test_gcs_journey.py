@@ -35,7 +35,8 @@ def test_gs_workdir_killed_and_resumed_equals_the_uninterrupted_run(gcs_bucket, 
         env=main_env(TINY_RUN_DEVICES), cwd=REPO, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first_checkpoint = epath.Path(workdir) / "checkpoints" / "4"
+    # On an object store Orbax writes the step in place and marks it complete last.
+    first_checkpoint = epath.Path(workdir) / "checkpoints" / "4" / "commit_success.txt"
     deadline = time.time() + 300
     while not first_checkpoint.exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)

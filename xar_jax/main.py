@@ -198,7 +198,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     hint = "Every config field, with its meaning: xar_jax/train_config.py (base_config)."
     try:
         rest = FLAGS(argv)
-        FLAGS.config  # noqa: B018  (loads the config file and applies the overrides now)
+        FLAGS.config.to_dict()  # Loads the config file and applies the overrides now.
     except flags.Error as e:
         report_user_error(str(e), "Run with --helpshort to list the flags.")
         sys.exit(2)
