@@ -165,7 +165,7 @@ def test_two_processes_train_and_write_one_collective_checkpoint(runs):
     assert sorted(p.name for p in data.glob("process_*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
     # One program over both processes' devices.
-    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in runs["logs"][0]
+    assert "mesh {'dcn': 1, 'data': 2, 'fsdp': 1, 'tensor': 1}" in runs["logs"][0]
 
 
 def test_only_process_0_writes_metrics_and_images(runs):

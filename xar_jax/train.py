@@ -268,8 +268,9 @@ def _compile(jitted, state, batch):
 def _log_step(writer, step, interval_means, step_metrics, throughput, state, train_config):
     """Interval means of the losses and gradient norm, the step's learning rate, the rates."""
     check_finite(state, train_config)
-    scalars = dict(interval_means)
-    scalars["lr"] = jax.device_get(step_metrics["lr"])
+    # Loss, gradient norm and learning rate lead the console line; per-entity losses follow.
+    scalars = {"loss": interval_means.pop("loss"), "grad_norm": interval_means.pop("grad_norm"),
+               "lr": jax.device_get(step_metrics["lr"]), **interval_means}
     rates = throughput.report(step) if throughput.measurable(step) else None
     if rates is not None:
         scalars["steps_per_sec"] = rates["steps_per_sec"]
