@@ -214,3 +214,27 @@ def test_heun_with_guidance_runs_and_differs_from_euler_and_unguided():
     plain = sampling.sample(model, params, labels, cfg=1.0, sampler="heun", **kw)
     assert heun.shape == (2, 8, 8, 2) and np.isfinite(np.asarray(heun)).all()
     assert rel_l2(heun, euler) > 1e-3 and rel_l2(heun, plain) > 1e-3
+
+
+def test_unit_guidance_entity_runs_only_the_conditional_half():
+    # Under the linear schedule the first entity's scale is exactly 1, so v = v_c: the sampler
+    # skips its unconditional half. Same samples as running both halves; fewer FLOPs compiled.
+    layout = ent.make_layout("cell", 8, cell_size=4)
+    model, params = _tiny(layout)
+    labels = jnp.array([3, 7])
+    fns = {
+        skip: sampling.make_sampler(model, num_steps=3, cfg=2.5, skip_unit_guidance=skip)
+        for skip in (True, False)
+    }
+    key = jax.random.key(11)
+    skipped, both = (fns[s](params, labels, key, None) for s in (True, False))
+    assert rel_l2(skipped, both) < 1e-5
+    flops = {
+        s: fn.lower(params, labels, key, None).compile().cost_analysis()["flops"]
+        for s, fn in fns.items()
+    }
+    assert flops[True] < flops[False]
+    # With a constant schedule no entity has scale 1: nothing is skipped.
+    constant = sampling.make_sampler(model, num_steps=3, cfg=2.5, cfg_schedule="constant")
+    c_flops = constant.lower(params, labels, key, None).compile().cost_analysis()["flops"]
+    assert c_flops == pytest.approx(flops[False], rel=1e-4)

@@ -215,8 +215,15 @@ def make_sampler(
     steps_per_entity: tuple[int, ...] | None = None,
     use_cache: bool = True,
     state_dtype: Any = jnp.float32,
+    skip_unit_guidance: bool = True,
 ):
-    """A jitted ``fn(params, labels, key, noise) -> latents`` for fixed settings (noise may be None)."""
+    """A jitted ``fn(params, labels, key, noise) -> latents`` for fixed settings (noise may be None).
+
+    ``skip_unit_guidance``: an entity whose guidance scale is exactly 1 (the first one under the
+    linear schedule) runs only the conditional half, since ``v_u + 1 (v_c - v_u) = v_c`` (equal up
+    to float rounding). Its keys/values are still computed for both halves. Applies to unrolled
+    entity loops (few entities), where the scale is known when tracing; False runs both halves.
+    """
     layout = model.layout
     k = layout.num_entities
     t_tab, steps = _time_table(model, num_steps, steps_per_entity, sampler)  # Checks sampler.
@@ -233,26 +240,33 @@ def make_sampler(
         lab = jnp.concatenate([labels, null]) if guided else labels
         t_pts, w, n_steps = jax.tree.map(jnp.asarray, (t_tab, w_tab.astype(np.float32), steps))
 
+        def unit_guidance(e):
+            """Entity e is guided with scale exactly 1 (known when tracing: unrolled entities)."""
+            return guided and skip_unit_guidance and isinstance(e, int) and w_tab[e] == 1.0
+
         def doubled(x):
             """The guided batch: conditional and unconditional halves share x."""
             return jnp.concatenate([x, x]) if guided else x
 
-        def network(xin, t_scalar, e, start, n, caches, seq):
+        def network(xin, t_scalar, e, start, n, caches, seq, labels_in):
             xin = xin.astype(jnp.float32)
-            t_b = jnp.full((lab.shape[0],), t_scalar, jnp.float32)
+            t_b = jnp.full((labels_in.shape[0],), t_scalar, jnp.float32)
             if use_cache:
                 context, visible = _cache_context(caches, e, start, entity_of_token)
+                if context is not None and labels_in.shape[0] != lab.shape[0]:
+                    context = _conditional_half(context, labels_in.shape[0])
                 return model.apply(
                     {"params": params},
                     xin,
                     t_b,
-                    lab,
+                    labels_in,
                     start,
                     context,
                     visible,
                     method=XAR.entity_forward,
                 )
-            return _uncached_velocity(model, params, xin, t_b, lab, e, start, n, seq, guided)
+            both = labels_in.shape[0] == lab.shape[0] and guided
+            return _uncached_velocity(model, params, xin, t_b, labels_in, e, start, n, seq, both)
 
         def solve_entity(e, n, start, carry):
             seq, caches = carry
@@ -264,7 +278,10 @@ def make_sampler(
 
             def velocity(x, t):
                 """The guided velocity of the current entity at state x, time t."""
-                v = network(doubled(x), t, e, start, n, caches, seq).astype(state_dtype)
+                if unit_guidance(e):
+                    # v_u + 1 * (v_c - v_u) = v_c: the unconditional half is not needed.
+                    return network(x, t, e, start, n, caches, seq, labels).astype(state_dtype)
+                v = network(doubled(x), t, e, start, n, caches, seq, lab).astype(state_dtype)
                 if guided:
                     v_c, v_u = v[:b], v[b:]
                     v = v_u + w[e] * (v_c - v_u)
@@ -344,6 +361,11 @@ def _cache_context(caches, e, start, entity_of_token):
         }
         return prefix, None  # Every cached position is a finished entity.
     return caches, entity_of_token < e
+
+
+def _conditional_half(context, batch):
+    """The first ``batch`` rows (the conditional half) of every cached keys/values array."""
+    return {name: KVCache(c.keys[:, :batch], c.values[:, :batch]) for name, c in context.items()}
 
 
 def _empty_caches(model: XAR, batch: int) -> dict[str, KVCache]:
