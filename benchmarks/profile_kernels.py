@@ -1,6 +1,7 @@
 """Where the time goes: device kernels of the train step or the sampler, summed by name.
 
   python benchmarks/profile_kernels.py --what train --model xar_b
+  python benchmarks/profile_kernels.py --what train --model xar_b --recipe paper
   python benchmarks/profile_kernels.py --what sample --model xar_b --num_steps 8
 
 Traces a few warm calls with `jax.profiler` (perfetto JSON), sums the durations of device-side
@@ -21,13 +22,17 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, train_step  # noqa: E402
+from xar_jax.layers import resolve_attention_impl  # noqa: E402
 
 
 def _model_overrides(args):
     return dict(
-        attention_impl=args.attention_impl,
+        attention_impl=resolve_attention_impl(
+            args.attention_impl, args.attn_dropout, jnp.bfloat16
+        ),
         scan_layers=not args.unrolled,
         scan_unroll=args.scan_unroll,
     )
@@ -37,7 +42,14 @@ def _train_call(args):
     from xar_jax import model as xar_model
     from xar_jax import train_state as ts
 
-    model = common.build(args.model, attn_dropout=0.0, **_model_overrides(args))
+    model = common.build(
+        args.model,
+        attn_dropout=args.attn_dropout,
+        dropout=args.dropout,
+        dropout_impl=args.dropout_impl,
+        remat=args.remat,
+        **_model_overrides(args),
+    )
     optimizer = ts.make_optimizer(
         learning_rate=4e-4, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
         weight_decay_mask=ts.weight_decay_mask_fn(xar_model.abstract_params(model)),
@@ -77,12 +89,26 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--num_steps", type=int, default=8)
     parser.add_argument("--attention_impl", default="cudnn")
+    parser.add_argument("--attn_dropout", type=float, default=0.0)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--dropout_impl", default="rng")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument(
+        "--recipe",
+        default="flags",
+        choices=["flags", *train_step.RECIPES],
+        help="train: take attention, dropouts, layers and PRNG from benchmarks/train_step.py's "
+        "recipe for --model (paper = the paper's recipe on the fast path)",
+    )
     parser.add_argument("--unrolled", action="store_true", help="no layer scan")
     parser.add_argument("--scan_unroll", type=int, default=1)
     parser.add_argument("--prng", default="rbg", help="PRNG behind dropout masks")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
+    if args.recipe != "flags":
+        args.models = args.model
+        args = train_step.model_args(args.model, args)
     jax.config.update("jax_default_prng_impl", args.prng)
     call = _train_call(args) if args.what == "train" else _sample_call(args)
     for _ in range(2):

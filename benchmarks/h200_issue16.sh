@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The device calls of issue 16, round 3 (one H200). Usage, on the device machine, from the repo
+# root with $OUT set by the device tool:  bash benchmarks/h200_issue16.sh call1
+# Each stage merges its rows into $OUT/bench.json (a copy of docs/benchmarks.json), which is
+# merged back into docs/benchmarks.json here; text outputs land beside it.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 XAR_BENCH_JSON=$OUT/bench.json
+[ -f "$OUT/bench.json" ] || cp docs/benchmarks.json "$OUT/bench.json"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+
+call1() {
+  # Where the paper-recipe train step of xAR-B spends its time, and XLA's layouts for it.
+  XLA_FLAGS="--xla_dump_to=/tmp/dump_train --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=layout-assignment" \
+    python3 benchmarks/profile_kernels.py --what train --model xar_b --recipe paper --top 45 \
+    2>&1 | grep -v Pallas | tee "$OUT/prof_train_b.txt"
+  tar czf "$OUT/dump_train.tgz" -C /tmp dump_train
+  # The sampler (unit-guidance skip on) and its kernels.
+  XLA_FLAGS="--xla_dump_to=/tmp/dump_sample --xla_dump_hlo_module_re=.*generate.*" \
+    python3 benchmarks/profile_kernels.py --what sample --model xar_b --num_steps 8 --top 35 \
+    2>&1 | tee "$OUT/prof_sample_b.txt"
+  tar czf "$OUT/dump_sample.tgz" -C /tmp dump_sample
+  python3 benchmarks/sample.py --models xar_b,xar_l,xar_h --repeats 2 --tag _skip_r3c1
+  XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
+    python3 benchmarks/sample.py --models xar_b --repeats 2 --tag _skip_cmdbuf_r3c1
+}
+
+"$@"
