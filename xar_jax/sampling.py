@@ -248,13 +248,11 @@ def make_sampler(
             """The guided batch: conditional and unconditional halves share x."""
             return jnp.concatenate([x, x]) if guided else x
 
-        def network(xin, t_scalar, e, start, n, caches, seq, labels_in):
+        def network(xin, t_scalar, labels_in, context, visible, e, start, n, seq):
+            """The network's velocity for ``labels_in`` rows (both halves, or the conditional)."""
             xin = xin.astype(jnp.float32)
             t_b = jnp.full((labels_in.shape[0],), t_scalar, jnp.float32)
             if use_cache:
-                context, visible = _cache_context(caches, e, start, entity_of_token)
-                if context is not None and labels_in.shape[0] != lab.shape[0]:
-                    context = _conditional_half(context, labels_in.shape[0])
                 return model.apply(
                     {"params": params},
                     xin,
@@ -275,13 +273,23 @@ def make_sampler(
                 x = jnp.asarray(noise["init"])[e].astype(state_dtype)
             else:
                 x = jax.random.normal(key_init, (b, n, c), state_dtype)
+            # The cache this entity attends to, taken once here rather than in every flow step
+            # (XLA does not hoist the prefix slice out of the step loop).
+            context, visible = (None, None)
+            if use_cache:
+                context, visible = _cache_context(caches, e, start, entity_of_token)
+            skip = unit_guidance(e)
+            if skip and context is not None:
+                context = _conditional_half(context, b)
 
             def velocity(x, t):
                 """The guided velocity of the current entity at state x, time t."""
-                if unit_guidance(e):
+                if skip:
                     # v_u + 1 * (v_c - v_u) = v_c: the unconditional half is not needed.
-                    return network(x, t, e, start, n, caches, seq, labels).astype(state_dtype)
-                v = network(doubled(x), t, e, start, n, caches, seq, lab).astype(state_dtype)
+                    v = network(x, t, labels, context, visible, e, start, n, seq)
+                    return v.astype(state_dtype)
+                v = network(doubled(x), t, lab, context, visible, e, start, n, seq)
+                v = v.astype(state_dtype)
                 if guided:
                     v_c, v_u = v[:b], v[b:]
                     v = v_u + w[e] * (v_c - v_u)
