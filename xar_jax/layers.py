@@ -441,23 +441,23 @@ class Block(nn.Module):
         """x (B,T,D); cond (B,K',D) per-entity conditioning; token_entity (T,) row of cond per
         token, or None when the T tokens are K' equal consecutive runs (every kind but 'scale').
 
-        The adaLN projection runs once per entity (not per token); its rows reach the tokens as
-        a broadcast that XLA fuses into the elementwise ops (no (B, T, 6D) array). Activations
-        stay (B, T, D): viewing them as (B, K', T/K', D) instead made XLA's GPU layout
-        assignment pick batch-minor layouts and transpose every block's activations.
+        The adaLN projection runs once per entity (not per token). With equal entities it is
+        broadcast through a (B, K', T/K', D) view, which XLA fuses into the elementwise ops
+        instead of materialising a (B, T, 6D) array per layer.
         """
-        b, t, d_model = x.shape
+        d_model = x.shape[-1]
         # One 2-D matmul over the (B*K', D) rows of every entity's conditioning.
         rows = nn.silu(cond).reshape(-1, cond.shape[-1])
         ada = param_dense(6 * d_model, "ada_lin", self.dtype, ("embed", "ada"))(rows)
         ada = ada.reshape(*cond.shape[:-1], 6 * d_model).astype(jnp.float32)
         if token_entity is None:
-            k = ada.shape[1]
-            ada = jnp.broadcast_to(ada[:, :, None, :], (b, k, t // k, 6 * d_model))
-            ada = ada.reshape(b, t, 6 * d_model)
+            ada = ada[:, :, None, :]
+            x = x.reshape(x.shape[0], ada.shape[1], -1, d_model)
         else:
             ada = jnp.take(ada, token_entity, axis=1)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada, 6, axis=-1)
+        grouped = x.shape  # (B, T, D) or (B, K', n, D).
+        flat = lambda a: a.reshape(grouped[0], -1, d_model)
         h = (rms_normalize(x) * (1 + scale1) + shift1).astype(self.dtype)
         attn_out, kv = Attention(
             self.num_heads,
@@ -467,8 +467,8 @@ class Block(nn.Module):
             impl=self.attention_impl,
             dropout_impl=self.dropout_impl,
             name="attn",
-        )(h, cos, sin, mask, kv_context, deterministic)
-        x = x + gamma1 * attn_out
+        )(flat(h), cos, sin, mask, kv_context, deterministic)
+        x = x + gamma1 * attn_out.reshape(grouped)
         h = (rms_normalize(x) * (1 + scale2) + shift2).astype(self.dtype)
         mlp_out = GatedMLP(
             self.mlp_hidden,
@@ -478,7 +478,7 @@ class Block(nn.Module):
             self.dropout_impl,
             name="mlp",
         )(h, deterministic)
-        x = x + gamma2 * mlp_out
+        x = flat(x + gamma2 * mlp_out)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, kv
 
