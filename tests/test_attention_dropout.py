@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax._src.ad_checkpoint import saved_residuals  # The public module exports only the printer.
 
 from xar_jax import flash_attention as fa
 from xar_jax import layers
@@ -311,8 +312,6 @@ def test_auto_attention_builds_the_xla_model_on_cpu_with_the_same_params():
 def test_remat_policies_keep_the_pallas_kernel_residuals():
     """A rematerialised block keeps the kernel's output and log-sum-exp, so the backward pass does
     not run the forward kernel again (a custom call is no dot for 'dots')."""
-    from jax._src.ad_checkpoint import saved_residuals
-
     from xar_jax import model as xar_model
 
     w = jax.random.normal(jax.random.key(1), (H * D, H * D))
@@ -363,3 +362,16 @@ def test_hash_dropout_model_is_the_rng_model_when_deterministic_and_trains():
     train = lambda k: hash_model.apply(params, x, t, y, train=True, rngs={"dropout": k})
     a, b = train(jax.random.key(1)), train(jax.random.key(2))
     assert np.all(np.isfinite(a)) and not np.allclose(a, b)
+
+
+def test_hash_dropout_backward_rehashes_instead_of_keeping_the_mask():
+    x = jax.random.normal(jax.random.key(3), (4, 8, 16))
+    key = jax.random.key(7)
+    weights = jnp.arange(16.0)
+    out = np.asarray(layers.hash_dropout(x, 0.25, key))
+    grad = jax.grad(lambda x: (layers.hash_dropout(x, 0.25, key) * weights).sum())(x)
+    expected = np.where(out != 0, np.asarray(weights) / 0.75, 0.0) * np.ones(x.shape)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-6)
+    # The only residual of the backward pass is the two seed words: no (B, T, D) mask is stored.
+    residuals = saved_residuals(lambda x: layers.hash_dropout(x, 0.25, key).sum(), x)
+    assert [r[0].shape for r in residuals] == [(2,)]
