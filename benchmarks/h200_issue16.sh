@@ -25,4 +25,24 @@ call1() {
     python3 benchmarks/sample.py --models xar_b --repeats 2 --tag _skip_cmdbuf_r3c1
 }
 
+call2() {
+  # A/B in one call: BASE = the tree before the (B, T, D) block change, carried in .devcarry_base.
+  local P="--recipe paper --repeats 3"
+  (cd .devcarry_base && python3 benchmarks/train_step.py --models xar_b $P --tag _base_r3c2) 2>&1 | grep -v Pallas
+  python3 benchmarks/train_step.py --models xar_b,xar_l,xar_h $P --tag _btd_r3c2 2>&1 | grep -v Pallas
+  python3 benchmarks/sample.py --models xar_b,xar_l,xar_h --repeats 2 --tag _hoist_btd_r3c2
+  python3 benchmarks/profile_kernels.py --what train --model xar_b --recipe paper --top 30 \
+    2>&1 | grep -v Pallas | tee "$OUT/prof_train_b_btd.txt"
+}
+
+call3() {
+  # A/B in one call. BASE (.devcarry_base) = 9fe6c50: hash dropout storing its mask, sampler
+  # attention over the concatenated cache prefix; HEAD: rehashing VJP, in-place cached kernel.
+  local P="--recipe paper --repeats 2"
+  (cd .devcarry_base && python3 benchmarks/train_step.py --models xar_b,xar_l,xar_h $P --tag _base_r3c3) 2>&1 | grep -v Pallas
+  python3 benchmarks/train_step.py --models xar_b,xar_l,xar_h $P --tag _vjp_r3c3 2>&1 | grep -v Pallas
+  (cd .devcarry_base && python3 benchmarks/sample.py --models xar_b --repeats 2 --tag _concat_r3c3) 2>&1 | grep -v Pallas
+  python3 benchmarks/sample.py --models xar_b,xar_l,xar_h --repeats 2 --tag _kernel_r3c3 2>&1 | grep -v Pallas
+}
+
 "$@"
