@@ -10,8 +10,8 @@ entity's own tile, with one online softmax over both: nothing is copied.
 The kernel runs on GPU through Pallas' Triton backend, and on CPU in interpret mode (tests).
 Every prefix position is visible and an entity sees all of its own tokens (the block-causal mask
 is full within an entity), so no mask is read. Triton tiles are powers of two: a head dim or an
-entity size that is not (xAR-H's d = 80) is read through masked loads of a padded tile, which
-touch no memory outside the array.
+entity size that is not (xAR-H's d = 80), or a prefix that ends inside a tile, is read through
+masked loads of a padded tile, which touch no memory outside the array.
 
 Shapes: q, k, v (B, n, H, d) the entity's (post-RoPE); cache_k, cache_v (L, B, N, H, d);
 out (B, n, H, d).
@@ -138,15 +138,24 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, ck_ref, cv_ref, o_ref, *, st: _Stati
         plgpu.store(o_ref.at[index], o, mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def _call(q, k, v, cache_k, cache_v, layer, st: _Static):
     from jax.experimental.pallas import triton as plgpu
 
-    batch, n, heads, d = q.shape
+    batch, n, heads, _ = q.shape
     depth, _, tokens, _, _ = cache_k.shape
     # Programs own (row block, example, head). The entity's arrays come whole per (b, h); the
     # cache keeps every layer and position of (b, h) in its block, indexed at `layer` inside.
-    entity = pl.BlockSpec((None, n, None, d), lambda i, b, h: (b, 0, h, 0))
-    cache = pl.BlockSpec((depth, None, tokens, None, d), lambda i, b, h: (0, b, 0, h, 0))
+    # Blocks are padded to whole tiles (edge blocks): the padding is only ever masked, never read.
+    n_block = _round_up(n, max(st.block_q, st.block_k))
+    entity = pl.BlockSpec((None, n_block, None, st.d_pad), lambda i, b, h: (b, 0, h, 0))
+    cache = pl.BlockSpec(
+        (depth, None, _round_up(tokens, st.block_k), None, st.d_pad),
+        lambda i, b, h: (0, b, 0, h, 0),
+    )
     params = None
     if not st.interpret:
         params = plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
