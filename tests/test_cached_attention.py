@@ -123,20 +123,18 @@ def _tiny(attention_impl, scan_layers):
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_sampler_through_the_kernel_matches_the_concatenating_sampler(scan_layers):
+    # The concatenating ('dot_product') sampler matches the full forward (tests/test_sampling.py).
     labels, key = jnp.array([3, 7]), jax.random.key(5)
     out, programs = {}, {}
     for impl in ("pallas", "dot_product"):  # Same params: they do not depend on the kernel.
         model, params = _tiny(impl, scan_layers)
-        fn = sampling.make_sampler(model, num_steps=3, cfg=2.0)
-        programs[impl] = str(fn.trace(params, labels, key, None).jaxpr)
-        out[impl] = fn(params, labels, key, None)
+        traced = sampling.make_sampler(model, num_steps=3, cfg=2.0).trace(params, labels, key, None)
+        programs[impl] = str(traced.jaxpr)
+        out[impl] = traced.lower().compile()(params, labels, key, None)
     assert "name=cached_attention" in programs["pallas"]
     assert "name=cached_attention" not in programs["dot_product"]
     assert np.isfinite(np.asarray(out["pallas"])).all()
     assert rel_l2(out["pallas"], out["dot_product"]) < 1e-5
-    # And both equal the full forward over [finished entities, current entity] (no cache).
-    full = sampling.sample(model, params, labels, num_steps=3, cfg=2.0, key=key, use_cache=False)
-    assert rel_l2(out["pallas"], full) < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +159,49 @@ def test_sampler_through_the_kernel_matches_the_reference(pallas_golden_model, x
         noise={"init": g["smp/init_noise"], "steps": g["smp/eps"]},
     )
     assert rel_l2(out, g["smp/tokens_nchw"].transpose(0, 2, 3, 1)) < 1e-4
+
+
+SHARDED_SCRIPT = """
+import json
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from xar_jax import layers, sharding as sh
+
+b, n, tokens, depth, heads, d = 4, 16, 64, 2, 2, 16
+keys = jax.random.split(jax.random.key(0), 3)
+x = jax.random.normal(keys[0], (b, n, heads * d))
+cache_k, cache_v = (jax.random.normal(k, (depth, b, tokens, heads, d)) for k in keys[1:])
+cos, sin = jnp.ones((n, d)), jnp.zeros((n, d))
+layer = layers.Attention(num_heads=heads, impl="pallas")
+ctx = lambda i: layers.KVContext(cache_k, cache_v, i, None, prefix_len=32)
+params = layer.init(jax.random.key(1), x, cos, sin, None, ctx(0), True)
+run = jax.jit(lambda p, x, i: layer.apply(p, x, cos, sin, None, ctx(i), True)[0])
+single = np.asarray(run(params, x, 1))
+mesh = sh.make_mesh(2, 1, 2)  # Batch over 'data', the two heads over 'tensor'.
+with jax.set_mesh(mesh), nn.logical_axis_rules(list(sh.LOGICAL_AXIS_RULES)):
+    hlo = run.lower(params, x, 1).as_text()
+    sharded = np.asarray(run(params, x, 1))
+print(json.dumps({"max_diff": float(np.max(np.abs(single - sharded))),
+                  "shard_map": "shard_map" in hlo or "sdy.manual_computation" in hlo,
+                  "scale": float(np.max(np.abs(single)))}))
+"""
+
+
+def test_sharded_sampling_runs_the_kernel_per_shard_of_batch_and_heads():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
+        cwd=repo, env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": repo},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shard_map"]
+    assert result["max_diff"] <= 1e-5 * result["scale"]
