@@ -195,6 +195,8 @@ class XAR(nn.Module):
         (jax.nn.dot_product_attention, backend's choice), 'cudnn' (fused, GPU bf16/fp16),
         'pallas' (fused Pallas kernel with attention dropout; interpreted off GPU), 'auto' (the
         backend's fastest exact choice: `layers.resolve_attention_impl`; `build_model` resolves it).
+        Cached sampling over a static prefix runs `xar_jax.cached_attention` for 'cudnn' and
+        'pallas' on a GPU in a half dtype, and for 'pallas' (interpreted) elsewhere.
       scan_layers: scan over blocks (compile time flat in depth; params stacked on a leading axis).
       scan_unroll: blocks per iteration of the layer scan (1 = a loop over single blocks; larger
         values trade compile time for fewer loop iterations; the params are the same).
