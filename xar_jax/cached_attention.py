@@ -39,7 +39,11 @@ _MIN_TILE = 16  # Triton's smallest dot operand.
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tiles (powers of two): query rows per program, key rows per step; Triton launch settings."""
+    """Tiles (powers of two): query rows per program, key rows per step; Triton launch settings.
+
+    Both tiles are capped at the entity's size rounded up to a power of two (>= 16). Every program
+    reads the whole prefix, so a ``block_q`` below the entity's size reads it more than once.
+    """
 
     block_q: int = 64
     block_k: int = 64
