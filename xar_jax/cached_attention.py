@@ -35,6 +35,8 @@ Array = jax.Array
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LOG2E = math.log2(math.e)
 _MIN_TILE = 16  # Triton's smallest dot operand.
+# float32 operands multiply in float32, not TF32 (bf16/fp16 ones are unaffected).
+_PRECISION = lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +95,15 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, ck_ref, cv_ref, o_ref, *, st: _Stati
     def attend(carry, k, v, key_ok):
         """One online-softmax step over a (bk, d_pad) key/value tile (log2 domain)."""
         o, m, denom = carry
-        s = plgpu.dot(q, k.astype(q.dtype).T) * (st.scale * _LOG2E)
+        s = plgpu.dot(q, k.astype(q.dtype).T, precision=_PRECISION) * (st.scale * _LOG2E)
         if key_ok is not None:
             s = jnp.where(key_ok[None, :], s, _MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         correction = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         denom = denom * correction + jnp.sum(p, axis=-1)
-        o = o * correction[:, None] + plgpu.dot(p.astype(q.dtype), v.astype(q.dtype))
+        pv = plgpu.dot(p.astype(q.dtype), v.astype(q.dtype), precision=_PRECISION)
+        o = o * correction[:, None] + pv
         return o, m_new, denom
 
     def span(carry, load, length):
