@@ -39,10 +39,13 @@ call3() {
   # A/B in one call. BASE (.devcarry_base) = 9fe6c50: hash dropout storing its mask, sampler
   # attention over the concatenated cache prefix; HEAD: rehashing VJP, in-place cached kernel.
   local P="--recipe paper --repeats 2"
-  (cd .devcarry_base && python3 benchmarks/train_step.py --models xar_b,xar_l,xar_h $P --tag _base_r3c3) 2>&1 | grep -v Pallas
-  python3 benchmarks/train_step.py --models xar_b,xar_l,xar_h $P --tag _vjp_r3c3 2>&1 | grep -v Pallas
-  (cd .devcarry_base && python3 benchmarks/sample.py --models xar_b --repeats 2 --tag _concat_r3c3) 2>&1 | grep -v Pallas
   python3 benchmarks/sample.py --models xar_b,xar_l,xar_h --repeats 2 --tag _kernel_r3c3 2>&1 | grep -v Pallas
+  (cd .devcarry_base && python3 benchmarks/sample.py --models xar_b --repeats 2 --tag _concat_r3c3) 2>&1 | grep -v Pallas
+  python3 -m pytest -q -p no:cacheprovider tests/test_cached_attention.py -k kernel 2>&1 | tail -3
+  (cd .devcarry_base && python3 benchmarks/train_step.py --models xar_b $P --tag _base_r3c3) 2>&1 | grep -v Pallas
+  python3 benchmarks/train_step.py --models xar_b $P --tag _vjp_r3c3 2>&1 | grep -v Pallas
+  python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _vjp_r3c3 2>&1 | grep -v Pallas
+  (cd .devcarry_base && python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _base_r3c3) 2>&1 | grep -v Pallas
 }
 
 "$@"

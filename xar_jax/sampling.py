@@ -273,8 +273,8 @@ def make_sampler(
                 x = jnp.asarray(noise["init"])[e].astype(state_dtype)
             else:
                 x = jax.random.normal(key_init, (b, n, c), state_dtype)
-            # The cache this entity attends to, taken once here rather than in every flow step
-            # (XLA does not hoist the prefix slice out of the step loop).
+            # What this entity attends to, fixed for all its flow steps: taken here, outside the
+            # step loop (XLA does not hoist a slice of the caches out of it).
             context, visible = (None, None)
             if use_cache:
                 context, visible = _cache_context(caches, e, start, entity_of_token)
