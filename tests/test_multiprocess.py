@@ -295,3 +295,30 @@ def test_bad_distributed_settings_fail_before_jax_starts(clean_env, mode, env, m
         clean_env.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         initialize_distributed(mode)
+
+
+def test_a_refused_lock_stops_every_process(tmp_path):
+    # Another trainer (this live test process, on this host) holds the workdir: process 0 refuses,
+    # and process 1 must stop too rather than wait for process 0 at the first collective.
+    workdir = tmp_path / "held"
+    workdir.mkdir()
+    now = time.time()
+    holder = (f'{{"host": "{socket.gethostname()}", "pid": {os.getpid()}, '
+              f'"started": {now}, "heartbeat": {now}}}')
+    (workdir / "train.lock").write_text(holder)
+    coordinator = f"127.0.0.1:{_free_port()}"
+    cli = [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+           "--mode=train", *OVERRIDES]
+    procs, logs = [], []
+    for index in range(2):
+        env = _env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(index))
+        logs.append(tmp_path / f"process_{index}.log")
+        procs.append(_start(cli, env, logs[-1]))
+    codes = _wait_all(procs, TIMEOUT_S)
+    texts = [p.read_text() for p in logs]
+    assert codes == [2, 2], [_tail(t) for t in texts]
+    assert "is in use by a trainer" in texts[0]
+    assert "process 0 could not take the workdir's lock" in texts[1]
+    assert (workdir / "train.lock").read_text() == holder  # The holder's lock is untouched.
+    assert not (workdir / "checkpoints").exists()

@@ -14,7 +14,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 
 from xar_jax import experiment as experiment_lib
 from xar_jax import generate
@@ -121,12 +123,27 @@ def _claim_workdir(exp, workdir: str, allow_change: tuple[str, ...]):
     if record is not None:
         accepted = workdir_lib.check_resume(record, exp.config, exp.mesh_shape,
                                             jax.process_count(), workdir, allow_change)
-    lock = None
+    lock, refusal = None, None
     if jax.process_index() == 0:
         fileio_root = workdir_lib.fileio.as_path(workdir)
         fileio_root.mkdir(parents=True, exist_ok=True)
-        lock = workdir_lib.TrainLock(workdir)
-        lock.acquire()
+        try:
+            lock = workdir_lib.TrainLock(workdir)
+            lock.acquire()
+        except workdir_lib.WorkdirLockedError as error:
+            lock, refusal = None, error
+    # Every process learns process 0's answer: a refused start stops all of them, instead of
+    # leaving the others waiting at the first collective.
+    refused = refusal is not None
+    if jax.process_count() > 1:
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
+    if refusal is not None:
+        raise refusal
+    if refused:
+        raise workdir_lib.WorkdirLockedError(
+            f"{workdir}: process 0 could not take the workdir's lock (its log says why); "
+            f"process {jax.process_index()} stops too."
+        )
     return record, accepted, lock
 
 
