@@ -62,6 +62,18 @@ def _fwd_bwd(attend, mask, rate):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
+def _calls(compiled, args, key, n):
+    """A chunk of ``n`` calls of ``compiled(*args, key_i)``, each with its own dropout key."""
+
+    def chunk():
+        out = None
+        for i in range(n):
+            out = compiled(*args, jax.random.fold_in(key, i))
+        return out
+
+    return chunk
+
+
 def _rel_l2(a, b):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
@@ -157,13 +169,7 @@ def main():
             compile_s = time.perf_counter() - start
             for i in range(3):
                 jax.block_until_ready(compiled(q, k, v, w, jax.random.fold_in(key, i)))
-
-            def chunk():
-                out = None
-                for i in range(args.iters):
-                    out = compiled(q, k, v, w, jax.random.fold_in(key, i))
-                return out
-
+            chunk = _calls(compiled, (q, k, v, w), key, args.iters)
             ms = [t / args.iters * 1e3 for t in common.timed(chunk, args.repeats)]
         except Exception:  # noqa: BLE001
             traceback.print_exc()

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from conftest import FAST_COMPILE_FLAGS
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
@@ -16,7 +18,8 @@ def _run(script, *args):
         capture_output=True,
         text=True,
         timeout=300,
-        env=os.environ | {"JAX_PLATFORMS": "cpu"},
+        # Compile time dominates these smoke runs; their timings are not checked.
+        env=os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout

@@ -88,34 +88,42 @@ def test_impossible_values_fail_naming_the_field(field, value, message):
     assert message in str(err.value)
 
 
-def test_fused_attention_needs_no_attention_dropout_only_for_training():
-    config = load("xar_b")
+def _paper_config(name):
+    """A paper config with the data path that must come from the command line."""
+    config = load(name)
     config.data.cache_dir = "/data/latent_cache"
+    return config
+
+
+def test_fused_attention_needs_no_attention_dropout_only_for_training():
+    config = _paper_config("xar_b")
     config.model.attention_impl = "cudnn"  # The fast GPU sampler; attn_dropout stays 0.1.
     validate_config(config, num_devices=256, training=False)
     with pytest.raises(ValueError, match="config.model.attn_dropout=0.1"):
         validate_config(config, num_devices=256)
 
 
-def _gpu_overrides(name):
-    """The --config overrides of the 'On NVIDIA GPUs' table in docs/training.md."""
+def _documented_gpu_config(name, row_start):
+    """``name``'s config with the --config overrides of the docs/training.md table row that starts
+    with ``row_start``, parsed as the command line would."""
     with open(os.path.join(CONFIGS, "..", "docs", "training.md")) as f:
-        row = next(line for line in f if line.startswith(f"| `{name}.py` | `--config.model"))
-    return row.split(" | ")[1].strip("`").split()
+        row = next(line for line in f if line.startswith(row_start))
+    overrides = row.split(" | ")[1].strip("`").split()
+    argv = [f"--config={os.path.join(CONFIGS, name + '.py')}", *overrides]
+    return _parse(["prog", *argv, "--config.data.cache_dir=/data/latent_cache"])
 
 
 @pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
 def test_documented_gpu_overrides_validate(name):
-    argv = [f"--config={os.path.join(CONFIGS, name + '.py')}", *_gpu_overrides(name)]
-    config = _parse(["prog", *argv, "--config.data.cache_dir=/data/latent_cache"])
+    """The 'On NVIDIA GPUs' table: fused (cuDNN) attention without attention dropout."""
+    config = _documented_gpu_config(name, f"| `{name}.py` | `--config.model")
     assert config.model.attention_impl == "cudnn" and config.model.attn_dropout == 0.0
     validate_config(config, num_devices=256)
 
 
 @pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
 def test_paper_configs_train_the_paper_recipe_on_the_auto_attention(name):
-    config = load(name)
-    config.data.cache_dir = "/data/latent_cache"
+    config = _paper_config(name)
     assert config.model.attention_impl == "auto" and config.model.attn_dropout == 0.1
     assert config.model.dropout_impl == "hash" and config.model.dropout == 0.1
     validate_config(config, num_devices=256)  # 'auto' keeps attention dropout: accepted.
@@ -124,17 +132,10 @@ def test_paper_configs_train_the_paper_recipe_on_the_auto_attention(name):
     assert model.attention_impl == ("pallas" if jax.default_backend() == "gpu" else "xla")
 
 
-def _paper_gpu_overrides(name):
-    """The --config overrides of the paper-recipe GPU table in docs/training.md."""
-    with open(os.path.join(CONFIGS, "..", "docs", "training.md")) as f:
-        row = next(line for line in f if line.startswith(f"| `{name}.py` (paper) |"))
-    return row.split(" | ")[1].strip("`").split()
-
-
 @pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
 def test_documented_paper_gpu_overrides_validate(name):
-    argv = [f"--config={os.path.join(CONFIGS, name + '.py')}", *_paper_gpu_overrides(name)]
-    config = _parse(["prog", *argv, "--config.data.cache_dir=/data/latent_cache"])
+    """The paper-recipe GPU table: the paper's attention dropout kept."""
+    config = _documented_gpu_config(name, f"| `{name}.py` (paper) |")
     assert config.model.attention_impl == "auto" and config.model.attn_dropout == 0.1
     validate_config(config, num_devices=256)
 

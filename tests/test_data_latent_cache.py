@@ -46,6 +46,19 @@ def _digits_cfg():
     return cfg
 
 
+def _cache(out, *, shard_size=SHARD_SIZE, process_index=0, process_count=1):
+    """Caches the digits 'heldout' split with `fake_encode` into ``out``; returns the summary."""
+    return latent_cache.cache_latents(
+        _digits_cfg(),
+        fake_encode,
+        str(out),
+        batch_size=BATCH,
+        shard_size=shard_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
 def _latents_cfg(cache_dir, **overrides):
     cfg = config_lib.get_data_config("latents")
     cfg.update(
@@ -67,15 +80,7 @@ def _all_records(split_directory):
 def reference_cache(tmp_path_factory):
     """An uninterrupted single-process caching run."""
     out = tmp_path_factory.mktemp("reference")
-    summary = latent_cache.cache_latents(
-        _digits_cfg(),
-        fake_encode,
-        str(out),
-        batch_size=BATCH,
-        shard_size=SHARD_SIZE,
-        process_index=0,
-        process_count=1,
-    )
+    summary = _cache(out)
     assert summary["written"] == [0, 1, 2, 3]
     return out
 
@@ -135,15 +140,7 @@ def test_cache_killed_midway_resumes_to_exactly_the_uninterrupted_result(tmp_pat
         next(pipeline.make_train_iterator(_latents_cfg(out), global_batch_size=8))
 
     finished = os.stat(os.path.join(directory, names[1]))
-    summary = latent_cache.cache_latents(
-        _digits_cfg(),
-        fake_encode,
-        str(out),
-        batch_size=BATCH,
-        shard_size=SHARD_SIZE,
-        process_index=0,
-        process_count=1,
-    )
+    summary = _cache(out)
     assert summary["kept"] == [0] and summary["written"] == [1, 2, 3]
     again = os.stat(os.path.join(directory, names[1]))
     assert (again.st_ino, again.st_mtime_ns) == (finished.st_ino, finished.st_mtime_ns)
@@ -154,15 +151,7 @@ def test_cache_killed_midway_resumes_to_exactly_the_uninterrupted_result(tmp_pat
 
 def test_two_hosts_write_interleaved_shards_that_together_equal_one_host(tmp_path, reference_cache):
     for process_index in (0, 1):
-        summary = latent_cache.cache_latents(
-            _digits_cfg(),
-            fake_encode,
-            str(tmp_path),
-            batch_size=BATCH,
-            shard_size=SHARD_SIZE,
-            process_index=process_index,
-            process_count=2,
-        )
+        summary = _cache(tmp_path, process_index=process_index, process_count=2)
         assert summary["written"] == [process_index, process_index + 2]
     assert _all_records(latent_format.split_dir(str(tmp_path), "heldout")) == _all_records(
         latent_format.split_dir(str(reference_cache), "heldout")
@@ -171,15 +160,7 @@ def test_two_hosts_write_interleaved_shards_that_together_equal_one_host(tmp_pat
 
 def test_resuming_with_other_settings_is_refused(reference_cache):
     with pytest.raises(ValueError, match="shard_size"):
-        latent_cache.cache_latents(
-            _digits_cfg(),
-            fake_encode,
-            str(reference_cache),
-            batch_size=BATCH,
-            shard_size=50,
-            process_index=0,
-            process_count=1,
-        )
+        _cache(reference_cache, shard_size=50)
 
 
 def test_cached_moments_are_read_back_with_a_random_flip_choice(reference_cache):
@@ -245,15 +226,7 @@ def _rewrite_with_garbage(path, position):
 
 
 def test_corrupt_record_names_its_shard_and_index_or_is_skipped_and_counted(tmp_path):
-    latent_cache.cache_latents(
-        _digits_cfg(),
-        fake_encode,
-        str(tmp_path),
-        batch_size=BATCH,
-        shard_size=SHARD_SIZE,
-        process_index=0,
-        process_count=1,
-    )
+    _cache(tmp_path)
     directory = latent_format.split_dir(str(tmp_path), "heldout")
     # Example 205 is example 5 of shard 2: records 10 (image) and 11 (mirror image).
     _rewrite_with_garbage(os.path.join(directory, "latents-00002-of-00004.array_record"), 10)

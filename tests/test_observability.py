@@ -26,11 +26,16 @@ def _python_info_sources(stderr: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 8 steps logged every 4 steps (with a profiler window) and every step."""
+    """The same 8 steps logged every 4 steps (with a profiler window) and every step.
+
+    Logging leaves the train step unchanged: the second run takes it from the first's compilation
+    cache.
+    """
     root = tmp_path_factory.mktemp("observed")
-    every4 = run_main(root / "every4", *OVERRIDES, "--config.log.every_steps=4",
+    cache = f"--config.compile_cache_dir={root / 'compile_cache'}"
+    every4 = run_main(root / "every4", *OVERRIDES, cache, "--config.log.every_steps=4",
                       "--config.log.profile_start_step=5", "--config.log.profile_num_steps=2")
-    every1 = run_main(root / "every1", *OVERRIDES, "--config.log.every_steps=1")
+    every1 = run_main(root / "every1", *OVERRIDES, cache, "--config.log.every_steps=1")
     for proc in (every4, every1):
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"every4": (root / "every4", every4), "every1": (root / "every1", every1)}
@@ -42,6 +47,7 @@ def test_effective_config_is_logged_and_written_to_the_workdir(runs):
     expected.train.num_steps, expected.optim.lr = 8, 0.002
     expected.log.every_steps, expected.log.profile_start_step = 4, 5
     expected.log.profile_num_steps = 2
+    expected.compile_cache_dir = str(workdir.parent / "compile_cache")
     written = json.loads((workdir / "config.json").read_text())
     assert written == json.loads(json.dumps(expected.to_dict()))
     assert '"lr": 0.002' in proc.stderr  # The logged config carries the overrides too.

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import event_tags
+from conftest import TINY_RUN_DEVICES, TINY_RUN_FLAGS, TINY_RUN_STEPS, event_tags, main_env
 
 from xar_jax import experiment, generate, score
 from xar_jax.train_config import load_config_file, validate_config
@@ -36,12 +36,6 @@ def _cli(workdir, *extra):
             *extra]
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
 def _final_params(workdir, config):
     state, step = experiment.restore_train_state(config, str(workdir))
     return jax.device_get(state.params), step
@@ -52,25 +46,16 @@ def _max_diff(a, b):
     return max(float(np.max(np.abs(x - y))) for x, y in pairs)
 
 
-STEPS = 40
+# The uninterrupted run is conftest's `tiny_run` (12 steps, checkpoints every 4, a sample grid
+# every 4 steps, on 2 devices); the runs here use its flags and environment.
+STEPS = TINY_RUN_STEPS
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    proc = subprocess.run(_cli(workdir, f"--config.train.num_steps={STEPS}"), env=_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
-
-
-def test_sigkill_then_restart_matches_uninterrupted_run_and_skips_the_compile(
-    tmp_path, uninterrupted
-):
+def test_sigkill_then_restart_matches_uninterrupted_run_and_skips_the_compile(tmp_path, tiny_run):
     workdir = tmp_path / "killed"
-    args = _cli(workdir, f"--config.train.num_steps={STEPS}")
-    proc = subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = _cli(workdir, *TINY_RUN_FLAGS)
+    proc = subprocess.Popen(args, env=main_env(TINY_RUN_DEVICES), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = workdir / "checkpoints" / "4"
     deadline = time.time() + 240
     while not first.exists() and time.time() < deadline and proc.poll() is None:
@@ -84,24 +69,24 @@ def test_sigkill_then_restart_matches_uninterrupted_run_and_skips_the_compile(
     assert any(name.startswith("jit_train_step-") for name in cached), cached
 
     # JAX_LOG_COMPILES makes JAX log its cache hits.
-    resumed = subprocess.run(args, env={**_env(), "JAX_LOG_COMPILES": "1"}, cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(args, env=main_env(TINY_RUN_DEVICES, JAX_LOG_COMPILES="1"),
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {saved[-1]}" in resumed.stderr
     assert "Persistent compilation cache hit for 'jit_train_step'" in resumed.stderr
 
     config = tiny_config(**{"train.num_steps": STEPS})
-    expected, step_a = _final_params(uninterrupted, config)
+    expected, step_a = _final_params(tiny_run, config)
     got, step_b = _final_params(workdir, config)
     assert step_a == step_b == STEPS
     assert _max_diff(expected, got) < 1e-6
 
 
-def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupted, caplog):
+def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, tiny_run, caplog):
     import shutil
 
     workdir = tmp_path / "damaged"
-    shutil.copytree(uninterrupted, workdir)
+    shutil.copytree(tiny_run, workdir)
     newest = workdir / "checkpoints" / str(STEPS)
     for path in (newest / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
@@ -130,7 +115,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, uninterrupt
 
 
 def test_bad_config_value_fails_before_compilation(tmp_path):
-    proc = subprocess.run(_cli(tmp_path, "--config.train.nan_policy=ignore"), env=_env(),
+    proc = subprocess.run(_cli(tmp_path, "--config.train.nan_policy=ignore"), env=main_env(),
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "config.train.nan_policy='ignore' is not allowed; allowed: stop | skip" in proc.stderr
@@ -151,8 +136,8 @@ def test_compile_cache_dir_defaults_to_the_workdir_and_can_be_turned_off():
         validate_config(tiny_config(compile_cache_min_compile_secs=-1))
 
 
-def test_tensorboard_events_hold_training_metrics(uninterrupted):
-    tags = event_tags(uninterrupted)
+def test_tensorboard_events_hold_training_metrics(tiny_run):
+    tags = event_tags(tiny_run)
     expected = {"loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec_per_device",
                 "loss_entity_0"}
     assert expected <= tags, tags

@@ -184,6 +184,34 @@ def _fwd_kernel(
     lse_ref[...] = m + jnp.log2(denom)
 
 
+def _bwd_tile(q, k, v, do, lse, delta, mask_ref, qb, kb, stream, st: _Static):
+    """The backward pass through one (q block ``qb``, k block ``kb``) tile of both kernels.
+
+    Rebuilds the tile's probabilities from the saved log-sum-exp ``lse`` (bq,) and its dropout
+    mask from ``stream``; ``delta`` (bq,) is ``sum(do * out)`` per query row.
+
+    Returns:
+      p_dropped: (bq, bk) the dropped-out, rescaled probabilities (what dV accumulates).
+      ds: (bq, bk) the gradient of the logits, without the ``scale`` factor (what dQ and dK
+        accumulate).
+    """
+    from jax.experimental.pallas import triton as plgpu
+
+    bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
+    rows, cols = pl.ds(qb * bq, bq), pl.ds(kb * bk, bk)
+    p = jnp.exp2(_scores(q, k, mask_ref, rows, cols, st.scale) - lse[:, None])
+    dp = plgpu.dot(do, v.T)  # Gradient of the dropped-out probabilities.
+    p_dropped = p
+    if st.rate > 0:
+        q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)
+        k_idx = kb * bk + jnp.arange(bk, dtype=jnp.int32)
+        keep = _keep(stream, q_idx, k_idx, _threshold(st.rate))
+        inv = 1.0 / (1.0 - st.rate)
+        p_dropped = jnp.where(keep, p * inv, 0.0)
+        dp = jnp.where(keep, dp * inv, 0.0)
+    return p_dropped, p * (dp - delta[:, None])
+
+
 def _dkdv_kernel(
     stream_ref, q_lo_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
     dk_ref, dv_ref, *, st: _Static,
@@ -193,33 +221,21 @@ def _dkdv_kernel(
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
     kb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
-    d = k.shape[-1]
-    cols = pl.ds(kb * bk, bk)
-    k_idx = kb * bk + jnp.arange(bk, dtype=jnp.int32)
     stream = stream_ref[b, h] if st.rate > 0 else None
-    num_q_blocks = q_ref.shape[0] // bq
 
     def body(qb, carry):
         dk, dv = carry
         rows = pl.ds(qb * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        p = jnp.exp2(_scores(q, k, mask_ref, rows, cols, st.scale) - lse_ref[rows][:, None])
-        dp = plgpu.dot(do, v.T)  # Gradient of the dropped-out probabilities.
-        if st.rate > 0:
-            q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)
-            keep = _keep(stream, q_idx, k_idx, _threshold(st.rate))
-            inv = 1.0 / (1.0 - st.rate)
-            p_dropped = jnp.where(keep, p * inv, 0.0)
-            dp = jnp.where(keep, dp * inv, 0.0)
-        else:
-            p_dropped = p
+        p_dropped, ds = _bwd_tile(
+            q, k, v, do, lse_ref[rows], delta_ref[rows], mask_ref, qb, kb, stream, st
+        )
         dv = dv + plgpu.dot(p_dropped.astype(do.dtype).T, do)
-        ds = p * (dp - delta_ref[rows][:, None])
         dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
         return dk, dv
 
-    zeros = jnp.zeros((bk, d), jnp.float32)
-    dk, dv = lax.fori_loop(q_lo_ref[kb], num_q_blocks, body, (zeros, zeros))
+    zeros = jnp.zeros((bk, k.shape[-1]), jnp.float32)
+    dk, dv = lax.fori_loop(q_lo_ref[kb], q_ref.shape[0] // bq, body, (zeros, zeros))
     dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -234,24 +250,15 @@ def _dq_kernel(
     qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
-    d = q.shape[-1]
-    rows = pl.ds(qb * bq, bq)
-    q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)
     stream = stream_ref[b, h] if st.rate > 0 else None
 
     def body(kb, dq):
         cols = pl.ds(kb * bk, bk)
         k, v = k_ref[cols, :], v_ref[cols, :]
-        p = jnp.exp2(_scores(q, k, mask_ref, rows, cols, st.scale) - lse[:, None])
-        dp = plgpu.dot(do, v.T)
-        if st.rate > 0:
-            k_idx = kb * bk + jnp.arange(bk, dtype=jnp.int32)
-            keep = _keep(stream, q_idx, k_idx, _threshold(st.rate))
-            dp = jnp.where(keep, dp * (1.0 / (1.0 - st.rate)), 0.0)
-        ds = p * (dp - delta[:, None])
+        _, ds = _bwd_tile(q, k, v, do, lse, delta, mask_ref, qb, kb, stream, st)
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(0, kv_hi_ref[qb], body, jnp.zeros((bq, d), jnp.float32))
+    dq = lax.fori_loop(0, kv_hi_ref[qb], body, jnp.zeros((bq, q.shape[-1]), jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 

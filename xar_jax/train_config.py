@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import ml_collections
 
@@ -33,6 +34,14 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config() if arg is None else module.get_config(arg)
+
+
+def config_field(cfg: ml_collections.ConfigDict, field: str) -> Any:
+    """The value of a dotted config path, e.g. ``config_field(cfg, "model.width")``."""
+    node = cfg
+    for part in field.split("."):
+        node = node[part]
+    return node
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -190,13 +199,13 @@ def _fail(field: str, value, allowed: str) -> None:
 
 
 def _check_choice(cfg, field: str, choices) -> None:
-    value = _get(cfg, field)
+    value = config_field(cfg, field)
     if value not in choices:
         _fail(field, value, " | ".join(map(str, choices)))
 
 
 def _check_number(cfg, field: str, low=None, high=None, *, integer=False, low_open=False) -> None:
-    value = _get(cfg, field)
+    value = config_field(cfg, field)
     kind = int if integer else (int, float)
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if ok and low is not None:
@@ -211,13 +220,6 @@ def _check_number(cfg, field: str, low=None, high=None, *, integer=False, low_op
             bound.append(f"<= {high}")
         kind_name = "an integer" if integer else "a number"
         _fail(field, value, f"{kind_name} {' and '.join(bound)}".strip())
-
-
-def _get(cfg, field: str):
-    node = cfg
-    for part in field.split("."):
-        node = node[part]
-    return node
 
 
 def validate_config(
@@ -356,8 +358,8 @@ def validate_config(
               "'' (workdir/generated), a path shared by all hosts, or gs:// (one process)")
     _check_number(cfg, "eval.num_images", 1, integer=True)
     for field in ("eval.reference_stats", "eval.inception_checkpoint"):
-        if not isinstance(_get(cfg, field), str):
-            _fail(field, _get(cfg, field), "a path or ''")
+        if not isinstance(config_field(cfg, field), str):
+            _fail(field, config_field(cfg, field), "a path or ''")
     _check_number(cfg, "eval.batch_size", 1, integer=True)
 
     _validate_data(cfg, layout, training)

@@ -33,6 +33,7 @@ import ml_collections
 
 from xar_jax import fileio
 from xar_jax.errors import UserError
+from xar_jax.train_config import config_field
 
 log = logging.getLogger("xar_jax.workdir")
 
@@ -61,13 +62,6 @@ class WorkdirLockedError(UserError, RuntimeError):
     """Another live trainer holds the workdir."""
 
 
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-    node = config
-    for part in field.split("."):
-        node = node[part]
-    return node
-
-
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -80,17 +74,17 @@ def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """
     sig = {"model.preset": config.model.preset}
     if not config.model.preset:
-        sig.update({f: _get(config, f) for f in _MODEL_SIZE_FIELDS})
-    sig.update({f: _get(config, f) for f in _LAYOUT_FIELDS})
+        sig.update({f: config_field(config, f) for f in _MODEL_SIZE_FIELDS})
+    sig.update({f: config_field(config, f) for f in _LAYOUT_FIELDS})
     extra = _ENTITY_FIELD.get(config.entity.kind)
     if extra:
-        sig[extra] = _get(config, extra)
+        sig[extra] = config_field(config, extra)
     return _jsonable(sig)
 
 
 def data_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields whose change invalidates a saved data-iterator position."""
-    sig = {f: _get(config, f) for f in _DATA_FIELDS}
+    sig = {f: config_field(config, f) for f in _DATA_FIELDS}
     sig.update({f"data.{k}": v for k, v in config.data.to_dict().items()})
     return _jsonable(sig)
 
