@@ -126,20 +126,26 @@ def _wait_all(procs, timeout_s):
                 p.wait()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The two-process run and the single-process reference, started together."""
-    root = tmp_path_factory.mktemp("multiprocess")
-    multi, single = root / "two_processes", root / "reference"
+def _start_two_trainers(workdir, log_dir):
+    """Two `python -m xar_jax.main` trainers on ``workdir``, joined by jax.distributed."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    cli = [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={multi}",
+    cli = [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={workdir}",
            "--mode=train", *OVERRIDES]
     procs, logs = [], []
     for index in range(2):
         env = _env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(index))
-        logs.append(root / f"process_{index}.log")
+        logs.append(log_dir / f"process_{index}.log")
         procs.append(_start(cli, env, logs[-1]))
+    return procs, logs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The two-process run and the single-process reference, started together."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    multi, single = root / "two_processes", root / "reference"
+    procs, logs = _start_two_trainers(multi, root)
     logs.append(root / "reference.log")
     procs.append(_start([sys.executable, "-c", REFERENCE_DRIVER, TINY, str(single), str(STEPS)],
                         _env(2), logs[-1]))
@@ -306,15 +312,7 @@ def test_a_refused_lock_stops_every_process(tmp_path):
     holder = (f'{{"host": "{socket.gethostname()}", "pid": {os.getpid()}, '
               f'"started": {now}, "heartbeat": {now}}}')
     (workdir / "train.lock").write_text(holder)
-    coordinator = f"127.0.0.1:{_free_port()}"
-    cli = [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-           "--mode=train", *OVERRIDES]
-    procs, logs = [], []
-    for index in range(2):
-        env = _env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index))
-        logs.append(tmp_path / f"process_{index}.log")
-        procs.append(_start(cli, env, logs[-1]))
+    procs, logs = _start_two_trainers(workdir, tmp_path)
     codes = _wait_all(procs, TIMEOUT_S)
     texts = [p.read_text() for p in logs]
     assert codes == [2, 2], [_tail(t) for t in texts]
