@@ -73,21 +73,27 @@ class Checkpointer:
         self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self.every_steps = every_steps
         self.read_only = read_only
-        self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            keep_period=keep_period or None,
-            enable_async_checkpointing=async_save,
-            create=not read_only,
-            read_only=read_only,
-            # Leftovers of saves interrupted before their atomic rename (never a finished step).
-            cleanup_tmp_directories=not read_only,
-        )
-        # Handlers are named up front so the stored metadata can be read before any restore.
-        if read_only:  # Sampling: partial restores of the params (PyTree handler).
-            handlers = {"state": ocp.PyTreeCheckpointHandler()}
+        if read_only:
+            # A reader saves, keeps, creates and cleans up nothing (Orbax would otherwise reset
+            # each of these options of a read-only manager, with a warning apiece).
+            self._options = ocp.CheckpointManagerOptions(
+                read_only=True, save_interval_steps=0, create=False, cleanup_tmp_directories=False
+            )
         else:
-            handlers = {"state": ocp.StandardCheckpointHandler(),
-                        "data": grain.checkpoint.CheckpointHandler()}
+            self._options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                keep_period=keep_period or None,
+                enable_async_checkpointing=async_save,
+                # Leftovers of saves interrupted before their atomic rename (never a finished step).
+                cleanup_tmp_directories=True,
+            )
+        # The handler of every item is named up front, so the stored metadata can be read before
+        # any restore. Sampling makes partial restores of the params (PyTree handler) and never
+        # reads the data iterator.
+        handlers = {
+            "state": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        }
         self._manager = ocp.CheckpointManager(
             self.directory, options=self._options, item_handlers=handlers
         )
