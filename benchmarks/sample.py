@@ -107,9 +107,10 @@ def main():
         "--attention_impl",
         default="auto",
         choices=list(ATTENTION_IMPLS),
-        help="cached attention: xla = two-part softmax; cudnn = fused kernel over [cache, entity]; "
-        "auto = the model's choice for sampling (no dropout): cudnn on GPUs, else xla; pallas "
-        "samples through cudnn on GPUs",
+        help="cached attention: xla = two-part softmax; cudnn and pallas = the Pallas kernel "
+        "reading the cache in place (xar_jax/cached_attention.py; bf16/fp16 on GPUs); "
+        "dot_product = jax.nn.dot_product_attention over [cache, entity]; auto = the model's "
+        "choice for sampling (no dropout): cudnn on GPUs, else xla",
     )
     parser.add_argument(
         "--both_halves",

@@ -72,3 +72,13 @@ def test_attention_layer_benchmark_checks_and_times_the_kernel():
     )  # fmt: skip
     assert "rel L2" in out and "FAILED" not in out
     assert any(line.startswith("pallas_drop") for line in out.splitlines())
+
+
+def test_cached_attention_benchmark_checks_and_times_the_kernel():
+    out = _run("cached_attention.py", "--iters", "1", "--repeats", "1", "--block_k", "16,32")
+    assert "rel L2" in out and "FAILED" not in out
+    lines = out.splitlines()
+    # The concatenating path and both kernel tilings, for both prefixes of the tiny shape.
+    for row in ("concat_xla", "pallas_q64_k16_w4_s2", "pallas_q64_k32_w4_s2"):
+        assert any(line.startswith(f"{row}_p48") for line in lines), row
+        assert any(line.startswith(f"{row}_p16") for line in lines), row

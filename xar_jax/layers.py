@@ -16,6 +16,7 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from xar_jax.cached_attention import cached_attention
 from xar_jax.flash_attention import flash_attention, fmix32, head_streams, seed_words
 
 Array = jax.Array
@@ -35,8 +36,8 @@ def resolve_attention_impl(
     * GPU with attention dropout: 'pallas', the fused Triton kernel with in-kernel dropout;
     * GPU without it: 'cudnn' for bf16/fp16 compute, else 'dot_product' (cuDNN needs half types);
     * TPU and CPU: 'xla' (the Pallas kernel is Triton-only, so GPU-only; 'xla' has the dropout).
-    Sampling with 'pallas' runs its cached attention through jax.nn.dot_product_attention, so an
-    'auto' model trained with attention dropout also samples with the fused GPU kernel.
+    Cached sampling over a static prefix runs `cached_attention` for 'cudnn' and 'pallas' on a GPU
+    (`uses_cached_kernel`), so an 'auto' model samples with a fused kernel either way.
     """
     if impl != "auto":
         return impl
@@ -185,15 +186,41 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # Attention.
 @dataclasses.dataclass(frozen=True)
 class KVContext:
-    """Keys/values of finished entities for cached sampling.
+    """Keys/values of finished entities for cached sampling: one layer of the stacked cache.
 
-    keys/values: (B, Nc, H, d) post-RoPE; visible: (Nc,) bool, which cached positions may be
-    attended, or None when all of them may (a static prefix of finished entities).
+    keys/values: (L, B, N, H, d) post-RoPE, every layer's (read at ``layer``, not sliced out);
+    layer: this layer's index (an int, or an int32 scalar traced by a layer scan);
+    visible: (N,) bool, which cached positions may be attended (traced), or None when exactly the
+    first ``prefix_len`` (static) may: the finished entities before the current one.
     """
 
     keys: Array
     values: Array
-    visible: Array | None
+    layer: Array | int
+    visible: Array | None = None
+    prefix_len: int = 0
+
+    def layer_slice(self) -> tuple[Array, Array]:
+        """This layer's attended keys and values (B, Nc, H, d): the prefix, or all N if visible."""
+        keys, values = self.keys[self.layer], self.values[self.layer]
+        if self.visible is None:
+            return keys[:, : self.prefix_len], values[:, : self.prefix_len]
+        return keys, values
+
+
+def uses_cached_kernel(mode: str, dtype: Any, backend: str | None = None) -> bool:
+    """Whether cached attention over a static prefix runs `cached_attention.cached_attention`.
+
+    On a GPU, where it would otherwise run cuDNN over a concatenated copy of the cache (attention
+    impl 'cudnn' or 'pallas', half dtype). Elsewhere for 'pallas' only, in the Pallas interpreter
+    (as the training kernel): tests check the kernel's math there. A traced visibility (many
+    entities, looped) keeps the concatenation with a mask.
+    """
+    backend = backend or jax.default_backend()
+    if backend not in ("gpu", "cuda", "rocm"):
+        return mode == "pallas"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return mode in ("cudnn", "pallas") and half
 
 
 def _masked_softmax_attention(q, k, v, mask, scale, dropout_fn):
@@ -212,26 +239,28 @@ def _two_part_attention(q, k, v, ctx: KVContext, scale):
     The cache is not concatenated with the new keys (that would copy it every flow step): the two
     logit blocks are normalised jointly instead.
     """
-    l_cache = jnp.einsum("bthd,bshd->bhts", q, ctx.keys, preferred_element_type=jnp.float32) * scale
+    keys, values = ctx.layer_slice()
+    l_cache = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=jnp.float32) * scale
     if ctx.visible is not None:
         l_cache = jnp.where(ctx.visible[None, None, None, :], l_cache, -jnp.inf)
     l_own = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     m = jnp.maximum(l_cache.max(-1, keepdims=True), l_own.max(-1, keepdims=True))
     p_cache, p_own = jnp.exp(l_cache - m), jnp.exp(l_own - m)
     denom = p_cache.sum(-1, keepdims=True) + p_own.sum(-1, keepdims=True)
-    out = jnp.einsum("bhts,bshd->bthd", (p_cache / denom).astype(v.dtype), ctx.values)
+    out = jnp.einsum("bhts,bshd->bthd", (p_cache / denom).astype(v.dtype), values)
     return out + jnp.einsum("bhts,bshd->bthd", (p_own / denom).astype(v.dtype), v)
 
 
 def _fused_cached_attention(q, k, v, ctx: KVContext, impl):
     """Cached attention through ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU).
 
-    The kernel needs one key array, so the entity's keys/values are appended to the cache (a copy
-    of the visible prefix per call, cheap next to the unfused softmax it replaces). A traced
+    The kernel needs one key array, so the entity's keys/values are appended to the layer's cache
+    (a copy of the visible prefix per call; `cached_attention` avoids it where it runs). A traced
     visibility (many entities, looped) becomes a boolean mask; a static prefix needs none.
     """
-    keys = jnp.concatenate([ctx.keys.astype(k.dtype), k], axis=1)
-    values = jnp.concatenate([ctx.values.astype(v.dtype), v], axis=1)
+    cache_k, cache_v = ctx.layer_slice()
+    keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
     mask = None
     if ctx.visible is not None:
         own = jnp.ones((k.shape[1],), bool)
@@ -240,6 +269,15 @@ def _fused_cached_attention(q, k, v, ctx: KVContext, impl):
             (1, 1, q.shape[1], keys.shape[1]),
         )
     return jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=impl)
+
+
+def _qkv_mesh_spec() -> jax.sharding.PartitionSpec | None:
+    """The mesh split of (B, T, H, d) activations under the logical rules; None when unsplit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    if mesh.empty or spec is None or all(a is None for a in spec):
+        return None
+    return jax.sharding.PartitionSpec(*spec)
 
 
 def _sharded_flash_attention(q, k, v, mask, key, rate, scale):
@@ -255,20 +293,38 @@ def _sharded_flash_attention(q, k, v, mask, key, rate, scale):
     call = lambda q, k, v, mask, streams: flash_attention(
         q, k, v, mask, streams=streams, rate=rate, scale=scale
     )
-    mesh = jax.sharding.get_abstract_mesh()
-    spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
-    if mesh.empty or spec is None or all(a is None for a in spec):
+    spec = _qkv_mesh_spec()
+    if spec is None:
         return call(q, k, v, mask, streams)
     P = jax.sharding.PartitionSpec
-    qkv_spec = P(*spec)
     stream_spec = None if streams is None else P(spec[0], spec[2])
     mask_spec = None if mask is None else P()
     return jax.shard_map(
         call,
-        in_specs=(qkv_spec, qkv_spec, qkv_spec, mask_spec, stream_spec),
-        out_specs=qkv_spec,
+        in_specs=(spec, spec, spec, mask_spec, stream_spec),
+        out_specs=spec,
         check_vma=False,
     )(q, k, v, mask, streams)
+
+
+def _sharded_cached_attention(q, k, v, ctx: KVContext, scale):
+    """`cached_attention` over ``ctx``'s static prefix, per shard of batch and heads under a mesh
+    (as `_sharded_flash_attention`; the stacked caches split alike on their B and H axes)."""
+    call = lambda q, k, v, cache_k, cache_v, layer: cached_attention(
+        q, k, v, cache_k, cache_v, layer, ctx.prefix_len, scale=scale
+    )
+    args = (q, k, v, ctx.keys, ctx.values, jnp.asarray(ctx.layer, jnp.int32))
+    spec = _qkv_mesh_spec()
+    if spec is None:
+        return call(*args)
+    P = jax.sharding.PartitionSpec
+    cache_spec = P(None, *spec)
+    return jax.shard_map(
+        call,
+        in_specs=(spec, spec, spec, cache_spec, cache_spec, P()),
+        out_specs=spec,
+        check_vma=False,
+    )(*args)
 
 
 # Names of the block's matmul (and attention) outputs, for rematerialisation policies.
@@ -302,11 +358,15 @@ class Attention(nn.Module):
         mode = resolve_attention_impl(self.impl, self.attn_dropout, self.dtype)
         impl = None if mode == "dot_product" else mode
         if mode == "pallas":
-            # Cached sampling has no dropout: cuDNN's fused kernel where it runs (a GPU and a
-            # half dtype); elsewhere jax.nn.dot_product_attention's XLA form.
+            # Cached sampling has no dropout: over a static prefix, `cached_attention`; over a
+            # traced one, cuDNN's fused kernel where it runs (a GPU and a half dtype), elsewhere
+            # jax.nn.dot_product_attention's XLA form.
             fused = resolve_attention_impl("auto", 0.0, self.dtype)
             impl = "cudnn" if fused == "cudnn" else None
-        if kv_context is not None and mode == "xla":
+        static_prefix = kv_context is not None and kv_context.visible is None
+        if static_prefix and uses_cached_kernel(mode, self.dtype):
+            out = _sharded_cached_attention(q, k, v, kv_context, scale)
+        elif kv_context is not None and mode == "xla":
             out = _two_part_attention(q, k, v, kv_context, scale)
         elif kv_context is not None:
             out = _fused_cached_attention(q, k, v, kv_context, impl)

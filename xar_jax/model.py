@@ -75,15 +75,19 @@ class KVCache(NamedTuple):
 class _LayerBlock(Block):
     """A Block whose call-invariant switches are attributes, so nn.scan / nn.remat can wrap it.
 
-    Call: ``(x, cond, token_entity, cos, sin, mask, cache, visible) -> (x, kv or None)``, where
-    ``cache`` is this layer's (keys, values) or None; the (carry, output) shape suits nn.scan.
+    Call: ``(x, cond, token_entity, cos, sin, mask, cache, visible, layer) -> (x, kv or None)``,
+    where ``cache`` is the stacked (keys, values) of every layer or None, and ``layer`` this
+    block's index into it; the (carry, output) shape suits nn.scan.
     """
 
     deterministic: bool = True
     return_kv: bool = False
+    prefix_len: int = 0  # With a cache and no `visible`: the cached positions attended.
 
-    def __call__(self, x, cond, token_entity, cos, sin, mask, cache, visible):
-        context = None if cache is None else KVContext(cache[0], cache[1], visible)
+    def __call__(self, x, cond, token_entity, cos, sin, mask, cache, visible, layer):
+        context = None
+        if cache is not None:
+            context = KVContext(cache[0], cache[1], layer, visible, self.prefix_len)
         x, kv = super().__call__(x, cond, token_entity, cos, sin, mask, context, self.deterministic)
         return x, (kv if self.return_kv else None)
 
@@ -117,16 +121,37 @@ class BlockStack(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, cond, token_entity, cos, sin, mask, cache, visible, *, deterministic, return_kv
+        self,
+        x,
+        cond,
+        token_entity,
+        cos,
+        sin,
+        mask,
+        cache,
+        visible,
+        *,
+        deterministic,
+        return_kv,
+        prefix_len=0,
     ):
-        """Returns x and, with ``return_kv``, the stacked (keys, values) of shape (L, B, T, H, d)."""
+        """Returns x and, with ``return_kv``, the stacked (keys, values) of shape (L, B, T, H, d).
+
+        ``cache``: the stacked (keys, values) (L, B, N, H, d) or None; each block reads its layer
+        in place (no per-layer slice). ``prefix_len``: static count of cached positions attended
+        when ``visible`` is None.
+        """
         block_cls = _LayerBlock
         if self.remat != "none":
             block_cls = nn.remat(
                 block_cls, policy=_REMAT[self.remat], prevent_cse=not self.scan_layers
             )
         make = lambda name: block_cls(
-            **dict(self.block_kwargs), deterministic=deterministic, return_kv=return_kv, name=name
+            **dict(self.block_kwargs),
+            deterministic=deterministic,
+            return_kv=return_kv,
+            prefix_len=prefix_len,
+            name=name,
         )
         args = (cond, token_entity, cos, sin, mask)
         if self.scan_layers:
@@ -135,15 +160,17 @@ class BlockStack(nn.Module):
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 metadata_params={nn.PARTITION_NAME: "layers"},
-                in_axes=(nn.broadcast,) * len(args) + (0, nn.broadcast),
+                # The cache is broadcast whole and the layer index scanned: a scanned cache would
+                # be sliced per layer (a copy of its layer every call).
+                in_axes=(nn.broadcast,) * (len(args) + 2) + (0,),
                 length=self.depth,
                 unroll=self.scan_unroll,
             )
-            return scanned(make("blocks"), x, *args, cache, visible)
+            layers = jnp.arange(self.depth, dtype=jnp.int32)
+            return scanned(make("blocks"), x, *args, cache, visible, layers)
         kvs = []
         for i in range(self.depth):
-            layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-            x, kv = make(f"block_{i}")(x, *args, layer_cache, visible)
+            x, kv = make(f"block_{i}")(x, *args, cache, visible, i)
             kvs.append(kv)
         if not return_kv:
             return x, None
@@ -168,6 +195,8 @@ class XAR(nn.Module):
         (jax.nn.dot_product_attention, backend's choice), 'cudnn' (fused, GPU bf16/fp16),
         'pallas' (fused Pallas kernel with attention dropout; interpreted off GPU), 'auto' (the
         backend's fastest exact choice: `layers.resolve_attention_impl`; `build_model` resolves it).
+        Cached sampling over a static prefix runs `xar_jax.cached_attention` for 'cudnn' and
+        'pallas' on a GPU in a half dtype, and for 'pallas' (interpreted) elsewhere.
       scan_layers: scan over blocks (compile time flat in depth; params stacked on a leading axis).
       scan_unroll: blocks per iteration of the layer scan (1 = a loop over single blocks; larger
         values trade compile time for fewer loop iterations; the params are the same).
@@ -318,13 +347,15 @@ class XAR(nn.Module):
           x_t: (B, n, C) the entity's tokens; t: (B,) its time; labels: (B,).
           start: sequence index of the entity's first token (may be traced).
           caches: {'encoder': KVCache, 'decoder': KVCache} of shapes (L, B, N, H, d), or None.
-          visible: (N,) bool, which cached positions are finished entities; None when every
-            cached position is (the caches then hold only the finished prefix).
+          visible: (N,) bool, which cached positions are finished entities; None when they are
+            the first ``start`` (then a static int): the attention reads that prefix in place.
           return_kv: also return the entity's own {'encoder'|'decoder': KVCache (L, B, n, H, d)}.
 
         Returns:
           velocity (B, n, C), and the own keys/values if ``return_kv``.
         """
+        if caches is not None and visible is None and not isinstance(start, int):
+            raise ValueError("entity_forward without `visible` needs a static (int) `start`.")
         cond = self.conditioning(t[:, None], labels)
         token_entity = None  # One entity: its conditioning row covers every token.
         out, kvs = self._run(x_t, cond, start, token_entity, None, caches, visible, True, return_kv)
@@ -339,7 +370,8 @@ class XAR(nn.Module):
         h = self.z_proj_ln(h)
         cache_e = None if caches is None else tuple(caches["encoder"])
         cache_d = None if caches is None else tuple(caches["decoder"])
-        flags = dict(deterministic=deterministic, return_kv=return_kv)
+        prefix_len = start if caches is not None and visible is None else 0
+        flags = dict(deterministic=deterministic, return_kv=return_kv, prefix_len=prefix_len)
         h, kv_e = self.encoder_blocks(
             h, cond, token_entity, *map(take, rope_e), mask, cache_e, visible, **flags
         )

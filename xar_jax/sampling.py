@@ -356,18 +356,13 @@ def make_sampler(
 def _cache_context(caches, e, start, entity_of_token):
     """The cached keys/values the current entity attends to, and which of them are visible.
 
-    With a static ``start`` (unrolled entity loop) only the finished prefix is passed: no masked
-    work on not-yet-generated positions, and no context at all for the first entity. With a
-    traced ``start`` (loop over many entities) the whole cache is passed with a visibility mask.
+    With a static ``start`` (unrolled entity loop) the finished entities are the first ``start``
+    positions: the whole caches go with no mask, and the attention reads that static prefix in
+    place (no slice copied per flow step; no context at all for the first entity). With a
+    traced ``start`` (loop over many entities) the visibility is a mask.
     """
     if isinstance(start, int):
-        if start == 0:
-            return None, None
-        prefix = {
-            name: KVCache(c.keys[:, :, :start], c.values[:, :, :start])
-            for name, c in caches.items()
-        }
-        return prefix, None  # Every cached position is a finished entity.
+        return (caches if start else None), None
     return caches, entity_of_token < e
 
 

@@ -99,8 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     # auto | xla (supports attn dropout) | dot_product | cudnn | pallas (fused kernel with attn
     # dropout, GPU). auto is resolved once when the model is built: on a GPU, pallas if
     # attn_dropout > 0 (the paper's recipe, exact and fast), else cudnn (dot_product in float32);
-    # on TPU/CPU, xla. cudnn needs attn_dropout=0.0 for training; sampling has no dropout, and
-    # pallas samples through cuDNN. pallas draws its own dropout masks (docs/training.md).
+    # on TPU/CPU, xla. cudnn needs attn_dropout=0.0 for training; sampling has no dropout: cudnn
+    # and pallas sample with the cached-attention kernel on GPUs (xar_jax/cached_attention.py).
+    # pallas draws its own dropout masks (docs/training.md).
     c.model.attention_impl = "xla"
     # Dropout after attention proj and in the MLP: rng (nn.Dropout, bits from the dropout PRNG) |
     # hash (a counter hash fused into the neighbouring kernels; same rate, other masks).

@@ -1,0 +1,216 @@
+"""The cached-attention kernel: an entity's attention over one layer of the stacked KV cache, read
+in place, and its own keys equals attention over their concatenation; the sampler running it
+equals the sampler on the concatenating path and the release's golden samples.
+
+On CPU the kernel runs in the Pallas interpreter (attention impl 'pallas' selects it there); on a
+GPU the same tests run the Triton kernel (the samplers in bfloat16 there, where it is selected).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xar_jax import cached_attention as ca
+from xar_jax import entities as ent
+from xar_jax import layers, sampling
+from xar_jax import model as xar_model
+
+ON_GPU = jax.default_backend() == "gpu"
+B, H, L = 2, 2, 3
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # Relative L2 against a float64 reference.
+
+
+def _inputs(seed, n, d, tokens, dtype):
+    """Random q, k, v (B, n, H, d) and stacked caches (L, B, tokens, H, d) in ``dtype``."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    own = [jax.random.normal(kk, (B, n, H, d), jnp.float32).astype(dtype) for kk in keys[:3]]
+    cache = [jax.random.normal(kk, (L, B, tokens, H, d)).astype(dtype) for kk in keys[3:]]
+    return (*own, *cache)
+
+
+def _reference(q, k, v, cache_k, cache_v, layer, prefix_len):
+    """float64 softmax attention over [cache[layer, :, :prefix_len], own] (NumPy)."""
+    q, k, v, cache_k, cache_v = (np.asarray(x, np.float64) for x in (q, k, v, cache_k, cache_v))
+    keys = np.concatenate([cache_k[layer, :, :prefix_len], k], axis=1)
+    values = np.concatenate([cache_v[layer, :, :prefix_len], v], axis=1)
+    logits = np.einsum("bthd,bshd->bhts", q, keys) / np.sqrt(q.shape[-1])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", probs, values)
+
+
+def rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# n = 16 tokens per entity: 16-row tiles, so a prefix of 48 is three of them.
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layer", [0, L - 1], ids=["first_layer", "last_layer"])
+@pytest.mark.parametrize("prefix_len", [0, 16, 48], ids=["own_only", "one_tile", "three_tiles"])
+def test_kernel_matches_attention_over_the_concatenation(prefix_len, layer, dtype):
+    args = _inputs(100 * prefix_len + 10 * layer + (dtype == jnp.bfloat16), 16, 16, 64, dtype)
+    got = ca.cached_attention(*args, layer, prefix_len)
+    assert got.shape == (B, 16, H, 16) and got.dtype == dtype
+    assert rel_l2(got, _reference(*args, layer, prefix_len)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "n, d, tokens, prefix_len, blocks",
+    [
+        (12, 20, 40, 24, None),  # Padded tiles: 16 rows (12 real), 32 columns (20 real).
+        (12, 20, 40, 40, None),  # The whole cache: its last tile runs past the cache's end.
+        (40, 16, 128, 80, None),  # One 64-row tile: the prefix is 1 whole tile and 16 rows.
+        (40, 16, 128, 80, ca.BlockSizes(16, 16)),  # 3 query blocks, the last ragged.
+        (16, 80, 64, 32, None),  # xAR-H's head dim: 128-wide tiles, 80 columns real.
+    ],
+)
+def test_kernel_masks_ragged_tiles(n, d, tokens, prefix_len, blocks):
+    args = _inputs(n + d, n, d, tokens, jnp.float32)
+    got = ca.cached_attention(*args, 1, prefix_len, block_sizes=blocks)
+    assert rel_l2(got, _reference(*args, 1, prefix_len)) < TOL[jnp.float32]
+
+
+def test_kernel_reads_a_traced_layer_in_place():
+    # The layer index comes from a loop (as from the layer scan), one kernel call per layer.
+    args = _inputs(7, 16, 16, 64, jnp.float32)
+    run = jax.jit(lambda *a: jax.lax.map(lambda i: ca.cached_attention(*a, i, 32), jnp.arange(L)))
+    got = run(*args)
+    for i in range(L):
+        assert rel_l2(got[i], _reference(*args, i, 32)) < TOL[jnp.float32], i
+
+
+def test_kernel_rejects_a_prefix_longer_than_the_cache():
+    args = _inputs(0, 16, 16, 32, jnp.float32)
+    with pytest.raises(ValueError, match="prefix_len"):
+        ca.cached_attention(*args, 0, 48)
+
+
+@pytest.mark.parametrize(
+    "backend, mode, dtype, want",
+    [
+        ("gpu", "cudnn", jnp.bfloat16, True),  # Replaces cuDNN over a concatenated copy.
+        ("gpu", "pallas", jnp.float16, True),
+        ("gpu", "pallas", jnp.float32, False),  # cuDNN takes half types; f32 keeps XLA's form.
+        ("gpu", "dot_product", jnp.bfloat16, False),
+        ("gpu", "xla", jnp.bfloat16, False),
+        ("cpu", "pallas", jnp.float32, True),  # Interpreted: the tests' way to run it.
+        ("cpu", "dot_product", jnp.float32, False),
+        ("tpu", "cudnn", jnp.bfloat16, False),
+    ],
+)
+def test_kernel_replaces_cudnn_on_gpu_and_runs_interpreted_for_pallas(backend, mode, dtype, want):
+    assert layers.uses_cached_kernel(mode, dtype, backend) == want
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler: 4 cells of 16 tokens, an unrolled entity loop with static cache prefixes.
+LAYOUT = ent.make_layout("cell", 8, cell_size=4)
+
+
+SAMPLER_DTYPE = jnp.bfloat16 if ON_GPU else jnp.float32  # The kernel takes half types on GPUs.
+# bfloat16 roundings differ between the two paths and compound over 12 evaluations per entity
+# (7e-3 measured on CPU).
+SAMPLER_TOL = 3e-2 if ON_GPU else 1e-5
+
+
+def _tiny(attention_impl, scan_layers):
+    """Two blocks per stack (layer indices 0 and 1), perturbed params so every path has signal."""
+    model = xar_model.XAR(
+        LAYOUT, 32, 2, 2, 2, 2, in_channels=2, num_classes=10, attention_impl=attention_impl,
+        scan_layers=scan_layers, dtype=SAMPLER_DTYPE,
+    )  # fmt: skip
+    inputs = xar_model.example_inputs(model)
+    params = model.init(jax.random.key(1), *inputs)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys, strict=True)]
+    return model, jax.tree.unflatten(tree, leaves)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_sampler_through_the_kernel_matches_the_concatenating_sampler(scan_layers):
+    # The concatenating ('dot_product') sampler matches the full forward (tests/test_sampling.py).
+    labels, key = jnp.array([3, 7]), jax.random.key(5)
+    out, programs = {}, {}
+    for impl in ("pallas", "dot_product"):  # Same params: they do not depend on the kernel.
+        model, params = _tiny(impl, scan_layers)
+        traced = sampling.make_sampler(model, num_steps=3, cfg=2.0).trace(params, labels, key, None)
+        programs[impl] = str(traced.jaxpr)
+        out[impl] = traced.lower().compile()(params, labels, key, None)
+    assert "name=cached_attention" in programs["pallas"]
+    assert "name=cached_attention" not in programs["dot_product"]
+    assert np.isfinite(np.asarray(out["pallas"])).all()
+    assert rel_l2(out["pallas"], out["dot_product"]) < SAMPLER_TOL
+
+
+@pytest.fixture(scope="module")
+def pallas_golden_model(xar_golden_state_dict):
+    """The golden model sampling through the kernel: layer scan of two blocks per iteration
+    (float32: on a GPU this checks the concatenating path the kernel leaves float32 to)."""
+    from xar_jax.convert.xar import xar_from_torch
+
+    return xar_from_torch(
+        xar_golden_state_dict, attention_impl="pallas", scan_layers=True, scan_unroll=2
+    )
+
+
+def test_sampler_through_the_kernel_matches_the_reference(pallas_golden_model, xar_golden):
+    g = xar_golden
+    model, params = pallas_golden_model
+    out = sampling.sample(
+        model,
+        params,
+        g["smp/labels"],
+        num_steps=int(g["smp/num_steps"]),
+        cfg=float(g["smp/cfg"]),
+        noise={"init": g["smp/init_noise"], "steps": g["smp/eps"]},
+    )
+    assert rel_l2(out, g["smp/tokens_nchw"].transpose(0, 2, 3, 1)) < 1e-4
+
+
+SHARDED_SCRIPT = """
+import json
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from xar_jax import layers, sharding as sh
+
+b, n, tokens, depth, heads, d = 4, 16, 64, 2, 2, 16
+keys = jax.random.split(jax.random.key(0), 3)
+x = jax.random.normal(keys[0], (b, n, heads * d))
+cache_k, cache_v = (jax.random.normal(k, (depth, b, tokens, heads, d)) for k in keys[1:])
+cos, sin = jnp.ones((n, d)), jnp.zeros((n, d))
+layer = layers.Attention(num_heads=heads, impl="pallas")
+ctx = lambda i: layers.KVContext(cache_k, cache_v, i, None, prefix_len=32)
+params = layer.init(jax.random.key(1), x, cos, sin, None, ctx(0), True)
+run = jax.jit(lambda p, x, i: layer.apply(p, x, cos, sin, None, ctx(i), True)[0])
+single = np.asarray(run(params, x, 1))
+mesh = sh.make_mesh(2, 1, 2)  # Batch over 'data', the two heads over 'tensor'.
+with jax.set_mesh(mesh), nn.logical_axis_rules(list(sh.LOGICAL_AXIS_RULES)):
+    hlo = run.lower(params, x, 1).as_text()
+    sharded = np.asarray(run(params, x, 1))
+print(json.dumps({"max_diff": float(np.max(np.abs(single - sharded))),
+                  "shard_map": "shard_map" in hlo or "sdy.manual_computation" in hlo,
+                  "scale": float(np.max(np.abs(single)))}))
+"""
+
+
+def test_sharded_sampling_runs_the_kernel_per_shard_of_batch_and_heads():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
+        cwd=repo, env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": repo},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shard_map"]
+    assert result["max_diff"] <= 1e-5 * result["scale"]
