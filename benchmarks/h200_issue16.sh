@@ -48,4 +48,17 @@ call3() {
   (cd .devcarry_base && python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _base_r3c3) 2>&1 | grep -v Pallas
 }
 
+call4() {
+  # Session 2. The in-place cached attention with the layer scan's invariant check off
+  # (check_constancy_invariants=False): its tests on the GPU, then the sampler through it.
+  timeout 200 python3 -m pytest -q -x --tb=short -p no:cacheprovider tests/test_cached_attention.py \
+    2>&1 | tail -25
+  python3 benchmarks/sample.py --models xar_b,xar_l,xar_h --repeats 2 --tag _kernel_r3c4 2>&1 | grep -v Pallas
+  python3 benchmarks/sample.py --models xar_b --repeats 2 --unrolled --tag _kernel_unrolled_r3c4 \
+    2>&1 | grep -v Pallas
+  # Train B with XLA's Triton GEMM fusions widened (transposes/converts fused into GEMM operands).
+  XLA_FLAGS=--xla_gpu_triton_gemm_any=true python3 benchmarks/train_step.py --models xar_b \
+    --recipe paper --repeats 2 --tag _tritonany_r3c4 2>&1 | grep -v Pallas
+}
+
 "$@"

@@ -165,6 +165,11 @@ class BlockStack(nn.Module):
                 in_axes=(nn.broadcast,) * (len(args) + 2) + (0,),
                 length=self.depth,
                 unroll=self.scan_unroll,
+                # No partial-evaluation pass over the body to prove the broadcast inputs
+                # loop-invariant (they are arguments, never written): under jax 0.11 that pass
+                # rejects the broadcast cache ("broadcasted variable has a data dependency on the
+                # scan body"), and skipping it saves one trace of the block.
+                check_constancy_invariants=False,
             )
             layers = jnp.arange(self.depth, dtype=jnp.int32)
             return scanned(make("blocks"), x, *args, cache, visible, layers)
