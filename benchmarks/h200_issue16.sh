@@ -61,4 +61,16 @@ call4() {
     --recipe paper --repeats 2 --tag _tritonany_r3c4 2>&1 | grep -v Pallas
 }
 
+call5() {
+  # A/B in one call. BASE (.devcarry_base) = 5ecd0ae: delta as an XLA reduce before the
+  # backward kernels; HEAD: delta written by the dQ kernel. Then the kernels' GPU tests.
+  local P="--recipe paper --repeats 3"
+  (cd .devcarry_base && timeout 110 python3 benchmarks/train_step.py --models xar_b $P --tag _base_r3c5) 2>&1 | grep -v Pallas
+  timeout 110 python3 benchmarks/train_step.py --models xar_b $P --tag _delta_r3c5 2>&1 | grep -v Pallas
+  timeout 170 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_attention_dropout.py \
+    "tests/test_cached_attention.py::test_sampler_through_the_kernel_matches_the_reference" 2>&1 | tail -8
+  timeout 90 python3 benchmarks/train_step.py --models xar_l $P --tag _delta_r3c5 2>&1 | grep -v Pallas
+  timeout 90 python3 benchmarks/train_step.py --models xar_h $P --tag _delta_r3c5 2>&1 | grep -v Pallas
+}
+
 "$@"
