@@ -73,4 +73,15 @@ call5() {
   timeout 90 python3 benchmarks/train_step.py --models xar_h $P --tag _delta_r3c5 2>&1 | grep -v Pallas
 }
 
+call6() {
+  # Train B (paper recipe) under XLA flags, same call: base, Triton GEMM fusions widened (a GEMM
+  # can take a transpose/convert producer as its operand), cuBLASLt (bias/activation epilogues).
+  local P="--recipe paper --repeats 3"
+  timeout 170 python3 benchmarks/train_step.py --models xar_b $P --tag _base_r3c6 2>&1 | grep -v Pallas
+  XLA_FLAGS=--xla_gpu_triton_gemm_any=true timeout 170 python3 benchmarks/train_step.py \
+    --models xar_b $P --tag _tritonany_r3c6 2>&1 | grep -v Pallas
+  XLA_FLAGS=--xla_gpu_enable_cublaslt=true timeout 140 python3 benchmarks/train_step.py \
+    --models xar_b $P --tag _cublaslt_r3c6 2>&1 | grep -v Pallas
+}
+
 "$@"

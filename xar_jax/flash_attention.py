@@ -241,20 +241,15 @@ def _dkdv_kernel(
 
 
 def _dq_kernel(
-    stream_ref, kv_hi_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, out_ref, lse_ref,
-    dq_ref, delta_ref, *, st: _Static,
+    stream_ref, kv_hi_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dq_ref,
+    *, st: _Static,
 ):  # fmt: skip
     from jax.experimental.pallas import triton as plgpu
 
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
     qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
-    lse = lse_ref[...]
-    # delta_i = sum_j P_ij dP_ij = do_i . out_i, also with dropout (out is the dropped-out form).
-    # Computed here, per row block, and handed to the dK/dV kernel: as an XLA reduce over
-    # (B, T, H, d) it was a separate pass whose layout seeded batch-minor transposes.
-    delta = jnp.sum(do.astype(jnp.float32) * out_ref[...].astype(jnp.float32), axis=-1)
-    delta_ref[...] = delta
+    lse, delta = lse_ref[...], delta_ref[...]
     stream = stream_ref[b, h] if st.rate > 0 else None
 
     def body(kb, dq):
@@ -320,33 +315,11 @@ def _bwd_call(q, k, v, mask8, kv_hi, q_lo, streams, out, lse, do, st: _Static):
     batch, t, heads, d = q.shape
     s = k.shape[1]
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
+    # delta_i = sum_j P_ij dP_ij = do_i . out_i, also with dropout (out is the dropped-out form).
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
     common = dict(
         compiler_params=None if st.interpret else _compiler_params(st), interpret=st.interpret
     )
-    # dQ first: it also writes each row's delta, which every dK/dV program reads whole.
-    stats_row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    dq, delta = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st),
-        grid=(t // bq, batch, heads),
-        in_specs=[
-            _whole(streams.shape),
-            _whole(kv_hi.shape),
-            _row_block(bq, d),
-            _all_rows(s, d),
-            _all_rows(s, d),
-            _whole(mask8.shape),
-            _row_block(bq, d),
-            _row_block(bq, d),
-            stats_row,
-        ],
-        out_specs=[_row_block(bq, d), stats_row],
-        out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, heads, t), jnp.float32),
-        ],
-        name="flash_attention_dropout_dq",
-        **common,
-    )(streams, kv_hi, q, k, v, mask8, do, out, lse)
     stats_all = pl.BlockSpec((None, None, t), lambda i, b, h: (b, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
@@ -367,6 +340,26 @@ def _bwd_call(q, k, v, mask8, kv_hi, q_lo, streams, out, lse, do, st: _Static):
         name="flash_attention_dropout_dkdv",
         **common,
     )(streams, q_lo, q, k, v, mask8, do, lse, delta)
+    stats_row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        grid=(t // bq, batch, heads),
+        in_specs=[
+            _whole(streams.shape),
+            _whole(kv_hi.shape),
+            _row_block(bq, d),
+            _all_rows(s, d),
+            _all_rows(s, d),
+            _whole(mask8.shape),
+            _row_block(bq, d),
+            stats_row,
+            stats_row,
+        ],
+        out_specs=_row_block(bq, d),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        name="flash_attention_dropout_dq",
+        **common,
+    )(streams, kv_hi, q, k, v, mask8, do, lse, delta)
     return dq, dk, dv
 
 
