@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from xar_jax import sampling  # noqa: E402
@@ -62,7 +61,7 @@ def run_one(name, args):
     # under the linear schedule) runs only its conditional half (sampling.make_sampler).
     per_entity = flops["actual"] / k
     per_image = 2 * per_entity * k * (steps + 1)
-    unit = 0 if args.both_halves else int(np.sum(sampling.guidance_scales(k, cfg) == 1.0))
+    unit = 0 if args.both_halves else len(sampling.skipped_unconditional_entities(model.layout, cfg))
     run_per_image = per_image - unit * per_entity * steps
     peak = common.peak_tflops()
     row = {

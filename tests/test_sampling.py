@@ -216,6 +216,19 @@ def test_heun_with_guidance_runs_and_differs_from_euler_and_unguided():
     assert rel_l2(heun, euler) > 1e-3 and rel_l2(heun, plain) > 1e-3
 
 
+def test_which_entities_skip_their_unconditional_half():
+    # The one rule the sampler and benchmarks/sample.py's FLOP count share.
+    cells = ent.make_layout("cell", 8, cell_size=4)  # 4 entities: an unrolled entity loop.
+    tokens = ent.make_layout("token", 8)  # 64 uniform entities: a traced (looped) entity index.
+    skipped = sampling.skipped_unconditional_entities
+    assert skipped(cells, 2.5) == (0,)  # Linear schedule: scales 1, 1.5, 2, 2.5.
+    assert skipped(cells, 2.5, "constant") == ()
+    assert skipped(cells, 1.0) == ()  # Unguided: there is no unconditional half.
+    assert skipped(tokens, 2.5) == ()  # Scale unknown when tracing a looped entity.
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        skipped(cells, 2.5, "cosine")
+
+
 def test_unit_guidance_entity_runs_only_the_conditional_half():
     # Under the linear schedule the first entity's scale is exactly 1, so v = v_c: the sampler
     # skips its unconditional half. Same samples as running both halves; fewer FLOPs compiled.

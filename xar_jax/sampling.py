@@ -204,6 +204,24 @@ def sample(
     return fn(params, jnp.asarray(labels, jnp.int32), key, noise)
 
 
+def _entities_unrolled(layout) -> bool:
+    """Whether the sampler unrolls its entity loop (few or non-uniform entities), so that each
+    entity's index, cache prefix and guidance scale are static when tracing."""
+    return not (layout.uniform and layout.num_entities > STATIC_ENTITY_LIMIT)
+
+
+def skipped_unconditional_entities(layout, cfg: float, cfg_schedule: str = "linear"):
+    """The entities whose unconditional half `make_sampler` does not run (``skip_unit_guidance``).
+
+    Those guided with scale exactly 1 (the first under the linear schedule), in an unrolled
+    entity loop, where the scale is known when tracing. Empty without guidance (cfg 1).
+    """
+    if cfg == 1.0 or not _entities_unrolled(layout):
+        return ()
+    scales = guidance_scales(layout.num_entities, cfg, cfg_schedule)
+    return tuple(int(e) for e in np.flatnonzero(scales == 1.0))
+
+
 @functools.lru_cache(maxsize=32)
 def make_sampler(
     model: XAR,
@@ -230,6 +248,9 @@ def make_sampler(
     solver = SOLVERS[sampler]
     w_tab = guidance_scales(k, cfg, cfg_schedule)
     guided = cfg != 1.0
+    conditional_only = (
+        skipped_unconditional_entities(layout, cfg, cfg_schedule) if skip_unit_guidance else ()
+    )
     entity_of_token = jnp.asarray(layout.entity_of_token)
     starts = layout.entity_starts
 
@@ -239,10 +260,6 @@ def make_sampler(
         null = jnp.full_like(labels, model.num_classes)  # The null class is the extra last row.
         lab = jnp.concatenate([labels, null]) if guided else labels
         t_pts, w, n_steps = jax.tree.map(jnp.asarray, (t_tab, w_tab.astype(np.float32), steps))
-
-        def unit_guidance(e):
-            """Entity e is guided with scale exactly 1 (known when tracing: unrolled entities)."""
-            return guided and skip_unit_guidance and isinstance(e, int) and w_tab[e] == 1.0
 
         def doubled(x):
             """The guided batch: conditional and unconditional halves share x."""
@@ -278,19 +295,19 @@ def make_sampler(
             context, visible = (None, None)
             if use_cache:
                 context, visible = _cache_context(caches, e, start, entity_of_token)
-            skip = unit_guidance(e)
+            skip = isinstance(e, int) and e in conditional_only
             if skip and context is not None:
                 context = _conditional_half(context, b)
 
+            # Both halves run unless unguided, or guided with scale 1 (v_u + 1 (v_c - v_u) = v_c).
+            halves = guided and not skip
+
             def velocity(x, t):
                 """The guided velocity of the current entity at state x, time t."""
-                if skip:
-                    # v_u + 1 * (v_c - v_u) = v_c: the unconditional half is not needed.
-                    v = network(x, t, labels, context, visible, e, start, n, seq)
-                    return v.astype(state_dtype)
-                v = network(doubled(x), t, lab, context, visible, e, start, n, seq)
+                rows, rows_labels = (doubled(x), lab) if halves else (x, labels)
+                v = network(rows, t, rows_labels, context, visible, e, start, n, seq)
                 v = v.astype(state_dtype)
-                if guided:
+                if halves:
                     v_c, v_u = v[:b], v[b:]
                     v = v_u + w[e] * (v_c - v_u)
                 return v
@@ -341,7 +358,7 @@ def make_sampler(
         seq = jnp.zeros((b, layout.num_tokens, c), jnp.float32)
         caches = _empty_caches(model, lab.shape[0]) if use_cache else {}
         carry = (seq, caches)
-        if layout.uniform and k > STATIC_ENTITY_LIMIT:
+        if not _entities_unrolled(layout):
             n = layout.entity_sizes[0]
             carry = jax.lax.fori_loop(0, k, lambda e, cr: solve_entity(e, n, e * n, cr), carry)
         else:
