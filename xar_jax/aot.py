@@ -26,9 +26,10 @@ It reports per chip:
 * Scanned layers: the cost analysis counts a ``while`` body once, so a model with
   ``scan_layers`` (the xAR configs) would look ~depth times cheaper. The estimate compiles the
   step a second time with twice the layers per scan iteration and extrapolates linearly:
-  ``cost = c(u) + (depth - u) (c(2u) - c(u)) / u`` (u = ``model.scan_unroll``; depth = the mean
-  of encoder and decoder depth, equal in every preset). tests/test_aot.py checks this against
-  the unrolled model's cost. Sampling loops over flow steps as well, so ``--what=sample`` gives
+  ``cost = c(u) + (depth - n(u)) (c(2u) - c(u)) / (n(2u) - n(u))`` (u = ``model.scan_unroll``;
+  n(v) = the blocks compiled at v per iteration, summed over the encoder and decoder scans:
+  `layer_copies_compiled`, which counts the remainder jax unrolls when v does not divide the
+  depth). tests/test_aot.py checks this against the unrolled model's cost. Sampling loops over flow steps as well, so ``--what=sample`` gives
   memory and collectives but no speed estimate.
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
   all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
@@ -188,20 +189,42 @@ def cost(compiled) -> dict[str, float]:
             "optimal_seconds": float(ca.get("optimal_seconds", float("nan")))}
 
 
+def layer_copies_compiled(depth: int, unroll: int) -> int:
+    """How many copies of a block a layer scan of ``depth`` compiles, at ``unroll`` per iteration.
+
+    The cost analysis counts each copy once: the ``unroll`` copies of the loop body, plus the
+    ``depth % unroll`` remainder that jax's scan unrolls after the loop; a scan of at most one
+    iteration (unroll >= depth) is unrolled whole.
+    """
+    if unroll >= depth:
+        return depth
+    return unroll + depth % unroll
+
+
 def scan_corrected_cost(config, devices, c1: dict[str, float]) -> tuple[dict[str, float], str]:
     """Per-chip cost of the step with every layer counted (see the module docstring)."""
     m = config.model
-    depth = (_depths(config)[0] + _depths(config)[1]) / 2
-    if not m.scan_layers or depth <= m.scan_unroll:
+    depths = _depths(config)
+    u = m.scan_unroll
+    if not m.scan_layers or all(d <= u for d in depths):
         return c1, "as compiled (no layer loop)"
     doubled = copy.deepcopy(config)
     with doubled.unlocked():
-        doubled.model.scan_unroll = 2 * m.scan_unroll
+        doubled.model.scan_unroll = 2 * u
     c2 = cost(compile_train(doubled, devices)[0])
-    u = m.scan_unroll
-    out = {k: c1[k] + (depth - u) * (c2[k] - c1[k]) / u for k in ("flops", "bytes")}
+    # c(v) = rest + copies(v) x per-block cost, copies summed over the encoder and decoder scans
+    # (their blocks cost the same): two compiles give the per-block cost, the depths the total.
+    copies_u = sum(layer_copies_compiled(d, u) for d in depths)
+    copies_2u = sum(layer_copies_compiled(d, 2 * u) for d in depths)
+    missing = sum(depths) - copies_u
+    out = {
+        k: c1[k] + missing * (c2[k] - c1[k]) / (copies_2u - copies_u) for k in ("flops", "bytes")
+    }
     points = ", ".join(f"{k} c(u) {c1[k]:.4g} c(2u) {c2[k]:.4g}" for k in ("flops", "bytes"))
-    return out, f"scan extrapolated: c(u={u}) + ({depth:g} - u) x (c(2u) - c(u)) / u; {points}"
+    return out, (
+        f"scan extrapolated: c(u={u}) + {missing} uncompiled blocks x (c(2u) - c(u)) / "
+        f"{copies_2u - copies_u} blocks; {points}"
+    )
 
 
 def _depths(config) -> tuple[int, int]:
