@@ -84,4 +84,12 @@ call6() {
     --models xar_b $P --tag _cublaslt_r3c6 2>&1 | grep -v Pallas
 }
 
+call7() {
+  # Train B (paper recipe): kernel profile and XLA's optimised HLO of the step, gzipped.
+  XLA_FLAGS="--xla_dump_to=/tmp/dt --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_as_text" \
+    timeout 170 python3 benchmarks/profile_kernels.py --what train --model xar_b --recipe paper \
+    --calls 2 --top 60 2>&1 | grep -v "Pallas\|return rule" | tee "$OUT/train_b_paper_r3c7.txt"
+  gzip -c "$(ls /tmp/dt/*train_step*after_optimizations.txt | head -1)" > "$OUT/train_b_after_opt.txt.gz"
+}
+
 "$@"
