@@ -28,9 +28,10 @@ It reports per chip:
   step a second time with twice the layers per scan iteration and extrapolates linearly:
   ``cost = c(u) + (depth - n(u)) (c(2u) - c(u)) / (n(2u) - n(u))`` (u = ``model.scan_unroll``;
   n(v) = the blocks compiled at v per iteration, summed over the encoder and decoder scans:
-  `layer_copies_compiled`, which counts the remainder jax unrolls when v does not divide the
-  depth). tests/test_aot.py checks this against the unrolled model's cost. Sampling loops over flow steps as well, so ``--what=sample`` gives
-  memory and collectives but no speed estimate.
+  `hlo_stats.layer_copies_compiled`, which counts the remainder jax unrolls when v does not
+  divide the depth). tests/test_aot.py checks this against the unrolled model's cost. Sampling
+  loops over flow steps as well, so ``--what=sample`` gives memory and collectives but no speed
+  estimate.
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
   all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
 
@@ -189,18 +190,6 @@ def cost(compiled) -> dict[str, float]:
             "optimal_seconds": float(ca.get("optimal_seconds", float("nan")))}
 
 
-def layer_copies_compiled(depth: int, unroll: int) -> int:
-    """How many copies of a block a layer scan of ``depth`` compiles, at ``unroll`` per iteration.
-
-    The cost analysis counts each copy once: the ``unroll`` copies of the loop body, plus the
-    ``depth % unroll`` remainder that jax's scan unrolls after the loop; a scan of at most one
-    iteration (unroll >= depth) is unrolled whole.
-    """
-    if unroll >= depth:
-        return depth
-    return unroll + depth % unroll
-
-
 def scan_corrected_cost(config, devices, c1: dict[str, float]) -> tuple[dict[str, float], str]:
     """Per-chip cost of the step with every layer counted (see the module docstring)."""
     m = config.model
@@ -214,8 +203,8 @@ def scan_corrected_cost(config, devices, c1: dict[str, float]) -> tuple[dict[str
     c2 = cost(compile_train(doubled, devices)[0])
     # c(v) = rest + copies(v) x per-block cost, copies summed over the encoder and decoder scans
     # (their blocks cost the same): two compiles give the per-block cost, the depths the total.
-    copies_u = sum(layer_copies_compiled(d, u) for d in depths)
-    copies_2u = sum(layer_copies_compiled(d, 2 * u) for d in depths)
+    copies_u = sum(hlo_stats.layer_copies_compiled(d, u) for d in depths)
+    copies_2u = sum(hlo_stats.layer_copies_compiled(d, 2 * u) for d in depths)
     missing = sum(depths) - copies_u
     out = {
         k: c1[k] + missing * (c2[k] - c1[k]) / (copies_2u - copies_u) for k in ("flops", "bytes")

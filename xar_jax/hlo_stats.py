@@ -152,3 +152,15 @@ def collectives(hlo_text: str) -> dict[str, Any]:
     }
     result["unknown_trip_counts"] = unknown
     return result
+
+
+def layer_copies_compiled(depth: int, unroll: int) -> int:
+    """How many copies of a block a layer scan of ``depth`` compiles, at ``unroll`` per iteration.
+
+    The cost analysis counts each copy once: the ``unroll`` copies of the loop body, plus the
+    ``depth % unroll`` remainder that jax's scan unrolls after the loop; a scan of at most one
+    iteration (unroll >= depth) is unrolled whole.
+    """
+    if unroll >= depth:
+        return depth
+    return unroll + depth % unroll

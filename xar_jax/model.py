@@ -165,11 +165,12 @@ class BlockStack(nn.Module):
                 in_axes=(nn.broadcast,) * (len(args) + 2) + (0,),
                 length=self.depth,
                 unroll=self.scan_unroll,
-                # No partial-evaluation pass over the body to prove the broadcast inputs
-                # loop-invariant (they are arguments, never written): under jax 0.11 that pass
-                # rejects the broadcast cache ("broadcasted variable has a data dependency on the
-                # scan body"), and skipping it saves one trace of the block.
-                check_constancy_invariants=False,
+                # With a cache (sampling: given params, no RNG), no partial-evaluation pass over
+                # the body to prove the broadcast inputs loop-invariant: under jax 0.11 it rejects
+                # the broadcast cache ("broadcasted variable has a data dependency on the scan
+                # body"). Without one (init, training) the pass stays: skipping it changes how
+                # flax splits the scanned blocks' RNGs, so the same seed would give other params.
+                check_constancy_invariants=cache is None,
             )
             layers = jnp.arange(self.depth, dtype=jnp.int32)
             return scanned(make("blocks"), x, *args, cache, visible, layers)
