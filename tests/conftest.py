@@ -1,6 +1,7 @@
 """Shared fixtures: golden vectors, the converted tiny reference model (loaded once), and a GCS
 bucket on a local emulator (`gcs_bucket`, tests/gcs_emulator.py)."""
 
+import json
 import os
 
 import numpy as np
@@ -104,6 +105,36 @@ def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600):
             *flags]
     return subprocess.run(args, env=main_env(devices), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def golden_sample_error(model, params, g) -> float:
+    """Relative L2 distance of ``model``'s sampler from the release's golden samples (same noise)."""
+    from xar_jax import sampling
+
+    out = sampling.sample(
+        model,
+        params,
+        g["smp/labels"],
+        num_steps=int(g["smp/num_steps"]),
+        cfg=float(g["smp/cfg"]),
+        noise={"init": g["smp/init_noise"], "steps": g["smp/eps"]},
+    )
+    assert out.shape == (2, 16, 16, 16)
+    expected = g["smp/tokens_nchw"].transpose(0, 2, 3, 1)
+    return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
+
+
+def run_json_script(script: str, timeout: int = 300) -> dict:
+    """Runs a Python ``script`` on the CPU in a subprocess (its own device count, set by the
+    script) and returns the JSON object its last output line prints."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=timeout, cwd=REPO,
+                         env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def tree_digest(root) -> dict:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_json_script
 from flax import linen as nn
 from jax._src.ad_checkpoint import saved_residuals  # The public module exports only the printer.
 
@@ -248,18 +249,7 @@ print(json.dumps({"max_diff": float(np.max(np.abs(single - sharded))),
 
 
 def test_sharded_pallas_attention_runs_per_shard_with_the_same_masks():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
-        cwd=repo, env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": repo},
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_json_script(SHARDED_SCRIPT)
     assert result["shard_map"]
     assert result["max_diff"] <= 1e-5 * result["scale"]
 

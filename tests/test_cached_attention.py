@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import golden_sample_error, run_json_script
 
 from xar_jax import cached_attention as ca
 from xar_jax import entities as ent
@@ -157,20 +158,10 @@ def pallas_golden_model(xar_golden_state_dict):
 
 
 def test_sampler_through_the_kernel_matches_the_reference(pallas_golden_model, xar_golden):
-    g = xar_golden
-    model, params = pallas_golden_model
     # Full float32 products: a GPU's default float32 matmul precision is TF32 (a 10-bit
     # mantissa), which alone puts the sampler ~7e-4 from the reference there.
     with jax.default_matmul_precision("float32"):
-        out = sampling.sample(
-            model,
-            params,
-            g["smp/labels"],
-            num_steps=int(g["smp/num_steps"]),
-            cfg=float(g["smp/cfg"]),
-            noise={"init": g["smp/init_noise"], "steps": g["smp/eps"]},
-        )
-    assert rel_l2(out, g["smp/tokens_nchw"].transpose(0, 2, 3, 1)) < 1e-4
+        assert golden_sample_error(*pallas_golden_model, xar_golden) < 1e-4
 
 
 SHARDED_SCRIPT = """
@@ -203,17 +194,6 @@ print(json.dumps({"max_diff": float(np.max(np.abs(single - sharded))),
 
 
 def test_sharded_sampling_runs_the_kernel_per_shard_of_batch_and_heads():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
-        cwd=repo, env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": repo},
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_json_script(SHARDED_SCRIPT)
     assert result["shard_map"]
     assert result["max_diff"] <= 1e-5 * result["scale"]

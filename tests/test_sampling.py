@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import golden_sample_error
 
 from xar_jax import entities as ent
 from xar_jax import model as xar_model
@@ -15,27 +16,13 @@ def rel_l2(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def _golden_sample(model, params, g):
-    noise = {"init": g["smp/init_noise"], "steps": g["smp/eps"]}
-    out = sampling.sample(
-        model,
-        params,
-        g["smp/labels"],
-        num_steps=int(g["smp/num_steps"]),
-        cfg=float(g["smp/cfg"]),
-        noise=noise,
-    )
-    assert out.shape == (2, 16, 16, 16)
-    return rel_l2(out, g["smp/tokens_nchw"].transpose(0, 2, 3, 1))
-
-
 def test_sampler_matches_reference_given_recorded_noise(golden_model, xar_golden):
-    assert _golden_sample(*golden_model, xar_golden) < 1e-4
+    assert golden_sample_error(*golden_model, xar_golden) < 1e-4
 
 
 def test_fused_cached_attention_sampler_matches_reference(optimized_golden_model, xar_golden):
     # The fast sampler: attention over [cache prefix, entity] as one fused-attention call.
-    assert _golden_sample(*optimized_golden_model, xar_golden) < 1e-4
+    assert golden_sample_error(*optimized_golden_model, xar_golden) < 1e-4
 
 
 def test_time_grid_follows_the_release():
