@@ -92,4 +92,16 @@ call7() {
   gzip -c "$(ls /tmp/dt/*train_step*after_optimizations.txt | head -1)" > "$OUT/train_b_after_opt.txt.gz"
 }
 
+call8() {
+  # Next session (prepared, not run): A/B of the hash dropout backward behind an optimization
+  # barrier (branch dropout-barrier) against main, train B/L/H, same call. Before the call:
+  #   git archive main | (mkdir -p .devcarry_base && tar -x -C .devcarry_base)
+  # and run with carry [".devcarry_base"] from the dropout-barrier checkout.
+  local P="--recipe paper --repeats 3"
+  (cd .devcarry_base && timeout 170 python3 benchmarks/train_step.py --models xar_b $P --tag _base_r3c8) 2>&1 | grep -v Pallas
+  timeout 120 python3 benchmarks/train_step.py --models xar_b $P --tag _barrier_r3c8 2>&1 | grep -v Pallas
+  timeout 100 python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _barrier_r3c8 2>&1 | grep -v Pallas
+  (cd .devcarry_base && timeout 100 python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _base_r3c8) 2>&1 | grep -v Pallas
+}
+
 "$@"
