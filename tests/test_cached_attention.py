@@ -82,6 +82,22 @@ def test_kernel_reads_a_traced_layer_in_place():
         assert rel_l2(got[i], _reference(*args, i, 32)) < TOL[jnp.float32], i
 
 
+def test_the_concatenating_paths_slice_only_the_visible_prefix_of_a_layer():
+    # What the XLA and cuDNN forms read when the kernel does not run: one slice of exactly
+    # (layer, prefix), not the whole layer cut afterwards (a copy of all N positions per layer and
+    # flow step on TPU).
+    keys, values = (jax.random.normal(k, (3, 2, 16, 2, 8)) for k in jax.random.split(jax.random.key(0), 2))
+    ctx = lambda layer: layers.KVContext(keys, values, layer, None, prefix_len=5)
+    got_k, got_v = ctx(1).layer_slice()
+    np.testing.assert_array_equal(got_k, keys[1, :, :5])
+    np.testing.assert_array_equal(got_v, values[1, :, :5])
+    jaxpr = str(jax.make_jaxpr(lambda i: ctx(i).layer_slice())(jnp.int32(2)))
+    assert jaxpr.count("dynamic_slice") == 2 and "slice_sizes=(1, 2, 5, 2, 8)" in jaxpr
+    # With a visibility mask (a looped entity index) every position is read.
+    visible = layers.KVContext(keys, values, 2, jnp.arange(16) < 5).layer_slice()[0]
+    np.testing.assert_array_equal(visible, keys[2])
+
+
 def test_kernel_rejects_a_prefix_longer_than_the_cache():
     args = _inputs(0, 16, 16, 32, jnp.float32)
     with pytest.raises(ValueError, match="prefix_len"):

@@ -201,11 +201,15 @@ class KVContext:
     prefix_len: int = 0
 
     def layer_slice(self) -> tuple[Array, Array]:
-        """This layer's attended keys and values (B, Nc, H, d): the prefix, or all N if visible."""
-        keys, values = self.keys[self.layer], self.values[self.layer]
-        if self.visible is None:
-            return keys[:, : self.prefix_len], values[:, : self.prefix_len]
-        return keys, values
+        """This layer's attended keys and values (B, Nc, H, d): the prefix, or all N if visible.
+
+        One slice of exactly that block: indexing the layer first and then cutting the prefix
+        makes XLA copy the whole layer (all N positions) per layer and flow step on TPU.
+        """
+        _, b, n, h, d = self.keys.shape
+        length = n if self.visible is not None else self.prefix_len
+        take = lambda a: jax.lax.dynamic_slice(a, (self.layer, 0, 0, 0, 0), (1, b, length, h, d))[0]
+        return take(self.keys), take(self.values)
 
 
 def uses_cached_kernel(mode: str, dtype: Any, backend: str | None = None) -> bool:
