@@ -137,9 +137,10 @@ class BlockStack(nn.Module):
     ):
         """Returns x and, with ``return_kv``, the stacked (keys, values) of shape (L, B, T, H, d).
 
-        ``cache``: the stacked (keys, values) (L, B, N, H, d) or None; each block reads its layer
-        in place (no per-layer slice). ``prefix_len``: static count of cached positions attended
-        when ``visible`` is None.
+        ``cache``: the stacked (keys, values) (L, B, N, H, d) or None, with each block's index
+        into it: the cached-attention kernel reads its layer in place; the XLA and concatenating
+        forms take one (layer, prefix) slice (`layers.KVContext.layer_slice`). ``prefix_len``:
+        static count of cached positions attended when ``visible`` is None.
         """
         block_cls = _LayerBlock
         if self.remat != "none":
