@@ -94,9 +94,11 @@ call7() {
 
 call8() {
   # Next session (prepared, not run): A/B of the hash dropout backward behind an optimization
-  # barrier (branch dropout-barrier) against main, train B/L/H, same call. Before the call:
-  #   git archive main | (mkdir -p .devcarry_base && tar -x -C .devcarry_base)
-  # and run with carry [".devcarry_base"] from the dropout-barrier checkout.
+  # barrier (branch dropout-barrier) against main, train B/L/H, same call. The device tool sends
+  # the session's own checkout, so before the call, in it:
+  #   rm -rf .devcarry_base && mkdir .devcarry_base && git archive main | tar -x -C .devcarry_base
+  #   git checkout dropout-barrier   (rebased on main if main moved)
+  # then run `bash benchmarks/h200_issue16.sh call8` with carry [".devcarry_base"].
   local P="--recipe paper --repeats 3"
   (cd .devcarry_base && timeout 170 python3 benchmarks/train_step.py --models xar_b $P --tag _base_r3c8) 2>&1 | grep -v Pallas
   timeout 120 python3 benchmarks/train_step.py --models xar_b $P --tag _barrier_r3c8 2>&1 | grep -v Pallas
