@@ -61,7 +61,8 @@ def run_one(name, args):
     # under the linear schedule) runs only its conditional half (sampling.make_sampler).
     per_entity = flops["actual"] / k
     per_image = 2 * per_entity * k * (steps + 1)
-    unit = 0 if args.both_halves else len(sampling.skipped_unconditional_entities(model.layout, cfg))
+    skipped = sampling.skipped_unconditional_entities(model.layout, cfg)
+    unit = 0 if args.both_halves else len(skipped)
     run_per_image = per_image - unit * per_entity * steps
     peak = common.peak_tflops()
     row = {

@@ -108,7 +108,7 @@ def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600):
 
 
 def golden_sample_error(model, params, g) -> float:
-    """Relative L2 distance of ``model``'s sampler from the release's golden samples (same noise)."""
+    """Relative L2 distance of ``model``'s samples from the release's golden ones (same noise)."""
     from xar_jax import sampling
 
     out = sampling.sample(

@@ -86,7 +86,9 @@ def test_the_concatenating_paths_slice_only_the_visible_prefix_of_a_layer():
     # What the XLA and cuDNN forms read when the kernel does not run: one slice of exactly
     # (layer, prefix), not the whole layer cut afterwards (a copy of all N positions per layer and
     # flow step on TPU).
-    keys, values = (jax.random.normal(k, (3, 2, 16, 2, 8)) for k in jax.random.split(jax.random.key(0), 2))
+    keys, values = (
+        jax.random.normal(k, (3, 2, 16, 2, 8)) for k in jax.random.split(jax.random.key(0), 2)
+    )
     ctx = lambda layer: layers.KVContext(keys, values, layer, None, prefix_len=5)
     got_k, got_v = ctx(1).layer_slice()
     np.testing.assert_array_equal(got_k, keys[1, :, :5])

@@ -91,7 +91,9 @@ class Checkpointer:
         # any restore. Sampling makes partial restores of the params (PyTree handler) and never
         # reads the data iterator.
         handlers = {
-            "state": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
+            "state": (
+                ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
+            ),
             "data": grain.checkpoint.CheckpointHandler(),
         }
         self._manager = ocp.CheckpointManager(
