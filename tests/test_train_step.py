@@ -161,3 +161,42 @@ def test_train_step_module_imports_without_trainer_only_packages():
     proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_position_embedding_gradient_is_the_batch_sum_by_matmul():
+    """`broadcast_over_batch`: a plain broadcast forward; its gradient is the sum over the batch,
+    computed as a matmul (no reduce over the batch axis, which XLA's GPU layout assignment would
+    make minor-most and spread through the network)."""
+    from xar_jax.layers import broadcast_over_batch
+
+    rng = np.random.default_rng(0)
+    shared = jnp.asarray(rng.normal(size=(1, 5, 3)), jnp.float32)
+    d_out = jnp.asarray(rng.normal(size=(7, 5, 3)), jnp.float32)
+    out, vjp = jax.vjp(lambda s: broadcast_over_batch(s, 7), shared)
+    np.testing.assert_array_equal(out, jnp.broadcast_to(shared, (7, 5, 3)))
+    (grad,) = vjp(d_out)
+    assert grad.shape == shared.shape
+    np.testing.assert_allclose(grad, d_out.sum(0, keepdims=True), rtol=1e-6, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(vjp)(d_out))
+    assert "dot_general" in jaxpr and "reduce_sum" not in jaxpr
+
+
+def _batch_axis_reductions(jaxpr, batch):
+    """reduce_sum equations that sum only axis 0 of a (batch, ...) operand of rank >= 3."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            found += _batch_axis_reductions(sub, batch)
+        if eqn.primitive.name == "reduce_sum" and tuple(eqn.params["axes"]) == (0,):
+            shape = eqn.invars[0].aval.shape
+            if len(shape) >= 3 and shape[0] == batch:
+                found.append(shape)
+    return found
+
+
+def test_train_step_sums_no_activation_over_the_batch_axis_alone(setup):
+    """The regression test of issue 16's layout fix: the only such reduce in the step was the
+    position embeddings' gradient, and it made the whole xAR-B step batch-minor on GPUs."""
+    _, _, _, state, batch, steps = setup
+    jaxpr = jax.make_jaxpr(steps[1, "stop"])(state, batch).jaxpr
+    assert _batch_axis_reductions(jaxpr, batch["labels"].shape[0]) == []

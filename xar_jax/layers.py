@@ -123,6 +123,34 @@ def param_dense(features: int, name: str, dtype: Any, axes: tuple[str, str]) -> 
     )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_over_batch(shared: Array, batch: int) -> Array:
+    """``shared`` (1, ...) repeated to (batch, ...); its gradient sums over the batch by a matmul.
+
+    The plain broadcast's gradient is a reduce over the batch axis. XLA's GPU layout assignment
+    turns every large reduce into a row reduction by making the reduced axis the operand's
+    minor-most one, so this single gradient (of the learned position embeddings) made the whole
+    residual stream batch-minor, with a transpose around every matmul: about 14% of the xAR-B
+    train step (docs/benchmarks.md, issue 16). A matmul with a ones matrix sums the same
+    float32 values (exact products, HIGHEST precision) and asks for no layout.
+    """
+    return jnp.broadcast_to(shared, (batch, *shared.shape[1:]))
+
+
+def _broadcast_over_batch_fwd(shared, batch):
+    return broadcast_over_batch(shared, batch), None
+
+
+def _broadcast_over_batch_bwd(batch, _, d_out):
+    # Two rows of ones: XLA rewrites a one-row (vector) product back into a reduce.
+    ones = jnp.ones((2, batch), d_out.dtype)
+    total = jnp.matmul(ones, d_out.reshape(batch, -1), precision=jax.lax.Precision.HIGHEST)[0]
+    return (total.reshape(1, *d_out.shape[1:]),)
+
+
+broadcast_over_batch.defvjp(_broadcast_over_batch_fwd, _broadcast_over_batch_bwd)
+
+
 def rms_normalize(x: Array) -> Array:
     """``x * rsqrt(mean(x^2) + 1e-6)`` computed in float32, returned in float32."""
     x = x.astype(jnp.float32)

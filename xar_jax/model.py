@@ -29,6 +29,7 @@ from xar_jax.layers import (
     KVContext,
     RMSNorm,
     TimestepEmbedder,
+    broadcast_over_batch,
     param_dense,
     resolve_attention_impl,
     rope_tables,
@@ -373,7 +374,8 @@ class XAR(nn.Module):
         rope_e = [jnp.asarray(a) for a in self._rope(self.encoder_heads)]
         rope_d = [jnp.asarray(a) for a in self._rope(self.decoder_heads)]
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, n, axis=a.ndim - 2)
-        h = self.z_proj(x) + take(self.encoder_pos_embed_learned)
+        pos = lambda table: broadcast_over_batch(take(table), x.shape[0])
+        h = self.z_proj(x) + pos(self.encoder_pos_embed_learned)
         h = self.z_proj_ln(h)
         cache_e = None if caches is None else tuple(caches["encoder"])
         cache_d = None if caches is None else tuple(caches["decoder"])
@@ -383,7 +385,7 @@ class XAR(nn.Module):
             h, cond, token_entity, *map(take, rope_e), mask, cache_e, visible, **flags
         )
         h = self.encoder_norm(h)
-        h = self.decoder_embed(h) + take(self.decoder_pos_embed_learned)
+        h = self.decoder_embed(h) + pos(self.decoder_pos_embed_learned)
         h, kv_d = self.decoder_blocks(
             h, cond, token_entity, *map(take, rope_d), mask, cache_d, visible, **flags
         )
