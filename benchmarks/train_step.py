@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from xar_jax import model as xar_model  # noqa: E402
+from xar_jax import scan_buffers  # noqa: E402
 from xar_jax import train_state as ts  # noqa: E402
 from xar_jax.layers import ATTENTION_IMPLS, DROPOUT_IMPLS, resolve_attention_impl  # noqa: E402
 
@@ -127,7 +128,11 @@ def run_one(name, args):
         state = ts.create_train_state(model, optimizer, seed=0)
         step = jax.jit(step, donate_argnums=0)
     start = time.perf_counter()
-    compiled = step.lower(state, data).compile()
+    fill = float("nan") if args.scan_outputs == "nan" else None
+    swap = args.scan_outputs != "zeroed"
+    with scan_buffers.uninitialised_scan_outputs(swap, fill_value=fill) as swapped:
+        lowered = step.lower(state, data)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     for _ in range(2):  # Warm-up.
         state, metrics = compiled(state, data)
@@ -142,6 +147,7 @@ def run_one(name, args):
         return m["loss"]
 
     times = [t / args.steps for t in common.timed(chunk, args.repeats)]
+    final_loss = float(jax.device_get(chunk()))  # Same seed and steps: A/B runs can compare it.
     sec = common.median(times)
     flops = common.flop_counts(model)
     peak = common.peak_tflops()
@@ -161,10 +167,12 @@ def run_one(name, args):
         "tflops": issue_tflops,
         **settings,
         "recipe": args.recipe,
+        "scan_outputs": args.scan_outputs if swapped else "zeroed",
         "prng": args.prng,
         "mesh": args.mesh or "1,1",
         "devices": jax.device_count(),
         "steps_run": int(jax.device_get(holder["state"].step)),
+        "final_loss": final_loss,
         "times_s": [round(t, 5) for t in times],
     }
 
@@ -195,6 +203,13 @@ def main():
     )
     parser.add_argument(
         "--mesh", default="", help="DATA,FSDP mesh over all devices (global batch = --batch)"
+    )
+    parser.add_argument(
+        "--scan_outputs",
+        default="uninitialised",
+        choices=["uninitialised", "zeroed", "nan"],
+        help="layer scans' stacked outputs: no zero fill (the trainer's), jax's zero fill, or a "
+        "NaN fill (a check: a slot read before it is written shows as a NaN loss)",
     )
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
     parser.add_argument(
@@ -242,6 +257,8 @@ def main():
             "prng",
             "scan_layers",
             "remat",
+            "scan_outputs",
+            "final_loss",
         ],
         args,
     )
