@@ -137,3 +137,28 @@ def test_two_v5p_8_slices_compile_with_the_batch_split_over_dcn():
     assert (r["chips"], r["num_slices"], r["hosts"]) == (8, 2, 2)
     assert r["fits"] is True and (r["global_batch"], r["per_chip_batch"]) == (8, 1)
     assert r["collectives"]["all-reduce"]["count"] > 0  # Gradients cross the slices.
+
+
+def test_entry_traffic_reads_transposes_fills_allocations_and_batch_minor_arrays():
+    from xar_jax import hlo_stats
+
+    text = (
+        "HloModule m\n\nENTRY %main (p: f32[8,4,16,32]) -> f32[8,4,16,32] {\n"
+        "  %p = f32[8,4,16,32]{0,3,2,1} parameter(0)\n"
+        "  %input_transpose_fusion = f32[4,16,32,8]{3,2,1,0} fusion(%p), kind=kInput, calls=%t\n"
+        "  %loop_broadcast_fusion = (bf16[3,8,16]{2,1,0}, f32[3,8,16]{2,1,0}) fusion(), "
+        "kind=kLoop, calls=%b\n"
+        '  %empty = bf16[3,8,16]{2,1,0} custom-call(), custom_call_target="AllocateBuffer"\n'
+        "  %residual = f32[4,16,32,8]{3,2,1,0} add(%input_transpose_fusion, %input_transpose_fusion)\n"
+        "  ROOT %gemm_fusion_dot = f32[8,4,16,32]{3,2,1,0} fusion(%input_transpose_fusion), "
+        "kind=kCustom, calls=%g\n}\n"
+    )
+    got = hlo_stats.entry_traffic(text, batch=8)
+    array = 8 * 4 * 16 * 32 * 4 / 1e9
+    assert got["transpose_gb"] == pytest.approx(array)
+    assert got["zero_fill_gb"] == pytest.approx(3 * 8 * 16 * (2 + 4) / 1e9)
+    assert got["allocate_buffers"] == 1
+    # The parameter (batch axis 0 minor-most by layout); the transpose and the add (the batch
+    # axis last in their logical shapes).
+    assert got["batch_minor_arrays"] == 3
+    assert got["written_gb"] == pytest.approx(2 * array + got["zero_fill_gb"] + 3 * 8 * 16 * 2 / 1e9)

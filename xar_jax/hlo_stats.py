@@ -164,3 +164,47 @@ def layer_copies_compiled(depth: int, unroll: int) -> int:
     if unroll >= depth:
         return depth
     return unroll + depth % unroll
+
+
+_ENTRY_OP = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+(fusion|custom-call|copy|transpose)\((.*)$")
+_LAYOUT_ARRAY = re.compile(r"\b(\w+)\[([\d,]+)\]\{([\d,]+)")
+
+
+def entry_traffic(hlo_text: str, batch: int) -> dict[str, float]:
+    """What a compiled GPU module's top-level (ENTRY) ops write, in the terms of issue 16.
+
+    ``transpose_gb``: bytes written by transposes (fusions XLA named for one, and plain ones);
+    ``zero_fill_gb``: by fusions without operands (the fill of a broadcast constant, e.g. a
+    scan's stacked outputs); ``allocate_buffers``: uninitialised buffers (``AllocateBuffer``);
+    ``batch_minor_arrays``: arrays of rank >= 3 with the batch axis minor-most, either by layout
+    (before layout normalisation) or, as the optimised program writes them, as the last logical
+    axis of an array not led by it (f32[K, n, D, B]: the layout that forced the transposes);
+    ``written_gb``: all of the above ops.
+    Loop bodies are not entered: a scan's work is counted once, in its while op's buffers.
+    """
+    entry = hlo_text[hlo_text.index("\nENTRY"):] if "\nENTRY" in hlo_text else hlo_text
+    out = {"written_gb": 0.0, "transpose_gb": 0.0, "zero_fill_gb": 0.0, "allocate_buffers": 0}
+    for line in entry.splitlines():
+        m = _ENTRY_OP.match(line)
+        if not m:
+            continue
+        name, shape, op, rest = m.groups()
+        gb = sum(_array_bytes(shape)) / 1e9
+        out["written_gb"] += gb
+        if op == "transpose" or (op == "fusion" and "transpose" in name):
+            out["transpose_gb"] += gb
+        elif op == "fusion" and rest.startswith(")"):
+            out["zero_fill_gb"] += gb
+        elif op == "custom-call" and 'custom_call_target="AllocateBuffer"' in rest:
+            out["allocate_buffers"] += 1
+    b = str(batch)
+    out["batch_minor_arrays"] = sum(
+        1
+        for _, dims, layout in _LAYOUT_ARRAY.findall(hlo_text)
+        if dims.count(",") >= 2
+        and (
+            (dims.split(",")[0] == b and layout.split(",")[0] == "0")
+            or (dims.split(",")[-1] == b and dims.split(",")[0] != b)
+        )
+    )
+    return out

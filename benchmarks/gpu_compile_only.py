@@ -1,0 +1,123 @@
+"""The paper-recipe train step compiled for an H200 on a machine without a GPU; its HLO, read.
+
+XLA's GPU compiler runs without a device when given the device's description (a
+``GpuTargetConfig``), so layouts, fusions and buffers of the H200 program can be studied on a
+laptop CPU at no device time. That is how issue 16's two fixes were found (docs/benchmarks.md):
+the batch-minor layout of train B and the zero fill of the scans' stacked outputs. Autotuning
+is skipped without a device, so GEMM choices (and so timings) are not the device's.
+
+Setup, once, in its own environment (the CPU test suite should never load a CUDA plugin):
+
+  python -m venv --system-site-packages ~/venv_gpu
+  ~/venv_gpu/bin/pip install "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"
+
+Run (the constraints check would look for a CUDA driver):
+
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 ~/venv_gpu/bin/python benchmarks/gpu_compile_only.py \
+      --models xar_b,xar_l --hlo_dir /tmp/hlo
+
+Prints, per model, the compile time and `xar_jax.hlo_stats.entry_traffic` of the program:
+bytes written by its top-level ops, transposes, zero fills, uninitialised buffers and
+batch-minor arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # Never touch a GPU, even where one exists.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+# An H200 (sm_90, 132 SMs, 141 GB HBM3e) as XLA's GpuTargetConfig text proto.
+H200_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 4800000000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 150000000000
+  shared_memory_per_block_optin: 232448 cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 patch: 0 }
+device_description_str: "NVIDIA H200"
+"""
+
+
+def h200_device():
+    """A compile-only H200 (needs jax's CUDA plugin; no GPU or driver)."""
+    topology = topologies.get_topology_desc(
+        platform="cuda", target_config=H200_TARGET, topology="1x1x1"
+    )
+    return topology.devices[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="xar_b,xar_l,xar_h")
+    parser.add_argument("--batch", type=int, default=0, help="0 = B 256, L 128, H 64")
+    parser.add_argument("--scan_outputs", default="uninitialised", choices=["uninitialised", "zeroed"])
+    parser.add_argument("--hlo_dir", default="", help="write each optimised HLO here")
+    args = parser.parse_args()
+
+    device = h200_device()
+    # The model picks its kernels (and Pallas its interpret mode) from the default backend,
+    # which is the CPU here; the program is compiled for the GPU.
+    jax.default_backend = lambda: "gpu"
+    jax.config.update("jax_default_prng_impl", "rbg")
+
+    from benchmarks import common
+    from benchmarks.train_step import DEFAULT_BATCH, PAPER_LAYERS
+    from xar_jax import hlo_stats, scan_buffers
+    from xar_jax import model as xar_model
+    from xar_jax import train_state as ts
+
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    on_device = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree
+    )
+    rows = []
+    for name in args.models.split(","):
+        layers = PAPER_LAYERS[name]
+        model = common.build(
+            name, attention_impl="pallas", attn_dropout=0.1, dropout=0.1, dropout_impl="hash",
+            dtype=jnp.bfloat16, scan_layers=not layers["unrolled"], remat=layers["remat"],
+        )
+        optimizer = ts.make_optimizer(
+            learning_rate=4e-4, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
+            weight_decay_mask=ts.weight_decay_mask_fn(xar_model.abstract_params(model)),
+        )
+        step = ts.make_train_step(model, model.layout, optimizer, ema_decay=0.9999,
+                                  label_drop_prob=0.1)
+        state = jax.eval_shape(lambda: ts.create_train_state(model, optimizer, seed=0))  # noqa: B023
+        batch = args.batch or DEFAULT_BATCH[name]
+        data = {"latents": jax.ShapeDtypeStruct((batch, 16, 16, 16), jnp.float32),
+                "labels": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+        start = time.perf_counter()
+        with scan_buffers.uninitialised_scan_outputs(args.scan_outputs == "uninitialised"):
+            lowered = jax.jit(step, donate_argnums=0).lower(on_device(state), on_device(data))
+        text = lowered.compile().as_text()
+        seconds = time.perf_counter() - start
+        if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with open(os.path.join(args.hlo_dir, f"{name}_train_step.hlo.txt"), "w") as f:
+                f.write(text)
+        rows.append({"model": name, "batch": batch, "compile_s": seconds,
+                     "scan_outputs": args.scan_outputs,
+                     **hlo_stats.entry_traffic(text, batch)})
+        common.print_table(rows[-1:], list(rows[-1]))
+
+
+if __name__ == "__main__":
+    main()
