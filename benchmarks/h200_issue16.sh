@@ -93,17 +93,71 @@ call7() {
 }
 
 call8() {
-  # Next session (prepared, not run): A/B of the hash dropout backward behind an optimization
-  # barrier (branch dropout-barrier) against main, train B/L/H, same call. The device tool sends
-  # the session's own checkout, so before the call, in it:
-  #   rm -rf .devcarry_base && mkdir .devcarry_base && git archive main | tar -x -C .devcarry_base
-  #   git checkout dropout-barrier   (rebased on main if main moved)
+  # Session 3. A/B in one call. BASE (.devcarry_base) = 54be181; HEAD: the position embeddings'
+  # gradient summed over the batch by a matmul (`layers.broadcast_over_batch`) instead of a
+  # reduce, which had made XLA's layout assignment put the residual stream batch-minor in the
+  # unrolled B step (found by compiling for an H200 without one: docs/benchmarks.md). Setup,
+  # in the session's checkout before the call:
+  #   rm -rf .devcarry_base && mkdir .devcarry_base && git archive 54be181 | tar -x -C .devcarry_base
   # then run `bash benchmarks/h200_issue16.sh call8` with carry [".devcarry_base"].
   local P="--recipe paper --repeats 3"
   (cd .devcarry_base && timeout 170 python3 benchmarks/train_step.py --models xar_b $P --tag _base_r3c8) 2>&1 | grep -v Pallas
-  timeout 120 python3 benchmarks/train_step.py --models xar_b $P --tag _barrier_r3c8 2>&1 | grep -v Pallas
-  timeout 100 python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _barrier_r3c8 2>&1 | grep -v Pallas
-  (cd .devcarry_base && timeout 100 python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _base_r3c8) 2>&1 | grep -v Pallas
+  timeout 130 python3 benchmarks/train_step.py --models xar_b $P --tag _posmm_r3c8 2>&1 | grep -v Pallas
+  timeout 200 python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _posmm_r3c8 2>&1 | grep -v Pallas
+}
+
+call9() {
+  # Same code, same call: the layer scans' stacked outputs zero-filled (jax's default) or left
+  # uninitialised (xar_jax.scan_buffers, the trainer's). L and H only: B runs unrolled.
+  local P="--recipe paper --repeats 3"
+  python3 -c "import jax; from xar_jax import scan_buffers as s; print('jax', jax.__version__, 'swap supported:', s.swap_supported())"
+  for m in xar_l xar_h; do
+    timeout 110 python3 benchmarks/train_step.py --models $m $P --scan_outputs zeroed --tag _zeroed_r3c9 2>&1 | grep -v Pallas
+    timeout 110 python3 benchmarks/train_step.py --models $m $P --tag _noinit_r3c9 2>&1 | grep -v Pallas
+  done
+}
+
+call10() {
+  # Are the uninitialised scan outputs ever read before written? Same seed, same steps: with
+  # GEMM autotuning off (fixed algorithms) the two programs must reach the same final loss
+  # bit for bit. A repeat of the zeroed run with autotuning on shows the run-to-run spread.
+  local P="--recipe paper --repeats 1 --steps 5"
+  for mode in zeroed uninitialised; do
+    XLA_FLAGS=--xla_gpu_autotune_level=0 timeout 100 python3 benchmarks/train_step.py --models xar_l \
+      $P --scan_outputs $mode --tag _${mode}_autotune0_r3c10 2>&1 | grep -v Pallas | tail -2
+  done
+  for i in 1 2; do
+    timeout 100 python3 benchmarks/train_step.py --models xar_l $P --scan_outputs zeroed \
+      --tag _zeroed_rep${i}_r3c10 2>&1 | grep -v Pallas | tail -2
+  done
+}
+
+call11() {
+  # The final code. (1) No slot of a scan output is read before it is written on the GPU
+  # either: with the stacked outputs filled with NaN the loss stays finite. (2) The headline
+  # train rows for B, L, H (paper recipe), same call.
+  timeout 100 python3 benchmarks/train_step.py --models xar_l --recipe paper --repeats 1 --steps 5 \
+    --scan_outputs nan --tag _nan_r3c11 2>&1 | grep -v Pallas | tail -2
+  local P="--recipe paper --repeats 3"
+  timeout 120 python3 benchmarks/train_step.py --models xar_b $P --tag _final_r3c11 2>&1 | grep -v Pallas
+  timeout 160 python3 benchmarks/train_step.py --models xar_l,xar_h $P --tag _final_r3c11 2>&1 | grep -v Pallas
+}
+
+call12() {
+  # With the zero fill gone, do L and H still want their remat policies? 'none' stores more
+  # residuals, which the fill used to make costlier. Same call: the current choice, then 'none'.
+  local P="--recipe paper --repeats 3"
+  timeout 100 python3 benchmarks/train_step.py --models xar_l $P --tag _final2_r3c12 2>&1 | grep -v Pallas | tail -1
+  timeout 100 python3 benchmarks/train_step.py --models xar_h $P --tag _final2_r3c12 2>&1 | grep -v Pallas | tail -1
+  timeout 100 python3 benchmarks/train_step.py --models xar_l $P --recipe flags --attention_impl auto --dropout_impl hash --prng rbg --remat none --tag _none_r3c12 2>&1 | grep -v Pallas | tail -1
+  timeout 100 python3 benchmarks/train_step.py --models xar_h $P --recipe flags --attention_impl auto --dropout_impl hash --prng rbg --remat none --tag _none_r3c12 2>&1 | grep -v Pallas | tail -1
+}
+
+call13() {
+  # L, the one model still at its target's edge: two blocks per scan iteration, and 'matmuls'.
+  local F="--repeats 3 --recipe flags --attention_impl auto --dropout_impl hash --prng rbg"
+  timeout 110 python3 benchmarks/train_step.py --models xar_l $F --remat dots --scan_unroll 2 --tag _unroll2_r3c13 2>&1 | grep -v Pallas | tail -1
+  timeout 100 python3 benchmarks/train_step.py --models xar_l $F --remat matmuls --tag _matmuls_r3c13 2>&1 | grep -v Pallas | tail -1
 }
 
 "$@"
