@@ -45,6 +45,17 @@ def test_scan_outputs_lower_to_uninitialised_buffers_only_inside_the_block(platf
     assert inside.count("AllocateBuffer") >= 3
 
 
+def test_swap_applies_under_the_trainers_mesh():
+    """The trainer lowers its step inside `jax.set_mesh` (all axes Auto): still no zero fill."""
+    from xar_jax import sharding as sharding_lib
+
+    with jax.set_mesh(sharding_lib.make_mesh(1, 1, 1)):
+        with scan_buffers.uninitialised_scan_outputs():
+            text = _scan_grad().trace(jnp.ones((3, 8, 8)), jnp.ones((4, 8))).lower(
+                lowering_platforms=("cuda",)).as_text()
+    assert text.count("AllocateBuffer") >= 3
+
+
 def test_disabled_swap_changes_nothing():
     with scan_buffers.uninitialised_scan_outputs(enabled=False) as active:
         text = _scan_grad().trace(jnp.ones((3, 8, 8)), jnp.ones((4, 8))).lower(

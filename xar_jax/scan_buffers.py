@@ -15,7 +15,9 @@ anything reads the stacked output.
 
 The swap replaces a private jax function, so it is guarded: it applies only where that function
 still has the signature written against (jax 0.10-0.11), and only to outputs in default memory
-with no explicit mesh. Anything else takes jax's own path (a zero fill).
+that carry no sharding of their own (no mesh, or the trainer's mesh of Auto axes). Anything else
+takes jax's own path (a zero fill). Compiled for a v5p-8 (4 chips, the trainer's data/fsdp
+sharding), the xAR-B step's collectives and per-chip memory are the same with and without it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def swap_supported() -> bool:
     return tuple(inspect.signature(original).parameters) == _EXPECTED_PARAMETERS
 
 
+def _plain(aval) -> bool:
+    """Default memory, and no sharding of its own to keep: no mesh, or one whose axes are all
+    Auto (the trainer's `jax.set_mesh`; the partitioner then places the buffer like its users)."""
+    if getattr(aval, "memory_space", None) not in (None, _core.MemorySpace.Device):
+        return False
+    sharding = getattr(aval, "sharding", None)
+    if sharding is None:
+        return True
+    if any(p is not None for p in sharding.spec):
+        return False
+    mesh = sharding.mesh
+    auto = getattr(jax.sharding.AxisType, "Auto", None)
+    return mesh.empty or all(t == auto for t in getattr(mesh, "axis_types", ()))
+
+
 @contextlib.contextmanager
 def uninitialised_scan_outputs(
     enabled: bool = True, fill_value: float | None = None
@@ -55,7 +72,8 @@ def uninitialised_scan_outputs(
         the tests prove that no slot is read before the loop writes it (NaN changes nothing).
 
     Yields whether the swap is active (False when disabled or when this jax is not supported).
-    Not thread-safe: it swaps a module attribute of jax for the duration of the block.
+    Not thread-safe: it swaps a module attribute of jax for the duration of the block. A
+    function whose lowering jax has already cached (same jaxpr, lowered before) keeps it.
     """
     if not (enabled and swap_supported()):
         yield False
@@ -63,9 +81,7 @@ def uninitialised_scan_outputs(
     original = _loops._empty_array
 
     def uninitialised_array(prefix, length_spec, aval):
-        mesh = getattr(getattr(aval, "sharding", None), "mesh", None)
-        plain_memory = getattr(aval, "memory_space", None) in (None, _core.MemorySpace.Device)
-        if not plain_memory or (mesh is not None and not mesh.empty):
+        if not _plain(aval):
             return original(prefix, length_spec, aval)
         shape = (*prefix, *aval.shape)
         if fill_value is None:
