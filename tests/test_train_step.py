@@ -1,6 +1,7 @@
 """The pure train step: decay mask, LR schedule, gradient accumulation, EMA, non-finite guard."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -185,7 +186,7 @@ def _batch_axis_reductions(jaxpr, batch):
     """reduce_sum equations that sum only axis 0 of a (batch, ...) operand of rank >= 3."""
     found = []
     for eqn in jaxpr.eqns:
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += _batch_axis_reductions(sub, batch)
         if eqn.primitive.name == "reduce_sum" and tuple(eqn.params["axes"]) == (0,):
             shape = eqn.invars[0].aval.shape
