@@ -9,7 +9,8 @@ is skipped without a device, so GEMM choices (and so timings) are not the device
 Setup, once, in its own environment (the CPU test suite should never load a CUDA plugin):
 
   python -m venv --system-site-packages ~/venv_gpu
-  ~/venv_gpu/bin/pip install "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"
+  JAX_VERSION=$(python -c 'import jax; print(jax.__version__)')
+  ~/venv_gpu/bin/pip install "jax-cuda12-plugin[with-cuda]==$JAX_VERSION"
 
 Run (the constraints check would look for a CUDA driver):
 
@@ -67,7 +68,9 @@ def main():
     )
     parser.add_argument("--models", default="xar_b,xar_l,xar_h")
     parser.add_argument("--batch", type=int, default=0, help="0 = B 256, L 128, H 64")
-    parser.add_argument("--scan_outputs", default="uninitialised", choices=["uninitialised", "zeroed"])
+    parser.add_argument(
+        "--scan_outputs", default="uninitialised", choices=["uninitialised", "zeroed"]
+    )
     parser.add_argument("--hlo_dir", default="", help="write each optimised HLO here")
     args = parser.parse_args()
 
@@ -100,7 +103,8 @@ def main():
         )
         step = ts.make_train_step(model, model.layout, optimizer, ema_decay=0.9999,
                                   label_drop_prob=0.1)
-        state = jax.eval_shape(lambda: ts.create_train_state(model, optimizer, seed=0))  # noqa: B023
+        init = lambda m=model, o=optimizer: ts.create_train_state(m, o, seed=0)  # noqa: E731
+        state = jax.eval_shape(init)
         batch = args.batch or DEFAULT_BATCH[name]
         data = {"latents": jax.ShapeDtypeStruct((batch, 16, 16, 16), jnp.float32),
                 "labels": jax.ShapeDtypeStruct((batch,), jnp.int32)}

@@ -65,10 +65,11 @@ def test_disabled_swap_changes_nothing():
 
 def test_no_slot_of_a_scanned_models_outputs_is_read_before_written():
     """Stacked outputs filled with NaN instead of zeros: the same loss and gradients, bit for bit
-    (the training gradient of a scanned, rematerialised model with every dropout on)."""
+    (the training gradient of a scanned, rematerialised model: stacked residuals forward,
+    stacked parameter gradients backward)."""
     layout = make_layout("cell", 8, cell_size=4)
-    model = XAR(layout, 32, 2, 1, 2, 2, in_channels=1, num_classes=10, dropout=0.1,
-                attn_dropout=0.1, dropout_impl="hash", scan_layers=True, remat="dots_no_batch")
+    model = XAR(layout, 32, 2, 1, 2, 2, in_channels=1, num_classes=10, dropout=0.0,
+                attn_dropout=0.0, scan_layers=True, remat="dots_no_batch")
     rng = np.random.default_rng(0)
     labels = jnp.asarray(rng.integers(0, 10, 4), jnp.int32)
     tokens = jnp.asarray(rng.uniform(-1, 1, (4, layout.num_tokens, 1)), jnp.float32)
@@ -76,8 +77,7 @@ def test_no_slot_of_a_scanned_models_outputs_is_read_before_written():
     params = model.init(jax.random.key(0), tokens, inputs.t, labels)["params"]
 
     def loss(p):  # A fresh function per lowering: jax caches lowerings by jaxpr.
-        return flow.flow_loss(model.apply, p, tokens, inputs, layout,
-                              rngs={"dropout": jax.random.key(2)})[0]
+        return flow.flow_loss(model.apply, p, tokens, inputs, layout)[0]
 
     results, nan_constants = [], []
     for fill in (0.0, float("nan")):
@@ -85,7 +85,8 @@ def test_no_slot_of_a_scanned_models_outputs_is_read_before_written():
             lowered = jax.jit(jax.value_and_grad(lambda p: loss(p))).lower(params)
         assert active
         nan_constants.append(lowered.as_text().count("0x7FC00000"))
-        results.append(lowered.compile()(params))
+        # LLVM at -O0: the question is the program's semantics, not its speed (half the time).
+        results.append(lowered.compile({"xla_backend_optimization_level": 0})(params))
     assert nan_constants[1] > nan_constants[0]  # The NaN fill reached the program.
     (zero_loss, zero_grads), (nan_loss, nan_grads) = results
     assert np.isfinite(float(nan_loss))

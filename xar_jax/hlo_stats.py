@@ -166,7 +166,9 @@ def layer_copies_compiled(depth: int, unroll: int) -> int:
     return unroll + depth % unroll
 
 
-_ENTRY_OP = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+(fusion|custom-call|copy|transpose)\((.*)$")
+_ENTRY_OP = re.compile(
+    r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+(fusion|custom-call|copy|transpose)\((.*)$"
+)
 _LAYOUT_ARRAY = re.compile(r"\b(\w+)\[([\d,]+)\]\{([\d,]+)")
 
 

@@ -40,7 +40,7 @@ _EXPECTED_PARAMETERS = ("prefix", "length_spec", "aval")
 def swap_supported() -> bool:
     """Whether this jax's scan allocates its outputs through the function the swap replaces."""
     original = getattr(_loops, "_empty_array", None)
-    if original is None or not hasattr(jax.lax, "empty"):
+    if original is None or not (hasattr(jax.lax, "empty") and hasattr(_core, "pvary")):
         return False
     return tuple(inspect.signature(original).parameters) == _EXPECTED_PARAMETERS
 
@@ -88,7 +88,8 @@ def uninitialised_scan_outputs(
             out = jax.lax.empty(shape, aval.dtype)
         else:
             out = jax.lax.full(shape, fill_value, aval.dtype)
-        return _core.pvary(out, tuple(aval.mat.varying))
+        varying = getattr(getattr(aval, "mat", None), "varying", ())  # Axes of a shard_map.
+        return _core.pvary(out, tuple(varying))
 
     _loops._empty_array = uninitialised_array
     try:
