@@ -81,9 +81,8 @@ def main():
     jax.config.update("jax_default_prng_impl", "rbg")
 
     from benchmarks import common
-    from benchmarks.train_step import DEFAULT_BATCH, PAPER_LAYERS
+    from benchmarks.train_step import DEFAULT_BATCH, PAPER_LAYERS, paper_optimizer_and_step
     from xar_jax import hlo_stats, scan_buffers
-    from xar_jax import model as xar_model
     from xar_jax import train_state as ts
 
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -97,12 +96,7 @@ def main():
             name, attention_impl="pallas", attn_dropout=0.1, dropout=0.1, dropout_impl="hash",
             dtype=jnp.bfloat16, scan_layers=not layers["unrolled"], remat=layers["remat"],
         )
-        optimizer = ts.make_optimizer(
-            learning_rate=4e-4, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
-            weight_decay_mask=ts.weight_decay_mask_fn(xar_model.abstract_params(model)),
-        )
-        step = ts.make_train_step(model, model.layout, optimizer, ema_decay=0.9999,
-                                  label_drop_prob=0.1)
+        optimizer, step = paper_optimizer_and_step(model)
         init = lambda m=model, o=optimizer: ts.create_train_state(m, o, seed=0)  # noqa: E731
         state = jax.eval_shape(init)
         batch = args.batch or DEFAULT_BATCH[name]

@@ -182,7 +182,8 @@ def entry_traffic(hlo_text: str, batch: int) -> dict[str, float]:
     (before layout normalisation) or, as the optimised program writes them, as the last logical
     axis of an array not led by it (f32[K, n, D, B]: the layout that forced the transposes);
     ``written_gb``: all of the above ops.
-    Loop bodies are not entered: a scan's work is counted once, in its while op's buffers.
+    The byte counts do not enter loop bodies (a scan's work shows once, in its while op's
+    buffers); ``batch_minor_arrays`` counts the arrays of every computation in the text.
     """
     entry = hlo_text[hlo_text.index("\nENTRY"):] if "\nENTRY" in hlo_text else hlo_text
     out = {"written_gb": 0.0, "transpose_gb": 0.0, "zero_fill_gb": 0.0, "allocate_buffers": 0}
