@@ -150,3 +150,28 @@ def report(section: str, rows: list[dict[str, Any]], columns: list[str], args: A
     if not args.no_json and not args.tiny:
         path = update_json(section, {r["model"] + args.tag: r for r in rows})
         print(f"wrote {path}")
+
+
+def add_xla_option_flag(parser) -> None:
+    """``--xla_option NAME=VALUE`` (repeatable): an XLA debug option for this program's compile
+    only (`jax.stages.Lowered.compile`'s ``compiler_options``), e.g.
+    ``xla_gpu_enable_dynamic_slice_fusion=true``."""
+    parser.add_argument("--xla_option", action="append", default=[], metavar="NAME=VALUE")
+
+
+def xla_options(pairs: list[str]) -> dict[str, str] | None:
+    """``["name=value", ...]`` -> ``{"name": "value"}`` for ``compile(compiler_options=...)``."""
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--xla_option {pair!r}: expected NAME=VALUE.")
+        # XLA reads typed values: Python bools and ints, strings otherwise.
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            options[name] = lowered == "true"
+        elif value.lstrip("-").isdigit():
+            options[name] = int(value)
+        else:
+            options[name] = value
+    return options or None

@@ -72,7 +72,11 @@ def main():
         "--scan_outputs", default="uninitialised", choices=["uninitialised", "zeroed"]
     )
     parser.add_argument("--hlo_dir", default="", help="write each optimised HLO here")
+    from benchmarks import common
+
+    common.add_xla_option_flag(parser)
     args = parser.parse_args()
+    common.xla_options(args.xla_option)  # A malformed --xla_option fails before any compile.
 
     device = h200_device()
     # The model picks its kernels (and Pallas its interpret mode) from the default backend,
@@ -80,7 +84,6 @@ def main():
     jax.default_backend = lambda: "gpu"
     jax.config.update("jax_default_prng_impl", "rbg")
 
-    from benchmarks import common
     from benchmarks.train_step import DEFAULT_BATCH, PAPER_LAYERS, paper_optimizer_and_step
     from xar_jax import hlo_stats, scan_buffers
     from xar_jax import train_state as ts
@@ -105,7 +108,7 @@ def main():
         start = time.perf_counter()
         with scan_buffers.uninitialised_scan_outputs(args.scan_outputs == "uninitialised"):
             lowered = jax.jit(step, donate_argnums=0).lower(on_device(state), on_device(data))
-        text = lowered.compile().as_text()
+        text = lowered.compile(common.xla_options(args.xla_option)).as_text()
         seconds = time.perf_counter() - start
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)

@@ -160,4 +160,59 @@ call13() {
   timeout 100 python3 benchmarks/train_step.py --models xar_l $F --remat matmuls --tag _matmuls_r3c13 2>&1 | grep -v Pallas | tail -1
 }
 
+call14() {
+  # Session 4. L's MLP hidden width 2730 is padded to 2816 (multiple of 128): 3.1% more MLP
+  # FLOPs than the model's. A multiple of 64 (2752) or 16 (2736) keeps the rows aligned for the
+  # tensor cores' copies; same call: 128 (the base), 64, 16.
+  local P="--recipe paper --repeats 5"
+  for m in 128 64 16; do
+    timeout 110 python3 benchmarks/train_step.py --models xar_l $P --mlp_multiple $m --tag _mlp${m}_r4c14 2>&1 | grep -v Pallas | tail -1
+  done
+  # Where L's step spends its time (the trainer's program, scan outputs uninitialised), with
+  # XLA's optimised program to map fusion names to operations.
+  XLA_FLAGS="--xla_dump_to=/tmp/dump_l --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_as_text" \
+    timeout 120 python3 benchmarks/profile_kernels.py --what train --model xar_l --recipe paper --top 60 \
+    2>&1 | grep -v Pallas | tee "$OUT/prof_train_l.txt"
+  (cd /tmp/dump_l && tar czf "$OUT/dump_l.tgz" ./*after_optimizations.txt)
+}
+
+call15() {
+  # Call 14's profile: memcpy128 x320 = 14.0 ms of L's 247 ms, the nine residuals each forward
+  # layer copies into its stacked buffer (dynamic-update-slice as an async copy after the GEMM
+  # wrote them to a temporary). XLA's dynamic-slice fusion lets a cuBLAS GEMM write straight into
+  # the slot. Same call: without, with; L then H.
+  local P="--recipe paper --repeats 5" D="--xla_option xla_gpu_enable_dynamic_slice_fusion=true"
+  for m in xar_l xar_h; do
+    timeout 100 python3 benchmarks/train_step.py --models $m $P --tag _base_r4c15 2>&1 | grep -v Pallas | tail -1
+    timeout 100 python3 benchmarks/train_step.py --models $m $P $D --tag _dsf_r4c15 2>&1 | grep -v Pallas | tail -3
+  done
+  XLA_FLAGS="--xla_dump_to=/tmp/dump_dsf --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_as_text" \
+    timeout 100 python3 benchmarks/train_step.py --models xar_l $P $D --repeats 1 --no_json 2>&1 | tail -1
+  (cd /tmp/dump_dsf && tar czf "$OUT/dump_l_dsf.tgz" ./*after_optimizations.txt)
+}
+
+call16() {
+  # Session 4's headline rows: the code on main (no model change since session 3), train B, L, H
+  # on the paper recipe with five timed chunks each, then the sampler, all in one call.
+  local P="--recipe paper --repeats 5"
+  timeout 150 python3 benchmarks/train_step.py --models xar_b $P --tag _final_r4c16 2>&1 | grep -v Pallas | tail -1
+  timeout 110 python3 benchmarks/train_step.py --models xar_l $P --tag _final_r4c16 2>&1 | grep -v Pallas | tail -1
+  timeout 100 python3 benchmarks/train_step.py --models xar_h $P --tag _final_r4c16 2>&1 | grep -v Pallas | tail -1
+  timeout 200 python3 benchmarks/sample.py --models xar_b,xar_l,xar_h --repeats 2 --tag _final_r4c16 2>&1 | grep -v Pallas | tail -5
+}
+
+call17() {
+  # A/B in one call. BASE (.devcarry_base) = main before this change; HEAD: hash dropout's mask
+  # from one hash per pair of elements (16 bits each). Call 14's profile put the hash at about
+  # 5% of L's step (the backward's mask-only fusion: 4.7 ms for 92M elements per layer x 32);
+  # the H200 PTX of the MLP fusion drops from 285 to 230 instructions per thread.
+  local P="--recipe paper --repeats 5"
+  for m in xar_l xar_h; do
+    (cd .devcarry_base && timeout 100 python3 benchmarks/train_step.py --models $m $P --tag _base_r4c17) 2>&1 | grep -v Pallas | tail -1
+    timeout 100 python3 benchmarks/train_step.py --models $m $P --tag _pairhash_r4c17 2>&1 | grep -v Pallas | tail -1
+  done
+  (cd .devcarry_base && timeout 130 python3 benchmarks/train_step.py --models xar_b $P --tag _base_r4c17) 2>&1 | grep -v Pallas | tail -1
+  timeout 130 python3 benchmarks/train_step.py --models xar_b $P --tag _pairhash_r4c17 2>&1 | grep -v Pallas | tail -1
+}
+
 "$@"

@@ -138,7 +138,7 @@ def run_one(name, args):
     swap = args.scan_outputs != "zeroed"
     with scan_buffers.uninitialised_scan_outputs(swap, fill_value=fill) as swapped:
         lowered = step.lower(state, data)
-    compiled = lowered.compile()
+    compiled = lowered.compile(common.xla_options(args.xla_option))
     compile_s = time.perf_counter() - start
     for _ in range(2):  # Warm-up.
         state, metrics = compiled(state, data)
@@ -180,6 +180,7 @@ def run_one(name, args):
         "steps_run": int(jax.device_get(holder["state"].step)),
         "final_loss": final_loss,
         "times_s": [round(t, 5) for t in times],
+        **({"xla_options": args.xla_option} if args.xla_option else {}),
     }
 
 
@@ -217,6 +218,7 @@ def main():
         help="layer scans' stacked outputs: no zero fill (the trainer's), jax's zero fill, or a "
         "NaN fill (a check: a slot read before it is written shows as a NaN loss)",
     )
+    common.add_xla_option_flag(parser)
     parser.add_argument("--tiny", action="store_true", help="shrink the network (CPU smoke test)")
     parser.add_argument(
         "--prng",
@@ -236,6 +238,7 @@ def main():
     parser.add_argument("--tag", default="", help="suffix of the JSON key (variants)")
     parser.add_argument("--no_json", action="store_true")
     args = parser.parse_args()
+    common.xla_options(args.xla_option)  # A malformed --xla_option fails before any compile.
     names = args.models.split(",")
     prngs = {model_args(name, args).prng for name in names}
     if len(prngs) > 1:
