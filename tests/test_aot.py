@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -42,8 +41,21 @@ def _json(proc):
     return json.loads(proc.stdout)
 
 
-def test_tiny_train_step_compiles_for_v5p_8_with_fsdp_and_reports_memory_speed_collectives():
-    r = _json(_aot("--topology=v5p-8", "--json=-", *FSDP))
+# Depths 3 and 2 (tiny has 1 and 1): layer loops to extrapolate, and no multiple of 2 blocks, so
+# jax unrolls a remainder after each loop of the estimate's second compile.
+DEPTHS = ["--config.model.encoder_depth=3", "--config.model.decoder_depth=2"]
+
+
+@pytest.fixture(scope="module")
+def v5p_8_report():
+    """The CLI's report of the tiny config (scanned, depths 3 + 2) on a v5p-8 with fsdp."""
+    return _json(_aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS))
+
+
+def test_tiny_train_step_compiles_for_v5p_8_with_fsdp_and_reports_memory_speed_collectives(
+    v5p_8_report,
+):
+    r = v5p_8_report
     assert KEYS <= set(r), KEYS - set(r)
     assert (r["topology"], r["chips"], r["num_slices"]) == ("v5p-8", 4, 1)
     assert r["mesh"] == {"dcn": 1, "data": 1, "fsdp": 4, "tensor": 1}
@@ -69,40 +81,6 @@ def test_v5e_topology_compiles_and_a_bad_name_is_refused_before_compiling():
     assert "v5p-7" in message and "v5litepod-N" in message and "v5p:2x2x4" in message
 
 
-SCAN_SCRIPT = textwrap.dedent(
-    """
-    import json
-    from xar_jax import aot, tpu_topology
-    from xar_jax.train_config import load_config_file
-
-    topo = tpu_topology.parse("v5p-8")
-    out = {}
-    for scan in (True, False):
-        c = load_config_file("configs/tiny.py")
-        c.mesh.data, c.mesh.fsdp = 1, -1
-        c.model.width, c.model.num_heads = 64, 2
-        # Depths 3 and 2: no multiple of 2u, so jax unrolls a remainder after each loop.
-        c.model.encoder_depth, c.model.decoder_depth = 3, 2
-        c.model.scan_layers = scan
-        c.train.global_batch_size = 32
-        c = aot.prepare_config(c, topo, num_slices=None, per_chip_batch=None, what="train")
-        devices = aot.topology_devices(topo, 1)
-        compiled, _ = aot.compile_train(c, devices)
-        raw = aot.cost(compiled)
-        corrected, _ = aot.scan_corrected_cost(c, devices, raw)
-        out[str(scan)] = {"raw": raw["flops"], "corrected": corrected["flops"]}
-    print("RESULT", json.dumps(out))
-    """
-)
-
-
-def _result(script):
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=_env(), cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
-
-
 @pytest.mark.parametrize("depth,unroll", [(4, 1), (3, 2), (5, 2), (4, 4), (3, 4), (7, 3), (8, 3)])
 def test_layer_copies_compiled_follows_jax_scan_lowering(depth, unroll):
     # The count behind the extrapolation: the copies of a scanned body in jax's lowering.
@@ -119,15 +97,19 @@ def test_layer_copies_compiled_follows_jax_scan_lowering(depth, unroll):
     assert sines == hlo_stats.layer_copies_compiled(depth, unroll)
 
 
-def test_scanned_layer_cost_is_extrapolated_to_the_unrolled_cost():
+def test_scanned_layer_cost_is_extrapolated_to_the_unrolled_cost(v5p_8_report):
     """The cost analysis counts a scan body once; the extrapolation counts every layer."""
-    r = _result(SCAN_SCRIPT)
-    scanned, unrolled = r["True"], r["False"]
-    assert unrolled["corrected"] == unrolled["raw"]  # No loop: nothing to extrapolate.
-    # Uncorrected, 3 + 2 scanned layers look ~2.5x cheaper than they are.
-    assert scanned["raw"] < 0.6 * unrolled["raw"]
-    # Extrapolated: within 15% of the unrolled model's FLOPs (measured: 6% below; fusions differ).
-    assert abs(scanned["corrected"] / unrolled["raw"] - 1) < 0.15, (scanned, unrolled)
+    scanned = v5p_8_report
+    unrolled = _json(_aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS,
+                          "--config.model.scan_layers=False"))
+    assert "scan extrapolated" in scanned["estimate_basis"], scanned["estimate_basis"]
+    assert "as compiled (no layer loop)" in unrolled["estimate_basis"]
+    truth = unrolled["flops_per_chip_as_compiled"]
+    assert unrolled["compiled_flops_per_chip"] == truth  # No loop: nothing to extrapolate.
+    # As compiled, 3 + 2 scanned layers look ~2.5x cheaper than they are.
+    assert scanned["flops_per_chip_as_compiled"] < 0.6 * truth
+    # Extrapolated: within 15% of the unrolled model's FLOPs (fusions differ).
+    assert abs(scanned["compiled_flops_per_chip"] / truth - 1) < 0.15, (scanned, unrolled)
 
 
 def test_two_v5p_8_slices_compile_with_the_batch_split_over_dcn():

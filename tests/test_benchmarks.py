@@ -26,23 +26,14 @@ def _run(script, *args):
 
 
 def test_train_step_benchmark_fast_recipe_prints_the_table():
-    out = _run(
-        "train_step.py",
-        "--models",
-        "xar_b,xar_l",
-        "--recipe",
-        "fast",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--repeats",
-        "1",
-    )
+    # L only: B's layers are the same in both recipes, and the paper-recipe test runs B.
+    out = _run("train_step.py", "--models", "xar_l", "--recipe", "fast", "--batch", "2",
+               "--steps", "1", "--repeats", "1")  # fmt: skip
     rows = [[c.strip() for c in line.split(" | ")] for line in out.splitlines()]
     table = {r[0]: r for r in rows if r[0].startswith("xar_") and len(r) > 5}
-    # The summary table: B unrolled, L scanned with 'dots' remat; scan outputs left unfilled.
-    assert table["xar_b"][12:16] == ["False", "none", "uninitialised", table["xar_b"][15]]
+    # The summary table: L scanned with 'dots' remat, no attention dropout; scan outputs left
+    # unfilled.
+    assert table["xar_l"][8:10] == ["dot_product", "0"]
     assert table["xar_l"][12:15] == ["True", "dots", "uninitialised"]
     assert float(table["xar_l"][15]) > 0  # The final loss, for comparing A/B runs.
 
@@ -58,7 +49,7 @@ def test_train_step_benchmark_paper_recipe_keeps_attention_dropout():
     table = {r[0].strip(): [c.strip() for c in r] for r in rows if len(r) > 5}
     # On a CPU 'auto' resolves to the XLA form; attention dropout 0.1, hash dropout.
     b, h = table["xar_b"], table["xar_h"]
-    assert b[8:11] == ["xla", "0.1", "hash"] and b[12:14] == ["False", "none"]
+    assert b[8:11] == ["xla", "0.1", "hash"] and b[12:15] == ["False", "none", "uninitialised"]
     assert h[8:11] == ["xla", "0.1", "hash"] and h[12:14] == ["True", "matmuls"]
 
 

@@ -29,7 +29,9 @@ It reports per chip:
   ``cost = c(u) + (depth - n(u)) (c(2u) - c(u)) / (n(2u) - n(u))`` (u = ``model.scan_unroll``;
   n(v) = the blocks compiled at v per iteration, summed over the encoder and decoder scans:
   `hlo_stats.layer_copies_compiled`, which counts the remainder jax unrolls when v does not
-  divide the depth). tests/test_aot.py checks this against the unrolled model's cost. Sampling
+  divide the depth); the report gives it as ``compiled_flops_per_chip`` (and the count with each
+  loop body once as ``flops_per_chip_as_compiled``). tests/test_aot.py checks it against the
+  unrolled model's cost. Sampling
   loops over flow steps as well, so ``--what=sample`` gives memory and collectives but no speed
   estimate.
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
@@ -302,6 +304,8 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     record["collectives"] = hlo_stats.collectives(compiled.as_text())
     c1 = cost(compiled)
     record["compiler_optimal_seconds"] = c1["optimal_seconds"]
+    # The cost analysis as compiled: a layer loop's body counted once (see the module docstring).
+    record["flops_per_chip_as_compiled"] = c1["flops"]
     record.update(est_step_s=None, est_img_per_s_per_chip=None, est_mfu=None)
     if what != "train":
         record["estimate_basis"] = "none: the sampler's flow-step loops are counted once"
