@@ -85,6 +85,13 @@ TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
+# The tests in this process compile at that level too (set before JAX creates its CPU backend,
+# which reads XLA_FLAGS once): test_sampling.py's parity tests took 89 -> 67 s, and their
+# tolerances are far above rounding. A level given in XLA_FLAGS by the caller wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+
+
 def main_env(devices: int = 1, **extra) -> dict:
     """The environment of a `python -m xar_jax.main` subprocess on ``devices`` CPU devices."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
