@@ -159,8 +159,9 @@ def add_xla_option_flag(parser) -> None:
     parser.add_argument("--xla_option", action="append", default=[], metavar="NAME=VALUE")
 
 
-def xla_options(pairs: list[str]) -> dict[str, str] | None:
-    """``["name=value", ...]`` -> ``{"name": "value"}`` for ``compile(compiler_options=...)``."""
+def xla_options(pairs: list[str]) -> dict[str, bool | int | str] | None:
+    """``["name=value", ...]`` -> ``{"name": value}`` for ``compile(compiler_options=...)``, or
+    None when empty. Exits naming the malformed pair."""
     options = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
