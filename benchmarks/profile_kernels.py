@@ -40,7 +40,6 @@ def _model_overrides(args):
 
 
 def _train_call(args):
-    from xar_jax import model as xar_model
     from xar_jax import train_state as ts
 
     model = common.build(
@@ -51,15 +50,9 @@ def _train_call(args):
         remat=args.remat,
         **_model_overrides(args),
     )
-    optimizer = ts.make_optimizer(
-        learning_rate=4e-4, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
-        weight_decay_mask=ts.weight_decay_mask_fn(xar_model.abstract_params(model)),
-    )
+    optimizer, step = train_step.paper_optimizer_and_step(model)
     state = ts.create_train_state(model, optimizer, seed=0)
-    step = jax.jit(
-        ts.make_train_step(model, model.layout, optimizer, ema_decay=0.9999, label_drop_prob=0.1),
-        donate_argnums=0,
-    )
+    step = jax.jit(step, donate_argnums=0)
     batch = {
         "latents": jax.random.normal(jax.random.key(1), (args.batch, 16, 16, 16)),
         "labels": jax.random.randint(jax.random.key(2), (args.batch,), 0, 1000),

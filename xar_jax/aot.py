@@ -62,7 +62,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from xar_jax import experiment, generate, hlo_stats, sampling, scan_buffers, tpu_topology, train
+from xar_jax import experiment, generate, hlo_stats, sampling, tpu_topology, train
 from xar_jax import sharding as sharding_lib
 from xar_jax.model import PRESETS, mlp_hidden_width
 
@@ -138,9 +138,9 @@ def compile_train(config, devices):
 
     exp = experiment.build(config, "train", devices=devices)
     setup = experiment.training_setup(exp)
-    with jax.set_mesh(exp.mesh), exp.rules_context(), scan_buffers.uninitialised_scan_outputs():
-        lowered = train.jit_train_step(exp, setup).lower(
-            setup.abstract_state, train_batch_spec(config, exp.mesh))
+    with jax.set_mesh(exp.mesh), exp.rules_context():
+        lowered = train.lower_train_step(train.jit_train_step(exp, setup), setup.abstract_state,
+                                         train_batch_spec(config, exp.mesh))
         return lowered.compile(), exp.mesh
 
 

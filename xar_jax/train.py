@@ -272,14 +272,19 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
     return state
 
 
+def lower_train_step(jitted, state, batch):
+    """Lowers the jitted train step for ``state`` and ``batch`` (arrays or their specs), with the
+    layer scans' stacked residuals and gradients left unfilled (`xar_jax.scan_buffers`): every
+    place that compiles the trainer's step lowers it here."""
+    with scan_buffers.uninitialised_scan_outputs():
+        return jitted.lower(state, batch)
+
+
 def _compile(jitted, state, batch):
     """Compiles the step ahead of the loop, saying so, and logs its memory per device."""
     log.info("Compiling the train step (first start on this machine can take minutes)...")
     start = time.perf_counter()
-    # The layer scans' stacked residuals and gradients need no zero fill (xar_jax.scan_buffers).
-    with scan_buffers.uninitialised_scan_outputs():
-        lowered = jitted.lower(state, batch)
-    compiled = lowered.compile()
+    compiled = lower_train_step(jitted, state, batch).compile()
     log.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
     log.info("Train step memory per device: %s.", metrics_lib.memory_summary(compiled))
     return compiled
