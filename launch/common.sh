@@ -4,7 +4,7 @@
 # Conventions every script follows:
 #   * Settings come from environment variables, optionally from a file given with `--env FILE`
 #     (plain `NAME=value` lines; values in the file win over the environment).
-#   * `--dry-run` (or DRY_RUN=1) prints every gcloud / gsutil / git command on stdout, one per
+#   * `--dry-run` (or DRY_RUN=1) prints every gcloud / git command on stdout, one per
 #     line, shell-quoted, and runs none of them. Lines starting with `#` are step headers, so the
 #     whole output reads (and runs) as a shell script. Without --dry-run each command is echoed
 #     to stderr as `+ command` and then executed.
@@ -21,6 +21,11 @@
 #   TPU_NAME           name of the TPU VM (node) [xar-<ACCELERATOR_TYPE>]
 #   QUEUED_RESOURCE    1: request the slice as a queued resource; 0: plain `tpu-vm create` [1]
 #   QR_ID              queued-resource id [<TPU_NAME>-qr]
+#   NUM_SLICES         slices of ACCELERATOR_TYPE joined over the data-center network [1]; 2 or
+#                      more need QUEUED_RESOURCE=1 and make one queued resource whose nodes are
+#                      <TPU_NAME>-0, <TPU_NAME>-1, ...; the trainer gets --config.mesh.num_slices
+#   INTERNAL_IP        1: ssh / scp reach the workers by their internal IP (for slices created
+#                      with CREATE_FLAGS=--internal-ips, from a machine in the same network) [0]
 #   SPOT / PREEMPTIBLE / RESERVED   capacity kind, 0 or 1, at most one set [all 0: on-demand]
 #   BUCKET             GCS bucket (name only, no gs://) holding runs, data, weights [required]
 #   CONFIG             config file, relative to the repository root or absolute
@@ -210,6 +215,24 @@ load_tpu_settings() {
   if [[ ${QUEUED_RESOURCE} == 1 && ${PREEMPTIBLE} == 1 ]]; then
     die "PREEMPTIBLE=1 needs QUEUED_RESOURCE=0 (queued resources take SPOT=1 instead)"
   fi
+  NUM_SLICES="${NUM_SLICES:-1}"
+  [[ ${NUM_SLICES} =~ ^[1-9][0-9]{0,2}$ ]] \
+    || die "NUM_SLICES='${NUM_SLICES}' is not allowed; use a whole number of slices, 1 or more (e.g. 2)"
+  if ((NUM_SLICES > 1)) && [[ ${QUEUED_RESOURCE} != 1 ]]; then
+    die "NUM_SLICES=${NUM_SLICES} needs QUEUED_RESOURCE=1 (Cloud TPU makes several slices only as one queued resource)"
+  fi
+  # The nodes: one named TPU_NAME, or with several slices <TPU_NAME>-0, <TPU_NAME>-1, ... (the
+  # queued resource names the nodes of --node-prefix=P as P-0, P-1, ...).
+  NODE_NAMES=("${TPU_NAME}")
+  if ((NUM_SLICES > 1)); then
+    local i
+    NODE_NAMES=()
+    for ((i = 0; i < NUM_SLICES; i++)); do
+      NODE_NAMES+=("${TPU_NAME}-${i}")
+    done
+  fi
+  INTERNAL_IP="${INTERNAL_IP:-0}"
+  check_bool INTERNAL_IP
   # Flags common to every `gcloud compute tpus ...` call.
   GCLOUD_TPU_FLAGS=(--zone="${ZONE}" --project="${PROJECT}")
 }
@@ -256,6 +279,10 @@ load_run_settings() {
     [[ ${flag} == --config.*=* ]] \
       || die "CONFIG_OVERRIDES holds '${flag}'; each entry must look like --config.field=value"
   done
+  for flag in "${OVERRIDE_FLAGS[@]}" "${ARGS[@]}"; do
+    [[ ${flag} != --config.mesh.num_slices=* ]] \
+      || die "'${flag}': set NUM_SLICES instead (the scripts pass --config.mesh.num_slices=NUM_SLICES, so that the mesh matches the slices they create)"
+  done
   MAIN_FLAGS="${MAIN_FLAGS:-}"
   read -r -a MAIN_FLAG_LIST <<<"${MAIN_FLAGS}"
   for flag in "${MAIN_FLAG_LIST[@]}"; do
@@ -296,6 +323,7 @@ main_args() {
   if ((${#MAIN_FLAG_LIST[@]} > 0)); then
     printf '%s\n' "${MAIN_FLAG_LIST[@]}"
   fi
+  printf '%s\n' "--config.mesh.num_slices=${NUM_SLICES}"  # the dcn mesh axis = slices created
   case "${DATA_SOURCE}" in
     latents)
       printf '%s\n' "--config.data.source=latents" "--config.data.cache_dir=${LATENT_DIR}" ;;
@@ -312,19 +340,42 @@ main_args() {
 # ---------------------------------------------------------------------------------------------
 # Talking to the slice.
 
-tpu_ssh() {  # tpu_ssh WORKER COMMAND_STRING
-  run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${GCLOUD_TPU_FLAGS[@]}" \
-    --worker="$1" --command="$2"
+# `ssh_command WORKER COMMAND_STRING [NODE]`: sets SSH_CMD to the gcloud command that runs
+# COMMAND_STRING on WORKER (an index or all) of the slice; with several slices, of node NODE (an
+# index or all; default: all for WORKER=all, else 0).
+ssh_command() {
+  local worker=$1 command=$2 node=${3:-}
+  if ((NUM_SLICES > 1)); then
+    [[ -n ${node} ]] || { [[ ${worker} == all ]] && node=all || node=0; }
+    SSH_CMD=(gcloud compute tpus queued-resources ssh "${QR_ID}" "${GCLOUD_TPU_FLAGS[@]}"
+      --node="${node}" --worker="${worker}")
+  else
+    SSH_CMD=(gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${GCLOUD_TPU_FLAGS[@]}"
+      --worker="${worker}")
+  fi
+  [[ ${INTERNAL_IP} == 1 ]] && SSH_CMD+=(--internal-ip)
+  SSH_CMD+=(--command="${command}")
 }
 
-tpu_scp() {  # tpu_scp WORKER SRC... REMOTE_DEST
+tpu_ssh() {  # tpu_ssh WORKER COMMAND_STRING [NODE]
+  ssh_command "$@"
+  run "${SSH_CMD[@]}"
+}
+
+tpu_scp() {  # tpu_scp all SRC... REMOTE_DEST: to every worker (of every slice)
   local worker=$1
   shift
-  local args=("$@")
+  local args=("$@") extra=()
   local dest="${args[-1]}"
   unset 'args[-1]'
-  run gcloud compute tpus tpu-vm scp "${args[@]}" "${TPU_NAME}:${dest}" "${GCLOUD_TPU_FLAGS[@]}" \
-    --worker="${worker}"
+  [[ ${INTERNAL_IP} == 1 ]] && extra=(--internal-ip)
+  if ((NUM_SLICES > 1)); then
+    run gcloud compute tpus queued-resources scp "${args[@]}" "${QR_ID}:${dest}" \
+      "${GCLOUD_TPU_FLAGS[@]}" --node=all --worker="${worker}" "${extra[@]}"
+  else
+    run gcloud compute tpus tpu-vm scp "${args[@]}" "${TPU_NAME}:${dest}" "${GCLOUD_TPU_FLAGS[@]}" \
+      --worker="${worker}" "${extra[@]}"
+  fi
 }
 
 worker_cmd() {  # worker_cmd SUBCOMMAND ARGS...: a command line for launch/remote/worker.sh
@@ -356,9 +407,19 @@ describe_state() {
   fi
 }
 
+# The state of the slice's node, or with several slices the first state of a node that is not
+# READY (READY when all are); NODE_STATE_NAME is set to the node it describes.
 node_state() {
-  describe_state "${DRY_RUN_TPU_STATE:-READY}" \
-    gcloud compute tpus tpu-vm describe "${TPU_NAME}" "${GCLOUD_TPU_FLAGS[@]}" --format='value(state)'
+  local name state
+  for name in "${NODE_NAMES[@]}"; do
+    state="$(describe_state "${DRY_RUN_TPU_STATE:-READY}" gcloud compute tpus tpu-vm describe \
+      "${name}" "${GCLOUD_TPU_FLAGS[@]}" --format='value(state)')"
+    if [[ ${state} != READY ]]; then
+      printf '%s %s\n' "${state}" "${name}"
+      return 0
+    fi
+  done
+  printf 'READY %s\n' "${NODE_NAMES[0]}"
 }
 
 qr_state() {
@@ -380,7 +441,13 @@ create_slice() {
   if [[ -n ${CREATE_FLAGS:-} ]]; then
     read -r -a extra <<<"${CREATE_FLAGS}"
   fi
-  if [[ ${QUEUED_RESOURCE} == 1 ]]; then
+  if ((NUM_SLICES > 1)); then
+    step "request ${NUM_SLICES} slices of ${ACCELERATOR_TYPE} as queued resource ${QR_ID} (nodes ${NODE_NAMES[*]})"
+    run gcloud compute tpus queued-resources create "${QR_ID}" "${GCLOUD_TPU_FLAGS[@]}" \
+      --node-count="${NUM_SLICES}" --node-prefix="${TPU_NAME}" \
+      --accelerator-type="${ACCELERATOR_TYPE}" --runtime-version="${RUNTIME_VERSION}" \
+      "${capacity[@]}" "${extra[@]}"
+  elif [[ ${QUEUED_RESOURCE} == 1 ]]; then
     step "request ${ACCELERATOR_TYPE} as queued resource ${QR_ID} (node ${TPU_NAME})"
     run gcloud compute tpus queued-resources create "${QR_ID}" "${GCLOUD_TPU_FLAGS[@]}" \
       --node-id="${TPU_NAME}" --accelerator-type="${ACCELERATOR_TYPE}" \
@@ -397,7 +464,7 @@ delete_slice() {  # delete_slice QUIET(0|1)
   local quiet=()
   [[ $1 == 1 ]] && quiet=(--quiet)
   if [[ ${QUEUED_RESOURCE} == 1 ]]; then
-    step "delete queued resource ${QR_ID} and its node ${TPU_NAME}"
+    step "delete queued resource ${QR_ID} and its node(s) ${NODE_NAMES[*]}"
     run gcloud compute tpus queued-resources delete "${QR_ID}" "${GCLOUD_TPU_FLAGS[@]}" --force \
       "${quiet[@]}"
   else
@@ -410,7 +477,7 @@ delete_slice() {  # delete_slice QUIET(0|1)
 wait_until_ready() {
   local poll="${POLL_SECONDS:-60}" state
   [[ ${poll} =~ ^[0-9]+$ ]] || die "POLL_SECONDS='${poll}' must be a number of seconds"
-  step "wait until ${TPU_NAME} is READY (polling every ${poll}s)"
+  step "wait until ${NODE_NAMES[*]} READY (polling every ${poll}s)"
   if [[ ${DRY_RUN} == 1 ]]; then  # show the polling commands once; assume the slice came up
     [[ ${QUEUED_RESOURCE} == 1 ]] && DRY_RUN_QR_STATE=ACTIVE qr_state >/dev/null
     DRY_RUN_TPU_STATE=READY node_state >/dev/null
@@ -426,12 +493,14 @@ wait_until_ready() {
       esac
     done
   fi
+  local name out
   while :; do
-    state="$(node_state)"
+    out="$(node_state)"
+    read -r state name <<<"${out}"
     case "${state}" in
       READY) return 0 ;;
-      PREEMPTED | TERMINATED | ABSENT) die "TPU ${TPU_NAME} is ${state} while waiting for it" ;;
-      *) say "TPU ${TPU_NAME}: ${state}"; sleep "${poll}" ;;
+      PREEMPTED | TERMINATED | ABSENT) die "TPU ${name} is ${state} while waiting for it" ;;
+      *) say "TPU ${name}: ${state}"; sleep "${poll}" ;;
     esac
   done
 }

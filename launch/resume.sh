@@ -6,7 +6,7 @@
 #   launch/resume.sh [--dry-run] [--env FILE] [--watch] [--config.field=value ...]
 #
 #   slice absent                               -> create, wait, install, start
-#   PREEMPTED / TERMINATED node, or queued
+#   PREEMPTED / TERMINATED node (of any slice), or queued
 #   resource SUSPENDED / FAILED                -> delete, create, wait, install, start
 #   queued resource still provisioning         -> wait, install, start
 #   node READY, job running on every worker    -> nothing
@@ -48,8 +48,8 @@ job_state() {
     fake+="worker-${i} ${state}"$'\n'
     i=$((i + 1))
   done
-  lines="$(capture "${fake:-worker-0 absent}" gcloud compute tpus tpu-vm ssh "${TPU_NAME}" \
-    "${GCLOUD_TPU_FLAGS[@]}" --worker=all --command="$(worker_cmd status "${MODE}")")" || true
+  ssh_command all "$(worker_cmd status "${MODE}")"
+  lines="$(capture "${fake:-worker-0 absent}" "${SSH_CMD[@]}")" || true
   while read -r line; do
     # Only the status lines count; anything else ssh prints is ignored.
     [[ ${line} =~ ^[^[:space:]]+\ (running|finished|failed:[0-9]+|absent)$ ]] || continue
@@ -87,7 +87,7 @@ restart_job() {
 
 # Decides from the current states and acts; sets OUTCOME to ok, finished, restarted or recreated.
 resume_once() {
-  local qr="" node job
+  local qr="" node name out job
   if [[ ${QUEUED_RESOURCE} == 1 ]]; then
     qr="$(qr_state)"
     case "${qr}" in
@@ -102,11 +102,12 @@ resume_once() {
       *) die "queued resource ${QR_ID} is in state ${qr}, which this script does not handle; look at it with: gcloud compute tpus queued-resources describe ${QR_ID} --zone=${ZONE} --project=${PROJECT}" ;;
     esac
   fi
-  node="$(node_state)"
+  out="$(node_state)"
+  read -r node name <<<"${out}"
   case "${node}" in
     READY) ;;
     ABSENT)  # with a queued resource, the ACTIVE resource lost its node: replace both
-      say "TPU ${TPU_NAME} is absent"
+      say "TPU ${name} is absent"
       if [[ ${QUEUED_RESOURCE} == 1 ]]; then
         fresh_slice delete
       else
@@ -114,10 +115,10 @@ resume_once() {
       fi
       OUTCOME=recreated; return ;;
     PREEMPTED | TERMINATED)
-      say "TPU ${TPU_NAME} is ${node}"; fresh_slice delete; OUTCOME=recreated; return ;;
+      say "TPU ${name} is ${node}"; fresh_slice delete; OUTCOME=recreated; return ;;
     CREATING | STARTING | RESTARTING | REPAIRING)
-      say "TPU ${TPU_NAME} is ${node}"; wait_until_ready ;;
-    *) die "TPU ${TPU_NAME} is in state ${node}, which this script does not handle; look at it with: gcloud compute tpus tpu-vm describe ${TPU_NAME} --zone=${ZONE} --project=${PROJECT}" ;;
+      say "TPU ${name} is ${node}"; wait_until_ready ;;
+    *) die "TPU ${name} is in state ${node}, which this script does not handle; look at it with: gcloud compute tpus tpu-vm describe ${name} --zone=${ZONE} --project=${PROJECT}" ;;
   esac
   job="$(job_state)"
   if [[ ${job} != running && ${job} != finished && ${DRY_RUN} == 0 ]]; then

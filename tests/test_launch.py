@@ -192,6 +192,10 @@ def test_missing_bucket_stops_before_any_command(launch, script):
         ({"CONFIG_OVERRIDES": "--lr=1"}, "each entry must look like --config.field=value"),
         ({"MAIN_FLAGS": "--workdir=/tmp"}, "MAIN_FLAGS holds '--workdir=/tmp'"),
         ({"BUCKET": "gs://my-bkt"}, "give the bare name"),
+        ({"NUM_SLICES": "0"}, "NUM_SLICES='0' is not allowed; use a whole number of slices"),
+        ({"NUM_SLICES": "2", "QUEUED_RESOURCE": "0"}, "NUM_SLICES=2 needs QUEUED_RESOURCE=1"),
+        ({"CONFIG_OVERRIDES": "--config.mesh.num_slices=2"}, "set NUM_SLICES instead"),
+        ({"INTERNAL_IP": "yes"}, "INTERNAL_IP='yes' is not allowed; use 0 or 1"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_variable_and_allowed_values(launch, env, message):
@@ -289,6 +293,7 @@ def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):
     expected = (
         f"bash xar-jax/launch/remote/worker.sh start train {WORKDIR}/logs"
         f" --config=configs/xar_h.py --workdir={WORKDIR} --mode=train --distributed=on"
+        " --config.mesh.num_slices=1"
         " --config.data.source=latents --config.data.cache_dir=gs://my-bkt/latents"
     )
     assert remote(start[0]) == expected.split()
@@ -345,6 +350,74 @@ def test_delete_asks_for_confirmation_unless_yes(launch):
     assert "--quiet" in launch("delete.sh", YES="1").one("queued-resources", "delete")
     vm = launch("delete.sh", QUEUED_RESOURCE="0").one("tpu-vm", "delete")
     assert vm[vm.index("delete") + 1] == "xar-v5p-64"
+
+
+# ---- several slices -------------------------------------------------------------------------
+SLICES = {"NUM_SLICES": "2", "SPOT": "1", "ALLOW_DIRTY": "1"}
+TPU_COMMANDS = ("ssh", "scp")
+
+
+def _reaches_every_worker_of_every_slice(result: Result) -> list[list[str]]:
+    """The ssh/scp commands of a two-slice dry run; each must go to every node and worker."""
+    assert result.returncode == 0, result.stderr
+    remote_calls = [c for c in result.commands if c[:3] == ["gcloud", "compute", "tpus"]
+                    and c[4] in TPU_COMMANDS]
+    assert remote_calls, result.stdout
+    for cmd in remote_calls:
+        assert cmd[3] == "queued-resources", cmd  # tpu-vm ssh would reach one node only
+        assert flag(cmd, "node") == "all" and flag(cmd, "worker") == "all", cmd
+    return remote_calls
+
+
+def test_two_slices_are_one_queued_resource_of_two_nodes(launch):
+    result = launch("create.sh", **SLICES)
+    assert result.returncode == 0, result.stderr
+    create = result.one("queued-resources", "create")
+    assert flag(create, "node-count") == "2" and flag(create, "node-prefix") == "xar-v5p-64"
+    assert not [a for a in create if a.startswith("--node-id")] and "--spot" in create
+    described = [c[c.index("describe") + 1] for c in result.find("tpu-vm", "describe")]
+    assert described == ["xar-v5p-64-0", "xar-v5p-64-1"]  # the queued resource's node names
+    single = launch("create.sh", SPOT="1").one("queued-resources", "create")
+    assert flag(single, "node-id") == "xar-v5p-64" and "--node-count=2" not in single
+
+
+@pytest.mark.parametrize(
+    "script, env",
+    [
+        ("start.sh", {}),
+        ("stop.sh", {}),
+        ("install.sh", {}),
+        ("resume.sh", {"DRY_RUN_JOB": "failed:1,running"}),
+        ("resume.sh", {"DRY_RUN_QR_STATE": "SUSPENDED"}),
+        ("eval.sh", {"REFERENCE_STATS": "gs://my-bkt/ref.npz", "SAMPLES_DIR": "gs://my-bkt/s",
+                     "VAE_DIR": "/v", "INCEPTION_DIR": "/i"}),
+    ],
+)
+def test_two_slice_jobs_reach_every_worker_of_both_slices(launch, script, env):
+    calls = _reaches_every_worker_of_every_slice(launch(script, **SLICES, **env))
+    for cmd in calls:
+        assert cmd[5] == "xar-v5p-64-qr" or cmd[-5].startswith("xar-v5p-64-qr:"), cmd
+    starts = [remote(c) for c in calls if c[4] == "ssh" and remote(c)[2:3] == ["start"]]
+    if script != "stop.sh" and script != "install.sh":
+        assert len(starts) == 1
+        # JAX finds the coordinator and the slice ids itself (the queued resource's metadata);
+        # the mesh's dcn axis must match the slices created.
+        assert "--distributed=on" in starts[0] and "--config.mesh.num_slices=2" in starts[0]
+
+
+def test_a_preempted_node_of_either_slice_recreates_the_queued_resource(launch):
+    result = launch("resume.sh", **SLICES, DRY_RUN_TPU_STATE="PREEMPTED")
+    assert result.returncode == 0, result.stderr
+    assert "TPU xar-v5p-64-0 is PREEMPTED" in result.stderr
+    assert result.one("queued-resources", "delete") and result.one("queued-resources", "create")
+
+
+def test_internal_ip_reaches_the_workers_by_their_internal_address(launch):
+    for env in ({}, SLICES):
+        result = launch("start.sh", INTERNAL_IP="1", **env)
+        calls = [c for c in result.commands if c[:3] == ["gcloud", "compute", "tpus"]]
+        assert calls and all("--internal-ip" in c for c in calls)
+    assert not [c for c in launch("start.sh").commands if "--internal-ip" in c]
 
 
 # ---- resume ---------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ CASES = {  # id: (script, arguments, environment)
                                            "DATA_SOURCE": "digits"}),
     "resume": ("resume.sh", (), {"DRY_RUN_JOB": "failed:1,running"}),
     "eval": ("eval.sh", (), EVAL_ENV),
+    # Two slices: queued-resources ssh to every node of both, --config.mesh.num_slices=2 (eval.sh
+    # and resume.sh add nothing else to this command: tests/test_launch.py).
+    "start-train-2-slices": ("start.sh", (), {"NUM_SLICES": "2", "SPOT": "1"}),
     "prepare_data-cache": ("prepare_data.sh", ("cache",), {"VAE_DIR": "/home/me/xar_weights/kl16"}),
     "prepare_data-cache-validation": (
         "prepare_data.sh", ("cache",),
@@ -58,6 +61,7 @@ EXPECTED = {
     "start-train": ["xar_jax.main"], "start-train-flags": ["xar_jax.main"],
     "start-sample": ["xar_jax.main"], "start-eval-digits": ["xar_jax.main"],
     "resume": ["xar_jax.main"], "eval": ["xar_jax.main"],
+    "start-train-2-slices": ["xar_jax.main"],
     "prepare_data-cache": ["xar_jax.data.latent_cache"],
     "prepare_data-cache-validation": ["xar_jax.data.latent_cache"],
     "convert_weights": ["xar_jax.convert"] * 3, "prepare_data-build": [],
@@ -117,7 +121,7 @@ def launched_python(sandbox: Path, guard: Path, root: Path, case: str) -> list[l
     assert result.returncode == 0, result.stderr
     home, worker_env = _worker_home(root)
     for cmd in result.commands:
-        if cmd[:4] != ["gcloud", "compute", "tpus", "tpu-vm"] or cmd[4] != "ssh":
+        if cmd[:3] != ["gcloud", "compute", "tpus"] or cmd[4] != "ssh":
             continue  # only TPU workers run our code; the CPU VM builds TFDS with TensorFlow
         proc = subprocess.run(["bash", "-c", flag(cmd, "command")], cwd=home, env=worker_env,
                               capture_output=True, text=True, timeout=60)
