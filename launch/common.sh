@@ -552,7 +552,7 @@ copy_config() {
   step "copy ${CONFIG_FILE} to every worker and keep a copy in the workdir"
   tpu_ssh all "mkdir -p $(quote_arg "$(dirname "${dest}")")"
   tpu_scp all "${CONFIG_LOCAL_PATH}" "${dest}"
-  run gsutil cp "${CONFIG_LOCAL_PATH}" "${WORKDIR}/launch/${stamp}-$(basename "${CONFIG_LOCAL_PATH}")"
+  run gcloud storage cp "${CONFIG_LOCAL_PATH}" "${WORKDIR}/launch/${stamp}-$(basename "${CONFIG_LOCAL_PATH}")"
 }
 
 # `start_job MODE EXTRA_FLAGS...`: python -m xar_jax.main on all workers at once, detached in

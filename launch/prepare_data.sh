@@ -76,7 +76,7 @@ case "${ACTION}" in
     run gcloud compute ssh "${PREP_VM}" "${VM_FLAGS[@]}" \
       --command="tail -n 30 xar_logs/build_imagenet.log"
     step "is the dataset complete in ${DATA_DIR}?"
-    if run gsutil -q stat "${MARKER}"; then
+    if run gcloud storage ls "${MARKER}"; then
       [[ ${DRY_RUN} == 1 ]] || say "yes: ${MARKER} exists"
     else
       say "not yet: ${MARKER} is missing"

@@ -1,7 +1,7 @@
 """The Cloud TPU launch scripts (launch/), checked without a cloud account.
 
 Every script runs with --dry-run in a sandbox copy of the repository (git checkout with
-placeholder configs); the printed gcloud / gsutil / git commands are parsed back with shlex and
+placeholder configs); the printed gcloud / git commands are parsed back with shlex and
 checked: --worker=all, the config, the workdir a resumed run restarts from, the spot flag.
 Fake `gcloud` and `gsutil` executables sit first on PATH and record any call, so a dry run
 that runs a cloud command fails the test. The worker-side scripts (launch/remote/) run for real
@@ -141,6 +141,12 @@ def test_help_describes_the_script(sandbox, guard_bin, script):
     result = run_script(sandbox, guard_bin, script, "--help", dry=False)
     assert result.returncode == 0
     assert "--dry-run" in result.stdout and f"launch/{script}" in result.stdout
+
+
+def test_no_script_or_runbook_uses_the_legacy_gsutil():
+    # gsutil leaves the gcloud CLI; every copy goes through `gcloud storage`.
+    paths = [*LAUNCH.rglob("*.sh"), REPO / "README.md", *(REPO / "docs").glob("*.md")]
+    assert [p for p in paths if "gsutil" in p.read_text()] == []
 
 
 def test_printed_commands_read_back_to_the_same_arguments(sandbox):
@@ -286,7 +292,7 @@ def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):
     assert result.returncode == 0, result.stderr
     scp = result.one("scp")
     assert flag(scp, "worker") == "all" and "xar-v5p-64:xar-jax/configs/xar_h.py" in scp
-    copy = result.one("gsutil", "cp")
+    copy = result.one("storage", "cp")
     assert copy[-1].startswith(f"{WORKDIR}/launch/") and copy[-1].endswith("-xar_h.py")
     start = [c for c in result.find("ssh") if "start" in remote(c)]
     assert len(start) == 1 and flag(start[0], "worker") == "all"
@@ -520,7 +526,7 @@ def test_prepare_data_build_runs_tfds_on_a_cpu_vm_detached(launch):
     )
     assert shlex.split(tmux[5])[:4] == expected.split()
     assert "--quiet" in launch("prepare_data.sh", "cleanup", YES="1").one("instances", "delete")
-    assert launch("prepare_data.sh", "status").find("gsutil", "stat")
+    assert launch("prepare_data.sh", "status").find("gcloud", "storage", "ls")
 
 
 def test_prepare_data_cache_encodes_imagenet_into_the_latent_dir_on_every_worker(launch):

@@ -2,7 +2,7 @@
 
 Each script renders its commands with --dry-run; the ssh command strings are then executed for
 real in a fake worker home (launch/ copied there, `tmux` runs the session's command at once,
-`gsutil` succeeds, and the virtualenv's `python` records its arguments), so the worker-side
+`gcloud` (the workers' `gcloud storage` copies) succeeds, and the virtualenv's `python` records its arguments), so the worker-side
 indirections (worker.sh -> tmux -> run_main.sh -> python) are followed as on a TPU VM. Each
 recorded `python -m MODULE ...` is then checked here:
 
@@ -76,7 +76,7 @@ FAKE_TOOLS = {
     # new-session runs the session's command to its end; nothing else is ever running.
     "tmux": 'case "$1" in new-session) shift 4; exec bash -c "$1" ;; has-session) exit 1 ;; '
             'esac; exit 0',
-    "gsutil": "exit 0",
+    "gcloud": "exit 0",
 }
 
 

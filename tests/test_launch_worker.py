@@ -129,7 +129,7 @@ def _fake_tool(bin_dir: Path, name: str, body: str) -> None:
 @pytest.fixture
 def installer(tmp_path, sandbox):
     """A worker home with an installed old tree and a freshly unpacked new one; uv, tmux and
-    gsutil are stand-ins that log their arguments (the real ones need the network or a TPU)."""
+    gcloud are stand-ins that log their arguments (the real ones need the network or a TPU)."""
     home, fake_bin = tmp_path / "home", tmp_path / "bin"
     (home / "xar-jax").mkdir(parents=True)
     (home / "xar-jax" / "old-file").write_text("from the previous install\n")
@@ -142,7 +142,7 @@ def installer(tmp_path, sandbox):
         "uv": f'echo "uv $*" >> "{log}"; [[ $1 != venv ]] || {{ mkdir -p "${{@: -1}}/bin" && '
         'cp "$(dirname "$0")/venv-python" "${@: -1}/bin/python"; }',
         "tmux": 'printf "%s" "${FAKE_TMUX_SESSIONS:-}"',
-        "gsutil": f'echo "gsutil $*" >> "{log}"; exit 1',
+        "gcloud": f'echo "gcloud $*" >> "{log}"; exit 1',
     }
     for name, body in tools.items():
         _fake_tool(fake_bin, name, body + "\n")
@@ -171,7 +171,7 @@ def test_worker_install_swaps_in_the_new_tree_and_installs_it_with_jax(installer
         f"uv pip install --quiet --python {home}/xar_venv/bin/python -e {home}/xar-jax[gcs] "
         "jax[tpu]"
     ) in calls
-    assert "gsutil -q ls gs://b/w" in calls and "no weights at gs://b/w" in proc.stdout
+    assert "gcloud storage ls gs://b/w" in calls and "no weights at gs://b/w" in proc.stdout
 
 
 def test_worker_install_refuses_while_a_job_runs_and_keeps_the_old_tree(installer):

@@ -27,7 +27,7 @@ mkdir -p "${HOME}/xar_logs"
 exec > >(tee -a "${HOME}/xar_logs/build_imagenet.log") 2>&1
 marker="${data_dir}/imagenet2012/_XAR_BUILD_COMPLETE"
 echo "=== $(date -u +%FT%TZ) build imagenet2012 from ${tars} into ${data_dir}"
-if gsutil -q stat "${marker}"; then
+if gcloud storage ls "${marker}" >/dev/null 2>&1; then
   echo "${marker} exists: already built"
   exit 0
 fi
@@ -44,13 +44,14 @@ manual="${HOME}/imagenet_manual"
 mkdir -p "${manual}"
 for archive in ILSVRC2012_img_train.tar ILSVRC2012_img_val.tar; do
   if [[ ! -f ${manual}/${archive} ]]; then  # copy under a temporary name: no half archive
-    gsutil -q cp "${tars}/${archive}" "${manual}/${archive}.partial"
+    gcloud storage cp "${tars}/${archive}" "${manual}/${archive}.partial"
     mv "${manual}/${archive}.partial" "${manual}/${archive}"
   fi
 done
 
 "${HOME}/tfds_venv/bin/tfds" build imagenet2012 --data_dir="${HOME}/tfds_local" \
   --manual_dir="${manual}" --file_format=array_record
-gsutil -m -q rsync -r "${HOME}/tfds_local/imagenet2012" "${data_dir}/imagenet2012"
-date -u +%FT%TZ | gsutil -q cp - "${marker}"
+gcloud storage rsync -r "${HOME}/tfds_local/imagenet2012" "${data_dir}/imagenet2012"
+date -u +%FT%TZ >"${HOME}/_XAR_BUILD_COMPLETE"
+gcloud storage cp "${HOME}/_XAR_BUILD_COMPLETE" "${marker}"
 echo "=== $(date -u +%FT%TZ) done: ${data_dir}/imagenet2012 (delete this VM: launch/prepare_data.sh cleanup)"

@@ -78,8 +78,8 @@ uv pip install --quiet --python "${venv}/bin/python" -e "${target}[gcs]" "${jax_
 
 if [[ -n ${weights} ]]; then
   mkdir -p "${HOME}/xar_weights"
-  if gsutil -q ls "${weights}" >/dev/null 2>&1; then
-    gsutil -m -q rsync -r "${weights}" "${HOME}/xar_weights"
+  if gcloud storage ls "${weights}" >/dev/null 2>&1; then
+    gcloud storage rsync -r "${weights}" "${HOME}/xar_weights"
     say "weights synced from ${weights} to ~/xar_weights"
   else
     say "no weights at ${weights} yet; skipped (launch/convert_weights.sh puts them there)"

@@ -33,7 +33,7 @@ rm -f "${exit_file}"
 
 upload_log() {
   [[ -n ${log_gcs} ]] || return 0
-  gsutil -q cp "${log}" "${log_gcs}/" >/dev/null 2>&1 || true
+  gcloud storage cp "${log}" "${log_gcs}/" >/dev/null 2>&1 || true
 }
 
 # shellcheck source=/dev/null

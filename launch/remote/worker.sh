@@ -127,7 +127,7 @@ cmd_upload_log() {
   check_mode "$1"
   file="$(log_file "$1")"
   [[ -f ${file} ]] || fail "no log ${file}"
-  gsutil -q cp "${file}" "$2/"
+  gcloud storage cp "${file}" "$2/"
   printf '[%s] %s -> %s/\n' "${HOST}" "${file}" "$2"
 }
 
@@ -144,12 +144,12 @@ cmd_convert() {
       --index-url https://download.pytorch.org/whl/cpu
   fi
   tmp="$(mktemp -d)"
-  gsutil -q cp "${src}" "${tmp}/"
+  gcloud storage cp "${src}" "${tmp}/"
   python -m xar_jax.convert "${kind}" --src "${tmp}/$(basename "${src}")" --out "${tmp}/${name}"
   # metadata.json goes last: a directory without it is not loadable, so an interrupted upload
   # can never pass for a complete one.
-  gsutil -m -q rsync -r -x 'metadata\.json$' "${tmp}/${name}" "${out}/${name}"
-  gsutil -q cp "${tmp}/${name}/metadata.json" "${out}/${name}/metadata.json"
+  gcloud storage rsync -r --exclude='metadata\.json$' "${tmp}/${name}" "${out}/${name}"
+  gcloud storage cp "${tmp}/${name}/metadata.json" "${out}/${name}/metadata.json"
   rm -rf "${tmp}"
   printf '[%s] %s -> %s/%s\n' "${HOST}" "${src}" "${out}" "${name}"
 }
