@@ -8,8 +8,9 @@
 #
 # REFERENCE_STATS  reference statistics (ADM's VIRTUAL_imagenet256_labeled.npz or a mu/sigma
 #                  .npz), gs:// or a path on the workers [required]
-# SAMPLES_DIR      a directory all workers share (e.g. a gcsfuse mount /gcs/BUCKET/samples): every
-#                  worker writes its shards there and worker 0 assembles samples.npz [required]
+# SAMPLES_DIR      where the samples go: gs:// (every worker writes its own shards there, worker 0
+#                  assembles samples.npz; no mount needed) or a directory all workers share
+#                  [WORKDIR/generated, the trainer's default]
 # VAE_DIR          converted KL-16 VAE on every worker (install.sh syncs WEIGHTS_GCS to
 #                  ~/xar_weights), as an absolute path [required]
 # INCEPTION_DIR    converted Inception weights on every worker, absolute path [required]
@@ -24,10 +25,14 @@ done
 load_tpu_settings
 load_run_settings
 require_var REFERENCE_STATS "the FID reference statistics, e.g. gs://${BUCKET}/fid/VIRTUAL_imagenet256_labeled.npz"
-require_var SAMPLES_DIR "a directory shared by all workers, e.g. /gcs/${BUCKET}/samples (gcsfuse)"
 require_var VAE_DIR "the converted VAE on the workers, e.g. /home/USER/xar_weights/kl16"
 require_var INCEPTION_DIR "the converted Inception on the workers, e.g. /home/USER/xar_weights/inception"
 
-start_job eval "--config.sample.out_dir=${SAMPLES_DIR}" "--config.latent.vae_checkpoint=${VAE_DIR}" \
-  "--config.eval.inception_checkpoint=${INCEPTION_DIR}" \
-  "--config.eval.reference_stats=${REFERENCE_STATS}" "${ARGS[@]}"
+EVAL_FLAGS=()
+if [[ -n ${SAMPLES_DIR:-} ]]; then
+  EVAL_FLAGS+=("--config.sample.out_dir=${SAMPLES_DIR}")
+fi
+EVAL_FLAGS+=("--config.latent.vae_checkpoint=${VAE_DIR}"
+  "--config.eval.inception_checkpoint=${INCEPTION_DIR}"
+  "--config.eval.reference_stats=${REFERENCE_STATS}")
+start_job eval "${EVAL_FLAGS[@]}" "${ARGS[@]}"

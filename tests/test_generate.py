@@ -201,7 +201,7 @@ def test_imagenet_eval_names_missing_files_and_their_commands_before_any_work(tm
         assert field in str(e.value) and command in str(e.value)
     assert not workdir.exists()
 
-    # One process may sample into gs:// (staged locally, then uploaded).
+    # Samples may go to gs:// (every process writes its shards there).
     assert generate.samples_root(_imagenet_config(tmp_path), "gs://bucket/run") == (
         "gs://bucket/run/generated")
 

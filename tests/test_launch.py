@@ -342,8 +342,13 @@ def test_stop_signals_the_job_on_every_worker(launch):
 def test_logs_follow_worker_0_and_upload_from_every_worker(launch):
     tail = launch("logs.sh").one("ssh")
     assert flag(tail, "worker") == "0" and remote(tail)[2:] == ["log", "train", "100", "1"]
-    several = launch("logs.sh", WORKER="0-3", MODE="eval").one("ssh")
-    assert flag(several, "worker") == "0-3" and remote(several)[2:] == ["log", "eval", "100", "0"]
+    several = launch("logs.sh", WORKER="all", MODE="eval").one("ssh")
+    assert flag(several, "worker") == "all" and remote(several)[2:] == ["log", "eval", "100", "0"]
+    assert "WORKER='0-3' is not allowed" in launch("logs.sh", WORKER="0-3").stderr  # not gcloud's
+    second = launch("logs.sh", NUM_SLICES="2", SLICE="1", WORKER="3").one("ssh")
+    assert second[3] == "queued-resources" and flag(second, "node") == "1"
+    assert flag(second, "worker") == "3" and remote(second)[2:] == ["log", "train", "100", "1"]
+    assert "SLICE=2 is not allowed" in launch("logs.sh", NUM_SLICES="2", SLICE="2").stderr
     upload = launch("logs.sh", "--upload").one("ssh")
     assert flag(upload, "worker") == "all"
     assert remote(upload)[2:] == ["upload-log", "train", f"{WORKDIR}/logs"]
@@ -568,16 +573,20 @@ def test_convert_weights_runs_on_worker_0_for_each_given_file(launch):
 
 def test_eval_needs_reference_stats_and_runs_on_every_worker(launch):
     assert "REFERENCE_STATS is not set" in launch("eval.sh").stderr
-    paths = dict(SAMPLES_DIR="/gcs/my-bkt/samples", VAE_DIR="/w/kl16", INCEPTION_DIR="/w/inception")
-    assert "SAMPLES_DIR is not set" in launch("eval.sh", REFERENCE_STATS="gs://r.npz").stderr
+    paths = dict(SAMPLES_DIR="gs://my-bkt/samples", VAE_DIR="/w/kl16", INCEPTION_DIR="/w/inception")
+    assert "VAE_DIR is not set" in launch("eval.sh", REFERENCE_STATS="gs://r.npz").stderr
     words = _start_command(launch("eval.sh", REFERENCE_STATS="gs://my-bkt/fid/ref.npz", **paths))
     assert words[3] == "eval" and "--mode=eval" in words and f"--workdir={WORKDIR}" in words
     assert words[-4:] == [
-        "--config.sample.out_dir=/gcs/my-bkt/samples",
+        "--config.sample.out_dir=gs://my-bkt/samples",
         "--config.latent.vae_checkpoint=/w/kl16",
         "--config.eval.inception_checkpoint=/w/inception",
         "--config.eval.reference_stats=gs://my-bkt/fid/ref.npz",
     ]
+    # Without SAMPLES_DIR the trainer's default holds them: WORKDIR/generated, on gs:// too.
+    paths.pop("SAMPLES_DIR")
+    words = _start_command(launch("eval.sh", REFERENCE_STATS="gs://my-bkt/fid/ref.npz", **paths))
+    assert not [w for w in words if w.startswith("--config.sample.out_dir")]
 
 
 @pytest.mark.parametrize(

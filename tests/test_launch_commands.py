@@ -32,7 +32,7 @@ from test_launch import LAUNCH, REPO, SCRIPTS, _make_sandbox, flag, run_script
 # Scripts whose remote commands start no python module (slice lifecycle, logs, the CPU VM's
 # TFDS build, install's import check); every other script must appear in CASES.
 NO_PYTHON = {"create.sh", "delete.sh", "install.sh", "logs.sh", "stop.sh"}
-EVAL_ENV = {"REFERENCE_STATS": "gs://my-bkt/fid/ref.npz", "SAMPLES_DIR": "/gcs/my-bkt/samples",
+EVAL_ENV = {"REFERENCE_STATS": "gs://my-bkt/fid/ref.npz", "SAMPLES_DIR": "gs://my-bkt/samples",
             "VAE_DIR": "/home/me/xar_weights/kl16", "INCEPTION_DIR": "/home/me/xar_weights/inc"}
 CASES = {  # id: (script, arguments, environment)
     "start-train": ("start.sh", (), {"SPOT": "1"}),  # resume.sh restarts the same command

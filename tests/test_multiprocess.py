@@ -10,7 +10,9 @@ a step's global batch is the single-process batch reordered (process 0's share, 
 differs by design; the reference run below is fed the reordered batches (which
 `test_global_batch_is_the_single_process_batch_reordered` pins down).
 
-Also: `initialize_distributed` checks its environment before JAX starts.
+Also: `initialize_distributed` checks its environment before JAX starts; and two
+`python -m xar_jax.main --mode=sample` processes write one ADM sample set to gs:// (the GCS
+emulator) without a shared mount, survive a kill and equal a one-process run.
 """
 
 from __future__ import annotations
@@ -320,3 +322,110 @@ def test_a_refused_lock_stops_every_process(tmp_path):
     assert "process 0 could not take the workdir's lock" in texts[1]
     assert (workdir / "train.lock").read_text() == holder  # The holder's lock is untouched.
     assert not (workdir / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling to gs:// from two processes: no shared mount, a killed process, a rerun.
+SAMPLE_IMAGES = 20  # 10 classes; 2 images per generator call: 10 batches, 5 per process.
+
+
+def _sample_cli(workdir, out_dir, global_batch):
+    return [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+            "--mode=sample", "--config.sample.format=adm",
+            f"--config.sample.num_images={SAMPLE_IMAGES}",
+            f"--config.sample.batch_size={global_batch}", f"--config.sample.out_dir={out_dir}"]
+
+
+def _start_two_samplers(workdir, out_dir, log_dir, tag):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs, logs = [], []
+    for index in range(2):
+        env = _env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(index))
+        logs.append(log_dir / f"sample_{tag}_{index}.log")
+        procs.append(_start(_sample_cli(workdir, out_dir, 4), env, logs[-1]))
+    return procs, logs
+
+
+def _wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _run_dir(out_dir):
+    from xar_jax import fileio
+
+    fileio.forget_listings(out_dir)
+    (name,) = fileio.list_names(out_dir)  # One sampling run: step_00000012-...-n20.
+    return f"{out_dir}/{name}"
+
+
+def _finished(shards):
+    """The finished shards' names (not the temporaries of a write cut short)."""
+    from xar_jax import fileio
+
+    fileio.forget_listings(shards)
+    return sorted(n for n in fileio.list_names(shards) if n.endswith(".npz"))
+
+
+def _read_samples(run_dir):
+    from xar_jax import fileio
+
+    with fileio.as_path(f"{run_dir}/samples.npz").open("rb") as f, np.load(f) as data:
+        return data["arr_0"], data["labels"]
+
+
+def test_two_processes_sample_to_gs_and_a_killed_one_resumes_to_the_one_process_result(
+        tiny_run, gcs_bucket, tmp_path):
+    """Every process writes its own shards to a gs:// sample.out_dir (no mount); process 1 is
+    killed in the middle of a batch, process 0 once its shards exist; the rerun generates only
+    what is missing and process 0 assembles samples.npz, equal to a one-process run's."""
+    import shutil
+    import uuid
+
+    from xar_jax import fileio
+
+    workdir = tmp_path / "run"  # Read only (the runs share it).
+    shutil.copytree(tiny_run, workdir)
+    root = f"{gcs_bucket}/multihost-{uuid.uuid4().hex[:8]}"
+    two = f"{root}/two"
+    # The one-process reference runs beside the two processes (most of their time is waiting).
+    reference = _start(_sample_cli(workdir, f"{root}/one", 2), _env(1), tmp_path / "one.log")
+    procs, logs = _start_two_samplers(workdir, two, tmp_path, "killed")
+    try:
+        # Process 1 is inside its first batch (compiling or sampling it) once it says so.
+        _wait_for(lambda: f"Sampling {SAMPLE_IMAGES} images" in logs[1].read_text(), TIMEOUT_S,
+                  "process 1 to start sampling")
+        procs[1].kill()
+        shards = f"{_run_dir(two)}/shards"
+
+        def process_0_done():
+            return procs[0].poll() is not None or len(_finished(shards)) >= 5
+
+        _wait_for(process_0_done, TIMEOUT_S, "process 0's shards")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    left = _finished(shards)
+    assert left and all(int(n[6:12]) % 2 == 0 for n in left), left  # Process 0's batches only.
+    assert not fileio.exists(f"{_run_dir(two)}/samples.npz")
+
+    procs, logs = _start_two_samplers(workdir, two, tmp_path, "rerun")
+    codes = _wait_all([*procs, reference], TIMEOUT_S)
+    texts = [p.read_text() for p in [*logs, tmp_path / "one.log"]]
+    assert codes == [0, 0, 0], [_tail(t) for t in texts]
+    assert f"Process 0: {len(left)} of its 5 batches finished earlier" in texts[0]
+    assert "Process 1: 0 of its 5 batches finished earlier; 5 to generate" in texts[1]
+
+    images, labels = _read_samples(_run_dir(two))
+    expected_images, expected_labels = _read_samples(_run_dir(f"{root}/one"))
+    np.testing.assert_array_equal(labels, expected_labels)
+    np.testing.assert_array_equal(np.bincount(labels), np.full(10, SAMPLE_IMAGES // 10))
+    np.testing.assert_array_equal(images, expected_images)
+    assert images.shape == (SAMPLE_IMAGES, 8, 8, 1)
+    fileio.forget_listings(_run_dir(two))
+    assert sorted(fileio.list_names(_run_dir(two))) == ["plan.json", "samples.npz",
+                                                        "settings.json"]

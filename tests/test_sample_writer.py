@@ -126,6 +126,34 @@ def test_two_processes_together_write_the_single_process_file(reference, tmp_pat
         np.testing.assert_array_equal(got, want)
 
 
+def test_two_processes_write_to_gs_and_the_interrupted_one_resumes(reference, gcs_bucket):
+    """Shards and samples.npz on gs:// (the GCS emulator): process 1 fails in its second batch, a
+    cut-short write leaves a temporary object, and the rerun generates only what is missing."""
+    import uuid
+
+    from xar_jax import fileio
+
+    out = f"{gcs_bucket}/writer-{uuid.uuid4().hex[:8]}"
+    common = dict(process_count=2, barrier=lambda: None, progress=False, **PLAN)
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        sample_writer.write_samples(CountingGenerator(fail_on_call=2), out, process_index=1,
+                                    **common)
+    fileio.write_bytes(f"{out}/shards/batch_000003.npz.tmp-host-123-abc", b"partial")
+    first = CountingGenerator()
+    with pytest.raises(RuntimeError, match="1 batch shards are missing \\(first: \\[3\\]\\)"):
+        sample_writer.write_samples(first, out, process_index=0, **common)
+    rerun, last = CountingGenerator(), CountingGenerator()
+    assert sample_writer.write_samples(rerun, out, process_index=1, **common) is None
+    path = sample_writer.write_samples(last, out, process_index=0, **common)
+    assert (first.calls, rerun.calls, last.calls) == (3, 1, 0)  # 0, 2, 4; then only 3; none
+    assert path == f"{out}/samples.npz"
+    with fileio.as_path(path).open("rb") as f, np.load(f) as data:
+        np.testing.assert_array_equal(data["arr_0"], reference[0])
+        np.testing.assert_array_equal(data["labels"], reference[1])
+    fileio.forget_listings(out)
+    assert sorted(fileio.list_names(out)) == ["plan.json", "samples.npz"]  # shards, tmp: gone
+
+
 def test_restart_with_a_different_plan_is_refused_before_generating(tmp_path):
     sample_writer.write_samples(fake_generator, str(tmp_path), progress=False, **PLAN)
     generator = CountingGenerator()

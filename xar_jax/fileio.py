@@ -41,6 +41,27 @@ def exists(path: PathLike) -> bool:
     return epath.Path(path).exists()
 
 
+def forget_listings(path: PathLike) -> None:
+    """Drops cached directory listings at and above a ``gs://`` ``path`` (no-op locally).
+
+    gcsfs keeps every listing it made; files that other processes wrote since then stay invisible
+    to `exists` and `list_names` until it is dropped.
+    """
+    if not is_remote(path):
+        return
+    try:
+        fs = epath.backend.fsspec_backend.fs(os.fspath(path))
+    except ImportError:  # No gcsfs: epath reads gs:// through TensorFlow, which caches nothing.
+        return
+    fs.invalidate_cache(os.fspath(path))
+
+
+def list_names(path: PathLike) -> list[str]:
+    """Names of the entries of directory ``path`` ([] if it does not exist)."""
+    path = as_path(path)
+    return [p.name for p in path.iterdir()] if path.exists() else []
+
+
 def makedirs(path: PathLike) -> None:
     """Creates ``path`` and its parents if missing (on GCS directories are implicit: a no-op)."""
     epath.Path(path).mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ The ADM run, step by step:
 3. Generates class-balanced labels (50 per class for 50k ImageNet images) with
    `xar_jax.evaluation.sample_writer.write_samples`: process ``p`` of ``P`` generates batches
    ``p, p + P, ...``, each batch sharded over that process's devices; finished batches are shards
-   on disk, so a killed run restarted with the same command continues where it stopped, and
+   in the run's directory (local, or ``gs://`` written by every host directly: no shared mount),
+   so a killed run restarted with the same command continues where it stopped, and
    ``samples.npz`` (``arr_0`` uint8 ``(N, H, W, 3)`` + ``labels``, ADM's format) is complete or
    absent. The images depend only on the params, the settings and ``sample.seed``.
 
@@ -89,28 +90,15 @@ def per_process_batch(config: ml_collections.ConfigDict, process_count: int,
 def samples_root(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The directory holding one sub-directory per sampling run.
 
-    Local (or a filesystem all hosts share), or ``gs://`` for a single-process run, which then
-    samples into a local staging directory and uploads the finished files (`generate_samples`).
-
-    Raises:
-      ConfigError for a gs:// location with several processes: they would need a shared place
-      to write their shards, which an object store is not.
+    Local (with several processes: a filesystem they all share) or ``gs://``, where every
+    process writes its own shards and process 0 publishes ``samples.npz``.
     """
-    root = config.sample.out_dir or os.path.join(workdir, GENERATED_DIR)
-    if fileio.is_remote(root) and jax.process_count() > 1:
-        field = "sample.out_dir" if config.sample.out_dir else "sample.out_dir (default: workdir)"
-        raise ConfigError(
-            f"config.{field}={root!r} is not allowed with {jax.process_count()} processes; "
-            "allowed: a filesystem all hosts share (e.g. a gcsfuse mount such as "
-            "/gcs/BUCKET/samples): the hosts write their shards there and process 0 assembles "
-            "them. One process may use gs:// (it stages locally and uploads)."
-        )
-    return root
+    return config.sample.out_dir or os.path.join(workdir, GENERATED_DIR)
 
 
 def staging_dir(out_dir: str) -> str:
-    """Where a gs:// sampling run writes its shards locally: stable per destination, so a killed
-    run restarted on the same machine resumes."""
+    """Where a process keeps its local copy of a gs:// run's ``samples.npz`` for scoring: stable
+    per destination, so a repeated evaluation on the same machine downloads it once."""
     digest = hashlib.sha1(out_dir.encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "xar_jax_staging", digest)
 
@@ -119,7 +107,7 @@ def staging_dir(out_dir: str) -> str:
 class Samples:
     """A finished sampling run: where to read ``samples.npz`` here, where it was published."""
 
-    path: str  # A local path (the staged copy when the run's directory is on gs://).
+    path: str  # A local path (this process's copy when the run's directory is on gs://).
     published: str  # Its final location (== path for local runs).
     settings: SampleRun
 
@@ -135,7 +123,6 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
     Raises:
       FileNotFoundError / ValueError naming the config field and how to create the file.
     """
-    samples_root(config, workdir)
     if config.latent.tokenizer == "kl16":
         vae = config.latent.vae_checkpoint
         if not vae or not fileio.exists(fileio.as_path(vae) / "metadata.json"):
@@ -288,18 +275,14 @@ def _absolute(path: str) -> str:
     return os.fspath(fileio.as_path(path)) if path else ""
 
 
-def _check_settings_file(out_dir: str, run: SampleRun, published_dir: str = "") -> None:
-    """Writes ``settings.json`` on the first run; refuses a directory made with other settings.
-
-    With a gs:// ``published_dir``, the published copy is checked (and written) as well.
-    """
-    for directory in filter(None, (published_dir, out_dir)):
-        sample_writer.check_or_write_json(
-            os.path.join(directory, SETTINGS_FILE),
-            dataclasses.asdict(run),
-            holds="samples made with other settings",
-            remedy="Delete it or set config.sample.out_dir elsewhere.",
-        )
+def _check_settings_file(out_dir: str, run: SampleRun) -> None:
+    """Writes ``settings.json`` on the first run; refuses a directory made with other settings."""
+    sample_writer.check_or_write_json(
+        os.path.join(out_dir, SETTINGS_FILE),
+        dataclasses.asdict(run),
+        holds="samples made with other settings",
+        remedy="Delete it or set config.sample.out_dir elsewhere.",
+    )
 
 
 def _barrier(name: str) -> None:
@@ -352,38 +335,33 @@ def generate_samples(
 
     params, source = experiment_lib.inference_params(exp, workdir)
     settings = sample_run(config, source, num_images)
-    published_dir = os.path.join(root, settings.dir_name())
-    remote = fileio.is_remote(published_dir)
-    out_dir = staging_dir(published_dir) if remote else published_dir
-    final = os.path.join(out_dir, sample_writer.SAMPLES_FILE)
-    published = os.path.join(published_dir, sample_writer.SAMPLES_FILE)
-    if remote:
-        # The published settings are the authority: refuse other settings before any work.
-        _check_settings_file(out_dir, settings, published_dir)
-        if fileio.exists(published) and not os.path.exists(final):
-            fileio.as_path(published).copy(fileio.as_path(final))
-    elif jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        _check_settings_file(out_dir, settings)
+    out_dir = os.path.join(root, settings.dir_name())
+    published = os.path.join(out_dir, sample_writer.SAMPLES_FILE)
+    # Scoring reads samples.npz from the local disk: a gs:// run's file is copied there.
+    final = (os.path.join(staging_dir(out_dir), sample_writer.SAMPLES_FILE)
+             if fileio.is_remote(out_dir) else published)
+    fileio.makedirs(out_dir)
+    _check_settings_file(out_dir, settings)  # On every process: each refuses on its own.
     _barrier("xar_jax.generate.settings")
-    if os.path.exists(final):
+    fileio.forget_listings(out_dir)
+    if not fileio.exists(published):
+        mesh = local_mesh()
+        generate = _generator(exp, replicate_on(params, mesh), mesh)
+        log.info("Sampling %d images (%s) into %s.", num_images, source.describe(), out_dir)
+        with jax.set_mesh(mesh), exp.rules_context():
+            sample_writer.write_samples(
+                generate, out_dir, num_images=num_images, num_classes=classes,
+                batch_size=local_batch, seed=config.sample.seed,
+                png_dir=os.path.join(out_dir, "png") if config.sample.write_png else None,
+            )
+        _barrier("xar_jax.generate.assembled")  # process 0 assembles after the writer's barrier
+        log.info("Wrote %s.", published)
+    else:
         log.info("%s exists: nothing to sample.", published)
-        return Samples(final, published, settings)
-
-    mesh = local_mesh()
-    generate = _generator(exp, replicate_on(params, mesh), mesh)
     del params
-    log.info("Sampling %d images (%s) into %s.", num_images, source.describe(), out_dir)
-    with jax.set_mesh(mesh), exp.rules_context():
-        sample_writer.write_samples(
-            generate, out_dir, num_images=num_images, num_classes=classes,
-            batch_size=local_batch, seed=config.sample.seed,
-            png_dir=os.path.join(out_dir, "png") if config.sample.write_png else None,
-        )
-    _barrier("xar_jax.generate.assembled")  # process 0 assembles after the writer's barrier
-    if remote:
-        fileio.upload_file(final, published)
-    log.info("Wrote %s.", published)
+    if final != published and not os.path.exists(final):
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        fileio.as_path(published).copy(fileio.as_path(final), overwrite=True)
     return Samples(final, published, settings)
 
 

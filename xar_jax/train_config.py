@@ -177,9 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.seed = 0  # Seed of the labels' order and of the sampling noise.
     c.sample.use_ema = True  # Sample from EMA params (as the release does).
     c.sample.write_png = False  # 'adm': also write every image as png/<index>.png.
-    # 'adm': where the sampling runs go (default '' = workdir/generated); a path all hosts of a
-    # multi-host run share, or gs:// for one process (it samples into a local staging directory
-    # and uploads the finished files).
+    # 'adm': where the sampling runs go (default '' = workdir/generated); gs:// (every host
+    # writes its own shards there, process 0 publishes samples.npz) or a local path, which all
+    # hosts of a multi-host run must share.
     c.sample.out_dir = ""
 
     c.eval = ml_collections.ConfigDict()

@@ -15,8 +15,12 @@ Layout of ``out_dir``::
 Process ``p`` of ``P`` generates batches ``p, p + P, ...`` and skips those whose shard exists, so a
 killed run restarted with the same arguments continues where it stopped (a batch interrupted
 mid-way is generated again from the same key). When every shard exists, process 0 streams them
-into ``samples.npz`` through a temporary file and a rename: the file is complete or absent. With
-several hosts, ``out_dir`` must be a shared filesystem.
+into ``samples.npz`` through a temporary file and a rename: the file is complete or absent.
+
+``out_dir`` is a local directory (with several hosts, one they share) or a ``gs://`` location,
+which every host reaches without a mount: each shard is written through `fileio.write_npz` (a
+temporary object, then a server-side move), so a shard object is whole or absent, and process 0
+assembles ``samples.npz`` on its local disk and publishes it with `fileio.upload_file`.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import operator
 import os
+import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +43,8 @@ import numpy as np
 
 from xar_jax import fileio
 from xar_jax.evaluation import npz_io
+
+log = logging.getLogger("xar_jax.sample_writer")
 
 Generator = Callable[[np.ndarray, jax.Array], Any]
 PLAN_FILE = "plan.json"
@@ -130,6 +139,22 @@ def _shard_path(out_dir: str, batch: int) -> str:
     return os.path.join(out_dir, SHARD_DIR, f"batch_{batch:06d}.npz")
 
 
+_SHARD_NAME = re.compile(r"batch_(\d{6,})\.npz")
+
+
+def _finished_batches(out_dir: str) -> set[int]:
+    """The batches whose shard exists: one listing (other processes' new shards included)."""
+    shards = os.path.join(out_dir, SHARD_DIR)
+    fileio.forget_listings(shards)
+    return {int(m.group(1)) for name in fileio.list_names(shards)
+            if (m := _SHARD_NAME.fullmatch(name))}
+
+
+def _load_shard(out_dir: str, batch: int) -> dict[str, np.ndarray]:
+    with fileio.as_path(_shard_path(out_dir, batch)).open("rb") as f, np.load(f) as shard:
+        return {k: shard[k] for k in shard.files}
+
+
 def check_or_write_json(path: str, wanted: dict[str, Any], *, holds: str, remedy: str) -> None:
     """Writes ``wanted`` to ``path`` (atomically) on the first run; later refuses any other content.
 
@@ -198,26 +223,34 @@ def _default_barrier(process_count: int) -> None:
 
 
 def _assemble(out_dir: str, plan: SamplingPlan, labels: np.ndarray, path: str) -> None:
-    missing = [b for b in range(plan.num_batches) if not os.path.exists(_shard_path(out_dir, b))]
+    finished = _finished_batches(out_dir)
+    missing = [b for b in range(plan.num_batches) if b not in finished]
     if missing:
         raise RuntimeError(
             f"Cannot assemble {path}: {len(missing)} batch shards are missing (first: "
             f"{missing[:10]}). Run the same command again (on every process) to finish them."
         )
-    with np.load(_shard_path(out_dir, 0)) as first:
-        image_shape = first["images"].shape[1:]
+    image_shape = _load_shard(out_dir, 0)["images"].shape[1:]
 
     def chunks() -> Iterator[np.ndarray]:
         for b in range(plan.num_batches):
-            with np.load(_shard_path(out_dir, b)) as shard:
-                expected = labels[b * plan.batch_size : (b + 1) * plan.batch_size]
-                if not np.array_equal(shard["labels"], expected):
-                    raise RuntimeError(f"Shard {b} does not belong to this plan; delete {out_dir}.")
-                yield shard["images"]
+            shard = _load_shard(out_dir, b)
+            expected = labels[b * plan.batch_size : (b + 1) * plan.batch_size]
+            if not np.array_equal(shard["labels"], expected):
+                raise RuntimeError(f"Shard {b} does not belong to this plan; delete {out_dir}.")
+            yield shard["images"]
 
-    npz_io.write_npz_streaming(
-        path, "arr_0", (plan.num_images, *image_shape), np.uint8, chunks(), extra={"labels": labels}
-    )
+    def write(local_path: str) -> None:
+        npz_io.write_npz_streaming(local_path, "arr_0", (plan.num_images, *image_shape),
+                                   np.uint8, chunks(), extra={"labels": labels})
+
+    if not fileio.is_remote(path):
+        write(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="xar-samples-") as tmp:  # On the local disk.
+        local = os.path.join(tmp, os.path.basename(path))
+        write(local)
+        fileio.upload_file(local, path)
 
 
 def write_samples(
@@ -244,7 +277,8 @@ def write_samples(
       generate: ``generate(labels (batch_size,) int32, key) -> (batch_size, H, W, 3) uint8``
         (NumPy or JAX). It must be a deterministic function of its inputs for resumption to
         reproduce an uninterrupted run.
-      out_dir: run directory (shared between processes).
+      out_dir: run directory, shared between processes: local (a filesystem they share) or
+        ``gs://``.
       num_images, num_classes, batch_size, seed, allow_uneven: the plan (see `balanced_labels`).
         ``batch_size`` is the per-call batch of ``generate``.
       key: base PRNG key; default ``jax.random.key(seed)``. Batch b uses ``fold_in(key, b)``.
@@ -268,13 +302,14 @@ def write_samples(
             f"process_index={process_index} not in [0, process_count={process_count})."
         )
     labels = plan.labels()  # validates divisibility before any work
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.fspath(fileio.as_path(out_dir))
     final_path = os.path.join(out_dir, file_name)
-    os.makedirs(os.path.join(out_dir, SHARD_DIR), exist_ok=True)
+    fileio.makedirs(os.path.join(out_dir, SHARD_DIR))
     _check_plan_file(out_dir, plan)
     if png_dir is not None:
-        os.makedirs(png_dir, exist_ok=True)
-    if os.path.exists(final_path):
+        fileio.makedirs(png_dir)
+    fileio.forget_listings(out_dir)
+    if fileio.exists(final_path):
         if process_index == 0:
             _clean_up(out_dir, png_dir, keep_shards)
             return final_path
@@ -282,7 +317,10 @@ def write_samples(
 
     key = jax.random.key(seed) if key is None else key
     mine = list(range(process_index, plan.num_batches, process_count))
-    todo = [b for b in mine if not os.path.exists(_shard_path(out_dir, b))]
+    finished = _finished_batches(out_dir)
+    todo = [b for b in mine if b not in finished]
+    log.info("Process %d: %d of its %d batches finished earlier; %d to generate.", process_index,
+             len(mine) - len(todo), len(mine), len(todo))
     show = progress and process_index == 0
     for b in _progress(todo, len(mine) - len(todo), len(mine), show):
         batch_labels, keep = plan.batch_labels(labels, b)
@@ -308,11 +346,24 @@ def _clean_up(out_dir: str, png_dir: str | None, keep_shards: bool) -> None:
 
     Only called once every process has finished, so no temporary file is still being written.
     """
+    shards = os.path.join(out_dir, SHARD_DIR)
     if not keep_shards:
-        shutil.rmtree(os.path.join(out_dir, SHARD_DIR), ignore_errors=True)
-    for directory in (out_dir, png_dir):
-        if directory is not None:
-            # fileio's temporaries (name.tmp-host-pid-id) and npz_io's streaming ones (.tmp-*).
-            for pattern in ("*.tmp-*", ".tmp-*"):
-                for tmp in glob.glob(os.path.join(directory, "**", pattern), recursive=True):
-                    os.remove(tmp)
+        if fileio.is_remote(shards):
+            fileio.forget_listings(shards)
+            if fileio.exists(shards):
+                fileio.as_path(shards).rmtree()
+        else:
+            shutil.rmtree(shards, ignore_errors=True)
+    for directory in (out_dir, shards, png_dir):
+        if directory is None:
+            continue
+        if fileio.is_remote(directory):  # fileio's temporaries only (name.tmp-host-pid-id).
+            fileio.forget_listings(directory)
+            for name in fileio.list_names(directory):
+                if ".tmp-" in name:
+                    (fileio.as_path(directory) / name).unlink(missing_ok=True)
+            continue
+        # fileio's temporaries (name.tmp-host-pid-id) and npz_io's streaming ones (.tmp-*).
+        for pattern in ("*.tmp-*", ".tmp-*"):
+            for tmp in glob.glob(os.path.join(directory, "**", pattern), recursive=True):
+                os.remove(tmp)
