@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import uuid
 from typing import Any
@@ -117,6 +118,22 @@ def write_png(path: PathLike, image: np.ndarray) -> epath.Path:
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
     return write_bytes(path, buffer.getvalue())
+
+
+def download_file(path: PathLike, local: PathLike) -> None:
+    """Copies ``path`` (local or ``gs://``) to the local file ``local``, streamed, atomically: a
+    copy cut short leaves a temporary file, never a partial ``local``."""
+    local = os.path.abspath(os.fspath(local))
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = os.fspath(_temporary_sibling(epath.Path(local)))
+    try:
+        with as_path(path).open("rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(tmp, local)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def upload_file(local: PathLike, path: PathLike) -> None:

@@ -103,12 +103,24 @@ def staging_dir(out_dir: str) -> str:
     return os.path.join(tempfile.gettempdir(), "xar_jax_staging", digest)
 
 
+def local_copy(samples: Samples) -> str:
+    """``samples.npz`` on this machine's disk, for scoring: the file itself when the run is
+    local; for a gs:// run, a copy in `staging_dir` (downloaded once, atomically)."""
+    if not fileio.is_remote(samples.published):
+        return samples.published
+    local = os.path.join(staging_dir(os.path.dirname(samples.published)),
+                         sample_writer.SAMPLES_FILE)
+    if not os.path.exists(local):
+        fileio.download_file(samples.published, local)
+    return local
+
+
 @dataclasses.dataclass(frozen=True)
 class Samples:
-    """A finished sampling run: where to read ``samples.npz`` here, where it was published."""
+    """A finished sampling run: its ``samples.npz`` (local or gs://; `local_copy` for a local
+    path) and the settings that made it."""
 
-    path: str  # A local path (this process's copy when the run's directory is on gs://).
-    published: str  # Its final location (== path for local runs).
+    published: str
     settings: SampleRun
 
 
@@ -337,9 +349,6 @@ def generate_samples(
     settings = sample_run(config, source, num_images)
     out_dir = os.path.join(root, settings.dir_name())
     published = os.path.join(out_dir, sample_writer.SAMPLES_FILE)
-    # Scoring reads samples.npz from the local disk: a gs:// run's file is copied there.
-    final = (os.path.join(staging_dir(out_dir), sample_writer.SAMPLES_FILE)
-             if fileio.is_remote(out_dir) else published)
     fileio.makedirs(out_dir)
     _check_settings_file(out_dir, settings)  # On every process: each refuses on its own.
     _barrier("xar_jax.generate.settings")
@@ -359,10 +368,7 @@ def generate_samples(
     else:
         log.info("%s exists: nothing to sample.", published)
     del params
-    if final != published and not os.path.exists(final):
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        fileio.as_path(published).copy(fileio.as_path(final), overwrite=True)
-    return Samples(final, published, settings)
+    return Samples(published, settings)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,10 +93,11 @@ def evaluate(exp: experiment_lib.Experiment, workdir: str) -> dict[str, float]:
     config = exp.config
     generate.check_inputs(config, workdir, scoring=True)
     samples = generate.generate_samples(exp, workdir, num_images=config.eval.num_images)
+    path = generate.local_copy(samples)  # Every process reads its share from its local disk.
     if config.data.source == "digits":
-        metrics = score_digits(samples.path)
+        metrics = score_digits(path)
     else:
-        metrics = score_imagenet(config, samples.path)
+        metrics = score_imagenet(config, path)
     settings = samples.settings
     step = settings.checkpoint_step
     if jax.process_index() == 0:
