@@ -4,7 +4,8 @@
 #   launch/install.sh [--dry-run] [--env FILE]
 #
 # The code travels as a tarball of the git tree at SYNC_REF (HEAD), made with `git archive` on
-# this machine and copied with `gcloud compute tpus tpu-vm scp --worker=all`: the workers need no
+# this machine and copied with `gcloud compute tpus tpu-vm scp --worker=all` (with several slices
+# `gcloud compute tpus queued-resources scp --node=all --worker=all`): the workers need no
 # access to the repository, and every worker runs exactly the same commit (recorded in
 # ~/xar-jax/.xar_commit and at the top of each log). Uncommitted changes stop the script unless
 # ALLOW_DIRTY=1; CODE_TARBALL=path ships a tarball you made yourself instead.

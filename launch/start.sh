@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Starts `python -m xar_jax.main` on every worker at once (--worker=all), detached in tmux
+# Starts `python -m xar_jax.main` on every worker (of every slice) at once, detached in tmux
 # session xar-MODE, one log per worker in ~/xar_logs/MODE_<hostname>.log (also copied to
 # WORKDIR/logs/). The trainer resumes from the latest checkpoint in WORKDIR by itself, so
 # starting again with the same WORKDIR continues the run.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs ON A TPU WORKER (launch/*.sh call it through `gcloud compute tpus tpu-vm ssh --worker=all`).
+# Runs ON A TPU WORKER (launch/*.sh call it through `gcloud compute tpus tpu-vm ssh --worker=all`,
+# or `gcloud compute tpus queued-resources ssh --node=all --worker=all` with several slices).
 # Manages one detached job per mode in tmux session xar-MODE; logs live in ~/xar_logs/.
 #
 #   worker.sh start MODE LOG_GCS ARGS...   start `python -m xar_jax.main ARGS...` in xar-MODE
