@@ -6,8 +6,9 @@
 #   launch/create.sh [--dry-run] [--env FILE]
 #
 # Uses PROJECT, ACCELERATOR_TYPE, ZONE, RUNTIME_VERSION, TPU_NAME, QUEUED_RESOURCE, QR_ID,
-# NUM_SLICES, SPOT / PREEMPTIBLE / RESERVED, CREATE_FLAGS (extra gcloud flags, e.g. --network=... or
-# --service-account=...), WAIT (1), POLL_SECONDS (60). See launch/common.sh for defaults.
+# NUM_SLICES, SPOT / PREEMPTIBLE / RESERVED, CREATE_FLAGS (extra gcloud flags, e.g.
+# --network=... or --service-account=...), WAIT (1), POLL_SECONDS (60). See launch/common.sh for
+# defaults.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
