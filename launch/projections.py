@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-# ---- the model (XAR_REFERENCE.md) ----------------------------------------------------------
+# ---- the model (arXiv 2502.20388 and the authors' release) ---------------------------------
 TOKENS = 256  # 16x16 latent grid, one token per position
 CELLS = 4  # 8x8 cells: adaLN conditioning is computed once per cell, not per token
 LATENT_CHANNELS = 16
@@ -244,7 +244,7 @@ def eval_table() -> str:
 
 
 def check_param_counts() -> None:
-    """The architecture formulas must reproduce the published sizes (XAR_REFERENCE.md)."""
+    """The architecture formulas must reproduce the published sizes (arXiv 2502.20388)."""
     for m in MODELS:
         n = sum(param_counts(m).values()) / 1e6
         if not math.isclose(n, m.published_params_m, rel_tol=1e-3):

@@ -113,7 +113,7 @@ def test_record_round_trip_and_damage_detection():
 
 def test_cache_killed_midway_resumes_to_exactly_the_uninterrupted_result(tmp_path, reference_cache):
     out = tmp_path / "cache"
-    # 2 encoder calls per batch, 4 batches in shard 0: call 11 dies inside shard 1.
+    # 2 encoder calls per batch, 4 batches in shard 0: the 11th encoder call dies inside shard 1.
     command = [
         sys.executable,
         "-m",
