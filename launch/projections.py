@@ -152,7 +152,7 @@ SAMPLE_MFU = 0.25  # ASSUMED: 64-token steps with a KV cache keep the chips less
 EPOCHS = 800
 IMAGENET_TRAIN = 1_281_167
 FID_SAMPLES = 50_000
-GLOBAL_BATCH = 2048
+
 
 def _fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
