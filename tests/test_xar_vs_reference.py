@@ -23,8 +23,8 @@ def _golden_inputs(g):
 
 
 @pytest.fixture(scope="module")
-def scanned_padded_model(xar_golden_state_dict):
-    return xar_convert.xar_from_torch(xar_golden_state_dict, scan_layers=True, mlp_multiple=64)
+def scanned_padded_model(golden_model_with):
+    return golden_model_with(scan_layers=True, mlp_multiple=64)
 
 
 def test_forward_velocity_matches_reference(golden_model, xar_golden):
@@ -71,7 +71,7 @@ def test_bfloat16_compute_stays_close_to_float32(xar_golden_state_dict, xar_gold
 def test_exact_gelu_matches_the_erf_definition():
     from math import erf
 
-    from xar_jax.layers import gelu_exact
+    from xar_jax.mlp import gelu_exact
 
     x = np.linspace(-8.0, 8.0, 4001)
     ref = np.array([0.5 * v * (1.0 + erf(v / np.sqrt(2.0))) for v in x])
@@ -81,7 +81,7 @@ def test_exact_gelu_matches_the_erf_definition():
 
 
 def test_gated_gelu_backward_equals_autodiff():
-    from xar_jax.layers import gated_gelu, gelu_exact
+    from xar_jax.mlp import gated_gelu, gelu_exact
 
     g = 3.0 * jax.random.normal(jax.random.key(0), (4096,))
     u, w = jax.random.normal(jax.random.key(1), (2, 4096))

@@ -1,8 +1,9 @@
 """The experiment layer: what training, sampling and evaluation all stand on.
 
 `build` turns a config into an `Experiment` once per process: it validates the config for the mode
-at hand (the only place that does), then makes the mesh, the entity layout, the model and the
-params' shardings. Training adds its optimizer, schedule and state layout with `training_setup`
+at hand (the only place that does), resolves what depends on the devices (the mesh shape, the
+attention kernel of 'auto'), then makes the mesh, the entity layout, the model and the params'
+shardings. Nothing below the experiment resolves or validates these again. Training adds its optimizer, schedule and state layout with `training_setup`
 (the only step that needs the size of the training set). Sampling and evaluation get their params
 from `inference_params`: the EMA params of the workdir's newest checkpoint (an Orbax partial
 restore, no optimizer state), or converted released weights (``config.weights``).
@@ -21,6 +22,7 @@ import jax
 import ml_collections
 from flax import linen as nn
 
+from xar_jax import attention
 from xar_jax import sharding as sharding_lib
 from xar_jax import train_state as ts
 from xar_jax import workdir as workdir_lib
@@ -28,9 +30,16 @@ from xar_jax.checkpointing import Checkpointer
 from xar_jax.convert import params_io
 from xar_jax.convert import xar as xar_convert
 from xar_jax.data import pipeline
-from xar_jax.entities import EntityLayout, layout_from_config
+from xar_jax.entities import EntityLayout
 from xar_jax.errors import ConfigError, MissingInputError
-from xar_jax.model import XAR, abstract_params, build_model, count_params
+from xar_jax.model import (
+    DTYPES,
+    XAR,
+    ResolvedSettings,
+    abstract_params,
+    build_model,
+    count_params,
+)
 from xar_jax.train_config import validate_config
 
 log = logging.getLogger("xar_jax.experiment")
@@ -47,6 +56,7 @@ class Experiment:
     mode: str
     mesh: jax.sharding.Mesh
     layout: EntityLayout
+    settings: ResolvedSettings  # The model fields resolved for the devices ('auto' replaced).
     model: XAR
     param_shardings: Any  # Params-shaped tree of NamedSharding.
     abstract_params: Any  # Params-shaped tree of ShapeDtypeStruct with shardings.
@@ -74,23 +84,33 @@ def build(
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not allowed; allowed: {' | '.join(MODES)}.")
     devices = list(jax.devices() if devices is None else devices)
-    validate_config(config, len(devices), training=mode == "train")
-    m = config.mesh
-    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices,
-                                  num_slices=m.num_slices)
-    layout = layout_from_config(config.entity, config.latent.grid_size)
+    checked = validate_config(config, len(devices), training=mode == "train")
+    mesh = sharding_lib.make_mesh(*checked.mesh_shape, devices=devices,
+                                  num_slices=config.mesh.num_slices)
+    settings = resolve_model_settings(config.model, devices[0].platform)
     # The class embedding has num_classes + 1 rows; the last is the null class.
-    model = build_model(config.model, layout, in_channels=config.latent.channels,
-                        num_classes=config.latent.num_classes)
+    model = build_model(config.model, checked.layout, settings,
+                        in_channels=config.latent.channels, num_classes=config.latent.num_classes)
     boxed = abstract_params(model)
     shardings = sharding_lib.logical_shardings(nn.get_partition_spec(boxed), mesh)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.meta.unbox(boxed), shardings,
     )
-    return Experiment(config=config, mode=mode, mesh=mesh, layout=layout, model=model,
+    return Experiment(config=config, mode=mode, mesh=mesh, layout=checked.layout,
+                      settings=settings, model=model,
                       param_shardings=shardings, abstract_params=abstract,
                       num_params=count_params(boxed, model=model))
+
+
+def resolve_model_settings(model_cfg: ml_collections.ConfigDict, platform: str) -> ResolvedSettings:
+    """The model fields that depend on the devices' ``platform`` ('cpu', 'gpu', 'tpu'), resolved
+    from a validated config's ``model`` section: the attention kernel of 'auto'."""
+    return ResolvedSettings(
+        attention_impl=attention.resolve(
+            model_cfg.attention_impl, model_cfg.attn_dropout, DTYPES[model_cfg.dtype], platform
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from flax import linen as nn
 from xar_jax import entities as ent
 from xar_jax import model as xar_model
 from xar_jax.convert import params_io, torch_io
-from xar_jax.layers import rope_tables
+from xar_jax.rope import rope_tables
 
 _DERIVED_SUFFIXES = ("attn.rope.freqs", "attn.rope.freqs_cos", "attn.rope.freqs_sin")
 _TOP_LINEARS = {
