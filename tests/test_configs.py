@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from xar_jax import experiment, sharding
+from xar_jax import experiment, sharding, workdir
 from xar_jax.entities import layout_from_config
 from xar_jax.model import (
     PRESETS,
@@ -58,6 +58,23 @@ def test_paper_configs_build_with_published_param_counts(name):
     # One answer to "is this the same model?": the config's and the built model's signatures.
     assert config_signature(config) == model_signature(model)
     assert model_signature(model)["model.width"] == PRESETS[name].width
+
+
+def test_workdir_records_that_named_a_preset_still_check_against_its_sizes(tmp_path):
+    config = _paper_config("xar_b")
+    recorded = {"model.preset": "xar_b", "latent.grid_size": 16, "latent.channels": 16,
+                "latent.num_classes": 1000, "model.mlp_multiple": 128, "model.scan_layers": True,
+                "entity.kind": "cell", "entity.cell_size": 8}  # fmt: skip
+    record = workdir.RunRecord(config={}, model=recorded, data={}, mesh={}, versions={},
+                               history=[])  # fmt: skip
+    workdir.check_model(record, config, str(tmp_path), "sample")  # The same network: accepted.
+    config.model.preset = ""
+    config.model.width, config.model.num_heads = 768, 12  # xar_b's sizes, given one by one.
+    config.model.encoder_depth = config.model.decoder_depth = 8
+    workdir.check_model(record, config, str(tmp_path), "sample")
+    config.model.preset = "xar_l"
+    with pytest.raises(workdir.WorkdirMismatchError, match="model.width: 768 in the workdir, 1024"):
+        workdir.check_model(record, config, str(tmp_path), "sample")
 
 
 def _parse(argv):

@@ -25,10 +25,9 @@ from flax import linen as nn
 from xar_jax import attention
 from xar_jax import sharding as sharding_lib
 from xar_jax import train_state as ts
+from xar_jax import weights as weights_lib
 from xar_jax import workdir as workdir_lib
 from xar_jax.checkpointing import Checkpointer
-from xar_jax.convert import params_io
-from xar_jax.convert import xar as xar_convert
 from xar_jax.data import pipeline
 from xar_jax.entities import EntityLayout
 from xar_jax.errors import ConfigError, MissingInputError
@@ -203,37 +202,21 @@ def check_weights(exp: Experiment, weights: str) -> dict[str, Any]:
     """Refuses converted weights whose model differs from the config's; returns their metadata.
 
     Raises:
-      FileNotFoundError: ``weights`` is not a converted xAR directory.
-      ValueError naming each differing model field.
+      WeightsError: ``weights`` is not a converted xAR directory, or its network is not the
+        config's (each differing field named).
     """
-    meta = params_io.load_metadata(weights)
-    if meta.get("kind") != "xar":
-        raise ConfigError(
-            f"config.weights={weights!r} holds a {meta.get('kind')!r} checkpoint; allowed: the "
-            "output of `python -m xar_jax.convert xar --src xAR-*.pth --out DIR`."
-        )
-    wanted = xar_convert.model_metadata(exp.model)
-    diff = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
-    if diff:
-        details = "; ".join(f"{k}: {old!r} in the weights, {new!r} in the config"
-                            for k, (old, new) in diff.items())
-        raise ConfigError(
-            f"config.weights={weights!r} does not fit the config's model ({details}). Use the "
-            "config of the released model (configs/xar_b.py, xar_l.py, xar_h.py)."
-        )
+    try:
+        meta = weights_lib.read_metadata(weights, "xar")
+    except weights_lib.WeightsError as e:
+        raise weights_lib.WeightsError(f"config.weights={weights!r}: {e}") from None
+    weights_lib.check_xar_fits(weights, meta, exp.model)
     return meta
 
 
 def _converted_params(exp: Experiment, weights: str) -> Any:
-    """Converted weights placed with ``exp``'s param shardings."""
-    model = exp.model
-    if not model.scan_layers and model.mlp_multiple == 1:
-        # Stored layout == module layout: a sharded Orbax restore straight into place.
-        return params_io.load_params(weights, target=exp.abstract_params)
-    # Stored unrolled and unpadded: read on the host, re-lay out, then place sharded.
-    _, params = xar_convert.load_converted(
-        weights, scan_layers=model.scan_layers, mlp_multiple=model.mlp_multiple
-    )
+    """Converted weights placed with ``exp``'s param shardings: restored straight into place
+    when the module keeps their layout, else laid out on the host and then placed."""
+    params = weights_lib.load_xar_params(weights, exp.model, target=exp.abstract_params)
     return jax.device_put(params, exp.param_shardings)
 
 
