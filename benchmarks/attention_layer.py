@@ -24,15 +24,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from xar_jax import attention  # noqa: E402
 from xar_jax import entities as ent  # noqa: E402
 from xar_jax import flash_attention as fa  # noqa: E402
-from xar_jax import layers  # noqa: E402
 
 RATE = 0.1
 
 
 def _xla(q, k, v, mask, key, rate):
-    """The XLA path of layers.Attention: einsum, masked softmax, Bernoulli dropout (as nn.Dropout)."""
+    """The XLA path of layers.Attention (attention.attend): einsum, masked softmax, Bernoulli dropout (as nn.Dropout)."""
 
     def drop(p):
         if rate == 0:
@@ -40,7 +40,7 @@ def _xla(q, k, v, mask, key, rate):
         keep = jax.random.bernoulli(key, 1.0 - rate, p.shape)
         return jnp.where(keep, p / (1.0 - rate), 0.0)
 
-    return layers._masked_softmax_attention(q, k, v, mask, q.shape[-1] ** -0.5, drop)
+    return attention.masked_softmax_attention(q, k, v, mask, q.shape[-1] ** -0.5, drop)
 
 
 def _cudnn(q, k, v, mask, key, rate):

@@ -32,8 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from xar_jax import attention  # noqa: E402
 from xar_jax import cached_attention as ca  # noqa: E402
-from xar_jax import layers  # noqa: E402
 
 AGREEMENT = 2e-2  # Largest relative L2 between the kernel and the concatenating path.
 TINY = dict(batch=2, entity=16, heads=2, head_dim=16, layers=3, tokens=64, prefix="48,16")
@@ -47,16 +47,16 @@ def _concat(impl):
     """The sampler's path today: slice layer l's prefix, concatenate, jax.nn.dot_product_attention."""
 
     def attend(q, k, v, cache_k, cache_v, layer, prefix_len):
-        ctx = layers.KVContext(cache_k, cache_v, layer, None, prefix_len)
-        return layers._fused_cached_attention(q, k, v, ctx, impl)
+        ctx = attention.KVContext(cache_k, cache_v, layer, None, prefix_len)
+        return attention.fused_cached_attention(q, k, v, ctx, impl)
 
     return attend
 
 
 def _two_part(q, k, v, cache_k, cache_v, layer, prefix_len):
     """The 'xla' impl: einsums over the layer's prefix and the own keys, one joint softmax."""
-    ctx = layers.KVContext(cache_k, cache_v, layer, None, prefix_len)
-    return layers._two_part_attention(q, k, v, ctx, q.shape[-1] ** -0.5)
+    ctx = attention.KVContext(cache_k, cache_v, layer, None, prefix_len)
+    return attention.two_part_attention(q, k, v, ctx, q.shape[-1] ** -0.5)
 
 
 def _kernel(blocks):

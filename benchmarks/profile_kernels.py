@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common, train_step  # noqa: E402
 from xar_jax import scan_buffers  # noqa: E402
-from xar_jax.layers import resolve_attention_impl  # noqa: E402
+from xar_jax.attention import resolve as resolve_attention_impl  # noqa: E402
 
 
 def _model_overrides(args):

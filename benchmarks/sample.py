@@ -21,7 +21,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from xar_jax import sampling  # noqa: E402
-from xar_jax.layers import ATTENTION_IMPLS, resolve_attention_impl  # noqa: E402
+from xar_jax.attention import ATTENTION_IMPLS  # noqa: E402
+from xar_jax.attention import resolve as resolve_attention_impl  # noqa: E402
 
 PUBLISHED = {"xar_b": (40, 2.7), "xar_l": (50, 2.3), "xar_h": (50, 2.2)}
 

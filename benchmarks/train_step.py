@@ -26,7 +26,9 @@ from benchmarks import common  # noqa: E402
 from xar_jax import model as xar_model  # noqa: E402
 from xar_jax import scan_buffers  # noqa: E402
 from xar_jax import train_state as ts  # noqa: E402
-from xar_jax.layers import ATTENTION_IMPLS, DROPOUT_IMPLS, resolve_attention_impl  # noqa: E402
+from xar_jax.attention import ATTENTION_IMPLS  # noqa: E402
+from xar_jax.attention import resolve as resolve_attention_impl  # noqa: E402
+from xar_jax.dropout import DROPOUT_IMPLS  # noqa: E402
 
 DEFAULT_BATCH = {"xar_b": 256, "xar_l": 128, "xar_h": 64}
 

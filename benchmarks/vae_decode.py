@@ -52,9 +52,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.params:
-        from xar_jax.convert.vae import load_converted
+        from xar_jax.weights import load_vae
 
-        base, params = load_converted(args.params)
+        base, params = load_vae(args.params)
     else:
         base = vae_lib.VAE(**vae_lib.vae_config(args.config))
         params = vae_lib.init_params(base, jax.random.key(0))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-# ---- the model (XAR_REFERENCE.md) ----------------------------------------------------------
+# ---- the model (arXiv 2502.20388 and the authors' release) ---------------------------------
 TOKENS = 256  # 16x16 latent grid, one token per position
 CELLS = 4  # 8x8 cells: adaLN conditioning is computed once per cell, not per token
 LATENT_CHANNELS = 16
@@ -152,7 +152,7 @@ SAMPLE_MFU = 0.25  # ASSUMED: 64-token steps with a KV cache keep the chips less
 EPOCHS = 800
 IMAGENET_TRAIN = 1_281_167
 FID_SAMPLES = 50_000
-GLOBAL_BATCH = 2048
+
 
 def _fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
@@ -244,7 +244,7 @@ def eval_table() -> str:
 
 
 def check_param_counts() -> None:
-    """The architecture formulas must reproduce the published sizes (XAR_REFERENCE.md)."""
+    """The architecture formulas must reproduce the published sizes (arXiv 2502.20388)."""
     for m in MODELS:
         n = sum(param_counts(m).values()) / 1e6
         if not math.isclose(n, m.published_params_m, rel_tol=1e-3):

@@ -26,26 +26,37 @@ def xar_golden_state_dict(xar_golden):
     return {k[len("param/") :]: v for k, v in xar_golden.items() if k.startswith("param/")}
 
 
+# The fast paths of the golden model: a layer scan of two blocks per iteration and the MLP padded
+# to 128 (both exact: the padding units stay zero); the kernel is the fixture's choice.
+FAST_PATH_SETTINGS = dict(scan_layers=True, scan_unroll=2, mlp_multiple=128)
+
+
 @pytest.fixture(scope="session")
-def golden_model(xar_golden_state_dict):
+def golden_model_with(xar_golden_state_dict):
+    """``(model, params)`` of the golden weights built with the given model settings, cached."""
     from xar_jax.convert.xar import xar_from_torch
 
-    return xar_from_torch(xar_golden_state_dict)
+    built = {}
+
+    def build(**settings):
+        key = tuple(sorted(settings.items()))
+        if key not in built:
+            built[key] = xar_from_torch(xar_golden_state_dict, **settings)
+        return built[key]
+
+    return build
 
 
 @pytest.fixture(scope="session")
-def optimized_golden_model(xar_golden_state_dict):
+def golden_model(golden_model_with):
+    return golden_model_with()
+
+
+@pytest.fixture(scope="session")
+def optimized_golden_model(golden_model_with):
     """The golden model on the fast paths that run on CPU: jax.nn.dot_product_attention (cuDNN on
-    GPU, its XLA form here), a layer scan of two blocks per iteration, MLP padded to 128."""
-    from xar_jax.convert.xar import xar_from_torch
-
-    return xar_from_torch(
-        xar_golden_state_dict,
-        attention_impl="dot_product",
-        scan_layers=True,
-        scan_unroll=2,
-        mlp_multiple=128,
-    )
+    GPU, its XLA form here), with `FAST_PATH_SETTINGS`."""
+    return golden_model_with(attention_impl="dot_product", **FAST_PATH_SETTINGS)
 
 
 def event_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
@@ -152,6 +163,66 @@ def tree_digest(root) -> dict:
     root = pathlib.Path(root)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def perturbed_tiny_xar(layout, depth=1, in_channels=2, **settings):
+    """A tiny XAR (width 32, ``depth`` blocks per stack, 2 heads, 10 classes) and its params,
+    perturbed so that the zero-initialised biases and adaLN outputs carry signal on every path."""
+    import jax
+
+    from xar_jax import model as xar_model
+
+    model = xar_model.XAR(layout, 32, depth, depth, 2, 2, in_channels=in_channels,
+                          num_classes=10, **settings)
+    params = model.init(jax.random.key(1), *xar_model.example_inputs(model))["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys, strict=True)]
+    return model, jax.tree.unflatten(tree, leaves)
+
+
+def inception_golden_state_dict(golden) -> tuple[dict, str]:
+    """The golden Inception network's torch-named weights, rebuilt from ``recipe_json``
+    (tests/golden/README.md), and the SHA-256 of their bytes."""
+    import hashlib
+
+    recipe = json.loads(str(golden["recipe_json"]))
+    state, digest = {}, hashlib.sha256()
+    for i, (name, shape) in enumerate(zip(recipe["keys"], recipe["shapes"], strict=True)):
+        z = np.random.default_rng(recipe["seed_base"] + i).standard_normal(shape, dtype=np.float32)
+        z = np.abs(z) if recipe["abs"][i] else z
+        w = (recipe["offset"][i] + recipe["scale"][i] * z).astype(np.float32)
+        state[name] = w
+        digest.update(w.tobytes())
+    return state, digest.hexdigest()
+
+
+def converted_golden_weights(directory) -> tuple[str, str]:
+    """The golden VAE (ch=32) and Inception weights converted into ``directory`` by the
+    converters; returns the VAE and Inception directories."""
+    from xar_jax.convert import inception as inception_convert
+    from xar_jax.convert import vae as vae_convert
+
+    with np.load(golden_path("vae_ch32_golden.npz")) as z:
+        np.savez(directory / "vae.npz", **{k[6:]: z[k] for k in z.files if k.startswith("param/")})
+    vae_convert.convert_file(str(directory / "vae.npz"), str(directory / "vae"))
+    with np.load(golden_path("inception_fid_golden.npz")) as z:
+        state, _ = inception_golden_state_dict(z)
+    np.savez(directory / "inception.npz", **state)
+    inception_convert.convert_file(str(directory / "inception.npz"), str(directory / "inception"))
+    return str(directory / "vae"), str(directory / "inception")
+
+
+@pytest.fixture(scope="module")
+def guard_bin(tmp_path_factory):
+    """gcloud/gsutil stand-ins that record the call and fail: the launch scripts' dry runs must
+    not reach them (tests/launch_sandbox.py's `run_script` reports any call)."""
+    bin_dir = tmp_path_factory.mktemp("guard_bin")
+    for tool in ("gcloud", "gsutil"):
+        path = bin_dir / tool
+        path.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{bin_dir}/called"\nexit 99\n')
+        path.chmod(0o755)
+    return bin_dir
 
 
 def import_torch():

@@ -12,11 +12,11 @@ from conftest import run_json_script
 from flax import linen as nn
 from jax._src.ad_checkpoint import saved_residuals  # The public module exports only the printer.
 
+from xar_jax import attention, dropout, layers, rope
 from xar_jax import flash_attention as fa
-from xar_jax import layers
 from xar_jax import train_state as ts
 from xar_jax.entities import make_layout
-from xar_jax.model import abstract_params, build_model, example_inputs
+from xar_jax.model import DTYPES, ResolvedSettings, abstract_params, build_model, example_inputs
 
 ON_GPU = jax.default_backend() == "gpu"
 DTYPE = jnp.bfloat16 if ON_GPU else jnp.float32
@@ -129,7 +129,7 @@ def _attention_layer(impl, rate):
 
 def _layer_inputs():
     x = jax.random.normal(jax.random.key(11), (B, T, H * D), jnp.float32).astype(DTYPE)
-    cos, sin = (jnp.asarray(a) for a in layers.rope_tables(LAYOUT.positions, D))
+    cos, sin = (jnp.asarray(a) for a in rope.rope_tables(LAYOUT.positions, D))
     return x, cos, sin
 
 
@@ -171,13 +171,21 @@ class _ModelConfig(dict):
     __getattr__ = dict.__getitem__
 
 
+def _build(model_cfg):
+    """`build_model` with 'auto' resolved for this backend, as the experiment does."""
+    impl = attention.resolve(model_cfg.attention_impl, model_cfg.attn_dropout,
+                             DTYPES[model_cfg.dtype])  # fmt: skip
+    return build_model(model_cfg, LAYOUT, ResolvedSettings(attention_impl=impl), in_channels=1,
+                       num_classes=10)  # fmt: skip
+
+
 def test_xar_trains_a_step_with_pallas_attention_dropout():
     model_cfg = _ModelConfig(
         preset="", width=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_multiple=1,
         dropout=0.0, attn_dropout=0.1, dtype="float32", attention_impl="pallas",
         scan_layers=True, remat="none",
     )  # fmt: skip
-    model = build_model(model_cfg, LAYOUT, in_channels=1, num_classes=10)
+    model = _build(model_cfg)
     mask = ts.weight_decay_mask_fn(abstract_params(model))
     tx = ts.make_optimizer(learning_rate=1e-2, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
                            weight_decay_mask=mask)  # fmt: skip
@@ -196,8 +204,7 @@ def test_xar_trains_a_step_with_pallas_attention_dropout():
     # The same model with the XLA attention form gives the same loss without attention dropout:
     # the kernel is only a faster route to the same function.
     deterministic = [
-        build_model(_ModelConfig(model_cfg, attn_dropout=0.0, attention_impl=impl), LAYOUT,
-                    in_channels=1, num_classes=10)  # fmt: skip
+        _build(_ModelConfig(model_cfg, attn_dropout=0.0, attention_impl=impl))
         for impl in ("pallas", "xla")
     ]
     x, t, y = (jnp.ones_like(a) * 0.3 for a in example_inputs(model, 2))
@@ -211,7 +218,7 @@ def test_training_config_accepts_pallas_with_attention_dropout():
 
     from xar_jax import train_config
 
-    assert train_config.ATTENTION_IMPLS is layers.ATTENTION_IMPLS
+    assert train_config.ATTENTION_IMPLS is attention.ATTENTION_IMPLS
     configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     config = train_config.load_config_file(os.path.join(configs, "xar_b.py"))
     config.data.cache_dir = "/data/latent_cache"
@@ -227,12 +234,12 @@ jax.config.update("jax_num_cpu_devices", 4)
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from xar_jax import layers, sharding as sh
+from xar_jax import layers, rope, sharding as sh
 from xar_jax.entities import make_layout
 
 mask = jnp.asarray(make_layout("cell", 8, cell_size=4).attention_mask)
 x = jax.random.normal(jax.random.key(0), (4, 64, 32))
-cos, sin = (jnp.asarray(a) for a in layers.rope_tables(make_layout("cell", 8, cell_size=4).positions, 16))
+cos, sin = (jnp.asarray(a) for a in rope.rope_tables(make_layout("cell", 8, cell_size=4).positions, 16))
 layer = layers.Attention(num_heads=2, attn_dropout=0.5, impl="pallas")
 params = layer.init(jax.random.key(1), x, cos, sin, mask, None, True)
 run = jax.jit(lambda p, x: layer.apply(p, x, cos, sin, mask, None, False,
@@ -255,7 +262,7 @@ def test_sharded_pallas_attention_runs_per_shard_with_the_same_masks():
 
 
 # ----------------------------------------------------------------------------------------------
-# 'auto': the backend's fast exact kernel, resolved once when the model is built.
+# 'auto': the backend's fast exact kernel, resolved once when the experiment is built.
 @pytest.mark.parametrize(
     "backend, rate, dtype, want",
     [
@@ -269,8 +276,9 @@ def test_sharded_pallas_attention_runs_per_shard_with_the_same_masks():
     ],
 )
 def test_auto_attention_picks_the_fast_exact_kernel_of_the_backend(backend, rate, dtype, want):
-    assert layers.resolve_attention_impl("auto", rate, dtype, backend) == want
-    assert layers.resolve_attention_impl("cudnn", rate, dtype, backend) == "cudnn"  # Unchanged.
+    assert attention.resolve("auto", rate, dtype, backend) == want
+    assert attention.resolve("cudnn", rate, dtype, backend) == "cudnn"  # Unchanged.
+    assert attention.KERNELS[want].dropout or rate == 0  # 'auto' keeps the recipe's dropout.
 
 
 def _tiny_model_config(**overrides):
@@ -286,17 +294,15 @@ def _tiny_model_config(**overrides):
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU resolution")
 def test_auto_attention_builds_the_xla_model_on_cpu_with_the_same_params():
-    model = build_model(_tiny_model_config(), LAYOUT, in_channels=1, num_classes=10)
-    assert model.attention_impl == "xla"  # Resolved by build_model, once.
-    unresolved = model.clone(attention_impl="auto")
-    assert unresolved.resolved_attention_impl == "xla"
+    model = _build(_tiny_model_config())
+    assert model.attention_impl == "xla"
     shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nn.meta.unbox(abstract_params(m)))
-    for impl in ("auto", "pallas", "cudnn"):
+    for impl in ("pallas", "cudnn", "dot_product"):
         assert shapes(model.clone(attention_impl=impl)) == shapes(model)
-    x, t, y = (jnp.ones_like(a) * 0.3 for a in example_inputs(model, 2))
-    params = jax.jit(lambda k: model.init(k, x, t, y.astype(jnp.int32)))(jax.random.key(0))
-    run = lambda m: m.apply(params, x, t, y.astype(jnp.int32))
-    np.testing.assert_array_equal(run(unresolved), run(model))
+    # Below the experiment nothing resolves: a model given 'auto' refuses to run.
+    unresolved = model.clone(attention_impl="auto")
+    with pytest.raises(ValueError, match="'auto' is not resolved"):
+        jax.eval_shape(lambda: unresolved.init(jax.random.key(0), *example_inputs(unresolved)))
 
 
 def test_remat_policies_keep_the_pallas_kernel_residuals():
@@ -323,25 +329,23 @@ def test_remat_policies_keep_the_pallas_kernel_residuals():
 # Hash dropout after the projection and in the MLP.
 def test_hash_dropout_keeps_one_minus_rate_scaled_and_depends_on_the_key():
     x = jnp.ones((8, 64, 96), jnp.float32)
-    a = np.asarray(layers.hash_dropout(x, 0.25, jax.random.key(0)))
+    a = np.asarray(dropout.hash_dropout(x, 0.25, jax.random.key(0)))
     kept = a != 0
     assert abs(kept.mean() - 0.75) < 0.01
     np.testing.assert_allclose(a[kept], 1 / 0.75, rtol=1e-6)
-    again = np.asarray(layers.hash_dropout(x, 0.25, jax.random.key(0)))
-    other = np.asarray(layers.hash_dropout(x, 0.25, jax.random.key(1)))
+    again = np.asarray(dropout.hash_dropout(x, 0.25, jax.random.key(0)))
+    other = np.asarray(dropout.hash_dropout(x, 0.25, jax.random.key(1)))
     np.testing.assert_array_equal(a, again)
     assert 0.5 < ((other != 0) == kept).mean() < 0.7  # Independent masks agree on ~62.5%.
     # Rows do not repeat one another's masks.
     assert not (kept[0] == kept[1]).all() and not (kept[:, 0] == kept[:, 1]).all()
-    assert layers.hash_dropout(x, 0.0, jax.random.key(0)) is x
+    assert dropout.hash_dropout(x, 0.0, jax.random.key(0)) is x
 
 
 def test_hash_dropout_model_is_the_rng_model_when_deterministic_and_trains():
     cfg = _tiny_model_config(attention_impl="xla")
-    rng_model = build_model(cfg, LAYOUT, in_channels=1, num_classes=10)
-    hash_model = build_model(
-        _ModelConfig(cfg, dropout_impl="hash"), LAYOUT, in_channels=1, num_classes=10
-    )
+    rng_model = _build(cfg)
+    hash_model = _build(_ModelConfig(cfg, dropout_impl="hash"))
     assert rng_model.dropout_impl == "rng" and hash_model.dropout_impl == "hash"
     x, t, y = (jnp.ones_like(a) * 0.3 for a in example_inputs(rng_model, 2))
     y = y.astype(jnp.int32)
@@ -358,10 +362,10 @@ def test_hash_dropout_backward_rehashes_instead_of_keeping_the_mask():
     x = jax.random.normal(jax.random.key(3), (4, 8, 16))
     key = jax.random.key(7)
     weights = jnp.arange(16.0)
-    out = np.asarray(layers.hash_dropout(x, 0.25, key))
-    grad = jax.grad(lambda x: (layers.hash_dropout(x, 0.25, key) * weights).sum())(x)
+    out = np.asarray(dropout.hash_dropout(x, 0.25, key))
+    grad = jax.grad(lambda x: (dropout.hash_dropout(x, 0.25, key) * weights).sum())(x)
     expected = np.where(out != 0, np.asarray(weights) / 0.75, 0.0) * np.ones(x.shape)
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-6)
     # The only residual of the backward pass is the two seed words: no (B, T, D) mask is stored.
-    residuals = saved_residuals(lambda x: layers.hash_dropout(x, 0.25, key).sum(), x)
+    residuals = saved_residuals(lambda x: dropout.hash_dropout(x, 0.25, key).sum(), x)
     assert [r[0].shape for r in residuals] == [(2,)]

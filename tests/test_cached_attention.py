@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import golden_sample_error, run_json_script
+from conftest import FAST_PATH_SETTINGS, golden_sample_error, perturbed_tiny_xar, run_json_script
 
+from xar_jax import attention, sampling
 from xar_jax import cached_attention as ca
 from xar_jax import entities as ent
-from xar_jax import layers, sampling
-from xar_jax import model as xar_model
 
 ON_GPU = jax.default_backend() == "gpu"
 B, H, L = 2, 2, 3
@@ -89,14 +88,14 @@ def test_the_concatenating_paths_slice_only_the_visible_prefix_of_a_layer():
     keys, values = (
         jax.random.normal(k, (3, 2, 16, 2, 8)) for k in jax.random.split(jax.random.key(0), 2)
     )
-    ctx = lambda layer: layers.KVContext(keys, values, layer, None, prefix_len=5)
+    ctx = lambda layer: attention.KVContext(keys, values, layer, None, prefix_len=5)
     got_k, got_v = ctx(1).layer_slice()
     np.testing.assert_array_equal(got_k, keys[1, :, :5])
     np.testing.assert_array_equal(got_v, values[1, :, :5])
     jaxpr = str(jax.make_jaxpr(lambda i: ctx(i).layer_slice())(jnp.int32(2)))
     assert jaxpr.count("dynamic_slice") == 2 and "slice_sizes=(1, 2, 5, 2, 8)" in jaxpr
     # With a visibility mask (a looped entity index) every position is read.
-    visible = layers.KVContext(keys, values, 2, jnp.arange(16) < 5).layer_slice()[0]
+    visible = attention.KVContext(keys, values, 2, jnp.arange(16) < 5).layer_slice()[0]
     np.testing.assert_array_equal(visible, keys[2])
 
 
@@ -120,7 +119,7 @@ def test_kernel_rejects_a_prefix_longer_than_the_cache():
     ],
 )
 def test_kernel_replaces_cudnn_on_gpu_and_runs_interpreted_for_pallas(backend, mode, dtype, want):
-    assert layers.uses_cached_kernel(mode, dtype, backend) == want
+    assert attention.uses_cached_kernel(mode, dtype, backend) == want
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,16 +135,8 @@ SAMPLER_TOL = 3e-2 if ON_GPU else 1e-5
 
 def _tiny(attention_impl, scan_layers):
     """Two blocks per stack (layer indices 0 and 1), perturbed params so every path has signal."""
-    model = xar_model.XAR(
-        LAYOUT, 32, 2, 2, 2, 2, in_channels=2, num_classes=10, attention_impl=attention_impl,
-        scan_layers=scan_layers, dtype=SAMPLER_DTYPE,
-    )  # fmt: skip
-    inputs = xar_model.example_inputs(model)
-    params = model.init(jax.random.key(1), *inputs)["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys, strict=True)]
-    return model, jax.tree.unflatten(tree, leaves)
+    return perturbed_tiny_xar(LAYOUT, depth=2, attention_impl=attention_impl,
+                              scan_layers=scan_layers, dtype=SAMPLER_DTYPE)
 
 
 # Off a GPU the layer-scanned model is checked against the golden samples instead (below: the
@@ -170,14 +161,10 @@ def test_sampler_through_the_kernel_matches_the_concatenating_sampler(scan_layer
 
 
 @pytest.fixture(scope="module")
-def pallas_golden_model(xar_golden_state_dict):
-    """The golden model sampling through the kernel: layer scan of two blocks per iteration
-    (float32: on a GPU this checks the concatenating path the kernel leaves float32 to)."""
-    from xar_jax.convert.xar import xar_from_torch
-
-    return xar_from_torch(
-        xar_golden_state_dict, attention_impl="pallas", scan_layers=True, scan_unroll=2
-    )
+def pallas_golden_model(golden_model_with):
+    """The golden model sampling through the kernel on the fast paths (float32: on a GPU this
+    checks the concatenating path the kernel leaves float32 to)."""
+    return golden_model_with(attention_impl="pallas", **FAST_PATH_SETTINGS)
 
 
 def test_sampler_through_the_kernel_matches_the_reference(pallas_golden_model, xar_golden):
@@ -202,7 +189,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from xar_jax import layers, sharding as sh
+from xar_jax import attention, layers, sharding as sh
 
 b, n, tokens, depth, heads, d = 4, 16, 64, 2, 2, 16
 keys = jax.random.split(jax.random.key(0), 3)
@@ -210,7 +197,7 @@ x = jax.random.normal(keys[0], (b, n, heads * d))
 cache_k, cache_v = (jax.random.normal(k, (depth, b, tokens, heads, d)) for k in keys[1:])
 cos, sin = jnp.ones((n, d)), jnp.zeros((n, d))
 layer = layers.Attention(num_heads=heads, impl="pallas")
-ctx = lambda i: layers.KVContext(cache_k, cache_v, i, None, prefix_len=32)
+ctx = lambda i: attention.KVContext(cache_k, cache_v, i, None, prefix_len=32)
 params = layer.init(jax.random.key(1), x, cos, sin, None, ctx(0), True)
 run = jax.jit(lambda p, x, i: layer.apply(p, x, cos, sin, None, ctx(i), True)[0])
 single = np.asarray(run(params, x, 1))

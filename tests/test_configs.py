@@ -8,9 +8,16 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from xar_jax import sharding
+from xar_jax import experiment, sharding, workdir
 from xar_jax.entities import layout_from_config
-from xar_jax.model import PRESETS, abstract_params, build_model, count_params
+from xar_jax.model import (
+    PRESETS,
+    abstract_params,
+    build_model,
+    config_signature,
+    count_params,
+    model_signature,
+)
 from xar_jax.train_config import load_config_file, validate_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -42,11 +49,32 @@ def test_paper_configs_build_with_published_param_counts(name):
         0.1, 0.1, "bfloat16")
     assert (config.entity.kind, config.entity.cell_size, config.latent.grid_size) == ("cell", 8, 16)
     layout = layout_from_config(config.entity, config.latent.grid_size)
-    model = build_model(config.model, layout, in_channels=config.latent.channels,
+    settings = experiment.resolve_model_settings(config.model, jax.default_backend())
+    model = build_model(config.model, layout, settings, in_channels=config.latent.channels,
                         num_classes=1000)
     params = abstract_params(model)  # jax.eval_shape: nothing allocated.
     millions = count_params(params, model=model) / 1e6
     assert round(millions, 2) == PRESETS[name].params_millions
+    # One answer to "is this the same model?": the config's and the built model's signatures.
+    assert config_signature(config) == model_signature(model)
+    assert model_signature(model)["model.width"] == PRESETS[name].width
+
+
+def test_workdir_records_that_named_a_preset_still_check_against_its_sizes(tmp_path):
+    config = _paper_config("xar_b")
+    recorded = {"model.preset": "xar_b", "latent.grid_size": 16, "latent.channels": 16,
+                "latent.num_classes": 1000, "model.mlp_multiple": 128, "model.scan_layers": True,
+                "entity.kind": "cell", "entity.cell_size": 8}  # fmt: skip
+    record = workdir.RunRecord(config={}, model=recorded, data={}, mesh={}, versions={},
+                               history=[])  # fmt: skip
+    workdir.check_model(record, config, str(tmp_path), "sample")  # The same network: accepted.
+    config.model.preset = ""
+    config.model.width, config.model.num_heads = 768, 12  # xar_b's sizes, given one by one.
+    config.model.encoder_depth = config.model.decoder_depth = 8
+    workdir.check_model(record, config, str(tmp_path), "sample")
+    config.model.preset = "xar_l"
+    with pytest.raises(workdir.WorkdirMismatchError, match="model.width: 768 in the workdir, 1024"):
+        workdir.check_model(record, config, str(tmp_path), "sample")
 
 
 def _parse(argv):
@@ -127,9 +155,9 @@ def test_paper_configs_train_the_paper_recipe_on_the_auto_attention(name):
     assert config.model.attention_impl == "auto" and config.model.attn_dropout == 0.1
     assert config.model.dropout_impl == "hash" and config.model.dropout == 0.1
     validate_config(config, num_devices=256)  # 'auto' keeps attention dropout: accepted.
-    layout = layout_from_config(config.entity, config.latent.grid_size)
-    model = build_model(config.model, layout, in_channels=16, num_classes=1000)
-    assert model.attention_impl == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    for platform, kernel in (("gpu", "pallas"), ("tpu", "xla"), ("cpu", "xla")):
+        settings = experiment.resolve_model_settings(config.model, platform)
+        assert settings.attention_impl == kernel, platform
 
 
 @pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import golden_path, import_torch
 
+from xar_jax import weights
 from xar_jax.convert import __main__ as convert_cli
-from xar_jax.convert import params_io, torch_io
+from xar_jax.convert import torch_io
 from xar_jax.convert import vae as convert_vae
 from xar_jax.convert import xar as convert_xar
 
@@ -46,12 +47,12 @@ def siblings(path) -> list[str]:
 def test_overwrite_replaces_an_earlier_conversion(tmp_path, vae_npz):
     out = tmp_path / "vae"
     assert convert_cli.main(["vae", "--src", vae_npz, "--out", str(out)]) == 0
-    assert params_io.load_metadata(str(out))[params_io.MARKER_KEY] == params_io.MARKER
+    assert weights.read_metadata(str(out), "vae")[weights.MARKER_KEY] == weights.MARKER
     (out / "stale.txt").write_text("from the earlier conversion")
     assert convert_cli.main(["vae", "--src", vae_npz, "--out", str(out), "--overwrite"]) == 0
     assert not (out / "stale.txt").exists()
-    assert sorted(os.listdir(out)) == [params_io.METADATA_FILE, params_io.PARAMS_DIR]
-    assert convert_vae.load_converted(str(out))[0].ch == 32
+    assert sorted(os.listdir(out)) == [weights.METADATA_FILE, weights.PARAMS_DIR]
+    assert weights.load_vae(str(out))[0].ch == 32
     assert siblings(out) == ["vae"]  # No temporary or moved-aside directory is left.
 
 
@@ -104,26 +105,26 @@ def test_a_failed_conversion_keeps_the_previous_output(tmp_path, vae_npz):
         raise OSError("disk full")
 
     # A failure while writing the new params: the old output is untouched, the temp dir removed.
-    orig = params_io.ocp.StandardCheckpointer.save
-    params_io.ocp.StandardCheckpointer.save = failing_save
+    orig = weights.ocp.StandardCheckpointer.save
+    weights.ocp.StandardCheckpointer.save = failing_save
     try:
         with pytest.raises(OSError, match="disk full"):
             convert_vae.convert_file(vae_npz, str(out), overwrite=True)
     finally:
-        params_io.ocp.StandardCheckpointer.save = orig
+        weights.ocp.StandardCheckpointer.save = orig
     assert snapshot(out) == before
     assert siblings(out) == ["broken.npz", "vae"]
 
 
 def test_directories_converted_before_the_marker_count_as_converter_output(tmp_path):
     out = tmp_path / "old"
-    params_io.save_params(str(out), {"w": np.zeros(2, np.float32)}, {"kind": "xar"})
-    meta = params_io.load_metadata(str(out))
-    del meta[params_io.MARKER_KEY]
-    (out / params_io.METADATA_FILE).write_text(str(meta).replace("'", '"'))
-    assert params_io.converter_output_problem(str(out)) is None
+    weights.save_params(str(out), {"w": np.zeros(2, np.float32)}, {"kind": "xar"})
+    meta = weights.read_metadata(str(out), "xar")
+    del meta[weights.MARKER_KEY]
+    (out / weights.METADATA_FILE).write_text(str(meta).replace("'", '"'))
+    assert weights.converter_output_problem(str(out)) is None
     (out / "extra.txt").write_text("not ours")  # No longer exactly the converter's layout.
-    assert "lacks" in params_io.converter_output_problem(str(out))
+    assert "lacks" in weights.converter_output_problem(str(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_a_pickled_custom_class_is_refused_with_its_name_and_loads_when_trusted(
     assert not out.exists()
     argv = ["xar", "--src", str(src), "--out", str(out), "--allow_unsafe_pickle"]
     assert convert_cli.main(argv) == 0
-    model, _ = convert_xar.load_converted(str(out))
+    model, _ = weights.load_xar(str(out))
     assert model.width == xar_golden_state_dict["z_proj.weight"].shape[0]
 
 

@@ -8,48 +8,17 @@ import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from conftest import REPO
+from latent_cache_fakes import BATCH, SHARD_SIZE, digits_cfg, fake_encode, latents_cfg
 
-from xar_jax.data import config as config_lib
 from xar_jax.data import device, latent_cache, latent_format, latents, pipeline, sources
 from xar_jax.data.sources import CorruptRecordError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARD_SIZE, BATCH = 100, 32  # digits 'heldout' (360 images): shards of 100, 100, 100, 60
-
-
-def fake_encode(images):
-    """Deterministic stand-in for the VAE encoder: (b, 8, 8, 1) -> moments (b, 4, 4, 8)."""
-    b, h, w, c = images.shape
-    pooled = images.reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4))
-    mean = np.concatenate([pooled, -pooled, 2 * pooled, pooled[:, ::-1]], -1)
-    logvar = -1.0 - mean**2 + 0.5 * pooled  # varies with the image and with its mirror
-    return np.concatenate([mean, logvar], -1).astype(np.float32)
-
-
-def fake_encoder_factory(arg=None):
-    """For the command line: 'exit_after=K' kills the process abruptly at the K-th encoder call."""
-    exit_after = int(arg.split("=")[1]) if arg else None
-    calls = [0]
-
-    def encode(images):
-        calls[0] += 1
-        if exit_after is not None and calls[0] == exit_after:
-            os._exit(17)  # like a preempted host: no cleanup, no flush, writer left open
-        return fake_encode(images)
-
-    return encode
-
-
-def _digits_cfg():
-    cfg = config_lib.get_data_config("digits")
-    cfg.split = "heldout"
-    return cfg
 
 
 def _cache(out, *, shard_size=SHARD_SIZE, process_index=0, process_count=1):
     """Caches the digits 'heldout' split with `fake_encode` into ``out``; returns the summary."""
     return latent_cache.cache_latents(
-        _digits_cfg(),
+        digits_cfg(),
         fake_encode,
         str(out),
         batch_size=BATCH,
@@ -57,14 +26,6 @@ def _cache(out, *, shard_size=SHARD_SIZE, process_index=0, process_count=1):
         process_index=process_index,
         process_count=process_count,
     )
-
-
-def _latents_cfg(cache_dir, **overrides):
-    cfg = config_lib.get_data_config("latents")
-    cfg.update(
-        dict(dict(cache_dir=str(cache_dir), split="heldout", eval_split="heldout"), **overrides)
-    )
-    return cfg
 
 
 def _all_records(split_directory):
@@ -113,7 +74,7 @@ def test_record_round_trip_and_damage_detection():
 
 def test_cache_killed_midway_resumes_to_exactly_the_uninterrupted_result(tmp_path, reference_cache):
     out = tmp_path / "cache"
-    # 2 encoder calls per batch, 4 batches in shard 0: call 11 dies inside shard 1.
+    # 2 encoder calls per batch, 4 batches in shard 0: the 11th encoder call dies inside shard 1.
     command = [
         sys.executable,
         "-m",
@@ -121,7 +82,7 @@ def test_cache_killed_midway_resumes_to_exactly_the_uninterrupted_result(tmp_pat
         "--source=digits",
         "--split=heldout",
         f"--out_dir={out}",
-        "--encoder=test_data_latent_cache:fake_encoder_factory",
+        "--encoder=latent_cache_fakes:fake_encoder_factory",
         "--encoder_arg=exit_after=11",
         f"--batch_size={BATCH}",
         f"--shard_size={SHARD_SIZE}",
@@ -137,7 +98,7 @@ def test_cache_killed_midway_resumes_to_exactly_the_uninterrupted_result(tmp_pat
         "latents-00001-of-00004.array_record.incomplete",
     ]
     with pytest.raises(FileNotFoundError, match=r"3 of 4 shards missing.*\n.*latent_cache"):
-        next(pipeline.make_train_iterator(_latents_cfg(out), global_batch_size=8))
+        next(pipeline.make_train_iterator(latents_cfg(out), global_batch_size=8))
 
     finished = os.stat(os.path.join(directory, names[1]))
     summary = _cache(out)
@@ -164,7 +125,7 @@ def test_resuming_with_other_settings_is_refused(reference_cache):
 
 
 def test_cached_moments_are_read_back_with_a_random_flip_choice(reference_cache):
-    images = sources.build_reader(_digits_cfg(), "heldout")
+    images = sources.build_reader(digits_cfg(), "heldout")
     n = len(images)
     expected = {}
     for i in range(n):
@@ -172,7 +133,7 @@ def test_cached_moments_are_read_back_with_a_random_flip_choice(reference_cache)
         expected[fake_encode(image)[0].tobytes()] = (i, False)
         expected[fake_encode(image[:, :, ::-1])[0].tobytes()] = (i, True)
     it = pipeline.make_train_iterator(
-        _latents_cfg(reference_cache), global_batch_size=40, process_index=0, process_count=1
+        latents_cfg(reference_cache), global_batch_size=40, process_index=0, process_count=1
     )
     batches = [next(it) for _ in range(n // 40)]
     assert set(batches[0]) == {"moments", "labels"}
@@ -187,7 +148,7 @@ def test_cached_moments_are_read_back_with_a_random_flip_choice(reference_cache)
 
 
 def test_host_sampled_latents_follow_the_cached_posterior(reference_cache):
-    cfg = _latents_cfg(reference_cache, latent_sampling="host")
+    cfg = latents_cfg(reference_cache, latent_sampling="host")
     first = list(
         pipeline.make_eval_iterator(cfg, global_batch_size=40, process_index=0, process_count=1)
     )
@@ -237,10 +198,10 @@ def test_corrupt_record_names_its_shard_and_index_or_is_skipped_and_counted(tmp_
     ):
         list(
             pipeline.make_eval_iterator(
-                _latents_cfg(tmp_path), global_batch_size=40, process_index=0, process_count=1
+                latents_cfg(tmp_path), global_batch_size=40, process_index=0, process_count=1
             )
         )
-    cfg = _latents_cfg(tmp_path, allow_corrupt_records=True)
+    cfg = latents_cfg(tmp_path, allow_corrupt_records=True)
     batches = list(
         pipeline.make_eval_iterator(cfg, global_batch_size=40, process_index=0, process_count=1)
     )
@@ -256,7 +217,7 @@ def test_missing_cache_names_the_path_and_the_caching_command(tmp_path):
         match=r"No latent cache at .*heldout.*\n.*"
         r"python -m xar_jax.data.latent_cache --split=heldout",
     ):
-        pipeline.make_train_iterator(_latents_cfg(tmp_path), global_batch_size=8)
+        pipeline.make_train_iterator(latents_cfg(tmp_path), global_batch_size=8)
 
 
 def test_local_data_parallel_runs_the_encoder_over_local_devices():

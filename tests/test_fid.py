@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import inception_golden_state_dict
 
 from xar_jax.evaluation import evaluate, fid, image_sources, reference_stats
 from xar_jax.evaluation.npz_io import write_npz_streaming
@@ -112,10 +113,8 @@ def test_reference_stats_files_round_trip_and_accept_adm_reference_batches(tmp_p
 def golden_inception(tmp_path_factory):
     """The golden Inception weights as a torch-named .npz (the CLIs accept it like the .pth), and
     11 images whose features torch-fidelity computed: the 3 golden 64x80 images, repeated."""
-    from test_inception import rebuild_golden_state_dict
-
     with np.load(GOLDEN) as golden:
-        state, _ = rebuild_golden_state_dict(golden)
+        state, _ = inception_golden_state_dict(golden)
         tile = np.arange(11) % 3
         images = np.transpose(golden["images_a_uint8"], (0, 2, 3, 1))[tile]
         pool3, logits = golden["pool3_a"][tile], golden["logits_unbiased_a"][tile]

@@ -14,9 +14,9 @@ import uuid
 import jax
 import numpy as np
 import pytest
-from conftest import event_tags
+from conftest import REPO, event_tags
 from etils import epath
-from test_data_latent_cache import BATCH, REPO, SHARD_SIZE, _digits_cfg, _latents_cfg, fake_encode
+from latent_cache_fakes import BATCH, SHARD_SIZE, digits_cfg, fake_encode, latents_cfg
 
 from xar_jax import checkpointing, fileio, gcs_env, metrics
 from xar_jax.data import latent_cache, latent_format, pipeline
@@ -30,7 +30,7 @@ def gcs_dir(gcs_bucket) -> epath.Path:
 
 def _cache(out_dir, **kwargs):
     return latent_cache.cache_latents(
-        _digits_cfg(), fake_encode, str(out_dir), batch_size=BATCH, shard_size=SHARD_SIZE,
+        digits_cfg(), fake_encode, str(out_dir), batch_size=BATCH, shard_size=SHARD_SIZE,
         process_index=0, process_count=1, **kwargs,
     )  # fmt: skip
 
@@ -103,7 +103,7 @@ def test_tensorboard_events_are_written_to_gcs(gcs_dir):
 
 def _batches(cache_dir, n=4):
     it = pipeline.make_train_iterator(
-        _latents_cfg(cache_dir), global_batch_size=40, process_index=0, process_count=1
+        latents_cfg(cache_dir), global_batch_size=40, process_index=0, process_count=1
     )
     return [next(it) for _ in range(n)]
 
@@ -127,7 +127,7 @@ def test_latent_cache_killed_midway_on_gcs_resumes_to_the_complete_cache(tmp_pat
     remote = gcs_dir / "killed"
     command = [
         sys.executable, "-m", "xar_jax.data.latent_cache", "--source=digits", "--split=heldout",
-        f"--out_dir={remote}", "--encoder=test_data_latent_cache:fake_encoder_factory",
+        f"--out_dir={remote}", "--encoder=latent_cache_fakes:fake_encoder_factory",
         "--encoder_arg=exit_after=11", f"--batch_size={BATCH}", f"--shard_size={SHARD_SIZE}",
     ]  # fmt: skip
     # The subprocess reaches the emulator through the variables the fixture exported.
@@ -158,7 +158,7 @@ def test_latent_cache_killed_midway_on_gcs_resumes_to_the_complete_cache(tmp_pat
 
 def test_missing_gcs_cache_names_the_path_and_the_caching_command(gcs_dir):
     with pytest.raises(FileNotFoundError, match=r"No latent cache at gs://.*heldout.*\n.*--split"):
-        pipeline.make_train_iterator(_latents_cfg(gcs_dir / "nothing"), global_batch_size=8)
+        pipeline.make_train_iterator(latents_cfg(gcs_dir / "nothing"), global_batch_size=8)
 
 
 _COMPILE_CACHE_SCRIPT = """

@@ -1,31 +1,17 @@
 """Flax InceptionV3 vs torch-fidelity's inception-v3-compat (golden vectors), and its converter."""
 
 import hashlib
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
+from conftest import inception_golden_state_dict
 
+from xar_jax import inception, weights
 from xar_jax.convert import inception as convert_inception
-from xar_jax.convert import params_io
-from xar_jax.evaluation import inception
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "inception_fid_golden.npz")
-
-
-def rebuild_golden_state_dict(golden):
-    """The golden network's torch-named weights, rebuilt from ``recipe_json``; and their SHA-256."""
-    recipe = json.loads(str(golden["recipe_json"]))
-    state, digest = {}, hashlib.sha256()
-    for i, (name, shape) in enumerate(zip(recipe["keys"], recipe["shapes"], strict=True)):
-        z = np.random.default_rng(recipe["seed_base"] + i).standard_normal(shape, dtype=np.float32)
-        z = np.abs(z) if recipe["abs"][i] else z
-        w = (recipe["offset"][i] + recipe["scale"][i] * z).astype(np.float32)
-        state[name] = w
-        digest.update(w.tobytes())
-    return state, digest.hexdigest()
 
 
 def relative_l2(got, want):
@@ -40,7 +26,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def golden_state(golden):
-    return rebuild_golden_state_dict(golden)
+    return inception_golden_state_dict(golden)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +96,10 @@ def test_converted_directory_loads_the_same_params(golden_state, golden_params, 
     np.savez(src, **golden_state[0])
     out = tmp_path / "inception"
     convert_inception.convert_file(src, out)
-    metadata = params_io.load_metadata(str(out))
-    assert metadata["model"] == "inception_v3_compat"
+    metadata = weights.read_metadata(str(out), "inception_v3_compat")
+    assert metadata["kind"] == "inception_v3_compat"
     assert metadata["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
-    _, loaded = convert_inception.load_converted(out)
+    loaded = weights.load_inception_params(str(out))
     jax.tree.map(np.testing.assert_array_equal, loaded, golden_params)
     with pytest.raises(FileExistsError, match="overwrite"):
         convert_inception.convert_file(tmp_path / "missing.pth", out)  # refused before reading

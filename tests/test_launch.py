@@ -17,86 +17,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-LAUNCH = REPO / "launch"
-SCRIPTS = sorted(p.name for p in LAUNCH.glob("*.sh") if p.name != "common.sh")
-CONFIGS = ("demo", "xar_b", "xar_l", "xar_h")
-BASE_ENV = {"PROJECT": "my-proj", "BUCKET": "my-bkt"}
-WORKDIR = "gs://my-bkt/runs/xar_h"
-
-
-def _git(repo: Path, *args: str) -> str:
-    ident = ["-c", "user.email=t@example.com", "-c", "user.name=t"]
-    return subprocess.check_output(["git", "-C", str(repo), *ident, *args], text=True).strip()
-
-
-def _make_sandbox(root: Path) -> Path:
-    """A git repository holding launch/ and placeholder configs (the scripts only copy them)."""
-    repo = root / "repo"
-    shutil.copytree(LAUNCH, repo / "launch", ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "configs").mkdir(parents=True)
-    for name in CONFIGS:
-        (repo / "configs" / f"{name}.py").write_text("# placeholder config for the launch tests\n")
-    _git(repo, "init", "-q")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "sandbox")
-    return repo
+from launch_sandbox import (
+    LAUNCH,
+    REPO,
+    SCRIPTS,
+    WORKDIR,
+    Result,
+    flag,
+    git,
+    make_sandbox,
+    run_script,
+)
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory) -> Path:
-    return _make_sandbox(tmp_path_factory.mktemp("launch"))
-
-
-@pytest.fixture(scope="module")
-def guard_bin(tmp_path_factory) -> Path:
-    """gcloud/gsutil stand-ins that record the call and fail: dry runs must not reach them."""
-    bin_dir = tmp_path_factory.mktemp("guard_bin")
-    for tool in ("gcloud", "gsutil"):
-        path = bin_dir / tool
-        path.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{bin_dir}/called"\nexit 99\n')
-        path.chmod(0o755)
-    return bin_dir
-
-
-class Result:
-    def __init__(self, proc: subprocess.CompletedProcess):
-        self.returncode = proc.returncode
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
-
-    @property
-    def commands(self) -> list[list[str]]:
-        """The printed commands (step headers, starting with '#', left out), split by shlex."""
-        lines = [ln for ln in self.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
-        return [shlex.split(ln) for ln in lines]
-
-    def find(self, *words: str) -> list[list[str]]:
-        """Commands containing every word as an argument, in order of appearance."""
-        return [c for c in self.commands if all(w in c for w in words)]
-
-    def one(self, *words: str) -> list[str]:
-        found = self.find(*words)
-        assert len(found) == 1, f"expected one command with {words}, got {found}\n{self.stdout}"
-        return found[0]
-
-
-def run_script(
-    repo: Path, guard: Path, script: str, *args: str, dry: bool = True, **env: str
-) -> Result:
-    full_env = {"PATH": f"{guard}:{os.environ['PATH']}", "HOME": str(guard), "LC_ALL": "C"}
-    full_env.update(BASE_ENV)
-    full_env.update(env)
-    full_env = {k: v for k, v in full_env.items() if v is not None}
-    argv = ["bash", str(repo / "launch" / script), *(["--dry-run"] if dry else []), *args]
-    proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=60)
-    called = guard / "called"
-    if called.exists():  # report once, and leave the guard clean for the next test
-        calls = called.read_text()
-        called.unlink()
-        pytest.fail(f"a dry run executed cloud commands:\n{calls}")
-    return Result(proc)
+    return make_sandbox(tmp_path_factory.mktemp("launch"))
 
 
 @pytest.fixture
@@ -105,12 +41,6 @@ def launch(sandbox, guard_bin):
         return run_script(sandbox, guard_bin, script, *args, **env)
 
     return _run
-
-
-def flag(cmd: list[str], name: str) -> str:
-    values = [a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}=")]
-    assert len(values) == 1, f"--{name} in {cmd}"
-    return values[0]
 
 
 def remote(cmd: list[str]) -> list[str]:
@@ -260,7 +190,7 @@ def test_create_passes_capacity_and_extra_flags(launch):
 def test_install_ships_the_committed_tree_to_every_worker(sandbox, launch):
     result = launch("install.sh")
     assert result.returncode == 0, result.stderr
-    head = _git(sandbox, "rev-parse", "HEAD")
+    head = git(sandbox, "rev-parse", "HEAD")
     archive = result.one("git", "archive")
     assert archive[-1] == head
     tarball = archive[archive.index("-o") + 1]
@@ -276,15 +206,15 @@ def test_install_ships_the_committed_tree_to_every_worker(sandbox, launch):
 
 
 def test_install_refuses_uncommitted_changes_unless_allowed(tmp_path, guard_bin):
-    repo = _make_sandbox(tmp_path)
+    repo = make_sandbox(tmp_path)
     (repo / "configs" / "xar_h.py").write_text("# edited, not committed\n")
     refused = run_script(repo, guard_bin, "install.sh")
     assert refused.returncode == 2 and "uncommitted changes" in refused.stderr
     allowed = run_script(repo, guard_bin, "install.sh", ALLOW_DIRTY="1")
     assert allowed.returncode == 0, allowed.stderr
     shipped = allowed.one("git", "archive")[-1]
-    assert shipped != _git(repo, "rev-parse", "HEAD")  # a commit of the working tree
-    assert _git(repo, "show", f"{shipped}:configs/xar_h.py") == "# edited, not committed"
+    assert shipped != git(repo, "rev-parse", "HEAD")  # a commit of the working tree
+    assert git(repo, "show", f"{shipped}:configs/xar_h.py") == "# edited, not committed"
 
 
 def test_start_runs_main_on_every_worker_with_the_config_and_workdir(launch):

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_launch import LAUNCH, REPO, SCRIPTS, _make_sandbox, flag, run_script
+from launch_sandbox import LAUNCH, REPO, SCRIPTS, flag, make_sandbox, run_script
 
 # Scripts whose remote commands start no python module (slice lifecycle, logs, the CPU VM's
 # TFDS build, install's import check); every other script must appear in CASES.
@@ -82,16 +82,7 @@ FAKE_TOOLS = {
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory) -> Path:
-    return _make_sandbox(tmp_path_factory.mktemp("launch_commands"))
-
-
-@pytest.fixture(scope="module")
-def guard_bin(tmp_path_factory) -> Path:
-    bin_dir = tmp_path_factory.mktemp("guard_bin")
-    for tool in ("gcloud", "gsutil"):
-        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{bin_dir}/called"\nexit 99\n')
-        (bin_dir / tool).chmod(0o755)
-    return bin_dir
+    return make_sandbox(tmp_path_factory.mktemp("launch_commands"))
 
 
 def _worker_home(root: Path) -> tuple[Path, dict[str, str]]:

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_launch import LAUNCH, REPO, _make_sandbox
+from launch_sandbox import LAUNCH, REPO, make_sandbox
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory) -> Path:
-    return _make_sandbox(tmp_path_factory.mktemp("launch_worker"))
+    return make_sandbox(tmp_path_factory.mktemp("launch_worker"))
 
 # ---- the worker side ------------------------------------------------------------------------
 FAKE_PYTHON = """#!/usr/bin/env bash

@@ -15,12 +15,10 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import REPO, golden_path, main_env, run_main
+from conftest import REPO, converted_golden_weights, golden_path, main_env, run_main
 from etils import epath
-from test_generate_imagenet import _converted_weights
 
-from xar_jax.convert import inception as inception_convert
-from xar_jax.evaluation import image_sources, reference_stats
+from xar_jax.evaluation import evaluate, image_sources, reference_stats
 
 CONFIG = f"{REPO}/configs/xar_b.py"
 CLASSES = 10
@@ -42,12 +40,12 @@ def release(tmp_path_factory):
         [sys.executable, "-m", "xar_jax.convert", "xar", "--src", str(tmp / "xar.npz"), "--out",
          str(tmp / "xar")], env=main_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    vae_dir, inception_dir = _converted_weights(tmp)
+    vae_dir, inception_dir = converted_golden_weights(tmp)
     # Reference statistics of a few random images stand in for ADM's ImageNet statistics.
     rng = np.random.default_rng(0)
     np.savez(tmp / "reference.npz", arr_0=rng.integers(0, 256, (10, 64, 64, 3), np.uint8))
     reference_stats.compute_reference_stats(
-        inception_convert.load_inception(inception_dir),
+        evaluate.load_inception(inception_dir),
         image_sources.NpzImages(str(tmp / "reference.npz")), str(tmp / "stats.npz"), batch_size=5,
     )
     flags = [
@@ -120,6 +118,6 @@ def test_weights_of_another_model_are_refused_before_any_work(release, tmp_path)
     proc = run_main(tmp_path / "w", "--mode=sample", *flags, "--config.model.width=32",
                     config=CONFIG)
     assert proc.returncode != 0
-    assert "does not fit the config's model (width: 64 in the weights, 32 in the config" in (
+    assert "does not fit the config's model (model.width: 64 in the weights, 32 in the config" in (
         proc.stderr)
     assert not (tmp_path / "w" / "generated").exists()

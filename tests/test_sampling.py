@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import golden_sample_error
+from conftest import golden_sample_error, perturbed_tiny_xar
 
 from xar_jax import entities as ent
-from xar_jax import model as xar_model
 from xar_jax import sampling
 
 
@@ -54,19 +53,6 @@ KIND_LAYOUTS = [
 ]
 
 
-def _tiny(layout, **kw):
-    model = xar_model.XAR(layout, 32, 1, 1, 2, 2, in_channels=2, num_classes=10, **kw)
-    n, k = layout.num_tokens, layout.num_entities
-    params = model.init(
-        jax.random.key(1), jnp.zeros((1, n, 2)), jnp.zeros((1, k)), jnp.zeros((1,), jnp.int32)
-    )["params"]
-    # Perturb the zero-initialised biases and adaLN outputs so every path carries signal.
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys, strict=True)]
-    return model, jax.tree.unflatten(tree, leaves)
-
-
 @pytest.mark.parametrize("layout", KIND_LAYOUTS, ids=lambda lay: lay.kind)
 def test_cached_sampling_matches_full_forward(layout):
     _check_cached_matches_full(layout)
@@ -81,7 +67,7 @@ def test_fused_cached_attention_matches_full_forward(layout):
 
 
 def _check_cached_matches_full(layout, **model_kw):
-    model, params = _tiny(layout, **model_kw)
+    model, params = perturbed_tiny_xar(layout, **model_kw)
     labels = jnp.array([3, 7])
     kw = dict(num_steps=3, cfg=2.0, key=jax.random.key(5))
     cached = sampling.sample(model, params, labels, **kw)
@@ -93,7 +79,7 @@ def _check_cached_matches_full(layout, **model_kw):
 
 def test_per_entity_step_counts_and_ode_sampler_run_and_differ():
     layout = ent.make_layout("cell", 8, cell_size=4)
-    model, params = _tiny(layout)
+    model, params = perturbed_tiny_xar(layout)
     labels = jnp.array([1, 2])
     key = jax.random.key(0)
     base = sampling.sample(model, params, labels, num_steps=4, cfg=1.5, key=key, sampler="ode")
@@ -121,7 +107,7 @@ def test_per_entity_step_counts_and_ode_sampler_run_and_differ():
 
 def test_no_guidance_uses_a_single_batch_and_differs_from_guided():
     layout = ent.make_layout("cell", 8, cell_size=4)
-    model, params = _tiny(layout)
+    model, params = perturbed_tiny_xar(layout)
     labels = jnp.array([1, 2])
     plain = sampling.sample(model, params, labels, num_steps=3, cfg=1.0, key=jax.random.key(3))
     guided = sampling.sample(model, params, labels, num_steps=3, cfg=4.0, key=jax.random.key(3))
@@ -130,7 +116,7 @@ def test_no_guidance_uses_a_single_batch_and_differs_from_guided():
 
 def test_sampler_rejects_bad_settings():
     layout = ent.make_layout("cell", 8, cell_size=4)
-    model, params = _tiny(layout)
+    model, params = perturbed_tiny_xar(layout)
     with pytest.raises(ValueError, match="sampler"):
         sampling.sample(
             model,
@@ -182,7 +168,7 @@ def test_samplers_are_the_solver_table_keys_and_grids_end_at_zero():
 
 @pytest.mark.parametrize("layout", [KIND_LAYOUTS[0], KIND_LAYOUTS[1]], ids=["looped", "unrolled"])
 def test_heun_cached_sampling_matches_full_forward(layout):
-    model, params = _tiny(layout)
+    model, params = perturbed_tiny_xar(layout)
     labels = jnp.array([3, 7])
     kw = dict(num_steps=3, cfg=2.0, key=jax.random.key(5), sampler="heun")
     cached = sampling.sample(model, params, labels, **kw)
@@ -193,7 +179,7 @@ def test_heun_cached_sampling_matches_full_forward(layout):
 
 def test_heun_with_guidance_runs_and_differs_from_euler_and_unguided():
     layout = ent.make_layout("cell", 8, cell_size=4)
-    model, params = _tiny(layout)
+    model, params = perturbed_tiny_xar(layout)
     labels = jnp.array([1, 2])
     kw = dict(num_steps=4, key=jax.random.key(0))
     heun = sampling.sample(model, params, labels, cfg=3.0, sampler="heun", **kw)
@@ -220,7 +206,7 @@ def test_unit_guidance_entity_runs_only_the_conditional_half():
     # Under the linear schedule the first entity's scale is exactly 1, so v = v_c: the sampler
     # skips its unconditional half. Same samples as running both halves; fewer FLOPs compiled.
     layout = ent.make_layout("cell", 8, cell_size=4)
-    model, params = _tiny(layout)
+    model, params = perturbed_tiny_xar(layout)
     labels = jnp.array([3, 7])
     fns = {
         skip: sampling.make_sampler(model, num_steps=3, cfg=2.5, skip_unit_guidance=skip)

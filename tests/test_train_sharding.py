@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     from flax import linen as nn
     from xar_jax import sharding as sh, train_state as ts
     from xar_jax.entities import make_layout
-    from xar_jax.model import XAR, abstract_params, build_model
+    from xar_jax.model import XAR, ResolvedSettings, abstract_params, build_model
     from xar_jax.train_config import load_config_file
 
     layout = make_layout("cell", 8, cell_size=4)
@@ -70,8 +70,9 @@ SCRIPT = textwrap.dedent(
     # xAR-H's whole train state (params, EMA, AdamW moments: ~4.8e9 numbers), shapes only, on
     # an 8-way fsdp mesh: what each device would hold.
     h_cfg = load_config_file("configs/xar_h.py")
-    h_model = build_model(h_cfg.model, make_layout("cell", 16, cell_size=8), in_channels=16,
-                          num_classes=1000)
+    h_model = build_model(h_cfg.model, make_layout("cell", 16, cell_size=8),
+                          ResolvedSettings(attention_impl="xla"),  # Shapes only: any kernel.
+                          in_channels=16, num_classes=1000)
     h_tx = ts.make_optimizer(learning_rate=1e-4, b1=0.9, b2=0.96, weight_decay=0.02,
                              clip_norm=1.0,
                              weight_decay_mask=ts.weight_decay_mask_fn(abstract_params(h_model)))

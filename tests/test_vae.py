@@ -18,7 +18,7 @@ import pytest
 from conftest import import_torch
 
 from xar_jax import vae as vae_lib
-from xar_jax.convert import params_io
+from xar_jax import weights
 from xar_jax.convert import vae as convert_vae
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "vae_ch32_golden.npz")
@@ -261,15 +261,15 @@ def test_convert_file_round_trip_gives_same_outputs(tmp_path, state_dict, conver
     src, out = str(tmp_path / "kl16.npz"), str(tmp_path / "vae")
     np.savez(src, **state_dict)
     convert_vae.convert_file(src, out)
-    with open(os.path.join(out, params_io.METADATA_FILE)) as f:
+    with open(os.path.join(out, weights.METADATA_FILE)) as f:
         metadata = json.load(f)
     assert metadata["kind"] == "vae" and metadata["ch"] == 32
-    model, params = convert_vae.load_converted(out)
+    model, params = weights.load_vae(out)
     assert model == converted[0]
     jax.tree.map(np.testing.assert_array_equal, params, converted[1])
     again = vae_lib.encode(params, nhwc(golden["enc/image_nchw"]), model=model)
     np.testing.assert_array_equal(again, moments)
-    bf16, _ = convert_vae.load_converted(out, dtype=jnp.bfloat16)
+    bf16, _ = weights.load_vae(out, dtype=jnp.bfloat16)
     assert bf16.dtype == jnp.bfloat16 and bf16.ch == 32
 
 
@@ -289,7 +289,7 @@ def test_convert_file_never_overwrites_without_permission(tmp_path, state_dict):
     out.rmdir()
     convert_vae.convert_file(src, str(out))
     convert_vae.convert_file(src, str(out), overwrite=True)
-    assert convert_vae.load_converted(str(out))[0].ch == 32
+    assert weights.load_vae(str(out))[0].ch == 32
 
 
 def test_latent_cache_encoder_of_a_converted_directory_gives_the_golden_moments(
@@ -299,7 +299,7 @@ def test_latent_cache_encoder_of_a_converted_directory_gives_the_golden_moments(
     from xar_jax.data.latent_cache import converted_vae_encoder
 
     model, params = converted
-    params_io.save_params(str(tmp_path / "kl16"), params,
+    weights.save_params(str(tmp_path / "kl16"), params,
                           {"kind": convert_vae.KIND, "config": model.arch_config()})
     encode_fn = converted_vae_encoder(str(tmp_path / "kl16"))
     out = encode_fn(nhwc(golden["enc/image_nchw"]))
@@ -307,10 +307,10 @@ def test_latent_cache_encoder_of_a_converted_directory_gives_the_golden_moments(
     np.testing.assert_allclose(out, moments, rtol=1e-5, atol=1e-5)
 
 
-def test_load_converted_rejects_other_kinds(tmp_path):
-    params_io.save_params(str(tmp_path / "x"), {"w": np.zeros(2, np.float32)}, {"kind": "xar"})
+def test_load_vae_rejects_other_kinds(tmp_path):
+    weights.save_params(str(tmp_path / "x"), {"w": np.zeros(2, np.float32)}, {"kind": "xar"})
     with pytest.raises(ValueError, match="'xar' params, not 'vae'"):
-        convert_vae.load_converted(str(tmp_path / "x"))
+        weights.load_vae(str(tmp_path / "x"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xar_jax import flow
+from xar_jax import flow, weights
 from xar_jax import model as xar_model
 from xar_jax.convert import xar as xar_convert
 
@@ -23,8 +23,8 @@ def _golden_inputs(g):
 
 
 @pytest.fixture(scope="module")
-def scanned_padded_model(xar_golden_state_dict):
-    return xar_convert.xar_from_torch(xar_golden_state_dict, scan_layers=True, mlp_multiple=64)
+def scanned_padded_model(golden_model_with):
+    return golden_model_with(scan_layers=True, mlp_multiple=64)
 
 
 def test_forward_velocity_matches_reference(golden_model, xar_golden):
@@ -71,7 +71,7 @@ def test_bfloat16_compute_stays_close_to_float32(xar_golden_state_dict, xar_gold
 def test_exact_gelu_matches_the_erf_definition():
     from math import erf
 
-    from xar_jax.layers import gelu_exact
+    from xar_jax.mlp import gelu_exact
 
     x = np.linspace(-8.0, 8.0, 4001)
     ref = np.array([0.5 * v * (1.0 + erf(v / np.sqrt(2.0))) for v in x])
@@ -81,7 +81,7 @@ def test_exact_gelu_matches_the_erf_definition():
 
 
 def test_gated_gelu_backward_equals_autodiff():
-    from xar_jax.layers import gated_gelu, gelu_exact
+    from xar_jax.mlp import gated_gelu, gelu_exact
 
     g = 3.0 * jax.random.normal(jax.random.key(0), (4096,))
     u, w = jax.random.normal(jax.random.key(1), (2, 4096))
@@ -155,7 +155,7 @@ def test_converter_reads_released_pth_and_prefers_ema(tmp_path, xar_golden_state
     # Converted directory (the CLI's output) loads back into the same function.
     out = tmp_path / "converted"
     xar_convert.convert_file(str(path), str(out))
-    model2, params2 = xar_convert.load_converted(str(out), scan_layers=True)
+    model2, params2 = weights.load_xar(str(out), scan_layers=True)
     v2 = model2.apply({"params": params2}, *_golden_inputs(xar_golden))
     assert rel_l2(v2, xar_golden["fwd/v_seq"]) < 1e-5
     with pytest.raises(FileExistsError):
@@ -206,7 +206,7 @@ def test_convert_cli_writes_a_loadable_directory_and_reports_errors(
     np.savez(src, **xar_golden_state_dict)
     out = tmp_path / "out"
     assert main(["xar", "--src", str(src), "--out", str(out)]) == 0
-    model, params = xar_convert.load_converted(str(out))
+    model, params = weights.load_xar(str(out))
     assert model.width == 64 and model.encoder_heads == 4
     assert main(["xar", "--src", str(src), "--out", str(out)]) == 1  # Exists: refused.
     assert main(["xar", "--src", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o2")]) == 1

@@ -1,8 +1,9 @@
 """The experiment layer: what training, sampling and evaluation all stand on.
 
 `build` turns a config into an `Experiment` once per process: it validates the config for the mode
-at hand (the only place that does), then makes the mesh, the entity layout, the model and the
-params' shardings. Training adds its optimizer, schedule and state layout with `training_setup`
+at hand (the only place that does), resolves what depends on the devices (the mesh shape, the
+attention kernel of 'auto'), then makes the mesh, the entity layout, the model and the params'
+shardings. Nothing below the experiment resolves or validates these again. Training adds its optimizer, schedule and state layout with `training_setup`
 (the only step that needs the size of the training set). Sampling and evaluation get their params
 from `inference_params`: the EMA params of the workdir's newest checkpoint (an Orbax partial
 restore, no optimizer state), or converted released weights (``config.weights``).
@@ -21,16 +22,23 @@ import jax
 import ml_collections
 from flax import linen as nn
 
+from xar_jax import attention
 from xar_jax import sharding as sharding_lib
 from xar_jax import train_state as ts
+from xar_jax import weights as weights_lib
 from xar_jax import workdir as workdir_lib
 from xar_jax.checkpointing import Checkpointer
-from xar_jax.convert import params_io
-from xar_jax.convert import xar as xar_convert
 from xar_jax.data import pipeline
-from xar_jax.entities import EntityLayout, layout_from_config
+from xar_jax.entities import EntityLayout
 from xar_jax.errors import ConfigError, MissingInputError
-from xar_jax.model import XAR, abstract_params, build_model, count_params
+from xar_jax.model import (
+    DTYPES,
+    XAR,
+    ResolvedSettings,
+    abstract_params,
+    build_model,
+    count_params,
+)
 from xar_jax.train_config import validate_config
 
 log = logging.getLogger("xar_jax.experiment")
@@ -47,6 +55,7 @@ class Experiment:
     mode: str
     mesh: jax.sharding.Mesh
     layout: EntityLayout
+    settings: ResolvedSettings  # The model fields resolved for the devices ('auto' replaced).
     model: XAR
     param_shardings: Any  # Params-shaped tree of NamedSharding.
     abstract_params: Any  # Params-shaped tree of ShapeDtypeStruct with shardings.
@@ -74,23 +83,33 @@ def build(
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not allowed; allowed: {' | '.join(MODES)}.")
     devices = list(jax.devices() if devices is None else devices)
-    validate_config(config, len(devices), training=mode == "train")
-    m = config.mesh
-    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices,
-                                  num_slices=m.num_slices)
-    layout = layout_from_config(config.entity, config.latent.grid_size)
+    checked = validate_config(config, len(devices), training=mode == "train")
+    mesh = sharding_lib.make_mesh(*checked.mesh_shape, devices=devices,
+                                  num_slices=config.mesh.num_slices)
+    settings = resolve_model_settings(config.model, devices[0].platform)
     # The class embedding has num_classes + 1 rows; the last is the null class.
-    model = build_model(config.model, layout, in_channels=config.latent.channels,
-                        num_classes=config.latent.num_classes)
+    model = build_model(config.model, checked.layout, settings,
+                        in_channels=config.latent.channels, num_classes=config.latent.num_classes)
     boxed = abstract_params(model)
     shardings = sharding_lib.logical_shardings(nn.get_partition_spec(boxed), mesh)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.meta.unbox(boxed), shardings,
     )
-    return Experiment(config=config, mode=mode, mesh=mesh, layout=layout, model=model,
+    return Experiment(config=config, mode=mode, mesh=mesh, layout=checked.layout,
+                      settings=settings, model=model,
                       param_shardings=shardings, abstract_params=abstract,
                       num_params=count_params(boxed, model=model))
+
+
+def resolve_model_settings(model_cfg: ml_collections.ConfigDict, platform: str) -> ResolvedSettings:
+    """The model fields that depend on the devices' ``platform`` ('cpu', 'gpu', 'tpu'), resolved
+    from a validated config's ``model`` section: the attention kernel of 'auto'."""
+    return ResolvedSettings(
+        attention_impl=attention.resolve(
+            model_cfg.attention_impl, model_cfg.attn_dropout, DTYPES[model_cfg.dtype], platform
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,37 +202,21 @@ def check_weights(exp: Experiment, weights: str) -> dict[str, Any]:
     """Refuses converted weights whose model differs from the config's; returns their metadata.
 
     Raises:
-      FileNotFoundError: ``weights`` is not a converted xAR directory.
-      ValueError naming each differing model field.
+      WeightsError: ``weights`` is not a converted xAR directory, or its network is not the
+        config's (each differing field named).
     """
-    meta = params_io.load_metadata(weights)
-    if meta.get("kind") != "xar":
-        raise ConfigError(
-            f"config.weights={weights!r} holds a {meta.get('kind')!r} checkpoint; allowed: the "
-            "output of `python -m xar_jax.convert xar --src xAR-*.pth --out DIR`."
-        )
-    wanted = xar_convert.model_metadata(exp.model)
-    diff = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
-    if diff:
-        details = "; ".join(f"{k}: {old!r} in the weights, {new!r} in the config"
-                            for k, (old, new) in diff.items())
-        raise ConfigError(
-            f"config.weights={weights!r} does not fit the config's model ({details}). Use the "
-            "config of the released model (configs/xar_b.py, xar_l.py, xar_h.py)."
-        )
+    try:
+        meta = weights_lib.read_metadata(weights, "xar")
+    except weights_lib.WeightsError as e:
+        raise weights_lib.WeightsError(f"config.weights={weights!r}: {e}") from None
+    weights_lib.check_xar_fits(weights, meta, exp.model)
     return meta
 
 
 def _converted_params(exp: Experiment, weights: str) -> Any:
-    """Converted weights placed with ``exp``'s param shardings."""
-    model = exp.model
-    if not model.scan_layers and model.mlp_multiple == 1:
-        # Stored layout == module layout: a sharded Orbax restore straight into place.
-        return params_io.load_params(weights, target=exp.abstract_params)
-    # Stored unrolled and unpadded: read on the host, re-lay out, then place sharded.
-    _, params = xar_convert.load_converted(
-        weights, scan_layers=model.scan_layers, mlp_multiple=model.mlp_multiple
-    )
+    """Converted weights placed with ``exp``'s param shardings: restored straight into place
+    when the module keeps their layout, else laid out on the host and then placed."""
+    params = weights_lib.load_xar_params(weights, exp.model, target=exp.abstract_params)
     return jax.device_put(params, exp.param_shardings)
 
 

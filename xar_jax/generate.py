@@ -51,11 +51,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from xar_jax import experiment as experiment_lib
-from xar_jax import fileio, sampling
+from xar_jax import fileio, sampling, weights
 from xar_jax import metrics as metrics_lib
 from xar_jax import sharding as sharding_lib
 from xar_jax import vae as vae_lib
-from xar_jax.convert import vae as vae_convert
 from xar_jax.errors import ConfigError, MissingInputError
 from xar_jax.evaluation import sample_writer
 
@@ -137,7 +136,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
     """
     if config.latent.tokenizer == "kl16":
         vae = config.latent.vae_checkpoint
-        if not vae or not fileio.exists(fileio.as_path(vae) / "metadata.json"):
+        if not vae or not weights.is_converted(vae):
             raise MissingInputError(
                 f"config.latent.vae_checkpoint={vae!r} is not a converted VAE directory; sampling images needs "
                 "the KL-16 VAE converted with `python -m xar_jax.convert vae --src kl16.ckpt "
@@ -236,7 +235,7 @@ def make_image_generator(
 
 def vae_decoder(path: str, scale: float, mesh: jax.sharding.Mesh) -> Callable[[jax.Array], Any]:
     """KL-16 decoding of scaled latents, params from a `python -m xar_jax.convert vae` dir."""
-    model, params = vae_convert.load_converted(path)
+    model, params = weights.load_vae(path)
     params = replicate_on(params, mesh)
     return lambda latents: vae_lib.decode(params, latents, model=model, scale=scale)
 

@@ -173,7 +173,7 @@ _LAYOUT_ARRAY = re.compile(r"\b(\w+)\[([\d,]+)\]\{([\d,]+)")
 
 
 def entry_traffic(hlo_text: str, batch: int) -> dict[str, float]:
-    """What a compiled GPU module's top-level (ENTRY) ops write, in the terms of issue 16.
+    """What a compiled GPU module's top-level (ENTRY) ops write in transposes and zero fills.
 
     ``transpose_gb``: bytes written by transposes (fusions XLA named for one, and plain ones);
     ``zero_fill_gb``: by fusions without operands (the fill of a broadcast constant, e.g. a

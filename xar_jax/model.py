@@ -20,24 +20,20 @@ import numpy as np
 from flax import linen as nn
 
 from xar_jax import entities as ent
+from xar_jax.attention import KVContext
 from xar_jax.flash_attention import RESIDUAL_NAMES as FLASH_RESIDUALS
 from xar_jax.layers import (
-    ATTENTION_IMPLS,
-    DROPOUT_IMPLS,
     MATMUL_OUTPUTS,
     Block,
-    KVContext,
     RMSNorm,
     TimestepEmbedder,
     broadcast_over_batch,
     param_dense,
-    resolve_attention_impl,
-    rope_tables,
 )
+from xar_jax.rope import rope_tables
 
 # Compute dtypes by config name (params stay float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-NULL_CLASS = 1000  # ImageNet's unconditional label: the extra embedding row (== num_classes).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +136,7 @@ class BlockStack(nn.Module):
 
         ``cache``: the stacked (keys, values) (L, B, N, H, d) or None, with each block's index
         into it: the cached-attention kernel reads its layer in place; the XLA and concatenating
-        forms take one (layer, prefix) slice (`layers.KVContext.layer_slice`). ``prefix_len``:
+        forms take one (layer, prefix) slice (`attention.KVContext.layer_slice`). ``prefix_len``:
         static count of cached positions attended when ``visible`` is None.
         """
         block_cls = _LayerBlock
@@ -199,16 +195,13 @@ class XAR(nn.Module):
       mlp_multiple: pad the MLP hidden width up to this multiple (1 = no padding; exact either way).
       dropout / attn_dropout: training dropout after proj/MLP and on attention probabilities.
       dtype: compute dtype (params stay float32).
-      attention_impl: 'xla' (einsum + mask, supports attention dropout), 'dot_product'
-        (jax.nn.dot_product_attention, backend's choice), 'cudnn' (fused, GPU bf16/fp16),
-        'pallas' (fused Pallas kernel with attention dropout; interpreted off GPU), 'auto' (the
-        backend's fastest exact choice: `layers.resolve_attention_impl`; `build_model` resolves it).
-        Cached sampling over a static prefix runs `xar_jax.cached_attention` for 'cudnn' and
-        'pallas' on a GPU in a half dtype, and for 'pallas' (interpreted) elsewhere.
+      attention_impl: a resolved kernel of `xar_jax.attention.KERNELS` ('xla', 'dot_product',
+        'cudnn', 'pallas'; a config's 'auto' is resolved by the experiment, `build_model`'s
+        ``resolved``), including how cached sampling runs it.
       scan_layers: scan over blocks (compile time flat in depth; params stacked on a leading axis).
       scan_unroll: blocks per iteration of the layer scan (1 = a loop over single blocks; larger
         values trade compile time for fewer loop iterations; the params are the same).
-      dropout_impl: 'rng' (nn.Dropout) or 'hash' (`layers.hash_dropout`, fused; other masks)
+      dropout_impl: 'rng' (nn.Dropout) or 'hash' (`dropout.hash_dropout`, fused; other masks)
         for the dropout after the projection and in the MLP.
       remat: rematerialisation policy of each block: 'none', 'full', 'dots', 'dots_no_batch',
         'matmuls' (keep the named matmul and attention outputs, ``layers.MATMUL_OUTPUTS``).
@@ -235,26 +228,6 @@ class XAR(nn.Module):
 
     def setup(self):
         d = self.width
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"model.attention_impl={self.attention_impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}."
-            )
-        if self.dropout_impl not in DROPOUT_IMPLS:
-            raise ValueError(
-                f"model.dropout_impl={self.dropout_impl!r}; allowed: {', '.join(DROPOUT_IMPLS)}."
-            )
-        if self.scan_unroll < 1:
-            raise ValueError(f"model.scan_unroll={self.scan_unroll}; allowed: an integer >= 1.")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}.")
-        for name, heads in (
-            ("encoder_heads", self.encoder_heads),
-            ("decoder_heads", self.decoder_heads),
-        ):
-            if d % heads or (d // heads) % 4:
-                raise ValueError(
-                    f"model.{name}={heads} must divide width {d} into heads of a size divisible by 4."
-                )
         n = self.layout.num_tokens
         pos_init = nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (None, "length", "embed")
@@ -284,11 +257,6 @@ class XAR(nn.Module):
         self.pred = param_dense(self.in_channels, "pred", self.dtype, ("embed", "latent"))
 
     @property
-    def resolved_attention_impl(self) -> str:
-        """The attention kernel the blocks run ('auto' resolved for the default backend)."""
-        return resolve_attention_impl(self.attention_impl, self.attn_dropout, self.dtype)
-
-    @property
     def mlp_hidden(self) -> int:
         return mlp_hidden_width(self.width, self.mlp_ratio)
 
@@ -300,7 +268,7 @@ class XAR(nn.Module):
             ("dtype", self.dtype),
             ("dropout", self.dropout),
             ("attn_dropout", self.attn_dropout),
-            ("attention_impl", self.resolved_attention_impl),
+            ("attention_impl", self.attention_impl),
             ("dropout_impl", self.dropout_impl),
         )
         return BlockStack(depth, kwargs, self.scan_layers, self.scan_unroll, self.remat, name=name)
@@ -396,28 +364,29 @@ class XAR(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_classes: int) -> XAR:
-    """Builds `XAR` from a config's ``model`` section (see configs/*.py for every field)."""
+@dataclasses.dataclass(frozen=True)
+class ResolvedSettings:
+    """The model fields whose config value depends on the devices ('auto'), as the experiment
+    resolved them (`experiment.resolve_model_settings`).
+
+    Attributes:
+      attention_impl: the attention kernel (`xar_jax.attention.KERNELS`).
+    """
+
+    attention_impl: str
+
+
+def build_model(model_cfg, layout: ent.EntityLayout, resolved: ResolvedSettings, *,
+                in_channels: int, num_classes: int) -> XAR:
+    """Builds `XAR` from a validated config's ``model`` section (see configs/*.py for every
+    field) and the settings the experiment resolved for its devices."""
     if model_cfg.get("preset"):
-        preset = model_cfg.preset
-        if preset not in PRESETS:
-            raise ValueError(f"model.preset={preset!r}; allowed: {', '.join(PRESETS)} or ''.")
-        size = PRESETS[preset]
+        size = PRESETS[model_cfg.preset]
         width, enc, dec, heads = size.width, size.encoder_depth, size.decoder_depth, size.num_heads
         enc_heads = dec_heads = heads
     else:
         width, enc, dec = model_cfg.width, model_cfg.encoder_depth, model_cfg.decoder_depth
         enc_heads = dec_heads = model_cfg.num_heads
-    if model_cfg.dtype not in DTYPES:
-        raise ValueError(f"model.dtype={model_cfg.dtype!r}; allowed: {', '.join(DTYPES)}.")
-    if model_cfg.attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(
-            f"model.attention_impl={model_cfg.attention_impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}."
-        )
-    # 'auto' is resolved here, once, for the backend this process runs on.
-    attention_impl = resolve_attention_impl(
-        model_cfg.attention_impl, model_cfg.attn_dropout, DTYPES[model_cfg.dtype]
-    )
     return XAR(
         layout=layout,
         width=width,
@@ -431,12 +400,87 @@ def build_model(model_cfg, layout: ent.EntityLayout, *, in_channels: int, num_cl
         dropout=model_cfg.dropout,
         attn_dropout=model_cfg.attn_dropout,
         dtype=DTYPES[model_cfg.dtype],
-        attention_impl=attention_impl,
+        attention_impl=resolved.attention_impl,
         scan_layers=model_cfg.scan_layers,
         scan_unroll=model_cfg.get("scan_unroll", 1),
         remat=model_cfg.remat,
         dropout_impl=model_cfg.get("dropout_impl", "rng"),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# "Is this the same model?": one answer for workdirs (run.json) and converted weights.
+_ENTITY_FIELD = {"cell": "entity.cell_size", "subsample": "entity.subsample_factor",
+                 "scale": "entity.scale_sizes"}  # fmt: skip
+
+
+def _signature(width, encoder_depth, decoder_depth, heads, channels, num_classes, grid_size,
+               kind, entity_value, storage) -> dict[str, Any]:  # fmt: skip
+    sig = {
+        "model.width": int(width),
+        "model.encoder_depth": int(encoder_depth),
+        "model.decoder_depth": int(decoder_depth),
+        "model.num_heads": heads,
+        "latent.grid_size": grid_size,
+        "latent.channels": int(channels),
+        "latent.num_classes": int(num_classes),
+        "entity.kind": kind,
+    }
+    if kind in _ENTITY_FIELD:
+        sig[_ENTITY_FIELD[kind]] = entity_value
+    if storage is not None:
+        sig["model.mlp_multiple"], sig["model.scan_layers"] = int(storage[0]), bool(storage[1])
+    return sig
+
+
+def model_signature(model: XAR, *, storage: bool = True) -> dict[str, Any]:
+    """What makes two models the same network, keyed by the config fields that set it.
+
+    The sizes, the latent grid and classes, the entity layout; with ``storage`` also how the
+    params are laid out (``model.mlp_multiple``, ``model.scan_layers``), which checkpoints depend
+    on and converted weights (stored unrolled, unpadded) do not.
+    """
+    lay = model.layout
+    h, w = lay.grid_size
+    heads = model.encoder_heads
+    if model.decoder_heads != heads:
+        heads = [model.encoder_heads, model.decoder_heads]
+    value = {"cell": lay.cell_size, "subsample": lay.subsample_factor,
+             "scale": list(lay.scale_sizes)}.get(lay.kind)  # fmt: skip
+    return _signature(model.width, model.encoder_depth, model.decoder_depth, heads,
+                      model.in_channels, model.num_classes, h if h == w else [h, w], lay.kind,
+                      value, (model.mlp_multiple, model.scan_layers) if storage else None)
+
+
+def config_signature(config) -> dict[str, Any]:
+    """`model_signature` (with storage) of the model a validated config builds, read from the
+    config alone (a preset's sizes from `PRESETS`)."""
+    m = config.model
+    if m.get("preset"):
+        size = PRESETS[m.preset]
+        sizes = (size.width, size.encoder_depth, size.decoder_depth, size.num_heads)
+    else:
+        sizes = (m.width, m.encoder_depth, m.decoder_depth, m.num_heads)
+    grid = config.latent.grid_size
+    grid = int(grid) if isinstance(grid, int) else [int(g) for g in grid]
+    if isinstance(grid, list) and grid[0] == grid[1]:
+        grid = grid[0]
+    kind = config.entity.kind
+    field = _ENTITY_FIELD.get(kind)
+    value = config.entity[field.split(".")[1]] if field else None
+    if kind == "scale":
+        value = [int(v) for v in value]
+    elif field:
+        value = int(value)
+    return _signature(*sizes, config.latent.channels, config.latent.num_classes, grid, kind,
+                      value, (m.get("mlp_multiple", 1), m.scan_layers))
+
+
+def preset_signature(preset: str) -> dict[str, Any]:
+    """The size fields of `model_signature` for a preset (run records that named a preset)."""
+    size = PRESETS[preset]
+    return {"model.width": size.width, "model.encoder_depth": size.encoder_depth,
+            "model.decoder_depth": size.decoder_depth, "model.num_heads": size.num_heads}
 
 
 def abstract_params(model: XAR, batch_size: int = 1) -> Any:

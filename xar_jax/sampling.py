@@ -222,6 +222,52 @@ def skipped_unconditional_entities(layout, cfg: float, cfg_schedule: str = "line
     return tuple(int(e) for e in np.flatnonzero(scales == 1.0))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a sampler fixes when it is built: static while tracing.
+
+    Attributes:
+      model: the `XAR` module.
+      solver: the flow solver.
+      t_tab: (K, S_max + 1) float32 time points of each entity's grid; ``steps`` (K,) their counts.
+      w_tab: (K,) guidance scale of each entity.
+      guided: whether the network runs a conditional and an unconditional half (cfg != 1).
+      conditional_only: entities that run only their conditional half (scale exactly 1).
+      use_cache: finished entities as cached keys/values (else a full forward per evaluation).
+      state_dtype: dtype of the sampler state x.
+    """
+
+    model: XAR
+    solver: Solver
+    t_tab: np.ndarray
+    steps: np.ndarray
+    w_tab: np.ndarray
+    guided: bool
+    conditional_only: tuple[int, ...]
+    use_cache: bool
+    state_dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call's inputs, shared by every entity: the params, the (B,) labels and the labels of
+    the network's rows (conditional then null labels when guided), the key, optional injected
+    noise, and the plan's tables as arrays."""
+
+    params: Any
+    labels: jax.Array
+    row_labels: jax.Array
+    key: jax.Array
+    noise: dict[str, jax.Array] | None
+    t_points: jax.Array
+    scales: jax.Array
+    num_steps: jax.Array
+
+    @property
+    def batch(self) -> int:
+        return self.labels.shape[0]
+
+
 @functools.lru_cache(maxsize=32)
 def make_sampler(
     model: XAR,
@@ -243,131 +289,174 @@ def make_sampler(
     entity loops (few entities), where the scale is known when tracing; False runs both halves.
     """
     layout = model.layout
-    k = layout.num_entities
     t_tab, steps = _time_table(model, num_steps, steps_per_entity, sampler)  # Checks sampler.
-    solver = SOLVERS[sampler]
-    w_tab = guidance_scales(k, cfg, cfg_schedule)
-    guided = cfg != 1.0
-    conditional_only = (
-        skipped_unconditional_entities(layout, cfg, cfg_schedule) if skip_unit_guidance else ()
+    plan = _Plan(
+        model=model,
+        solver=SOLVERS[sampler],
+        t_tab=t_tab,
+        steps=steps,
+        w_tab=guidance_scales(layout.num_entities, cfg, cfg_schedule),
+        guided=cfg != 1.0,
+        conditional_only=(
+            skipped_unconditional_entities(layout, cfg, cfg_schedule) if skip_unit_guidance else ()
+        ),
+        use_cache=use_cache,
+        state_dtype=state_dtype,
     )
-    entity_of_token = jnp.asarray(layout.entity_of_token)
-    starts = layout.entity_starts
 
     def generate(params, labels, key, noise):
-        b = labels.shape[0]
-        c = model.in_channels
-        null = jnp.full_like(labels, model.num_classes)  # The null class is the extra last row.
-        lab = jnp.concatenate([labels, null]) if guided else labels
-        t_pts, w, n_steps = jax.tree.map(jnp.asarray, (t_tab, w_tab.astype(np.float32), steps))
-
-        def doubled(x):
-            """The guided batch: conditional and unconditional halves share x."""
-            return jnp.concatenate([x, x]) if guided else x
-
-        def network(xin, t_scalar, labels_in, context, visible, e, start, n, seq):
-            """The network's velocity for ``labels_in`` rows (both halves, or the conditional)."""
-            xin = xin.astype(jnp.float32)
-            t_b = jnp.full((labels_in.shape[0],), t_scalar, jnp.float32)
-            if use_cache:
-                return model.apply(
-                    {"params": params},
-                    xin,
-                    t_b,
-                    labels_in,
-                    start,
-                    context,
-                    visible,
-                    method=XAR.entity_forward,
-                )
-            both = labels_in.shape[0] == lab.shape[0] and guided
-            return _uncached_velocity(model, params, xin, t_b, labels_in, e, start, n, seq, both)
-
-        def solve_entity(e, n, start, carry):
-            seq, caches = carry
-            key_init, key_steps = jax.random.split(jax.random.fold_in(key, e))
-            if noise is not None:
-                x = jnp.asarray(noise["init"])[e].astype(state_dtype)
-            else:
-                x = jax.random.normal(key_init, (b, n, c), state_dtype)
-            # What this entity attends to, fixed for all its flow steps: taken here, outside the
-            # step loop (XLA does not hoist a slice of the caches out of it).
-            context, visible = (None, None)
-            if use_cache:
-                context, visible = _cache_context(caches, e, start, entity_of_token)
-            skip = isinstance(e, int) and e in conditional_only
-            if skip and context is not None:
-                context = _conditional_half(context, b)
-
-            # Both halves run unless unguided, or guided with scale 1 (v_u + 1 (v_c - v_u) = v_c).
-            halves = guided and not skip
-
-            def velocity(x, t):
-                """The guided velocity of the current entity at state x, time t."""
-                rows, rows_labels = (doubled(x), lab) if halves else (x, labels)
-                v = network(rows, t, rows_labels, context, visible, e, start, n, seq)
-                v = v.astype(state_dtype)
-                if halves:
-                    v_c, v_u = v[:b], v[b:]
-                    v = v_u + w[e] * (v_c - v_u)
-                return v
-
-            def step_noise(i, shape):
-                if not solver.stochastic:
-                    return None
-                if noise is not None:
-                    steps_noise = jnp.asarray(noise["steps"])
-                    last = steps_noise.shape[1] - 1
-                    return steps_noise[e, jnp.minimum(i, last)].astype(state_dtype)
-                return jax.random.normal(jax.random.fold_in(key_steps, i), shape, state_dtype)
-
-            def flow_step(i, x):
-                eps = step_noise(i, x.shape)
-                return solver.step(x, t_pts[e, i], t_pts[e, i + 1], velocity, eps)
-
-            x = jax.lax.fori_loop(0, n_steps[e], flow_step, x)
-            seq = jax.lax.dynamic_update_slice_in_dim(seq, x.astype(jnp.float32), start, axis=1)
-            if use_cache:
-                xin = doubled(x)
-                zeros = jnp.zeros((lab.shape[0],), jnp.float32)
-                context, visible = _cache_context(caches, e, start, entity_of_token)
-                _, kv = model.apply(
-                    {"params": params},
-                    xin.astype(jnp.float32),
-                    zeros,
-                    lab,
-                    start,
-                    context,
-                    visible,
-                    True,
-                    method=XAR.entity_forward,
-                )
-                caches = {
-                    name: KVCache(
-                        *(
-                            jax.lax.dynamic_update_slice_in_dim(
-                                full, new.astype(full.dtype), start, axis=2
-                            )
-                            for full, new in zip(caches[name], kv[name], strict=True)
-                        )
-                    )
-                    for name in caches
-                }
-            return seq, caches
-
-        seq = jnp.zeros((b, layout.num_tokens, c), jnp.float32)
-        caches = _empty_caches(model, lab.shape[0]) if use_cache else {}
-        carry = (seq, caches)
-        if not _entities_unrolled(layout):
-            n = layout.entity_sizes[0]
-            carry = jax.lax.fori_loop(0, k, lambda e, cr: solve_entity(e, n, e * n, cr), carry)
-        else:
-            # Few entities: unrolled, so each attends to a static prefix of the cache.
-            for e in range(k):
-                carry = solve_entity(e, layout.entity_sizes[e], int(starts[e]), carry)
-        return layout.from_sequence(carry[0])
+        call = _start_call(plan, params, labels, key, noise)
+        seq = jnp.zeros((call.batch, layout.num_tokens, model.in_channels), jnp.float32)
+        caches = _empty_caches(model, call.row_labels.shape[0]) if use_cache else {}
+        seq, _ = _for_each_entity(
+            layout, lambda e, n, start, carry: _solve_entity(plan, call, e, n, start, carry),
+            (seq, caches),
+        )
+        return layout.from_sequence(seq)
 
     return jax.jit(generate)
+
+
+def _start_call(plan: _Plan, params, labels, key, noise) -> _Call:
+    null = jnp.full_like(labels, plan.model.num_classes)  # The null class is the extra last row.
+    t_points, scales, num_steps = jax.tree.map(
+        jnp.asarray, (plan.t_tab, plan.w_tab.astype(np.float32), plan.steps)
+    )
+    return _Call(
+        params=params,
+        labels=labels,
+        row_labels=jnp.concatenate([labels, null]) if plan.guided else labels,
+        key=key,
+        noise=noise,
+        t_points=t_points,
+        scales=scales,
+        num_steps=num_steps,
+    )
+
+
+def _for_each_entity(layout, solve_entity, carry):
+    """Runs ``solve_entity(e, n, start, carry)`` over the entities in order: unrolled for few or
+    unequal entities (static index and cache prefix), else a ``fori_loop``."""
+    if not _entities_unrolled(layout):
+        n = layout.entity_sizes[0]
+        return jax.lax.fori_loop(
+            0, layout.num_entities, lambda e, cr: solve_entity(e, n, e * n, cr), carry
+        )
+    for e in range(layout.num_entities):
+        carry = solve_entity(e, layout.entity_sizes[e], int(layout.entity_starts[e]), carry)
+    return carry
+
+
+def _solve_entity(plan: _Plan, call: _Call, e, n, start, carry):
+    """Entity ``e`` (``n`` tokens from ``start``) from noise to clean, written into the sequence
+    and, with the cache, its keys/values into the caches. ``carry`` is ``(seq, caches)``."""
+    seq, caches = carry
+    key_init, key_steps = jax.random.split(jax.random.fold_in(call.key, e))
+    x = _initial_state(plan, call, e, n, key_init)
+    # What this entity attends to, fixed for all its flow steps: taken here, outside the step
+    # loop (XLA does not hoist a slice of the caches out of it).
+    context, visible = (None, None)
+    entity_of_token = jnp.asarray(plan.model.layout.entity_of_token)
+    if plan.use_cache:
+        context, visible = _cache_context(caches, e, start, entity_of_token)
+    skip = isinstance(e, int) and e in plan.conditional_only
+    if skip and context is not None:
+        context = _conditional_half(context, call.batch)
+    # Both halves run unless unguided, or guided with scale 1 (v_u + 1 (v_c - v_u) = v_c).
+    halves = plan.guided and not skip
+
+    def network(rows, t_scalar, row_labels):
+        return _network_velocity(plan, call, rows, t_scalar, row_labels, context, visible,
+                                 e, start, n, seq)  # fmt: skip
+
+    velocity = _guided_velocity(plan, call, e, network, halves)
+    x = _integrate(plan, call, e, x, velocity, key_steps)
+    seq = jax.lax.dynamic_update_slice_in_dim(seq, x.astype(jnp.float32), start, axis=1)
+    if plan.use_cache:
+        caches = _cache_entity(plan, call, caches, x, e, start, entity_of_token)
+    return seq, caches
+
+
+def _initial_state(plan: _Plan, call: _Call, e, n, key_init):
+    """Entity ``e``'s starting noise (B, n, C): injected, or drawn from ``key_init``."""
+    if call.noise is not None:
+        return jnp.asarray(call.noise["init"])[e].astype(plan.state_dtype)
+    shape = (call.batch, n, plan.model.in_channels)
+    return jax.random.normal(key_init, shape, plan.state_dtype)
+
+
+def _doubled(plan: _Plan, x):
+    """The guided batch: conditional and unconditional halves share x."""
+    return jnp.concatenate([x, x]) if plan.guided else x
+
+
+def _network_velocity(plan, call, rows, t_scalar, row_labels, context, visible, e, start, n, seq):
+    """The network's velocity for the ``row_labels`` rows (both halves, or the conditional one):
+    through the cache, or by a full forward over the sequence so far."""
+    model = plan.model
+    rows = rows.astype(jnp.float32)
+    t_b = jnp.full((row_labels.shape[0],), t_scalar, jnp.float32)
+    if plan.use_cache:
+        return model.apply({"params": call.params}, rows, t_b, row_labels, start, context,
+                           visible, method=XAR.entity_forward)  # fmt: skip
+    both = row_labels.shape[0] == call.row_labels.shape[0] and plan.guided
+    return _uncached_velocity(model, call.params, rows, t_b, row_labels, e, start, n, seq, both)
+
+
+def _guided_velocity(plan: _Plan, call: _Call, e, network, halves: bool) -> VelocityFn:
+    """The solvers' ``velocity(x, t)``: ``v_u + w_e (v_c - v_u)`` when both halves run, else the
+    one half's velocity, in the state dtype."""
+
+    def velocity(x, t):
+        rows, row_labels = (_doubled(plan, x), call.row_labels) if halves else (x, call.labels)
+        v = network(rows, t, row_labels).astype(plan.state_dtype)
+        if halves:
+            b = call.batch
+            v_c, v_u = v[:b], v[b:]
+            v = v_u + call.scales[e] * (v_c - v_u)
+        return v
+
+    return velocity
+
+
+def _integrate(plan: _Plan, call: _Call, e, x, velocity: VelocityFn, key_steps):
+    """Entity ``e``'s flow steps from its noise ``x`` to clean latents, with the plan's solver."""
+
+    def step_noise(i, shape):
+        if not plan.solver.stochastic:
+            return None
+        if call.noise is not None:
+            steps_noise = jnp.asarray(call.noise["steps"])
+            last = steps_noise.shape[1] - 1
+            return steps_noise[e, jnp.minimum(i, last)].astype(plan.state_dtype)
+        return jax.random.normal(jax.random.fold_in(key_steps, i), shape, plan.state_dtype)
+
+    def flow_step(i, x):
+        t_points = call.t_points
+        return plan.solver.step(x, t_points[e, i], t_points[e, i + 1], velocity,
+                                step_noise(i, x.shape))  # fmt: skip
+
+    return jax.lax.fori_loop(0, call.num_steps[e], flow_step, x)
+
+
+def _cache_entity(plan: _Plan, call: _Call, caches, x, e, start, entity_of_token):
+    """The caches with finished entity ``e``'s keys/values (both halves, at t = 0) written at
+    ``start``."""
+    rows = _doubled(plan, x)
+    zeros = jnp.zeros((call.row_labels.shape[0],), jnp.float32)
+    context, visible = _cache_context(caches, e, start, entity_of_token)
+    _, kv = plan.model.apply({"params": call.params}, rows.astype(jnp.float32), zeros,
+                             call.row_labels, start, context, visible, True,
+                             method=XAR.entity_forward)  # fmt: skip
+    return {
+        name: KVCache(
+            *(
+                jax.lax.dynamic_update_slice_in_dim(full, new.astype(full.dtype), start, axis=2)
+                for full, new in zip(caches[name], kv[name], strict=True)
+            )
+        )
+        for name in caches
+    }
 
 
 def _cache_context(caches, e, start, entity_of_token):

@@ -22,10 +22,9 @@ import numpy as np
 from xar_jax import experiment as experiment_lib
 from xar_jax import fileio, generate
 from xar_jax import metrics as metrics_lib
-from xar_jax.convert.inception import load_inception
 from xar_jax.evaluation import fid
 from xar_jax.evaluation.digits_score import digits_quality
-from xar_jax.evaluation.evaluate import evaluate_images
+from xar_jax.evaluation.evaluate import evaluate_images, load_inception
 from xar_jax.evaluation.image_sources import NpzImages
 
 log = logging.getLogger("xar_jax.score")
@@ -73,14 +72,6 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
         return []
     history = fileio.read_json(path)
     return history if isinstance(history, list) else [history]  # An older single record.
-
-
-def read_latest_metrics(workdir: str) -> dict[str, Any]:
-    """The record of the latest ``--mode=eval`` in ``workdir`` (metrics, samples, settings)."""
-    history = read_history(workdir)
-    if not history:
-        raise FileNotFoundError(f"No evaluation recorded in {workdir}/{EVAL_HISTORY_FILE}.")
-    return history[-1]
 
 
 def evaluate(exp: experiment_lib.Experiment, workdir: str) -> dict[str, float]:

@@ -8,20 +8,22 @@ are rejected by ml_collections itself (configs are locked by ``config_flags``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Any
 
 import ml_collections
 
-from xar_jax import entities, flow, sharding
+from xar_jax import attention, entities, flow, sharding
 from xar_jax.data.config import get_data_config, validate_data_config
+from xar_jax.dropout import DROPOUT_IMPLS
 from xar_jax.errors import ConfigError
-from xar_jax.layers import ATTENTION_IMPLS, DROPOUT_IMPLS
 from xar_jax.model import DTYPES, PRESETS, REMAT_POLICIES
 from xar_jax.sampling import CFG_SCHEDULES, SAMPLERS, SOLVERS
 from xar_jax.train_state import NAN_POLICIES
 
+ATTENTION_IMPLS = attention.ATTENTION_IMPLS
 IMAGENET_TRAIN_SIZE = 1_281_167
 TOKENIZERS = ("identity", "kl16")
 SAMPLE_FORMATS = ("adm", "grid")
@@ -223,9 +225,23 @@ def _check_number(cfg, field: str, low=None, high=None, *, integer=False, low_op
         _fail(field, value, f"{kind_name} {' and '.join(bound)}".strip())
 
 
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What `validate_config` built to check a config, kept so that nothing builds it again.
+
+    Attributes:
+      layout: the entity layout of ``config.entity`` on the latent grid.
+      mesh_shape: ``(data, fsdp, tensor)`` of one slice with -1 resolved, or None when no device
+        count was given.
+    """
+
+    layout: entities.EntityLayout
+    mesh_shape: tuple[int, int, int] | None
+
+
 def validate_config(
     cfg: ml_collections.ConfigDict, num_devices: int | None = None, *, training: bool = True
-) -> None:
+) -> Checked:
     """Checks every field that can be checked without data or compilation.
 
     Args:
@@ -233,6 +249,9 @@ def validate_config(
       num_devices: if given, also checks the mesh and that the batch splits over it.
       training: the run trains; False (sample / eval) skips what only training needs, such as
         the fused attention kernels' lack of attention dropout.
+
+    Returns:
+      The entity layout and the mesh shape the checks resolved.
 
     Raises:
       ValueError naming ``config.<section>.<field>``, its value and what is allowed.
@@ -279,11 +298,11 @@ def validate_config(
     _check_choice(cfg, "model.scan_layers", (True, False))
     _check_number(cfg, "model.scan_unroll", 1, integer=True)
     _check_choice(cfg, "model.remat", REMAT_POLICIES)
-    # 'auto' always resolves to a kernel with attention dropout when attn_dropout > 0.
-    has_attn_dropout = cfg.model.attention_impl in ("auto", "xla", "pallas")
-    if training and not has_attn_dropout and cfg.model.attn_dropout > 0:
+    impl = cfg.model.attention_impl
+    if training and cfg.model.attn_dropout > 0 and not attention.supports_dropout(impl):
+        *some, last = [repr(k) for k in ATTENTION_IMPLS if attention.supports_dropout(k)]
         _fail("model.attn_dropout", cfg.model.attn_dropout,
-              "0.0 unless model.attention_impl is 'auto', 'xla' or 'pallas' (cuDNN has no "
+              f"0.0 unless model.attention_impl is {', '.join(some)} or {last} ({impl!r} has no "
               "attention dropout)")
 
     _check_number(cfg, "train.global_batch_size", 1, integer=True)
@@ -318,6 +337,7 @@ def validate_config(
     for axis in ("data", "fsdp", "tensor"):
         _check_number(cfg, f"mesh.{axis}", -1, integer=True)
     _check_number(cfg, "mesh.num_slices", 1, integer=True)
+    shape = None
     if num_devices is not None:
         slices = cfg.mesh.num_slices
         if num_devices % slices:
@@ -363,8 +383,9 @@ def validate_config(
             _fail(field, config_field(cfg, field), "a path or ''")
     _check_number(cfg, "eval.batch_size", 1, integer=True)
 
-    _validate_data(cfg, layout, training)
+    _validate_data(cfg, training)
     _validate_balance(cfg, num_devices)
+    return Checked(layout=layout, mesh_shape=shape)
 
 
 def _validate_balance(cfg, num_devices: int | None) -> None:
@@ -383,7 +404,7 @@ def _validate_balance(cfg, num_devices: int | None) -> None:
         _fail("eval.num_images", cfg.eval.num_images, ">= 10 (the Inception Score's splits)")
 
 
-def _validate_data(cfg, layout, training: bool) -> None:
+def _validate_data(cfg, training: bool) -> None:
     """The data section (its own validator if present) and its fit with the latent settings."""
     validate_data_config(cfg.data, training=training)
     source = cfg.data.source
@@ -408,7 +429,6 @@ def _validate_data(cfg, layout, training: bool) -> None:
         )
     else:
         _fail("data.source", source, "digits | latents")
-    del layout
 
 
 # ----------------------------------------------------------------------------------------------

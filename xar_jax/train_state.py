@@ -19,7 +19,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
 
@@ -349,17 +348,3 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
-
-
-def global_batch_check(global_batch_size: int, num_data_shards: int, grad_accum_steps: int) -> None:
-    """Raises ValueError unless the batch splits evenly over data shards and microbatches."""
-    if global_batch_size % (num_data_shards * grad_accum_steps):
-        raise ValueError(
-            f"train.global_batch_size={global_batch_size} must be divisible by the data-parallel "
-            f"shards ({num_data_shards}) times train.grad_accum_steps ({grad_accum_steps})."
-        )
-
-
-def param_count(tree: Any) -> int:
-    """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -4,9 +4,10 @@
 process and device counts, the JAX and xar-jax versions. Every later start (a resume, ``--mode=
 sample``, ``--mode=eval``) compares its own config with it *before* touching a checkpoint:
 
-* **model fields** (`model_signature`: the sizes, the entity layout, the parameter layout) must
-  match, or the run stops and names each differing field: such a config cannot restore these
-  checkpoints, and trying would only look like corruption. Use a new workdir instead.
+* **model fields** (`model.config_signature`, the signature converted weights are checked with:
+  the sizes, the entity layout, the parameter layout) must match, or the run stops and names each
+  differing field: such a config cannot restore these checkpoints, and trying would only look
+  like corruption. Use a new workdir instead.
 * **run fields** of a resume (the mesh, the data pipeline and global batch) may change only when
   the user says so with ``--allow_change=mesh`` / ``--allow_change=data``; the state is then
   resharded onto the new mesh, and with a new pipeline the data iterator starts afresh.
@@ -33,6 +34,7 @@ import ml_collections
 
 from xar_jax import fileio
 from xar_jax.errors import UserError
+from xar_jax.model import PRESETS, config_signature, preset_signature
 from xar_jax.train_config import config_field
 
 log = logging.getLogger("xar_jax.workdir")
@@ -44,12 +46,6 @@ STALE_AFTER_SECONDS = 15 * 60
 HEARTBEAT_SECONDS = 60
 ALLOWED_CHANGES = ("mesh", "data")
 
-# Fields that decide the shapes of the params (and so of every checkpoint), as config paths.
-_MODEL_SIZE_FIELDS = ("model.width", "model.encoder_depth", "model.decoder_depth", "model.num_heads")
-_LAYOUT_FIELDS = ("latent.grid_size", "latent.channels", "latent.num_classes",
-                  "model.mlp_multiple", "model.scan_layers", "entity.kind")
-_ENTITY_FIELD = {"cell": "entity.cell_size", "subsample": "entity.subsample_factor",
-                 "scale": "entity.scale_sizes"}
 # Fields whose change makes the saved data-iterator position meaningless.
 _DATA_FIELDS = ("seed", "train.global_batch_size")
 
@@ -66,20 +62,14 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config fields that decide the params' shapes, with effective values.
-
-    With a preset the four size fields are ignored, so only ``model.preset`` is recorded; only the
-    entity field of the configured kind counts.
-    """
-    sig = {"model.preset": config.model.preset}
-    if not config.model.preset:
-        sig.update({f: config_field(config, f) for f in _MODEL_SIZE_FIELDS})
-    sig.update({f: config_field(config, f) for f in _LAYOUT_FIELDS})
-    extra = _ENTITY_FIELD.get(config.entity.kind)
-    if extra:
-        sig[extra] = config_field(config, extra)
-    return _jsonable(sig)
+def _recorded_model(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run record's model signature in today's form: records that named a preset
+    (``model.preset``) list its sizes instead."""
+    recorded = dict(recorded)
+    preset = recorded.pop("model.preset", "")
+    if preset in PRESETS:
+        recorded.update(preset_signature(preset))
+    return recorded
 
 
 def data_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -119,7 +109,7 @@ class RunRecord:
     def for_config(cls, config, mesh_shape, process_count, mode: str) -> RunRecord:
         return cls(
             config=_jsonable(config.to_dict()),
-            model=model_signature(config),
+            model=config_signature(config),
             data=data_signature(config),
             mesh=mesh_signature(mesh_shape, process_count),
             versions={"jax": jax.__version__, "xar_jax": _code_version()},
@@ -157,7 +147,7 @@ def check_model(record: RunRecord | None, config, workdir: str, mode: str) -> No
     """
     if record is None:
         return
-    diff = _diff(record.model, model_signature(config))
+    diff = _diff(_recorded_model(record.model), config_signature(config))
     if diff:
         raise WorkdirMismatchError(
             f"--mode={mode} refused: {workdir} holds a run with another model ({_describe(diff)}). "

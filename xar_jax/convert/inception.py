@@ -1,4 +1,4 @@
-"""torch-fidelity's InceptionV3 weights (``inception-v3-compat``) -> `xar_jax.evaluation.inception`.
+"""torch-fidelity's InceptionV3 weights (``inception-v3-compat``) -> `xar_jax.inception`.
 
 The released file is ``weights-inception-2015-12-05-6726825d.pth`` (torch-fidelity v0.2.0), a flat
 PyTorch state dict. Names map one to one (the Flax tree mirrors the PyTorch module names)::
@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from xar_jax import fileio
-from xar_jax.convert import params_io, torch_io
-from xar_jax.errors import MissingInputError
-from xar_jax.evaluation import inception as inception_lib
+from xar_jax import inception as inception_lib
+from xar_jax import weights
+from xar_jax.convert import torch_io
 
 MODEL_KIND = "inception_v3_compat"
 RELEASED_FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -69,7 +68,7 @@ def inception_from_torch(
 
     Returns:
       ``(model, params)``: the module and a nested dict of float32 NumPy arrays; use them with
-      `xar_jax.evaluation.inception.inception_features(params, images)`.
+      `xar_jax.inception.inception_features(params, images)`.
 
     Raises:
       ValueError: names missing or unexpected (all listed), or a parameter of the wrong shape.
@@ -117,36 +116,11 @@ def convert_file(
         (checked before reading ``src``).
     """
     src, out = os.fspath(src), os.fspath(out)
-    params_io.check_writable(out, overwrite)
+    weights.check_writable(out, overwrite)
     _, params = inception_from_torch(src, allow_unsafe_pickle=allow_unsafe_pickle)
     metadata = {
-        "model": MODEL_KIND,
+        "kind": MODEL_KIND,
         "source_file": os.path.basename(src),
         "source_sha256": _sha256(src),
     }
-    params_io.save_params(out, params, metadata, overwrite=overwrite)
-
-
-def load_converted(ckpt_dir: str | os.PathLike) -> tuple[inception_lib.InceptionV3, Any]:
-    """Loads a directory written by `convert_file`: ``(model, params)``."""
-    ckpt_dir = os.fspath(ckpt_dir)
-    metadata = params_io.load_metadata(ckpt_dir)
-    if metadata.get("model") != MODEL_KIND:
-        raise ValueError(
-            f"{ckpt_dir} holds model {metadata.get('model')!r}, not {MODEL_KIND!r}; convert "
-            f"{RELEASED_FILE_NAME} with `python -m xar_jax.convert inception --src FILE --out DIR`."
-        )
-    return inception_lib.InceptionV3(), params_io.load_params(ckpt_dir)
-
-
-def load_inception(path: str | os.PathLike) -> Any:
-    """Inception params from a converted directory, or directly from the ``.pth`` / ``.npz``."""
-    path = os.fspath(path)
-    if fileio.exists(fileio.as_path(path) / params_io.METADATA_FILE):  # Local or gs://.
-        return load_converted(path)[1]
-    if os.path.isfile(path):
-        return inception_from_torch(path)[1]
-    raise MissingInputError(
-        f"Inception weights not found at {path}: pass a directory written by "
-        f"`python -m xar_jax.convert inception` or torch-fidelity's {RELEASED_FILE_NAME}."
-    )
+    weights.save_params(out, params, metadata, overwrite=overwrite)

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from xar_jax import vae as vae_lib
-from xar_jax.convert import params_io, torch_io
+from xar_jax import weights
+from xar_jax.convert import torch_io
 
 KIND = "vae"
 # An LDM AutoencoderKL checkpoint may carry its training loss (LPIPS network, discriminator,
@@ -114,7 +115,7 @@ def convert_file(
     ``overwrite`` is False, or when it is not an earlier converter output; that check happens
     before reading ``src``. ``allow_unsafe_pickle`` unpickles a trusted file without the allow-list.
     """
-    params_io.check_writable(out, overwrite)
+    weights.check_writable(out, overwrite)
     model, params = vae_from_torch(src, allow_unsafe_pickle=allow_unsafe_pickle)
     metadata = {
         "kind": KIND,
@@ -123,24 +124,4 @@ def convert_file(
         "latent_scale": vae_lib.LATENT_SCALE,
         "source": os.path.basename(os.fspath(src)),
     }
-    params_io.save_params(out, params, metadata, overwrite=overwrite)
-
-
-def load_converted(out_dir: str, **overrides: Any) -> tuple[vae_lib.VAE, Any]:
-    """Loads a directory written by ``convert_file``.
-
-    Args:
-      out_dir: the converted directory.
-      **overrides: non-architecture module fields, e.g. ``dtype=jnp.bfloat16``.
-
-    Returns:
-      ``(model, params)`` with float32 params.
-    """
-    metadata = params_io.load_metadata(out_dir)
-    if metadata.get("kind") != KIND:
-        raise ValueError(
-            f"{out_dir} holds converted '{metadata.get('kind')}' params, not '{KIND}' params."
-        )
-    model = vae_lib.VAE.from_config(metadata["config"], **overrides)
-    params = params_io.load_params(out_dir, vae_lib.abstract_params(model))
-    return model, params
+    weights.save_params(out, params, metadata, overwrite=overwrite)

@@ -1,7 +1,9 @@
 """The authors' xAR state dict <-> our `XAR` params (unrolled or scanned, MLP padded or not).
 
 Torch Linear weights are (out, in); Flax kernels are (in, out). Derived buffers (RoPE tables, the
-mask) are not parameters: they are checked against ours when present, then dropped.
+mask) are not parameters: they are checked against ours when present, then dropped. The names map
+onto the release's layout (layers unrolled, MLP unpadded), which `weights.xar_param_layout` lays
+out for the module, as it does for converted weights at load time.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from flax import linen as nn
 
 from xar_jax import entities as ent
 from xar_jax import model as xar_model
-from xar_jax.convert import params_io, torch_io
-from xar_jax.layers import rope_tables
+from xar_jax import weights
+from xar_jax.convert import torch_io
+from xar_jax.rope import rope_tables
 
 _DERIVED_SUFFIXES = ("attn.rope.freqs", "attn.rope.freqs_cos", "attn.rope.freqs_sin")
 _TOP_LINEARS = {
@@ -152,8 +155,6 @@ def params_from_torch(sd: Mapping[str, np.ndarray], model: xar_model.XAR) -> dic
     """Maps a (derived-buffer-free) state dict to the params of ``model``; strict on names/shapes."""
     torch_io.check_names(set(sd), set(torch_names(model)), what="xAR state dict")
     d = model.width
-    hidden = model.mlp_hidden
-    padded = xar_model.round_up(hidden, model.mlp_multiple)
     params: dict[str, Any] = {
         "class_emb": {"embedding": _shaped(sd, "class_emb.weight", (model.num_classes + 1, d))},
     }
@@ -167,21 +168,13 @@ def params_from_torch(sd: Mapping[str, np.ndarray], model: xar_model.XAR) -> dic
         ("encoder_blocks", model.encoder_depth),
         ("decoder_blocks", model.decoder_depth),
     ):
-        blocks = []
+        params[stack] = {}
         for i in range(depth):
             block: dict[str, Any] = {}
             for tname, path in _BLOCK_LINEARS.items():
-                lin = _linear(sd, f"{stack}.{i}.{tname}")
-                if padded != hidden and tname in ("mlp.fc1_g", "mlp.fc1_x"):
-                    lin = {
-                        "kernel": _pad(lin["kernel"], 1, padded),
-                        "bias": _pad(lin["bias"], 0, padded),
-                    }
-                elif padded != hidden and tname == "mlp.fc2":
-                    lin = {"kernel": _pad(lin["kernel"], 0, padded), "bias": lin["bias"]}
-                _put(block, path, lin)
-            blocks.append(block)
-        params[stack] = _stack_layout(blocks, model.scan_layers)
+                _put(block, path, _linear(sd, f"{stack}.{i}.{tname}"))
+            params[stack][f"block_{i}"] = block
+    params = weights.xar_param_layout(params, model)
     _check_against_model(params, model)
     return params
 
@@ -235,12 +228,6 @@ def _unlinear(sd, prefix, lin):
     sd[f"{prefix}.bias"] = np.asarray(lin["bias"])
 
 
-def _pad(x, axis, size):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return np.pad(x, pad)
-
-
 def _put(tree, path, value):
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -251,14 +238,6 @@ def _get(tree, path):
     for key in path:
         tree = tree[key]
     return tree
-
-
-def _stack_layout(blocks: list[dict], scanned: bool) -> dict:
-    if scanned:
-        import jax
-
-        return {"blocks": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
-    return {f"block_{i}": b for i, b in enumerate(blocks)}
 
 
 def _block_params(stack_params, i, scanned):
@@ -287,28 +266,6 @@ def _check_against_model(params, model) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-def model_metadata(model: xar_model.XAR) -> dict[str, Any]:
-    """What `load_converted` needs to rebuild the module."""
-    lay = model.layout
-    return {
-        "kind": "xar",
-        "width": model.width,
-        "encoder_depth": model.encoder_depth,
-        "decoder_depth": model.decoder_depth,
-        "encoder_heads": model.encoder_heads,
-        "decoder_heads": model.decoder_heads,
-        "in_channels": model.in_channels,
-        "num_classes": model.num_classes,
-        "layout": {
-            "kind": lay.kind,
-            "grid_size": list(lay.grid_size),
-            "cell_size": lay.cell_size,
-            "subsample_factor": lay.subsample_factor,
-            "scale_sizes": list(lay.scale_sizes),
-        },
-    }
-
-
 def convert_file(
     src: str,
     out: str,
@@ -319,47 +276,13 @@ def convert_file(
 ) -> None:
     """Converts a released ``.pth`` (or ``.npz``) to a params directory (EMA weights by default).
 
-    ``overwrite`` replaces only an earlier converter output (see `params_io.check_writable`);
+    ``overwrite`` replaces only an earlier converter output (see `weights.check_writable`);
     ``allow_unsafe_pickle`` unpickles a trusted ``.pth`` without the allow-list.
     """
-    params_io.check_writable(out, overwrite)  # Before reading src.
+    weights.check_writable(out, overwrite)  # Before reading src.
     prefer = ("model_ema", "model") if use_ema else ("model",)
     model, params = xar_from_torch(
         os.fspath(src), prefer=prefer, allow_unsafe_pickle=allow_unsafe_pickle
     )
-    meta = model_metadata(model) | {"source": os.path.abspath(src), "ema": use_ema}
-    params_io.save_params(out, params, meta, overwrite=overwrite)
-
-
-def load_converted(ckpt_dir: str, **model_kwargs: Any) -> tuple[xar_model.XAR, dict]:
-    """Loads a directory written by `convert_file` as ``(model, params)`` (unrolled layout)."""
-    meta = params_io.load_metadata(ckpt_dir)
-    if meta.get("kind") != "xar":
-        raise ValueError(f"{ckpt_dir} holds a {meta.get('kind')!r} checkpoint, not 'xar'.")
-    lay = meta["layout"]
-    layout = ent.make_layout(
-        lay["kind"],
-        tuple(lay["grid_size"]),
-        cell_size=lay["cell_size"],
-        subsample_factor=lay["subsample_factor"],
-        scale_sizes=tuple(lay["scale_sizes"]),
-    )
-    fields = {
-        k: meta[k]
-        for k in (
-            "width",
-            "encoder_depth",
-            "decoder_depth",
-            "encoder_heads",
-            "decoder_heads",
-            "in_channels",
-            "num_classes",
-        )
-    }
-    model = xar_model.XAR(layout=layout, **fields, **model_kwargs)
-    params = params_io.load_params(ckpt_dir)
-    if model.scan_layers or model.mlp_multiple > 1:
-        # Stored unrolled and unpadded; re-layout for the requested module.
-        plain = xar_model.XAR(layout=layout, **fields)
-        params = params_from_torch(params_to_torch(params, plain), model)
-    return model, params
+    meta = weights.xar_metadata(model) | {"source": os.path.abspath(src), "ema": use_ema}
+    weights.save_params(out, params, meta, overwrite=overwrite)

@@ -320,9 +320,9 @@ def converted_vae_encoder(path: str) -> EncodeFn:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from xar_jax import vae as vae_lib
-    from xar_jax.convert import vae as vae_convert
+    from xar_jax import weights
 
-    model, params = vae_convert.load_converted(path)
+    model, params = weights.load_vae(path)
     devices = jax.local_devices()
     mesh = Mesh(np.asarray(devices), ("batch",))
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))

@@ -3,7 +3,7 @@
 Moments are the KL-16 VAE's posterior parameters, channels-last ``(..., h, w, 2*C)`` laid out as
 ``[mean (C), logvar (C)]``. The latent used for training is
 ``z = (mean + exp(0.5 * clip(logvar, -30, 20)) * n) * LATENT_SCALE`` with ``n ~ N(0, I)`` drawn anew
-every time an example is used (XAR_REFERENCE.md, "Data and latents").
+every time an example is used (as the authors' release does; arXiv 2502.20388).
 """
 
 from __future__ import annotations

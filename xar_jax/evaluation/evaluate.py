@@ -2,7 +2,7 @@
 
 Library::
 
-    params = xar_jax.convert.inception.load_inception('inception_dir')
+    params = xar_jax.evaluation.evaluate.load_inception('inception_dir')
     metrics = evaluate_images(params, NpzImages('samples.npz'), 'adm_in256_stats.npz')
     # {'fid': ..., 'inception_score': ..., 'inception_score_std': ..., 'num_images': 50000}
 
@@ -31,13 +31,32 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xar_jax import fileio
-from xar_jax.convert.inception import load_inception
+from xar_jax import fileio, weights
+from xar_jax.convert import inception as inception_convert
 from xar_jax.evaluation import fid as fid_lib
 from xar_jax.evaluation import image_sources
-from xar_jax.evaluation.inception import NUM_LOGITS, POOL3_DIM, inception_features
+from xar_jax.inception import NUM_LOGITS, POOL3_DIM, inception_features
 
 DEFAULT_BATCH_SIZE = 200
+
+
+def load_inception(path: str | os.PathLike) -> Any:
+    """The FID Inception params: a converted directory (`weights.load_inception_params`), or
+    torch-fidelity's ``.pth`` (or an ``.npz`` of it) read and converted on the fly.
+
+    Raises:
+      WeightsError: nothing at ``path``, or a directory that is not converted Inception weights.
+    """
+    path = os.fspath(path)
+    if weights.is_converted(path):  # Local or gs://.
+        return weights.load_inception_params(path)
+    if os.path.isfile(path):
+        return inception_convert.inception_from_torch(path)[1]
+    raise weights.WeightsError(
+        f"Inception weights not found at {path}: pass a directory written by "
+        f"`python -m xar_jax.convert inception` or torch-fidelity's "
+        f"{inception_convert.RELEASED_FILE_NAME}."
+    )
 
 
 def default_mesh() -> Mesh:

@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from xar_jax.convert.inception import load_inception
 from xar_jax.evaluation import evaluate, fid, image_sources
 
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         source = image_sources.TfdsImages(args.tfds_name, args.split, args.data_dir, crop)
     else:
         source = image_sources.open_images(args.images, args.center_crop)
-    params = load_inception(args.inception)
+    params = evaluate.load_inception(args.inception)
     compute_reference_stats(params, source, args.out, batch_size=args.batch_size)
     if jax.process_index() == 0:
         print(f"wrote {args.out} ({len(source)} images)")

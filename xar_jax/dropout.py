@@ -1,0 +1,74 @@
+"""Dropout after the attention projection and in the MLP: Bernoulli bits or a counter hash.
+
+'rng' is ``nn.Dropout`` (Bernoulli bits from the 'dropout' PRNG, a materialised bits array);
+'hash' (`hash_dropout`) hashes each element's index under a seed from that PRNG, computed inside
+the consumer's fusion (no bits array). Both are dropout with the same rate; only the masks differ.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from xar_jax.flash_attention import fmix32, seed_words
+
+Array = jax.Array
+
+DROPOUT_IMPLS = ("rng", "hash")  # Valid `model.dropout_impl` values.
+
+
+def hash_dropout(x: Array, rate: float, key: Array) -> Array:
+    """Inverted dropout of ``x`` whose keep mask hashes each element's index under ``key``.
+
+    The mask is MurmurHash3's finaliser (twice, keyed by two seed words) of the element's
+    row-major index, compared with ``rate * 2^24`` on the top 24 bits: elementwise integer work
+    that XLA fuses into the producer and consumer of ``x`` instead of reading a bits array.
+    Indices wrap at 2^32 elements (masks repeat only beyond that). The backward pass hashes
+    again instead of keeping the mask: the only residual is the two seed words.
+    """
+    if rate == 0.0:
+        return x
+    return _masked_scale(x, seed_words(key), rate)
+
+
+def _hash_keep_mask(shape: tuple[int, ...], seeds: Array, rate: float) -> Array:
+    """The keep mask of `hash_dropout` for an array of ``shape`` under two seed words."""
+    index = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.int32, shape, dim) * np.int32(stride)
+        stride = (stride * shape[dim]) % (1 << 32)
+        stride = stride - (1 << 32) if stride >= (1 << 31) else stride
+    bits = fmix32(fmix32(index ^ seeds[0]) + seeds[1])
+    threshold = int(round(rate * (1 << 24)))
+    return jax.lax.shift_right_logical(bits, np.int32(8)) >= np.int32(threshold)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _masked_scale(x: Array, seeds: Array, rate: float) -> Array:
+    keep = _hash_keep_mask(x.shape, seeds, rate)
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def _masked_scale_fwd(x, seeds, rate):
+    return _masked_scale(x, seeds, rate), seeds
+
+
+def _masked_scale_bwd(rate, seeds, d_out):
+    return _masked_scale(d_out, seeds, rate), None
+
+
+_masked_scale.defvjp(_masked_scale_fwd, _masked_scale_bwd)
+
+
+def apply_dropout(module: nn.Module, x, rate, name, deterministic, impl):
+    """``nn.Dropout(rate, name=name)`` ('rng') or `hash_dropout` under module's 'dropout' rng."""
+    if impl == "hash":
+        if deterministic or rate == 0.0:
+            return x
+        return hash_dropout(x, rate, module.make_rng("dropout"))
+    return nn.Dropout(rate, name=name)(x, deterministic=deterministic)
