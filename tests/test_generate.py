@@ -6,6 +6,7 @@ samples from its checkpoint.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from xar_jax import experiment, generate, score
 from xar_jax import train_state as ts
 from xar_jax.evaluation.digits_score import digits_quality
 from xar_jax.evaluation.sample_writer import balanced_labels
+from xar_jax.stop_signal import Stopped
 from xar_jax.train_config import load_config_file, validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,23 +130,26 @@ def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(trained, tm
     calls = []
     real = generate.make_image_generator
 
-    def dies_after_three_batches(*args, **kwargs):
+    def sigterm_during_the_third_batch(*args, **kwargs):
         fn = real(*args, **kwargs)
 
         def wrapped(labels, key):
-            if len(calls) == 3:
-                raise KeyboardInterrupt("killed")
             calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # As launch/stop.sh or a scheduler does.
             return fn(labels, key)
 
         return wrapped
 
     restarted = _adm_config(config, tmp_path / "restarted")
-    monkeypatch.setattr(generate, "make_image_generator", dies_after_three_batches)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(generate, "make_image_generator", sigterm_during_the_third_batch)
+    with pytest.raises(Stopped, match="Stopped by SIGTERM: 3 finished batch shards") as stopped:
         _sample(restarted, workdir)
+    assert stopped.value.exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The handler was removed again.
     run_dir = next((tmp_path / "restarted").iterdir())
     assert not (run_dir / "samples.npz").exists()  # the final file is complete or absent
+    # The batch in flight was finished and kept; the run stopped at that shard boundary.
     assert len(list((run_dir / "shards").glob("batch_*.npz"))) == 3
 
     calls.clear()

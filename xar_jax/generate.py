@@ -57,6 +57,7 @@ from xar_jax import vae as vae_lib
 from xar_jax.convert import vae as vae_convert
 from xar_jax.errors import ConfigError, MissingInputError
 from xar_jax.evaluation import sample_writer
+from xar_jax.stop_signal import StopSignals, signal_name
 
 log = logging.getLogger("xar_jax.generate")
 
@@ -337,6 +338,10 @@ def generate_samples(
 
     Returns:
       The finished `Samples` on every process (the files exist when it returns).
+
+    Raises:
+      `xar_jax.stop_signal.Stopped` after SIGTERM or SIGINT, once the batch shard in flight is
+      written (a rerun continues from the finished shards).
     """
     config = exp.config
     num_images = config.sample.num_images if num_images is None else num_images
@@ -374,11 +379,24 @@ def generate_samples(
     generate = _generator(exp, replicate_on(params, mesh), mesh)
     del params
     log.info("Sampling %d images (%s) into %s.", num_images, source.describe(), out_dir)
-    with jax.set_mesh(mesh), exp.rules_context():
+    stopped = []  # Whether the writer stopped early on a signal (not after its last shard).
+
+    def should_stop() -> bool:
+        stopped.append(stop.requested())
+        return stopped[-1]
+
+    with jax.set_mesh(mesh), exp.rules_context(), StopSignals("the batch shard in flight") as stop:
         sample_writer.write_samples(
             generate, out_dir, num_images=num_images, num_classes=classes,
             batch_size=local_batch, seed=config.sample.seed,
             png_dir=os.path.join(out_dir, "png") if config.sample.write_png else None,
+            stop=should_stop,
+        )
+    if stopped and stopped[-1]:
+        shards = os.path.join(out_dir, sample_writer.SHARD_DIR)
+        raise stop.stopped(
+            f"Stopped by {signal_name(stop.received)}: {len(os.listdir(shards))} finished batch "
+            f"shards are in {shards}. The same command resumes from them."
         )
     _barrier("xar_jax.generate.assembled")  # process 0 assembles after the writer's barrier
     if remote:

@@ -25,6 +25,7 @@ from xar_jax import sharding as sharding_lib
 from xar_jax import train_state as ts
 from xar_jax import workdir as workdir_lib
 from xar_jax.data import pipeline
+from xar_jax.stop_signal import StopSignals, signal_name
 
 log = logging.getLogger("xar_jax.train")
 
@@ -179,18 +180,21 @@ def train_and_evaluate(
       The final TrainState.
 
     Raises:
-      WorkdirMismatchError / WorkdirLockedError before anything is touched; NonFiniteError.
+      WorkdirMismatchError / WorkdirLockedError before anything is touched; NonFiniteError;
+      `xar_jax.stop_signal.Stopped` after SIGTERM or SIGINT (or a preemption notice), once the
+      step in flight is done and its checkpoint saved.
     """
     exp = exp or experiment_lib.build(config, "train")
     record, accepted, lock = _claim_workdir(exp, workdir, allow_change)
     try:
-        return _train(exp, workdir, record, accepted, lock)
+        with StopSignals("the step in flight", sync_steps=True) as stop:
+            return _train(exp, workdir, record, accepted, lock, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
+def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainState:
     config = exp.config
     setup = experiment_lib.training_setup(exp)
     is_main = jax.process_index() == 0
@@ -235,7 +239,8 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
         profiler = metrics_lib.ProfilerWindow(workdir, config.log.profile_start_step,
                                               config.log.profile_num_steps)
         throughput = None
-        while step < setup.total_steps:
+        stopping = not stop.synchronised and stop.requested()  # Before any step: nothing to save.
+        while step < setup.total_steps and not stopping:
             profiler.before_step(step + 1)
             state, step_metrics = compiled(state, batch)
             step += 1
@@ -250,14 +255,13 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
             last = step == setup.total_steps
             if step % config.log.every_steps == 0 or last:
                 _log_step(writer, step, means.result(), step_metrics, throughput, state, t)
-            preempted = checkpointer.reached_preemption(step)
-            if checkpointer.should_save(step) or last or preempted:
+            stopping = stop.reached(step)  # Every process stops after the same step.
+            if checkpointer.should_save(step) or last or stopping:
                 check_finite(state, t)
                 checkpointer.save(step, state, data_iterator)
             if lock is not None:
                 lock.heartbeat()
-            if preempted:
-                log.warning("Preemption notice at step %d: checkpoint saved, stopping.", step)
+            if stopping:
                 break
             every = config.log.sample_every_steps
             if every and (step % every == 0 or last):
@@ -267,7 +271,16 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
         profiler.close()
         checkpointer.wait_until_finished()
     writer.flush()
+    saved = checkpointer.latest_step()
     checkpointer.close()
+    if stopping:
+        name = signal_name(stop.received)
+        if saved is None or saved < step:  # Stopped before this start's first step.
+            raise stop.stopped(f"Stopped by {name} before the first step: nothing new to save "
+                               f"(newest checkpoint: {saved}).")
+        raise stop.stopped(f"Stopped by {name} after step {step}: checkpoint {saved} (with the "
+                           f"data iterator) is in {checkpointer.directory}. The same command "
+                           "resumes from it.")
     log.info("Training done at step %d; checkpoints in %s.", step, checkpointer.directory)
     return state
 
