@@ -23,6 +23,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from xar_jax.errors import CorruptInputError, describe
+
 PathLike = str | os.PathLike
 
 
@@ -81,8 +83,19 @@ def write_json(path: PathLike, value: Any) -> epath.Path:
     return write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: PathLike) -> Any:
-    return json.loads(as_path(path).read_text())
+def read_json(path: PathLike, *, remedy: str = "") -> Any:
+    """The JSON value in ``path``.
+
+    Raises:
+      CorruptInputError naming the file (and ``remedy``) when it is not readable JSON.
+    """
+    path = as_path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError.
+        raise CorruptInputError(
+            f"{path} is damaged: not readable JSON ({describe(e, 120)}). {remedy}".strip()
+        ) from None
 
 
 def write_npz(path: PathLike, **arrays: np.ndarray) -> epath.Path:

@@ -54,6 +54,7 @@ from xar_jax import fileio, sampling
 from xar_jax import metrics as metrics_lib
 from xar_jax import sharding as sharding_lib
 from xar_jax import vae as vae_lib
+from xar_jax.convert import inception as inception_convert
 from xar_jax.convert import vae as vae_convert
 from xar_jax.errors import ConfigError, MissingInputError
 from xar_jax.evaluation import sample_writer
@@ -160,7 +161,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
         raise MissingInputError(
             f"config.eval.inception_checkpoint={inception!r} does not exist; convert the FID "
             "Inception weights with `python -m xar_jax.convert inception --src "
-            "pt_inception-2015-12-05-6726825d.pth --out DIR` (a local path or gs://)."
+            f"{inception_convert.RELEASED_FILE_NAME} --out DIR` (a local path or gs://)."
         )
 
 

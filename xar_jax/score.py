@@ -56,13 +56,25 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
         return fid.load_reference_stats(local)
 
 
-def score_imagenet(config, path: str) -> dict[str, float]:
-    """FID and Inception Score of ``samples.npz`` (all processes take part)."""
+def open_scorer(config) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+    """``(Inception params, (mu, sigma))`` of the config: both read and checked now, before any
+    sampling, so a damaged file is named in a line instead of after hours of sampling.
+
+    Raises:
+      MissingInputError / CorruptInputError naming the file.
+    """
     reference = load_reference(config.eval.reference_stats)
-    metrics = evaluate_images(
-        load_inception(config.eval.inception_checkpoint), NpzImages(path), reference,
-        batch_size=config.eval.batch_size,
-    )
+    return load_inception(config.eval.inception_checkpoint), reference
+
+
+def score_imagenet(config, path: str, scorer=None) -> dict[str, float]:
+    """FID and Inception Score of ``samples.npz`` (all processes take part).
+
+    ``scorer``: `open_scorer`'s result if already opened.
+    """
+    params, reference = scorer or open_scorer(config)
+    metrics = evaluate_images(params, NpzImages(path), reference,
+                              batch_size=config.eval.batch_size)
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -92,11 +104,12 @@ def evaluate(exp: experiment_lib.Experiment, workdir: str) -> dict[str, float]:
     """
     config = exp.config
     generate.check_inputs(config, workdir, scoring=True)
+    scorer = None if config.data.source == "digits" else open_scorer(config)
     samples = generate.generate_samples(exp, workdir, num_images=config.eval.num_images)
     if config.data.source == "digits":
         metrics = score_digits(samples.path)
     else:
-        metrics = score_imagenet(config, samples.path)
+        metrics = score_imagenet(config, samples.path, scorer)
     settings = samples.settings
     step = settings.checkpoint_step
     if jax.process_index() == 0:

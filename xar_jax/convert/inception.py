@@ -23,11 +23,13 @@ import numpy as np
 
 from xar_jax import fileio
 from xar_jax.convert import params_io, torch_io
-from xar_jax.errors import MissingInputError
+from xar_jax.errors import CorruptInputError, MissingInputError, describe
 from xar_jax.evaluation import inception as inception_lib
 
 MODEL_KIND = "inception_v3_compat"
 RELEASED_FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"
+RELEASED_FILE_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                     + RELEASED_FILE_NAME)
 _BN_TORCH_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _IGNORED_SUFFIX = ".num_batches_tracked"
 
@@ -132,7 +134,7 @@ def load_converted(ckpt_dir: str | os.PathLike) -> tuple[inception_lib.Inception
     ckpt_dir = os.fspath(ckpt_dir)
     metadata = params_io.load_metadata(ckpt_dir)
     if metadata.get("model") != MODEL_KIND:
-        raise ValueError(
+        raise CorruptInputError(
             f"{ckpt_dir} holds model {metadata.get('model')!r}, not {MODEL_KIND!r}; convert "
             f"{RELEASED_FILE_NAME} with `python -m xar_jax.convert inception --src FILE --out DIR`."
         )
@@ -145,7 +147,15 @@ def load_inception(path: str | os.PathLike) -> Any:
     if fileio.exists(fileio.as_path(path) / params_io.METADATA_FILE):  # Local or gs://.
         return load_converted(path)[1]
     if os.path.isfile(path):
-        return inception_from_torch(path)[1]
+        try:
+            return inception_from_torch(path)[1]
+        except ImportError:
+            raise
+        except Exception as e:  # torch's and the converter's errors of a damaged file.
+            raise CorruptInputError(
+                f"{path} is not readable Inception weights ({describe(e, 160)}); download "
+                f"{RELEASED_FILE_NAME} again (source: {RELEASED_FILE_URL})."
+            ) from None
     raise MissingInputError(
         f"Inception weights not found at {path}: pass a directory written by "
         f"`python -m xar_jax.convert inception` or torch-fidelity's {RELEASED_FILE_NAME}."

@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from xar_jax import fileio
-from xar_jax.errors import MissingInputError
+from xar_jax.errors import CorruptInputError, MissingInputError, describe
 
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
@@ -128,21 +128,40 @@ def _swap_into_place(new_dir: str, out_dir: str) -> None:
     shutil.rmtree(old_dir)
 
 
+REDO = "Convert it again: `python -m xar_jax.convert {xar,vae,inception} --src FILE --out DIR`."
+
+
 def load_metadata(ckpt_dir: str) -> dict[str, Any]:
-    """Reads ``metadata.json`` of a converted checkpoint directory."""
+    """Reads ``metadata.json`` of a converted checkpoint directory.
+
+    Raises:
+      MissingInputError / CorruptInputError naming the file.
+    """
     path = fileio.as_path(ckpt_dir) / METADATA_FILE
     if not path.exists():
         raise MissingInputError(
             f"{path} not found: {ckpt_dir} is not a converted checkpoint directory "
             "(create one with `python -m xar_jax.convert ...`)."
         )
-    return json.loads(path.read_text())
+    metadata = fileio.read_json(path, remedy=f"Damaged conversion: {REDO}")
+    if not isinstance(metadata, dict):
+        raise CorruptInputError(f"{path} is damaged: not a JSON object. {REDO}")
+    return metadata
 
 
 def load_params(ckpt_dir: str, target: Any | None = None) -> Any:
-    """Restores the params pytree; ``target`` (arrays or ShapeDtypeStructs with shardings) places it."""
+    """Restores the params pytree; ``target`` (arrays or ShapeDtypeStructs with shardings) places it.
+
+    Raises:
+      CorruptInputError naming the directory when its files cannot be read (truncated, damaged).
+    """
     path = fileio.as_path(ckpt_dir) / PARAMS_DIR
-    with ocp.StandardCheckpointer() as ckptr:
-        if target is None:
-            return ckptr.restore(path)
-        return ckptr.restore(path, target)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            if target is None:
+                return ckptr.restore(path)
+            return ckptr.restore(path, target)
+    except Exception as e:  # Orbax and tensorstore raise many types for damaged files.
+        raise CorruptInputError(
+            f"{path} is damaged or incomplete ({describe(e, 160)}). {REDO}"
+        ) from None

@@ -22,6 +22,7 @@ import numpy as np
 
 from xar_jax import vae as vae_lib
 from xar_jax.convert import params_io, torch_io
+from xar_jax.errors import CorruptInputError
 
 KIND = "vae"
 # An LDM AutoencoderKL checkpoint may carry its training loss (LPIPS network, discriminator,
@@ -138,7 +139,7 @@ def load_converted(out_dir: str, **overrides: Any) -> tuple[vae_lib.VAE, Any]:
     """
     metadata = params_io.load_metadata(out_dir)
     if metadata.get("kind") != KIND:
-        raise ValueError(
+        raise CorruptInputError(
             f"{out_dir} holds converted '{metadata.get('kind')}' params, not '{KIND}' params."
         )
     model = vae_lib.VAE.from_config(metadata["config"], **overrides)

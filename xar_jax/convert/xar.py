@@ -16,6 +16,7 @@ from flax import linen as nn
 from xar_jax import entities as ent
 from xar_jax import model as xar_model
 from xar_jax.convert import params_io, torch_io
+from xar_jax.errors import CorruptInputError
 from xar_jax.layers import rope_tables
 
 _DERIVED_SUFFIXES = ("attn.rope.freqs", "attn.rope.freqs_cos", "attn.rope.freqs_sin")
@@ -335,7 +336,7 @@ def load_converted(ckpt_dir: str, **model_kwargs: Any) -> tuple[xar_model.XAR, d
     """Loads a directory written by `convert_file` as ``(model, params)`` (unrolled layout)."""
     meta = params_io.load_metadata(ckpt_dir)
     if meta.get("kind") != "xar":
-        raise ValueError(f"{ckpt_dir} holds a {meta.get('kind')!r} checkpoint, not 'xar'.")
+        raise CorruptInputError(f"{ckpt_dir} holds a {meta.get('kind')!r} checkpoint, not 'xar'.")
     lay = meta["layout"]
     layout = ent.make_layout(
         lay["kind"],
