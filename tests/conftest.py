@@ -114,6 +114,59 @@ def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600):
                           timeout=timeout)
 
 
+def rebuild_golden_state_dict(golden):
+    """The golden Inception's torch-named weights, rebuilt from ``recipe_json``; and their
+    SHA-256."""
+    import hashlib
+
+    recipe = json.loads(str(golden["recipe_json"]))
+    state, digest = {}, hashlib.sha256()
+    for i, (name, shape) in enumerate(zip(recipe["keys"], recipe["shapes"], strict=True)):
+        z = np.random.default_rng(recipe["seed_base"] + i).standard_normal(shape, dtype=np.float32)
+        z = np.abs(z) if recipe["abs"][i] else z
+        w = (recipe["offset"][i] + recipe["scale"][i] * z).astype(np.float32)
+        state[name] = w
+        digest.update(w.tobytes())
+    return state, digest.hexdigest()
+
+
+def converted_standin_weights(tmp_path):
+    """Stand-ins for the released KL-16 VAE and FID Inception (the golden-size networks),
+    converted as a user converts kl16.ckpt and the Inception .pth: ``(vae_dir, inception_dir)``."""
+    from xar_jax.convert import inception as inception_convert
+    from xar_jax.convert import vae as vae_convert
+
+    with np.load(golden_path("vae_ch32_golden.npz")) as z:
+        np.savez(tmp_path / "vae.npz", **{k[6:]: z[k] for k in z.files if k.startswith("param/")})
+    vae_convert.convert_file(str(tmp_path / "vae.npz"), str(tmp_path / "vae"))
+    with np.load(golden_path("inception_fid_golden.npz")) as z:
+        state, _ = rebuild_golden_state_dict(z)
+    np.savez(tmp_path / "inception.npz", **state)
+    inception_convert.convert_file(str(tmp_path / "inception.npz"), str(tmp_path / "inception"))
+    return str(tmp_path / "vae"), str(tmp_path / "inception")
+
+
+def write_release_like_xar(path, num_classes: int = 10):
+    """The golden xAR (the authors' network at a small width, on the real 16x16x16 latent grid)
+    as the authors' state dict, its class table cut to ``num_classes`` (+ the null class)."""
+    with np.load(golden_path("xar_tiny_golden.npz")) as z:
+        state = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
+    table = state["class_emb.weight"]  # (1000 + 1, D): the last row is the null class.
+    state["class_emb.weight"] = np.concatenate([table[:num_classes], table[-1:]])
+    np.savez(path, **state)
+
+
+# configs/xar_b.py shrunk to the golden xAR's sizes (the paper's layout flags stay: scanned blocks,
+# MLP padded to 128, so converted weights are re-laid out on load), for sample and eval runs of
+# `write_release_like_xar` weights.
+RELEASE_CONFIG = os.path.join(REPO, "configs", "xar_b.py")
+RELEASE_MODEL_FLAGS = (
+    "--config.model.preset=", "--config.model.width=64", "--config.model.encoder_depth=2",
+    "--config.model.decoder_depth=2", "--config.model.num_heads=4",
+    "--config.model.dtype=float32", "--config.sample.num_steps=2",
+)
+
+
 def golden_sample_error(model, params, g) -> float:
     """Relative L2 distance of ``model``'s samples from the release's golden ones (same noise)."""
     from xar_jax import sampling

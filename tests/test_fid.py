@@ -112,7 +112,7 @@ def test_reference_stats_files_round_trip_and_accept_adm_reference_batches(tmp_p
 def golden_inception(tmp_path_factory):
     """The golden Inception weights as a torch-named .npz (the CLIs accept it like the .pth), and
     11 images whose features torch-fidelity computed: the 3 golden 64x80 images, repeated."""
-    from test_inception import rebuild_golden_state_dict
+    from conftest import rebuild_golden_state_dict
 
     with np.load(GOLDEN) as golden:
         state, _ = rebuild_golden_state_dict(golden)

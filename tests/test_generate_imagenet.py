@@ -7,31 +7,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from conftest import golden_path
+from conftest import converted_standin_weights
 
 from xar_jax import entities as ent
 from xar_jax import generate, score
 from xar_jax import model as xar_model
 from xar_jax.convert import inception as inception_convert
-from xar_jax.convert import vae as vae_convert
 from xar_jax.evaluation import image_sources, reference_stats, sample_writer
 
 
-def _converted_weights(tmp_path):
-    with np.load(golden_path("vae_ch32_golden.npz")) as z:
-        np.savez(tmp_path / "vae.npz", **{k[6:]: z[k] for k in z.files if k.startswith("param/")})
-    vae_convert.convert_file(str(tmp_path / "vae.npz"), str(tmp_path / "vae"))
-    from test_inception import rebuild_golden_state_dict
-
-    with np.load(golden_path("inception_fid_golden.npz")) as z:
-        state, _ = rebuild_golden_state_dict(z)
-    np.savez(tmp_path / "inception.npz", **state)
-    inception_convert.convert_file(str(tmp_path / "inception.npz"), str(tmp_path / "inception"))
-    return str(tmp_path / "vae"), str(tmp_path / "inception")
-
-
 def test_imagenet_samples_decode_to_an_adm_npz_and_score(tmp_path):
-    vae_dir, inception_dir = _converted_weights(tmp_path)
+    vae_dir, inception_dir = converted_standin_weights(tmp_path)
     # A tiny xAR on the real latent geometry: 16x16 grid of 16 channels, 4 cells of 8x8.
     model = xar_model.XAR(
         ent.make_layout("cell", 16, cell_size=8), 32, 1, 1, 2, 2, dropout=0.0, attn_dropout=0.0

@@ -1,31 +1,18 @@
 """Flax InceptionV3 vs torch-fidelity's inception-v3-compat (golden vectors), and its converter."""
 
 import hashlib
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
+from conftest import rebuild_golden_state_dict
 
 from xar_jax.convert import inception as convert_inception
 from xar_jax.convert import params_io
 from xar_jax.evaluation import inception
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "inception_fid_golden.npz")
-
-
-def rebuild_golden_state_dict(golden):
-    """The golden network's torch-named weights, rebuilt from ``recipe_json``; and their SHA-256."""
-    recipe = json.loads(str(golden["recipe_json"]))
-    state, digest = {}, hashlib.sha256()
-    for i, (name, shape) in enumerate(zip(recipe["keys"], recipe["shapes"], strict=True)):
-        z = np.random.default_rng(recipe["seed_base"] + i).standard_normal(shape, dtype=np.float32)
-        z = np.abs(z) if recipe["abs"][i] else z
-        w = (recipe["offset"][i] + recipe["scale"][i] * z).astype(np.float32)
-        state[name] = w
-        digest.update(w.tobytes())
-    return state, digest.hexdigest()
 
 
 def relative_l2(got, want):

@@ -15,34 +15,33 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import REPO, golden_path, main_env, run_main
+from conftest import (
+    RELEASE_CONFIG,
+    RELEASE_MODEL_FLAGS,
+    REPO,
+    converted_standin_weights,
+    main_env,
+    run_main,
+    write_release_like_xar,
+)
 from etils import epath
-from test_generate_imagenet import _converted_weights
 
 from xar_jax.convert import inception as inception_convert
 from xar_jax.evaluation import image_sources, reference_stats
 
-CONFIG = f"{REPO}/configs/xar_b.py"
+CONFIG = RELEASE_CONFIG
 CLASSES = 10
-
-
-def _release_like_state_dict(path):
-    with np.load(golden_path("xar_tiny_golden.npz")) as z:
-        state = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
-    table = state["class_emb.weight"]  # (1000 + 1, D): the last row is the null class.
-    state["class_emb.weight"] = np.concatenate([table[:CLASSES], table[-1:]])
-    np.savez(path, **state)
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("release")
-    _release_like_state_dict(tmp / "xar.npz")
+    write_release_like_xar(tmp / "xar.npz", CLASSES)
     proc = subprocess.run(
         [sys.executable, "-m", "xar_jax.convert", "xar", "--src", str(tmp / "xar.npz"), "--out",
          str(tmp / "xar")], env=main_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    vae_dir, inception_dir = _converted_weights(tmp)
+    vae_dir, inception_dir = converted_standin_weights(tmp)
     # Reference statistics of a few random images stand in for ADM's ImageNet statistics.
     rng = np.random.default_rng(0)
     np.savez(tmp / "reference.npz", arr_0=rng.integers(0, 256, (10, 64, 64, 3), np.uint8))
@@ -55,12 +54,8 @@ def release(tmp_path_factory):
         f"--config.latent.vae_checkpoint={vae_dir}",
         f"--config.eval.inception_checkpoint={inception_dir}",
         f"--config.eval.reference_stats={tmp / 'stats.npz'}",
-        # The golden network's sizes (the paper's layout flags of xar_b.py stay: scanned blocks,
-        # MLP padded to 128, so the converted weights are re-laid out on load).
-        "--config.model.preset=", "--config.model.width=64", "--config.model.encoder_depth=2",
-        "--config.model.decoder_depth=2", "--config.model.num_heads=4",
-        f"--config.latent.num_classes={CLASSES}", "--config.model.dtype=float32",
-        "--config.sample.num_steps=2", "--config.sample.batch_size=10",
+        *RELEASE_MODEL_FLAGS,
+        f"--config.latent.num_classes={CLASSES}", "--config.sample.batch_size=10",
         "--config.sample.num_images=10", "--config.eval.num_images=10",
         "--config.eval.batch_size=5",
     ]

@@ -239,14 +239,12 @@ def main(argv):
             sys.exit(2)
         print("ok")
         return
-    cache = enable_compile_cache(config, workdir)
-    log.info("Compilation cache: %s", cache or "off")
+    enable_compile_cache(config, workdir)
     initialize_distributed(FLAGS.distributed)
     try:
-        # Validates the config for this mode before any compilation or data loading.
+        # Validates the config for this mode before any compilation or data loading. The config
+        # itself goes to WORKDIR/config.json and TensorBoard (training), or --print_config.
         exp = experiment.build(config, mode)
-        log.info("--mode=%s in %s with the config:\n%s", mode, workdir,
-                 config.to_json_best_effort(indent=2, sort_keys=True))
         if mode == "train":
             train.train_and_evaluate(config, workdir, allow_change=tuple(FLAGS.allow_change),
                                      exp=exp)

@@ -98,10 +98,12 @@ class TensorBoardWriter(NullWriter):
 
 
 class ConsoleWriter(NullWriter):
-    """Scalars as one log line per step: ``step 100 | loss 0.512 | grad_norm 1.2 | ...``."""
+    """Scalars as one log line per step: ``step 100 | loss 0.512 | grad_norm 1.2 | ...``;
+    ``eta_seconds`` reads ``ETA 1h02m03s``."""
 
     def write_scalars(self, step, scalars):
-        parts = [f"{k} {_format(v)}" for k, v in scalars.items()]
+        parts = [f"ETA {format_eta(v)}" if k == "eta_seconds" else f"{k} {_format(v)}"
+                 for k, v in scalars.items()]
         log.info("step %d | %s", int(step), " | ".join(parts))
 
 
@@ -148,7 +150,23 @@ def create_writer(logdir: str, *, is_main_process: bool) -> NullWriter:
     return MultiWriter([ConsoleWriter(), TensorBoardWriter(logdir)])
 
 
+def module_totals(params: Any, limit: int = 6) -> str:
+    """``'encoder_blocks 23,040 | decoder_blocks 23,040 | ... | 5 more 1,234'``: parameter counts
+    per top-level module of a params tree (arrays or ShapeDtypeStructs), largest first."""
+    totals = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub))
+              for name, sub in params.items()}
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    parts = [f"{name} {count:,}" for name, count in ranked[:limit]]
+    rest = ranked[limit:]
+    if rest:
+        parts.append(f"{len(rest)} more {sum(c for _, c in rest):,}")
+    return " | ".join(parts)
+
+
 def format_eta(seconds: float) -> str:
+    seconds = float(np.asarray(seconds))
+    if not np.isfinite(seconds):
+        return "unknown"
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

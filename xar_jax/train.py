@@ -19,7 +19,7 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from xar_jax import experiment as experiment_lib
-from xar_jax import generate, scan_buffers
+from xar_jax import fileio, generate, scan_buffers
 from xar_jax import metrics as metrics_lib
 from xar_jax import sharding as sharding_lib
 from xar_jax import train_state as ts
@@ -28,6 +28,8 @@ from xar_jax.data import pipeline
 from xar_jax.stop_signal import StopSignals, signal_name
 
 log = logging.getLogger("xar_jax.train")
+
+PARAMETERS_FILE = "parameters.txt"  # The parameter table (name, shape, dtype, size), in the workdir.
 
 
 class NonFiniteError(FloatingPointError):
@@ -205,8 +207,11 @@ def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainS
         config.train.global_batch_size,
     )
     if is_main:
-        log.info("Parameters:\n%s", parameter_overview.get_parameter_overview(
-            exp.abstract_params, include_stats=False))
+        table = fileio.write_text(
+            fileio.as_path(workdir) / PARAMETERS_FILE,
+            parameter_overview.get_parameter_overview(exp.abstract_params, include_stats=False))
+        log.info("Parameters by module: %s (every array: %s).",
+                 metrics_lib.module_totals(exp.abstract_params), table)
     checkpointer = experiment_lib.checkpointer(config, workdir)
     data_iterator = make_data_iterator(config, exp.mesh)
     # With an accepted data change the saved iterator position belongs to the old pipeline.
@@ -295,7 +300,9 @@ def lower_train_step(jitted, state, batch):
 
 def _compile(jitted, state, batch):
     """Compiles the step ahead of the loop, saying so, and logs its memory per device."""
-    log.info("Compiling the train step (first start on this machine can take minutes)...")
+    cache = jax.config.jax_compilation_cache_dir
+    log.info("Compiling the train step (compilation cache: %s; a first compile can take "
+             "minutes)...", cache or "off")
     start = time.perf_counter()
     compiled = lower_train_step(jitted, state, batch).compile()
     log.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
@@ -316,6 +323,6 @@ def _log_step(writer, step, interval_means, step_metrics, throughput, state, tra
     skipped = int(jax.device_get(state.skipped_steps))
     if skipped:
         scalars["skipped_nonfinite_steps"] = skipped
-    writer.write_scalars(step, scalars)
     if rates is not None:
-        log.info("step %d | ETA %s", step, metrics_lib.format_eta(rates["eta_seconds"]))
+        scalars["eta_seconds"] = rates["eta_seconds"]  # The console line ends "| ETA 1h02m03s".
+    writer.write_scalars(step, scalars)
