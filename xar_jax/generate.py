@@ -335,7 +335,8 @@ def generate_samples(
       exp: the experiment (`xar_jax.experiment.build`); ``sample.*`` set the sampler,
         ``latent.*`` the decoder, ``weights`` the params source.
       workdir: holds ``checkpoints/`` (unless ``config.weights`` is set).
-      num_images: default ``sample.num_images``; must be a multiple of ``latent.num_classes``.
+      num_images: default ``sample.num_images``; any count: every class gets
+        ``num_images // num_classes`` images and the first ``num_images % num_classes`` one more.
 
     Returns:
       The finished `Samples` on every process (the files exist when it returns).
@@ -347,11 +348,6 @@ def generate_samples(
     config = exp.config
     num_images = config.sample.num_images if num_images is None else num_images
     classes = config.latent.num_classes
-    if num_images % classes:
-        raise ConfigError(
-            f"{num_images} images cannot be class-balanced over latent.num_classes={classes}; "
-            f"allowed: a multiple of {classes}."
-        )
     check_inputs(config, workdir, scoring=False)
     local_batch = per_process_batch(config, jax.process_count(), jax.local_device_count())
     root = samples_root(config, workdir)
@@ -390,6 +386,8 @@ def generate_samples(
         sample_writer.write_samples(
             generate, out_dir, num_images=num_images, num_classes=classes,
             batch_size=local_batch, seed=config.sample.seed,
+            # Balanced plans stay as they always were written (a resumed run's plan.json).
+            allow_uneven=bool(num_images % classes),
             png_dir=os.path.join(out_dir, "png") if config.sample.write_png else None,
             stop=should_stop,
         )

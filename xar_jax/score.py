@@ -32,6 +32,7 @@ log = logging.getLogger("xar_jax.score")
 
 METRICS_FILE = "metrics.json"
 EVAL_HISTORY_FILE = "eval.json"
+PAPER_NUM_IMAGES = 50_000  # FID below this many samples is biased upwards: not the paper's number.
 
 
 def read_npz(path: str, key: str) -> np.ndarray:
@@ -106,14 +107,19 @@ def evaluate(exp: experiment_lib.Experiment, workdir: str) -> dict[str, float]:
     generate.check_inputs(config, workdir, scoring=True)
     scorer = None if config.data.source == "digits" else open_scorer(config)
     samples = generate.generate_samples(exp, workdir, num_images=config.eval.num_images)
+    note = {}
     if config.data.source == "digits":
         metrics = score_digits(samples.path)
     else:
         metrics = score_imagenet(config, samples.path, scorer)
+        if config.eval.num_images < PAPER_NUM_IMAGES:
+            note = {"note": f"FID of {config.eval.num_images:,} images: not comparable to the "
+                            f"paper below {PAPER_NUM_IMAGES:,} (fewer images give a higher FID)."}
+            log.warning("%s", note["note"])
     settings = samples.settings
     step = settings.checkpoint_step
     if jax.process_index() == 0:
-        record = {**metrics, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        record = {**metrics, **note, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "samples": samples.published, "settings": dataclasses.asdict(settings)}
         fileio.write_json(os.path.join(os.path.dirname(samples.published), METRICS_FILE), record)
         history_path = fileio.write_json(fileio.as_path(workdir) / EVAL_HISTORY_FILE,
