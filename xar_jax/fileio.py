@@ -54,6 +54,17 @@ def _temporary_sibling(path: epath.Path) -> epath.Path:
     return path.parent / f"{path.name}.{suffix}"
 
 
+def _move_over(tmp: epath.Path, path: epath.Path) -> None:
+    """Moves ``tmp`` over ``path``: ``os.replace`` locally; on GCS a server-side copy and delete
+    (what gcsfs's move falls back to after trying GCS's moveTo call, which logs an error
+    traceback wherever that call is missing, e.g. on an emulator)."""
+    if is_remote(path):
+        tmp.copy(path, overwrite=True)
+        tmp.unlink()
+    else:
+        tmp.replace(path)
+
+
 def write_bytes(path: PathLike, data: bytes) -> epath.Path:
     """Writes ``data`` to ``path`` atomically, replacing any existing file; makes parents."""
     path = as_path(path)
@@ -67,7 +78,7 @@ def write_bytes(path: PathLike, data: bytes) -> epath.Path:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        tmp.replace(path)
+        _move_over(tmp, path)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
@@ -121,7 +132,7 @@ def upload_file(local: PathLike, path: PathLike) -> None:
     tmp = _temporary_sibling(path)
     try:
         epath.Path(local).copy(tmp, overwrite=True)  # Streamed: shards need not fit in memory.
-        tmp.replace(path)
+        _move_over(tmp, path)
     except BaseException:
         if tmp.exists():
             tmp.unlink()

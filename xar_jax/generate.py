@@ -66,6 +66,7 @@ GENERATED_DIR = "generated"
 SETTINGS_FILE = "settings.json"
 GRID_PNG = "samples.png"
 GRID_NPZ = "samples.npz"
+GRID_MIN_SIZE = 64  # Grid images smaller than this (8x8 digits) are enlarged: pixels repeated.
 
 ImageGenerator = Callable[[np.ndarray, jax.Array], np.ndarray]
 
@@ -460,7 +461,8 @@ def write_training_grid(exp, params, workdir: str, step: int, writer) -> None:
     _, _, images = sample_grid(exp, params, n, seed=step)
     if images is None or jax.process_index() != 0:
         return
-    grid = metrics_lib.image_grid(images, columns=min(exp.config.latent.num_classes, n))
+    grid = metrics_lib.image_grid(images, columns=min(exp.config.latent.num_classes, n),
+                                  min_size=GRID_MIN_SIZE)
     path = fileio.write_png(fileio.as_path(workdir) / "samples" / f"step_{step:08d}.png", grid)
     writer.write_images(step, {"samples_ema": grid[None]})
     log.info("Wrote %s.", path)
@@ -492,8 +494,8 @@ def sample_to_workdir(exp: experiment_lib.Experiment, workdir: str) -> dict[str,
     if images is not None:
         arrays["images"] = images
         cols = min(config.latent.num_classes, len(labels))
-        paths["png"] = os.fspath(fileio.write_png(root / GRID_PNG,
-                                                  metrics_lib.image_grid(images, columns=cols)))
+        grid = metrics_lib.image_grid(images, columns=cols, min_size=GRID_MIN_SIZE)
+        paths["png"] = os.fspath(fileio.write_png(root / GRID_PNG, grid))
     paths["npz"] = os.fspath(fileio.write_npz(root / GRID_NPZ, **arrays))
     log.info("Sampled %s; wrote %s.", source.describe(), ", ".join(paths.values()))
     return paths

@@ -291,14 +291,21 @@ class ProfilerWindow:
             log.info("Profiler trace written under %s/plugins/profile.", self._dir)
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(N, H, W, C) in [-1, 1] -> one (rows*H, cols*W, C) uint8 grid with 1-pixel gaps."""
+def image_grid(images: np.ndarray, columns: int | None = None, min_size: int = 0) -> np.ndarray:
+    """(N, H, W, C) in [-1, 1] -> one (rows*H', cols*W', C) uint8 grid with 1-pixel gaps.
+
+    ``min_size``: images smaller than this (8x8 digits) are enlarged by a whole factor, pixels
+    repeated, until their height reaches it (H' = k H), so that a grid file is readable as is.
+    """
     images = np.asarray(images, np.float32)
-    n, h, w, c = images.shape
+    pixels = ((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
+    k = max(1, -(-min_size // images.shape[1]))
+    if k > 1:
+        pixels = pixels.repeat(k, axis=1).repeat(k, axis=2)
+    n, h, w, c = pixels.shape
     cols = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.uint8)
-    pixels = ((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = pixels[i]
