@@ -125,6 +125,27 @@ def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600):
                           timeout=timeout)
 
 
+def write_release_like_xar(path, num_classes: int = 10):
+    """The golden xAR (the authors' network at a small width, on the real 16x16x16 latent grid)
+    as the authors' state dict, its class table cut to ``num_classes`` (+ the null class)."""
+    with np.load(golden_path("xar_tiny_golden.npz")) as z:
+        state = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
+    table = state["class_emb.weight"]  # (1000 + 1, D): the last row is the null class.
+    state["class_emb.weight"] = np.concatenate([table[:num_classes], table[-1:]])
+    np.savez(path, **state)
+
+
+# configs/xar_b.py shrunk to the golden xAR's sizes (the paper's layout flags stay: scanned blocks,
+# MLP padded to 128, so converted weights are re-laid out on load), for sample and eval runs of
+# `write_release_like_xar` weights.
+RELEASE_CONFIG = os.path.join(REPO, "configs", "xar_b.py")
+RELEASE_MODEL_FLAGS = (
+    "--config.model.preset=", "--config.model.width=64", "--config.model.encoder_depth=2",
+    "--config.model.decoder_depth=2", "--config.model.num_heads=4",
+    "--config.model.dtype=float32", "--config.sample.num_steps=2",
+)
+
+
 def golden_sample_error(model, params, g) -> float:
     """Relative L2 distance of ``model``'s samples from the release's golden ones (same noise)."""
     from xar_jax import sampling

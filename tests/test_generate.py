@@ -6,6 +6,7 @@ samples from its checkpoint.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from xar_jax import experiment, generate, score
 from xar_jax import train_state as ts
 from xar_jax.evaluation.digits_score import digits_quality
 from xar_jax.evaluation.sample_writer import balanced_labels
+from xar_jax.stop_signal import Stopped
 from xar_jax.train_config import load_config_file, validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,23 +130,26 @@ def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(trained, tm
     calls = []
     real = generate.make_image_generator
 
-    def dies_after_three_batches(*args, **kwargs):
+    def sigterm_during_the_third_batch(*args, **kwargs):
         fn = real(*args, **kwargs)
 
         def wrapped(labels, key):
-            if len(calls) == 3:
-                raise KeyboardInterrupt("killed")
             calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # As launch/stop.sh or a scheduler does.
             return fn(labels, key)
 
         return wrapped
 
     restarted = _adm_config(config, tmp_path / "restarted")
-    monkeypatch.setattr(generate, "make_image_generator", dies_after_three_batches)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(generate, "make_image_generator", sigterm_during_the_third_batch)
+    with pytest.raises(Stopped, match="Stopped by SIGTERM: 3 finished batch shards") as stopped:
         _sample(restarted, workdir)
+    assert stopped.value.exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The handler was removed again.
     run_dir = next((tmp_path / "restarted").iterdir())
     assert not (run_dir / "samples.npz").exists()  # the final file is complete or absent
+    # The batch in flight was finished and kept; the run stopped at that shard boundary.
     assert len(list((run_dir / "shards").glob("batch_*.npz"))) == 3
 
     calls.clear()
@@ -206,19 +211,20 @@ def test_imagenet_eval_names_missing_files_and_their_commands_before_any_work(tm
         "gs://bucket/run/generated")
 
 
-def test_config_rejects_unbalanced_or_unshardable_sampling():
+def test_config_takes_any_image_count_but_refuses_unshardable_sampling():
     c = load_config_file(os.path.join(REPO, "configs", "xar_b.py"))
     c.data.cache_dir = "/nonexistent"
-    c.sample.num_images = 50_001
-    with pytest.raises(ValueError, match=r"config.sample.num_images=50001 .*multiple of"):
-        validate_config(c)
+    c.sample.num_images = 50_001  # Balanced to within one image.
+    validate_config(c)
     c.sample.num_images = 50_000
     c.sample.batch_size = 1000
     with pytest.raises(ValueError, match=r"config.sample.batch_size=1000 .*the 64 devices"):
         validate_config(c, num_devices=64)
     c.sample.batch_size = 1024
-    c.eval.num_images = 999
-    with pytest.raises(ValueError, match="config.eval.num_images=999"):
+    c.eval.num_images = 20  # Any count is scored (a smoke test of released weights)...
+    validate_config(c)
+    c.eval.num_images = 9  # ...from 10 up: the Inception Score has 10 splits.
+    with pytest.raises(ValueError, match="config.eval.num_images=9"):
         validate_config(c)
     c.eval.num_images = 50_000
     c.sample.out_dir = "gs://bucket/samples"

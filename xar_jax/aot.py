@@ -378,6 +378,12 @@ def format_table(r: dict[str, Any]) -> str:
     def num(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
+    def duration(v):  # In a unit that suits, 3 significant digits: 2.41 s, 312 ms, 35.2 us.
+        if v is None:
+            return "n/a"
+        value, unit = (v, "s") if v >= 1 else (v * 1e3, "ms") if v >= 1e-3 else (v * 1e6, "us")
+        return f"{value:.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
+
     hbm = r.get("hbm_per_chip_gib") or {}
     c = r.get("collectives") or {}
     rows = [
@@ -389,7 +395,7 @@ def format_table(r: dict[str, Any]) -> str:
         ("compile", f"{r['compile_s']} s"),
         ("HBM per chip (GiB)", ", ".join(f"{k} {v}" for k, v in hbm.items()) or "n/a"),
         ("fits", f"{r['fits']} (capacity {r['hbm_capacity_gib']} GiB)"),
-        ("est. step (s)", num(r.get("est_step_s"), ".4f")),
+        ("est. step", duration(r.get("est_step_s"))),
         ("est. img/s/chip", num(r.get("est_img_per_s_per_chip"), ".1f")),
         ("est. MFU", num(r.get("est_mfu"), ".1%")
          + f" (peak bf16 {r['peak_bf16_tflops']} TFLOP/s per chip)"),

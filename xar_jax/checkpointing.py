@@ -104,10 +104,6 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.every_steps == 0
 
-    def reached_preemption(self, step: int) -> bool:
-        """True once a preemption notice arrived (multi-process TPU runs; False otherwise)."""
-        return bool(self._manager.reached_preemption(step))
-
     def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
         """Starts an (async) save of ``state`` and the iterator position at ``step``."""
         if step in self._manager.all_steps():

@@ -16,3 +16,14 @@ class ConfigError(UserError, ValueError):
 
 class MissingInputError(UserError, FileNotFoundError):
     """A file or directory the run needs does not exist."""
+
+
+class CorruptInputError(UserError, ValueError):
+    """A file the run reads is damaged (truncated, bit-flipped) or not what its name says."""
+
+
+def describe(error: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of ``error`` on one line, cut to ``limit`` characters (library errors
+    can span pages)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

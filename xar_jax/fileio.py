@@ -24,6 +24,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from xar_jax.errors import CorruptInputError, describe
+
 PathLike = str | os.PathLike
 
 
@@ -74,6 +76,17 @@ def _temporary_sibling(path: epath.Path) -> epath.Path:
     return path.parent / f"{path.name}.{suffix}"
 
 
+def _move_over(tmp: epath.Path, path: epath.Path) -> None:
+    """Moves ``tmp`` over ``path``: ``os.replace`` locally; on GCS a server-side copy and delete
+    (what gcsfs's move falls back to after trying GCS's moveTo call, which logs an error
+    traceback wherever that call is missing, e.g. on an emulator)."""
+    if is_remote(path):
+        tmp.copy(path, overwrite=True)
+        tmp.unlink()
+    else:
+        tmp.replace(path)
+
+
 def write_bytes(path: PathLike, data: bytes) -> epath.Path:
     """Writes ``data`` to ``path`` atomically, replacing any existing file; makes parents."""
     path = as_path(path)
@@ -87,7 +100,7 @@ def write_bytes(path: PathLike, data: bytes) -> epath.Path:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        tmp.replace(path)
+        _move_over(tmp, path)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
@@ -103,8 +116,19 @@ def write_json(path: PathLike, value: Any) -> epath.Path:
     return write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: PathLike) -> Any:
-    return json.loads(as_path(path).read_text())
+def read_json(path: PathLike, *, remedy: str = "") -> Any:
+    """The JSON value in ``path``.
+
+    Raises:
+      CorruptInputError naming the file (and ``remedy``) when it is not readable JSON.
+    """
+    path = as_path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError.
+        raise CorruptInputError(
+            f"{path} is damaged: not readable JSON ({describe(e, 120)}). {remedy}".strip()
+        ) from None
 
 
 def write_npz(path: PathLike, **arrays: np.ndarray) -> epath.Path:
@@ -146,7 +170,7 @@ def upload_file(local: PathLike, path: PathLike) -> None:
     tmp = _temporary_sibling(path)
     try:
         epath.Path(local).copy(tmp, overwrite=True)  # Streamed: shards need not fit in memory.
-        tmp.replace(path)
+        _move_over(tmp, path)
     except BaseException:
         if tmp.exists():
             tmp.unlink()

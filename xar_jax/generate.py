@@ -57,6 +57,7 @@ from xar_jax import sharding as sharding_lib
 from xar_jax import vae as vae_lib
 from xar_jax.errors import ConfigError, MissingInputError
 from xar_jax.evaluation import sample_writer
+from xar_jax.stop_signal import StopSignals, signal_name
 
 log = logging.getLogger("xar_jax.generate")
 
@@ -64,6 +65,7 @@ GENERATED_DIR = "generated"
 SETTINGS_FILE = "settings.json"
 GRID_PNG = "samples.png"
 GRID_NPZ = "samples.npz"
+GRID_MIN_SIZE = 64  # Grid images smaller than this (8x8 digits) are enlarged: pixels repeated.
 
 ImageGenerator = Callable[[np.ndarray, jax.Array], np.ndarray]
 
@@ -156,8 +158,8 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str, *, scoring: bo
     if not inception or not fileio.exists(inception):
         raise MissingInputError(
             f"config.eval.inception_checkpoint={inception!r} does not exist; convert the FID "
-            "Inception weights with `python -m xar_jax.convert inception --src "
-            "pt_inception-2015-12-05-6726825d.pth --out DIR` (a local path or gs://)."
+            f"Inception weights with `{weights.KINDS['inception_v3_compat']}` (a local path or "
+            "gs://)."
         )
 
 
@@ -327,19 +329,19 @@ def generate_samples(
       exp: the experiment (`xar_jax.experiment.build`); ``sample.*`` set the sampler,
         ``latent.*`` the decoder, ``weights`` the params source.
       workdir: holds ``checkpoints/`` (unless ``config.weights`` is set).
-      num_images: default ``sample.num_images``; must be a multiple of ``latent.num_classes``.
+      num_images: default ``sample.num_images``; any count: every class gets
+        ``num_images // num_classes`` images and the first ``num_images % num_classes`` one more.
 
     Returns:
       The finished `Samples` on every process (the files exist when it returns).
+
+    Raises:
+      `xar_jax.stop_signal.Stopped` after SIGTERM or SIGINT, once the batch shard in flight is
+      written (a rerun continues from the finished shards).
     """
     config = exp.config
     num_images = config.sample.num_images if num_images is None else num_images
     classes = config.latent.num_classes
-    if num_images % classes:
-        raise ConfigError(
-            f"{num_images} images cannot be class-balanced over latent.num_classes={classes}; "
-            f"allowed: a multiple of {classes}."
-        )
     check_inputs(config, workdir, scoring=False)
     local_batch = per_process_batch(config, jax.process_count(), jax.local_device_count())
     root = samples_root(config, workdir)
@@ -356,11 +358,27 @@ def generate_samples(
         mesh = local_mesh()
         generate = _generator(exp, replicate_on(params, mesh), mesh)
         log.info("Sampling %d images (%s) into %s.", num_images, source.describe(), out_dir)
-        with jax.set_mesh(mesh), exp.rules_context():
+        stopped = []  # Whether the writer stopped early on a signal (not after its last shard).
+
+        def should_stop() -> bool:
+            stopped.append(stop.requested())
+            return stopped[-1]
+
+        with (jax.set_mesh(mesh), exp.rules_context(),
+              StopSignals("the batch shard in flight") as stop):
             sample_writer.write_samples(
                 generate, out_dir, num_images=num_images, num_classes=classes,
                 batch_size=local_batch, seed=config.sample.seed,
+                # Balanced plans stay as they always were written (a resumed run's plan.json).
+                allow_uneven=bool(num_images % classes),
                 png_dir=os.path.join(out_dir, "png") if config.sample.write_png else None,
+                stop=should_stop,
+            )
+        if stopped and stopped[-1]:
+            shards = os.path.join(out_dir, sample_writer.SHARD_DIR)
+            raise stop.stopped(
+                f"Stopped by {signal_name(stop.received)}: {len(fileio.list_names(shards))} "
+                f"finished batch shards are in {shards}. The same command resumes from them."
             )
         _barrier("xar_jax.generate.assembled")  # process 0 assembles after the writer's barrier
         log.info("Wrote %s.", published)
@@ -426,7 +444,8 @@ def write_training_grid(exp, params, workdir: str, step: int, writer) -> None:
     _, _, images = sample_grid(exp, params, n, seed=step)
     if images is None or jax.process_index() != 0:
         return
-    grid = metrics_lib.image_grid(images, columns=min(exp.config.latent.num_classes, n))
+    grid = metrics_lib.image_grid(images, columns=min(exp.config.latent.num_classes, n),
+                                  min_size=GRID_MIN_SIZE)
     path = fileio.write_png(fileio.as_path(workdir) / "samples" / f"step_{step:08d}.png", grid)
     writer.write_images(step, {"samples_ema": grid[None]})
     log.info("Wrote %s.", path)
@@ -458,8 +477,8 @@ def sample_to_workdir(exp: experiment_lib.Experiment, workdir: str) -> dict[str,
     if images is not None:
         arrays["images"] = images
         cols = min(config.latent.num_classes, len(labels))
-        paths["png"] = os.fspath(fileio.write_png(root / GRID_PNG,
-                                                  metrics_lib.image_grid(images, columns=cols)))
+        grid = metrics_lib.image_grid(images, columns=cols, min_size=GRID_MIN_SIZE)
+        paths["png"] = os.fspath(fileio.write_png(root / GRID_PNG, grid))
     paths["npz"] = os.fspath(fileio.write_npz(root / GRID_NPZ, **arrays))
     log.info("Sampled %s; wrote %s.", source.describe(), ", ".join(paths.values()))
     return paths

@@ -9,6 +9,10 @@ field can be overridden: ``--config.train.num_steps=100``. Multi-process runs (T
 `jax.distributed.initialize()` first; see `initialize_distributed`. ``--check_only`` parses the
 flags and the config with its overrides, validates it for the mode and prints ``ok`` (what
 tests/test_launch_commands.py runs on every command line the launch scripts start).
+
+Exit codes: 0 done, or stopped by SIGTERM after saving (training: a checkpoint of the step in
+flight; ADM sampling: the finished shards); 130 the same after SIGINT (Ctrl-C); 2 a user error
+(flags, config, input files, workdir), printed in a line or two; 1 anything else.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from xar_jax import experiment, fileio, generate, score, train
 from xar_jax.console import configure_logging, report_user_error
 from xar_jax.errors import UserError
 from xar_jax.experiment import MODES
+from xar_jax.stop_signal import Stopped
 from xar_jax.train_config import load_config_file, validate_config
 from xar_jax.workdir import ALLOWED_CHANGES
 
@@ -234,14 +239,12 @@ def main(argv):
             sys.exit(2)
         print("ok")
         return
-    cache = enable_compile_cache(config, workdir)
-    log.info("Compilation cache: %s", cache or "off")
+    enable_compile_cache(config, workdir)
     initialize_distributed(FLAGS.distributed)
     try:
-        # Validates the config for this mode before any compilation or data loading.
+        # Validates the config for this mode before any compilation or data loading. The config
+        # itself goes to WORKDIR/config.json and TensorBoard (training), or --print_config.
         exp = experiment.build(config, mode)
-        log.info("--mode=%s in %s with the config:\n%s", mode, workdir,
-                 config.to_json_best_effort(indent=2, sort_keys=True))
         if mode == "train":
             train.train_and_evaluate(config, workdir, allow_change=tuple(FLAGS.allow_change),
                                      exp=exp)
@@ -252,6 +255,10 @@ def main(argv):
     except UserError as e:
         report_user_error(str(e))
         sys.exit(2)
+    except Stopped as e:
+        # SIGTERM / preemption: 0; SIGINT: 130 (see xar_jax/stop_signal.py).
+        log.warning("%s", e)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

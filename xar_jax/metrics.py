@@ -98,10 +98,12 @@ class TensorBoardWriter(NullWriter):
 
 
 class ConsoleWriter(NullWriter):
-    """Scalars as one log line per step: ``step 100 | loss 0.512 | grad_norm 1.2 | ...``."""
+    """Scalars as one log line per step: ``step 100 | loss 0.512 | grad_norm 1.2 | ...``;
+    ``eta_seconds`` reads ``ETA 1h02m03s``."""
 
     def write_scalars(self, step, scalars):
-        parts = [f"{k} {_format(v)}" for k, v in scalars.items()]
+        parts = [f"ETA {format_eta(v)}" if k == "eta_seconds" else f"{k} {_format(v)}"
+                 for k, v in scalars.items()]
         log.info("step %d | %s", int(step), " | ".join(parts))
 
 
@@ -148,7 +150,23 @@ def create_writer(logdir: str, *, is_main_process: bool) -> NullWriter:
     return MultiWriter([ConsoleWriter(), TensorBoardWriter(logdir)])
 
 
+def module_totals(params: Any, limit: int = 6) -> str:
+    """``'encoder_blocks 23,040 | decoder_blocks 23,040 | ... | 5 more 1,234'``: parameter counts
+    per top-level module of a params tree (arrays or ShapeDtypeStructs), largest first."""
+    totals = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub))
+              for name, sub in params.items()}
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    parts = [f"{name} {count:,}" for name, count in ranked[:limit]]
+    rest = ranked[limit:]
+    if rest:
+        parts.append(f"{len(rest)} more {sum(c for _, c in rest):,}")
+    return " | ".join(parts)
+
+
 def format_eta(seconds: float) -> str:
+    seconds = float(np.asarray(seconds))
+    if not np.isfinite(seconds):
+        return "unknown"
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -273,14 +291,21 @@ class ProfilerWindow:
             log.info("Profiler trace written under %s/plugins/profile.", self._dir)
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(N, H, W, C) in [-1, 1] -> one (rows*H, cols*W, C) uint8 grid with 1-pixel gaps."""
+def image_grid(images: np.ndarray, columns: int | None = None, min_size: int = 0) -> np.ndarray:
+    """(N, H, W, C) in [-1, 1] -> one (rows*H', cols*W', C) uint8 grid with 1-pixel gaps.
+
+    ``min_size``: images smaller than this (8x8 digits) are enlarged by a whole factor, pixels
+    repeated, until their height reaches it (H' = k H), so that a grid file is readable as is.
+    """
     images = np.asarray(images, np.float32)
-    n, h, w, c = images.shape
+    pixels = ((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
+    k = max(1, -(-min_size // images.shape[1]))
+    if k > 1:
+        pixels = pixels.repeat(k, axis=1).repeat(k, axis=2)
+    n, h, w, c = pixels.shape
     cols = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.uint8)
-    pixels = ((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = pixels[i]

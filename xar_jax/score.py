@@ -31,6 +31,7 @@ log = logging.getLogger("xar_jax.score")
 
 METRICS_FILE = "metrics.json"
 EVAL_HISTORY_FILE = "eval.json"
+PAPER_NUM_IMAGES = 50_000  # FID below this many samples is biased upwards: not the paper's number.
 
 
 def read_npz(path: str, key: str) -> np.ndarray:
@@ -55,13 +56,25 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
         return fid.load_reference_stats(local)
 
 
-def score_imagenet(config, path: str) -> dict[str, float]:
-    """FID and Inception Score of ``samples.npz`` (all processes take part)."""
+def open_scorer(config) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+    """``(Inception params, (mu, sigma))`` of the config: both read and checked now, before any
+    sampling, so a damaged file is named in a line instead of after hours of sampling.
+
+    Raises:
+      MissingInputError / CorruptInputError naming the file.
+    """
     reference = load_reference(config.eval.reference_stats)
-    metrics = evaluate_images(
-        load_inception(config.eval.inception_checkpoint), NpzImages(path), reference,
-        batch_size=config.eval.batch_size,
-    )
+    return load_inception(config.eval.inception_checkpoint), reference
+
+
+def score_imagenet(config, path: str, scorer=None) -> dict[str, float]:
+    """FID and Inception Score of ``samples.npz`` (all processes take part).
+
+    ``scorer``: `open_scorer`'s result if already opened.
+    """
+    params, reference = scorer or open_scorer(config)
+    metrics = evaluate_images(params, NpzImages(path), reference,
+                              batch_size=config.eval.batch_size)
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -83,16 +96,22 @@ def evaluate(exp: experiment_lib.Experiment, workdir: str) -> dict[str, float]:
     """
     config = exp.config
     generate.check_inputs(config, workdir, scoring=True)
+    scorer = None if config.data.source == "digits" else open_scorer(config)
     samples = generate.generate_samples(exp, workdir, num_images=config.eval.num_images)
     path = generate.local_copy(samples)  # Every process reads its share from its local disk.
+    note = {}
     if config.data.source == "digits":
         metrics = score_digits(path)
     else:
-        metrics = score_imagenet(config, path)
+        metrics = score_imagenet(config, path, scorer)
+        if config.eval.num_images < PAPER_NUM_IMAGES:
+            note = {"note": f"FID of {config.eval.num_images:,} images: not comparable to the "
+                            f"paper below {PAPER_NUM_IMAGES:,} (fewer images give a higher FID)."}
+            log.warning("%s", note["note"])
     settings = samples.settings
     step = settings.checkpoint_step
     if jax.process_index() == 0:
-        record = {**metrics, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        record = {**metrics, **note, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "samples": samples.published, "settings": dataclasses.asdict(settings)}
         fileio.write_json(os.path.join(os.path.dirname(samples.published), METRICS_FILE), record)
         history_path = fileio.write_json(fileio.as_path(workdir) / EVAL_HISTORY_FILE,

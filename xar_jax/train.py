@@ -19,14 +19,17 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from xar_jax import experiment as experiment_lib
-from xar_jax import generate, scan_buffers
+from xar_jax import fileio, generate, scan_buffers
 from xar_jax import metrics as metrics_lib
 from xar_jax import sharding as sharding_lib
 from xar_jax import train_state as ts
 from xar_jax import workdir as workdir_lib
 from xar_jax.data import pipeline
+from xar_jax.stop_signal import StopSignals, signal_name
 
 log = logging.getLogger("xar_jax.train")
+
+PARAMETERS_FILE = "parameters.txt"  # The parameter table (name, shape, dtype, size), in the workdir.
 
 
 class NonFiniteError(FloatingPointError):
@@ -179,18 +182,21 @@ def train_and_evaluate(
       The final TrainState.
 
     Raises:
-      WorkdirMismatchError / WorkdirLockedError before anything is touched; NonFiniteError.
+      WorkdirMismatchError / WorkdirLockedError before anything is touched; NonFiniteError;
+      `xar_jax.stop_signal.Stopped` after SIGTERM or SIGINT (or a preemption notice), once the
+      step in flight is done and its checkpoint saved.
     """
     exp = exp or experiment_lib.build(config, "train")
     record, accepted, lock = _claim_workdir(exp, workdir, allow_change)
     try:
-        return _train(exp, workdir, record, accepted, lock)
+        with StopSignals("the step in flight", sync_steps=True) as stop:
+            return _train(exp, workdir, record, accepted, lock, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
+def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainState:
     config = exp.config
     setup = experiment_lib.training_setup(exp)
     is_main = jax.process_index() == 0
@@ -201,8 +207,11 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
         config.train.global_batch_size,
     )
     if is_main:
-        log.info("Parameters:\n%s", parameter_overview.get_parameter_overview(
-            exp.abstract_params, include_stats=False))
+        table = fileio.write_text(
+            fileio.as_path(workdir) / PARAMETERS_FILE,
+            parameter_overview.get_parameter_overview(exp.abstract_params, include_stats=False))
+        log.info("Parameters by module: %s (every array: %s).",
+                 metrics_lib.module_totals(exp.abstract_params), table)
     checkpointer = experiment_lib.checkpointer(config, workdir)
     data_iterator = make_data_iterator(config, exp.mesh)
     # With an accepted data change the saved iterator position belongs to the old pipeline.
@@ -235,7 +244,8 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
         profiler = metrics_lib.ProfilerWindow(workdir, config.log.profile_start_step,
                                               config.log.profile_num_steps)
         throughput = None
-        while step < setup.total_steps:
+        stopping = not stop.synchronised and stop.requested()  # Before any step: nothing to save.
+        while step < setup.total_steps and not stopping:
             profiler.before_step(step + 1)
             state, step_metrics = compiled(state, batch)
             step += 1
@@ -250,14 +260,13 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
             last = step == setup.total_steps
             if step % config.log.every_steps == 0 or last:
                 _log_step(writer, step, means.result(), step_metrics, throughput, state, t)
-            preempted = checkpointer.reached_preemption(step)
-            if checkpointer.should_save(step) or last or preempted:
+            stopping = stop.reached(step)  # Every process stops after the same step.
+            if checkpointer.should_save(step) or last or stopping:
                 check_finite(state, t)
                 checkpointer.save(step, state, data_iterator)
             if lock is not None:
                 lock.heartbeat()
-            if preempted:
-                log.warning("Preemption notice at step %d: checkpoint saved, stopping.", step)
+            if stopping:
                 break
             every = config.log.sample_every_steps
             if every and (step % every == 0 or last):
@@ -267,7 +276,16 @@ def _train(exp, workdir, record, accepted, lock) -> ts.TrainState:
         profiler.close()
         checkpointer.wait_until_finished()
     writer.flush()
+    saved = checkpointer.latest_step()
     checkpointer.close()
+    if stopping and step < setup.total_steps:  # A stop after the last step is just the end.
+        name = signal_name(stop.received)
+        if saved is None or saved < step:  # Stopped before this start's first step.
+            raise stop.stopped(f"Stopped by {name} before the first step: nothing new to save "
+                               f"(newest checkpoint: {saved}).")
+        raise stop.stopped(f"Stopped by {name} after step {step}: checkpoint {saved} (with the "
+                           f"data iterator) is in {checkpointer.directory}. The same command "
+                           "resumes from it.")
     log.info("Training done at step %d; checkpoints in %s.", step, checkpointer.directory)
     return state
 
@@ -282,7 +300,9 @@ def lower_train_step(jitted, state, batch):
 
 def _compile(jitted, state, batch):
     """Compiles the step ahead of the loop, saying so, and logs its memory per device."""
-    log.info("Compiling the train step (first start on this machine can take minutes)...")
+    cache = jax.config.jax_compilation_cache_dir
+    log.info("Compiling the train step (compilation cache: %s; a first compile can take "
+             "minutes)...", cache or "off")
     start = time.perf_counter()
     compiled = lower_train_step(jitted, state, batch).compile()
     log.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
@@ -303,6 +323,6 @@ def _log_step(writer, step, interval_means, step_metrics, throughput, state, tra
     skipped = int(jax.device_get(state.skipped_steps))
     if skipped:
         scalars["skipped_nonfinite_steps"] = skipped
-    writer.write_scalars(step, scalars)
     if rates is not None:
-        log.info("step %d | ETA %s", step, metrics_lib.format_eta(rates["eta_seconds"]))
+        scalars["eta_seconds"] = rates["eta_seconds"]  # The console line ends "| ETA 1h02m03s".
+    writer.write_scalars(step, scalars)

@@ -29,7 +29,7 @@ from xar_jax import entities as ent
 from xar_jax import fileio
 from xar_jax import model as xar_model
 from xar_jax import vae as vae_lib
-from xar_jax.errors import UserError
+from xar_jax.errors import CorruptInputError, UserError, describe
 
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
@@ -66,7 +66,10 @@ def read_metadata(path: str, kind: str) -> dict[str, Any]:
             f"{meta_path} not found: {path} is not a converted weights directory (write one with "
             f"`{KINDS[kind]}`)."
         )
-    meta = json.loads(meta_path.read_text())
+    redo = f"Convert it again with `{KINDS[kind]}`."
+    meta = fileio.read_json(meta_path, remedy=redo)
+    if not isinstance(meta, dict):
+        raise CorruptInputError(f"{meta_path} is damaged: not a JSON object. {redo}")
     found = meta.get("kind", meta.get("model"))  # Inception directories once named it 'model'.
     if found != kind:
         raise WeightsError(
@@ -78,10 +81,22 @@ def read_metadata(path: str, kind: str) -> dict[str, Any]:
 
 def restore_params(path: str, target: Any | None = None) -> Any:
     """The params tree of a converted directory; ``target`` (arrays or ShapeDtypeStructs with
-    shardings) places it, else NumPy arrays on the host."""
+    shardings) places it, else NumPy arrays on the host.
+
+    Raises:
+      CorruptInputError naming the directory when its files cannot be read (truncated, damaged).
+    """
     params_dir = fileio.as_path(path) / PARAMS_DIR
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(params_dir) if target is None else ckptr.restore(params_dir, target)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            if target is None:
+                return ckptr.restore(params_dir)
+            return ckptr.restore(params_dir, target)
+    except Exception as e:  # Orbax and tensorstore raise many types for damaged files.
+        raise CorruptInputError(
+            f"{params_dir} is damaged or incomplete ({describe(e, 160)}). Convert it again with "
+            "`python -m xar_jax.convert {xar,vae,inception} --src FILE --out DIR`."
+        ) from None
 
 
 def save_params(out_dir: str, params: Any, metadata: dict[str, Any], *,

@@ -33,7 +33,7 @@ import jax
 import ml_collections
 
 from xar_jax import fileio
-from xar_jax.errors import UserError
+from xar_jax.errors import CorruptInputError, UserError
 from xar_jax.model import PRESETS, config_signature, preset_signature
 from xar_jax.train_config import config_field
 
@@ -123,10 +123,22 @@ def _history_entry(mode: str, accepted: list[str]) -> dict[str, Any]:
 
 
 def read_record(workdir: str) -> RunRecord | None:
+    """The workdir's `RunRecord`; None when it has none.
+
+    Raises:
+      CorruptInputError naming ``run.json`` and what to do when it is damaged.
+    """
     path = fileio.as_path(workdir) / RUN_FILE
     if not path.exists():
         return None
-    raw = json.loads(path.read_text())
+    remedy = ("It records the run (config, mesh, history); restore it from a backup, or move it "
+              "away and the next training start writes a new one from its config "
+              "(the checkpoints are still checked against the config at restore).")
+    raw = fileio.read_json(path, remedy=remedy)
+    missing = [f.name for f in dataclasses.fields(RunRecord)
+               if not isinstance(raw, dict) or f.name not in raw]
+    if missing:
+        raise CorruptInputError(f"{path} is damaged: no {', '.join(missing)}. {remedy}")
     return RunRecord(**{f.name: raw[f.name] for f in dataclasses.fields(RunRecord)})
 
 

@@ -1,8 +1,9 @@
-"""Command line: convert released PyTorch checkpoints into Orbax params directories.
+r"""Command line: convert released PyTorch checkpoints into Orbax params directories.
 
 python -m xar_jax.convert xar --src xAR-H.pth --out ckpt/xar_h      # EMA weights by default
 python -m xar_jax.convert vae --src kl16.ckpt --out ckpt/vae
-python -m xar_jax.convert inception --src pt_inception-2015-12-05.pth --out ckpt/inception
+python -m xar_jax.convert inception \
+    --src weights-inception-2015-12-05-6726825d.pth --out ckpt/inception
 
 --overwrite replaces only a directory this command wrote earlier (it refuses anything else).
 .pth/.ckpt files are unpickled with torch's weights_only=True and a small allow-list, so a

@@ -19,13 +19,18 @@ import ml_collections
 import numpy as np
 
 from xar_jax.data import digits, imagenet, latent_format
+from xar_jax.errors import CorruptInputError, describe
 
 # With allow_corrupt_records, this many corrupt records in a row is a broken dataset, not bad luck.
 MAX_CONSECUTIVE_CORRUPT = 16
 
 
-class CorruptRecordError(RuntimeError):
+class CorruptRecordError(CorruptInputError):
     """A record that cannot be read or decoded; the message names its shard/file and index."""
+
+
+SKIP_HINT = ("Set --config.data.allow_corrupt_records=True to skip such records (each is logged), "
+             "or rebuild the file (docs/data.md).")
 
 
 class ExampleReader(Protocol):
@@ -95,10 +100,10 @@ class CheckedReader:
             except Exception as e:  # noqa: BLE001 - any read/decode failure is a corrupt record.
                 error = CorruptRecordError(
                     f"Corrupt record at {self.reader.describe(position, mirrored)}: "
-                    f"{type(e).__name__}: {e}"
+                    f"{describe(e, 240)}"
                 )
                 if not self.allow_corrupt:
-                    raise error from e
+                    raise CorruptRecordError(f"{str(error).rstrip('.')}. {SKIP_HINT}") from e
                 logging.warning("%s; skipped (allow_corrupt_records=True).", error)
                 continue
             if self.allow_corrupt:

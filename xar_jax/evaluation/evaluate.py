@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import sys
+import zipfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,7 +33,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xar_jax import fileio, weights
+from xar_jax.console import configure_logging, report_user_error
 from xar_jax.convert import inception as inception_convert
+from xar_jax.errors import CorruptInputError, MissingInputError, UserError, describe
 from xar_jax.evaluation import fid as fid_lib
 from xar_jax.evaluation import image_sources
 from xar_jax.inception import NUM_LOGITS, POOL3_DIM, inception_features
@@ -51,7 +54,16 @@ def load_inception(path: str | os.PathLike) -> Any:
     if weights.is_converted(path):  # Local or gs://.
         return weights.load_inception_params(path)
     if os.path.isfile(path):
-        return inception_convert.inception_from_torch(path)[1]
+        try:
+            return inception_convert.inception_from_torch(path)[1]
+        except ImportError:
+            raise
+        except Exception as e:  # torch's and the converter's errors of a damaged file.
+            raise CorruptInputError(
+                f"{path} is not readable Inception weights ({describe(e, 160)}); download "
+                f"{inception_convert.RELEASED_FILE_NAME} again (source: "
+                f"{inception_convert.RELEASED_FILE_URL})."
+            ) from None
     raise weights.WeightsError(
         f"Inception weights not found at {path}: pass a directory written by "
         f"`python -m xar_jax.convert inception` or torch-fidelity's "
@@ -231,13 +243,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--out", help="also write the metrics to this JSON file")
     parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
     args = parser.parse_args(argv)
+    configure_logging()
     if args.distributed:
         jax.distributed.initialize()
-    reference = fid_lib.load_reference_stats(args.reference)
-    source = image_sources.open_images(args.images)
-    metrics = evaluate_images(
-        load_inception(args.inception), source, reference, batch_size=args.batch_size
-    )
+    try:
+        # Every input is opened and checked before the Inception pass.
+        if not os.path.exists(args.images) and "://" not in args.images:
+            raise MissingInputError(f"--images={args.images}: no such file or directory.")
+        reference = fid_lib.load_reference_stats(args.reference)
+        try:
+            source = image_sources.open_images(args.images)
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise CorruptInputError(f"--images={args.images} is damaged ({describe(e)}).") from None
+        params = load_inception(args.inception)
+    except (UserError, ValueError) as e:
+        report_user_error(str(e))
+        sys.exit(2)
+    metrics = evaluate_images(params, source, reference, batch_size=args.batch_size)
     if jax.process_index() == 0:
         print(json.dumps(metrics, indent=2))
         if args.out:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from xar_jax import fileio
+from xar_jax.errors import CorruptInputError, MissingInputError, describe
 
 ISC_SPLITS = 10
 ISC_SEED = 2020  # torch-fidelity's default rng_seed for the Inception Score permutation.
@@ -210,16 +211,22 @@ def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
     in ``arr_0``; those are not loaded).
     """
     path = os.fspath(path)
+    remedy = ("Reference statistics are ADM's VIRTUAL_imagenet256_labeled.npz or the output of "
+              "`python -m xar_jax.evaluation.reference_stats`.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Reference statistics file not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
-        missing = {"mu", "sigma"} - set(data.files)
-        if missing:
-            raise ValueError(
-                f"{path} has no {sorted(missing)} (it holds {sorted(data.files)}); reference "
-                "statistics need 'mu' and 'sigma' (create them with "
-                "`python -m xar_jax.evaluation.reference_stats`)."
-            )
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    _check_gaussian(mu, sigma, path)
+        raise MissingInputError(f"Reference statistics file not found: {path}. {remedy}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"mu", "sigma"} - set(data.files)
+            if missing:
+                raise CorruptInputError(
+                    f"{path} has no {sorted(missing)} (it holds {sorted(data.files)}); reference "
+                    f"statistics need 'mu' and 'sigma'. {remedy}"
+                )
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        _check_gaussian(mu, sigma, path)
+    except CorruptInputError:
+        raise
+    except Exception as e:  # zipfile, zlib and numpy errors of a truncated or bit-flipped file.
+        raise CorruptInputError(f"{path} is damaged ({describe(e, 120)}). {remedy}") from None
     return mu, sigma

@@ -270,6 +270,7 @@ def write_samples(
     process_index: int | None = None,
     process_count: int | None = None,
     barrier: Callable[[], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> str | None:
     """Generates class-balanced samples into ``out_dir/samples.npz``, resuming an interrupted run.
 
@@ -289,6 +290,8 @@ def write_samples(
       process_index, process_count: this process and the number of processes (default: JAX's).
       barrier: called once when this process's batches are done, to wait for the others before
         process 0 assembles (default: a JAX multihost barrier when process_count > 1).
+      stop: asked after every shard; True returns None at once, the finished shards kept for a
+        rerun (a stop signal: `xar_jax.stop_signal`).
 
     Returns:
       The path of the result (``out_dir/file_name``) on process 0, None on other processes.
@@ -332,6 +335,8 @@ def write_samples(
                 fileio.write_png(os.path.join(png_dir, f"{b * plan.batch_size + i:06d}.png"), image)
         # The shard is the batch's completion record: written last, atomically.
         fileio.write_npz(_shard_path(out_dir, b), images=images, labels=batch_labels[:keep])
+        if stop is not None and stop():
+            return None
 
     (barrier or (lambda: _default_barrier(process_count)))()
     if process_index != 0:
