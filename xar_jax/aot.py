@@ -3,6 +3,7 @@
   python -m xar_jax.aot --config=configs/xar_h.py --topology=v5p-128 [--num_slices=N]
       [--what=train|sample] [--per_chip_batch=N] [--find_max_batch] [--config.X=...]
       [--json=FILE|-] [--record=docs/tpu_aot.json]
+  python -m xar_jax.aot --plan --config=configs/xar_l.py --topology=v6e-8 [--json=FILE|-]
 
 Compiles exactly what the trainer runs (`xar_jax.train.jit_train_step`, its shardings and
 donation; the batch as the input pipeline shapes it) or, with ``--what=sample``, the sampler's
@@ -36,6 +37,10 @@ It reports per chip:
   estimate.
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
   all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
+
+``--plan`` searches the fastest settings that fit the slice while keeping the config's global
+batch (mesh split, gradient accumulation, remat, layer scan; `xar_jax.plan`), prints the override
+line for the trainer and writes the plan with ``--json``; compile reports are cached on disk.
 
 ``--find_max_batch`` doubles the per-chip batch from the compiled one while it fits (or halves it
 while it does not), then takes one bisection step between the last fit and the first failure;
@@ -78,6 +83,24 @@ flags.DEFINE_integer("per_chip_batch", None,
 flags.DEFINE_bool("find_max_batch", False, "Bisect for the largest per-chip batch that fits.")
 flags.DEFINE_bool("estimate", True, "Compile a second time for the scanned-layer cost estimate "
                   "(--noestimate: memory and collectives only, no speed estimate).")
+flags.DEFINE_bool("plan", False, "Search the fastest settings that fit (xar_jax/plan.py): mesh "
+                  "split, grad accumulation keeping the global batch, remat, layer scan.")
+flags.DEFINE_string("plan_depths", "auto", "--plan: 'K1,K2' compiles K1 and K2 blocks per stack "
+                    "and extrapolates to the real depth; 'full' compiles the real depth; 'auto': "
+                    "2,4 for models deeper than 4 blocks per stack, else full.")
+flags.DEFINE_list("plan_remat", [], "--plan: remat policies to try (default: the config's); "
+                  "e.g. none,dots_no_batch,full.")
+flags.DEFINE_enum("plan_scan", "config", ("config", "both"),
+                  "--plan: try the config's model.scan_layers only, or scanned and unrolled.")
+flags.DEFINE_list("plan_tensor", ["1"], "--plan: mesh.tensor sizes, tried in order; a later one "
+                  "only if nothing fits with the earlier ones (e.g. 1,2,4).")
+flags.DEFINE_integer("plan_budget", 40, "--plan: most compiles (cached ones are free).")
+flags.DEFINE_integer("plan_meshes", 2, "--plan: data x fsdp splits tried, most sharded first.")
+flags.DEFINE_bool("plan_verify", False, "--plan: compile the chosen plan once as planned (real "
+                  "depth and accumulation; memory only) and report its HBM next to the "
+                  "prediction.")
+flags.DEFINE_string("plan_cache", None, "--plan: directory of cached compile reports ('none': "
+                    "no cache); default $XDG_CACHE_HOME/xar_jax/aot or ~/.cache/xar_jax/aot.")
 flags.DEFINE_string("json", None, "Write the result as JSON to this file, or '-' for stdout.")
 flags.DEFINE_string("record", None, "Merge the result into this JSON list (docs/tpu_aot.json), "
                     "replacing a record of the same config, topology, slices, what and batch.")
@@ -426,6 +449,53 @@ def merge_record(path: str, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def run_plan(config, topo: tpu_topology.Topology, name: str) -> None:
+    """``--plan``: `xar_jax.plan.search` with this module's compiler; prints and writes it."""
+    from xar_jax import plan as plan_lib  # noqa: PLC0415
+
+    try:
+        if FLAGS.plan_depths == "auto":
+            deep = max(plan_lib.depths(config)) > 4
+            depth_points = (2, 4) if deep else None
+        elif FLAGS.plan_depths == "full":
+            depth_points = None
+        else:
+            k1, k2 = (int(k) for k in FLAGS.plan_depths.split(","))
+            if not 1 <= k1 < k2:
+                raise ValueError
+            depth_points = (k1, k2)
+    except ValueError:
+        sys.exit(f"error: --plan_depths={FLAGS.plan_depths!r}; allowed: auto, full or K1,K2 "
+                 "(1 <= K1 < K2).")
+    bad = [r for r in FLAGS.plan_remat if r not in plan_lib.REMAT_ORDER]
+    if bad:
+        sys.exit(f"error: --plan_remat={','.join(bad)}; allowed: "
+                 f"{', '.join(plan_lib.REMAT_ORDER)}.")
+    gb, chips = config.train.global_batch_size, topo.chips * config.mesh.num_slices
+    if gb % chips:
+        sys.exit(f"error: train.global_batch_size={gb} does not split over {chips} chips; "
+                 "a plan keeps the global batch.")
+    cache_dir = FLAGS.plan_cache or plan_lib.default_cache_dir()
+    cache = plan_lib.ReportCache(None if cache_dir == "none" else cache_dir,
+                                 f"jax {jax.__version__} libtpu {libtpu_version()}")
+    scans = None if FLAGS.plan_scan == "config" else (bool(config.model.scan_layers),
+                                                     not config.model.scan_layers)
+    result = plan_lib.search(
+        config, topo, compile_report=compile_report, cache=cache, config_name=name,
+        depth_points=depth_points, remats=tuple(FLAGS.plan_remat) or None, scans=scans,
+        max_meshes=FLAGS.plan_meshes, tensors=tuple(int(t) for t in FLAGS.plan_tensor),
+        budget=FLAGS.plan_budget, verify=FLAGS.plan_verify)
+    result.update(libtpu=libtpu_version(), jax=jax.__version__,
+                  date=datetime.date.today().isoformat())
+    print(plan_lib.format_plan(result), file=sys.stderr if FLAGS.json == "-" else sys.stdout)
+    text = json.dumps(result, indent=1)
+    if FLAGS.json == "-":
+        print(text)
+    elif FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            f.write(text + "\n")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -437,6 +507,8 @@ def main(argv):
     name = os.path.relpath(config_flags.get_config_filename(FLAGS["config"]))
     config = prepare_config(FLAGS.config, topo, num_slices=FLAGS.num_slices,
                             per_chip_batch=FLAGS.per_chip_batch, what=FLAGS.what)
+    if FLAGS.plan:
+        return run_plan(config, topo, name)
     record = compile_report(config, topo, what=FLAGS.what, estimate=FLAGS.estimate,
                             config_name=name)
     if FLAGS.find_max_batch:

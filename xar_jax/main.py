@@ -22,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from xar_jax import experiment, fileio, generate, score, train
+from xar_jax import plan as plan_lib
 from xar_jax.console import configure_logging, report_user_error
 from xar_jax.errors import UserError
 from xar_jax.experiment import MODES
@@ -228,6 +229,8 @@ def main(argv):
         sys.exit(2)
     if FLAGS.check_only:
         try:
+            if mode == "train":
+                config = plan_lib.config_with_plan(config, devices=None, argv=sys.argv)
             validate_config(config, num_devices=None, training=mode == "train")
         except UserError as e:
             report_user_error(str(e))
@@ -238,6 +241,8 @@ def main(argv):
     log.info("Compilation cache: %s", cache or "off")
     initialize_distributed(FLAGS.distributed)
     try:
+        if mode == "train":  # The plan's settings, before validation.
+            config = plan_lib.config_with_plan(config, devices=jax.devices(), argv=sys.argv)
         # Validates the config for this mode before any compilation or data loading.
         exp = experiment.build(config, mode)
         log.info("--mode=%s in %s with the config:\n%s", mode, workdir,

@@ -1,0 +1,78 @@
+"""Plans: `python -m xar_jax.aot --plan` finds settings that fit a slice; the trainer takes them.
+
+The planner compiles for an abstract TPU slice (libtpu, no TPU); the planned overrides then run
+one training step through `python -m xar_jax.main` on as many CPU devices as the slice has chips.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY_CONFIG, run_main
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None and not os.environ.get("CI"),
+    reason="libtpu is not installed here (pip install -e '.[tpu]'; .ci/run installs it)",
+)
+
+
+def _plan(cache, *args):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "xar_jax.aot", "--plan", f"--config={TINY_CONFIG}",
+         "--topology=v5litepod-4", "--plan_meshes=1", f"--plan_cache={cache}", "--json=-",
+         *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+    """The plan of configs/tiny.py (global batch 8) for a v5e-4, compiles cached in a temp dir."""
+    cache = tmp_path_factory.mktemp("plan_cache")
+    return _plan(cache), cache
+
+
+def test_plan_keeps_the_global_batch_with_bounded_compiles_and_a_cached_rerun(tiny_plan):
+    plan, cache = tiny_plan
+    assert plan["fits"] is True and plan["global_batch"] == 8 and plan["chips"] == 4
+    assert plan["grad_accum_steps"] * plan["microbatch_per_chip"] * plan["chips"] == 8
+    # One mesh x one remat policy: two microbatches (2 and 1 per chip) compiled, no more.
+    assert plan["search"]["compiles"] == 2, plan["search"]
+    assert plan["est_step_s"] > 0 and 0 < plan["est_mfu"] < 1
+    assert plan["hbm_per_chip_gib"]["total"] <= plan["hbm_capacity_gib"]
+    line = plan["override_line"]
+    assert line == " ".join(plan["overrides"]) and "--config.mesh.fsdp=4" in line
+    again = _plan(cache)
+    assert again["search"]["compiles"] == 0 and again["search"]["cache_hits"] == 2
+    assert again["override_line"] == line
+
+
+def test_trainer_runs_a_step_with_the_planned_line_and_refuses_mismatched_plans(
+    tiny_plan, tmp_path
+):
+    plan, _ = tiny_plan
+    done = run_main(tmp_path / "run", "--config.train.num_steps=1",
+                    "--config.log.sample_every_steps=0", *plan["overrides"], devices=4)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "1").exists()
+    # The plan file: checked against the config without devices (launch checks), refused on
+    # devices it was not made for, and refused for another global batch.
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    check = run_main(tmp_path / "c", f"--config.train.plan={path}", "--check_only")
+    assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr[-2000:]
+    for flags, words in (
+        ((), ("4 TPU v5e chips", "cpu")),
+        (("--config.train.global_batch_size=16",), ("global batch 8",)),
+        (("--config.train.plan=auto",), ("train.plan='auto'", "TPU")),
+    ):
+        proc = run_main(tmp_path / "r", f"--config.train.plan={path}", *flags, devices=4)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert all(w in proc.stderr for w in words), last
+    assert not (tmp_path / "r" / "checkpoints").exists()

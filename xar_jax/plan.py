@@ -1,0 +1,630 @@
+"""Training plans: the fastest settings that fit a TPU slice without changing the training.
+
+A plan fixes what a user may change without changing what is trained: the mesh split
+(``mesh.data`` x ``mesh.fsdp``, ``mesh.tensor``), the per-chip microbatch through
+``train.grad_accum_steps`` (the config's global batch is kept), the rematerialisation policy
+(``model.remat``) and scanned or unrolled layers (``model.scan_layers``). `search` compiles
+candidates with the AOT tool's `compile_report` (passed in: this module never imports the CLI,
+whose absl flags would clash with the trainer's):
+
+* **Two microbatches per candidate.** A candidate (mesh, remat policy, scan) is compiled as a
+  one-microbatch step at two microbatches per chip; per-chip memory and the estimate are taken
+  as linear in the microbatch between them, so every accumulation keeping the global batch is
+  predicted (`predict`) and the largest microbatch that fits is the candidate's. The fastest
+  candidate by the estimate wins. Compiles: two per candidate (four at reduced depth).
+* **Reduced depth.** With ``depth_points=(k1, k2)`` those compiles use k1 and k2 blocks per
+  stack at the model's width, a scanned model with all of them in one loop iteration (so the
+  cost analysis counts every block), and every per-chip number of the report (HBM parts, FLOPs,
+  bytes, collectives, the estimate's terms) is extrapolated linearly to the real depth, as the
+  layers' FLOPs already are: parameters, optimizer state, saved residuals and per-layer
+  collectives are per block.
+* **Cache.** Every report is kept on disk (`ReportCache`), keyed by the compiled config,
+  topology, jax, libtpu and the source of this package, so a rerun, the time-to-train table
+  and the trainer's ``train.plan=auto`` reuse the compiles.
+
+The plan (`plan_record`) carries every key, ``None`` where unknown, and the override line the
+trainer takes unchanged; `config_with_plan` applies a plan file (or ``auto``) in the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+from xar_jax.errors import UserError
+from xar_jax.model import PRESETS
+
+log = logging.getLogger("xar_jax.plan")
+
+# Weakest first: each saves fewer activations for the backward pass than the one before.
+REMAT_ORDER = ("none", "dots", "matmuls", "dots_no_batch", "full")
+# Report keys that are facts of the setup, not per-chip costs: never extrapolated in depth.
+_NOT_PER_BLOCK = {"chips", "hosts", "num_slices", "global_batch", "per_chip_batch",
+                  "grad_accum_steps", "hbm_capacity_gib", "peak_bf16_tflops", "hbm_gbps",
+                  "compile_s", "estimate_compile_s", "compiler_optimal_seconds", "mesh",
+                  "est_img_per_s_per_chip", "est_mfu", "model_flops_per_step", "date",
+                  "fits", "ici_gbps", "dcn_gbps", "peak", "unknown_trip_counts"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One candidate: the mesh inside a slice, the accumulation, remat policy and layer scan."""
+
+    data: int
+    fsdp: int
+    tensor: int
+    accum: int
+    remat: str
+    scan: bool
+
+    def overrides(self) -> list[str]:
+        return [f"--config.mesh.data={self.data}", f"--config.mesh.fsdp={self.fsdp}",
+                f"--config.mesh.tensor={self.tensor}",
+                f"--config.train.grad_accum_steps={self.accum}",
+                f"--config.model.remat={self.remat}",
+                f"--config.model.scan_layers={self.scan}"]
+
+    def apply(self, config):
+        """A copy of ``config`` with these settings."""
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (self.data, self.fsdp,
+                                                                      self.tensor)
+            config.train.grad_accum_steps = self.accum
+            config.model.remat = self.remat
+            config.model.scan_layers = self.scan
+        return config
+
+
+def depths(config) -> tuple[int, int]:
+    """(encoder, decoder) blocks of ``config.model``."""
+    m = config.model
+    if m.preset:
+        return PRESETS[m.preset].encoder_depth, PRESETS[m.preset].decoder_depth
+    return m.encoder_depth, m.decoder_depth
+
+
+def with_depth(config, k: int):
+    """``config`` with ``k`` blocks in each stack at the same width and heads (preset unpacked)."""
+    config = copy.deepcopy(config)
+    m = config.model
+    with config.unlocked():
+        if m.preset:
+            size = PRESETS[m.preset]
+            m.preset, m.width, m.num_heads = "", size.width, size.num_heads
+        m.encoder_depth = m.decoder_depth = k
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# The compile cache.
+def _source_digest() -> str:
+    """Hash of this package's Python source (a changed model or step invalidates the cache)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith(".py") and name != "plan.py":
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "xar_jax", "aot")
+
+
+class ReportCache:
+    """Compile reports on disk, one JSON file per (config, topology, what, estimate, versions)."""
+
+    def __init__(self, path: str | None, versions: str):
+        self.path = path
+        self.versions = versions + "/" + _source_digest()
+        self.hits = 0
+
+    def key(self, config, topology: str, what: str, estimate: bool) -> str:
+        text = json.dumps([config.to_json_best_effort(sort_keys=True), topology, what, estimate,
+                           self.versions])
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def get(self, key: str) -> dict | None:
+        if not self.path:
+            return None
+        file = os.path.join(self.path, key + ".json")
+        if not os.path.exists(file):
+            return None
+        with open(file) as f:
+            self.hits += 1
+            return json.load(f)
+
+    def put(self, key: str, record: dict) -> None:
+        if not self.path:
+            return
+        os.makedirs(self.path, exist_ok=True)
+        tmp = os.path.join(self.path, f".{key}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, os.path.join(self.path, key + ".json"))
+
+
+# ----------------------------------------------------------------------------------------------
+def extrapolate(r1: dict, r2: dict, n1: int, n2: int, n: int) -> dict:
+    """Per-chip numbers of ``r1`` (``n1`` blocks) and ``r2`` (``n2``) extrapolated to ``n``.
+
+    Every numeric leaf not in ``_NOT_PER_BLOCK`` is taken as linear in the block count; the
+    rest comes from ``r2``. Counts stay integers.
+    """
+    def go(a, b, name):
+        if isinstance(b, dict):
+            return {k: go(a.get(k) if isinstance(a, dict) else None, v, k) for k, v in b.items()}
+        if (name in _NOT_PER_BLOCK or isinstance(b, bool) or not isinstance(b, (int, float))
+                or not isinstance(a, (int, float)) or isinstance(a, bool)):
+            return b
+        value = a + (n - n1) * (b - a) / (n2 - n1)
+        return round(value) if isinstance(b, int) and isinstance(a, int) else value
+
+    return {k: go(r1.get(k), v, k) for k, v in r2.items()}
+
+
+class Evaluator:
+    """Compiles one-microbatch steps (cached) and predicts any microbatch at the real depth.
+
+    ``measure(s, micro, k)`` compiles the step of settings ``s`` without accumulation at
+    ``micro`` examples per chip and ``k`` blocks per stack (the real depth for ``k=None``). At a
+    reduced depth a scanned model keeps its layer loop with all ``k`` blocks in one iteration
+    (``scan_unroll=k``), so the compiler's cost analysis counts every block and one compile
+    gives both memory and the estimate. `predict` interpolates the per-chip numbers linearly in
+    the microbatch between two measured microbatches, after extrapolating each linearly in depth.
+    """
+
+    def __init__(self, config, topo, *, compile_report: Callable[..., dict], cache: ReportCache,
+                 depth_points: tuple[int, int] | None, config_name: str,
+                 budget: int | None = None):
+        self.config, self.topo = config, topo
+        self.compile_report, self.cache = compile_report, cache
+        self.depth_points, self.config_name = depth_points, config_name
+        self.budget = budget
+        self.compiles = 0
+        self.full_blocks = sum(depths(config))
+        self.chips = topo.chips * config.mesh.num_slices
+
+    def _report(self, config) -> dict:
+        """One cached compile report, with the estimate where it needs no second compile."""
+        m = config.model
+        estimate = not (m.scan_layers and sum(depths(config)) / 2 > m.scan_unroll)
+        key = self.cache.key(config, self.topo.name, "train", estimate)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        if self.budget is not None and self.compiles >= self.budget:
+            raise BudgetExhausted(self.compiles)
+        record = self.compile_report(config, self.topo, what="train", estimate=estimate,
+                                     config_name=self.config_name)
+        self.compiles += 1
+        self.cache.put(key, record)
+        return record
+
+    def measure(self, s: Settings, micro: int, k: int | None) -> dict:
+        config = dataclasses.replace(s, accum=1).apply(self.config)
+        with config.unlocked():
+            config.train.global_batch_size = micro * self.chips
+        if k is not None:
+            config = with_depth(config, k)
+            if config.model.scan_layers:
+                with config.unlocked():
+                    config.model.scan_unroll = k
+        return self._report(config)
+
+    def at_depth(self, s: Settings, micro: int) -> dict:
+        """The one-microbatch step at the real depth (extrapolated from two depths if asked)."""
+        if not self.depth_points:
+            return self.measure(s, micro, None)
+        k1, k2 = self.depth_points
+        r1 = self.measure(s, micro, k1)
+        if not r1["fits"]:
+            return dict(r1, basis=f"does not fit at {k1} blocks per stack")
+        r2 = self.measure(s, micro, k2)
+        if not r2["fits"]:
+            return dict(r2, basis=f"does not fit at {k2} blocks per stack")
+        out = extrapolate(r1, r2, 2 * k1, 2 * k2, self.full_blocks)
+        for key in ("model_flops_per_step",):
+            if r2.get(key):
+                out[key] = r2[key] * self.full_blocks / (2 * k2)
+        out["compile_s"] = round(r1["compile_s"] + r2["compile_s"], 1)
+        out["basis"] = (f"extrapolated linearly in depth from {k1} and {k2} blocks per stack "
+                        f"to {self.full_blocks} blocks")
+        return out
+
+
+def predict(lo: tuple[int, dict], hi: tuple[int, dict] | None, micro: int, accum: int,
+            chips: int) -> dict:
+    """The step of ``accum`` microbatches of ``micro`` per chip from measured microbatches.
+
+    Per-chip numbers are linear in the microbatch between (or beyond) the two measured points;
+    with accumulation the estimate's times are ``accum`` times one microbatch's (its gradient
+    reduction and optimizer update are counted each time: a slight overestimate) and memory
+    gains one float32 copy of the sharded parameters for the accumulated gradient (a quarter of
+    the argument bytes: parameters, EMA and two Adam moments).
+    """
+    m1, r1 = lo
+    if hi is None or hi[0] == m1:
+        r = dict(r1)
+    else:
+        r = extrapolate(r1, hi[1], m1, hi[0], micro)
+    hbm = dict(r.get("hbm_per_chip_gib") or {})
+    if accum > 1 and hbm:
+        extra = hbm.get("arguments", 0.0) / 4
+        hbm["accumulator"] = round(extra, 3)
+        hbm["total"] = round(hbm["total"] + extra, 3)
+    r["hbm_per_chip_gib"] = hbm
+    if hbm:
+        r["fits"] = hbm["total"] <= r["hbm_capacity_gib"]
+    r["per_chip_batch"], r["grad_accum_steps"] = micro * accum, accum
+    r["global_batch"] = micro * accum * chips
+    if r.get("model_flops_per_step"):  # Taken from the larger measured microbatch.
+        r["model_flops_per_step"] *= micro * accum / (hi[0] if hi else m1)
+    for k in list(r):
+        if k.startswith("est_") and k.endswith("_s") and isinstance(r[k], (int, float)):
+            r[k] = r[k] * accum
+    if r.get("est_step_s"):
+        r["est_img_per_s_per_chip"] = micro * accum / r["est_step_s"]
+        if r.get("model_flops_per_step"):
+            r["est_mfu"] = r["model_flops_per_step"] / (
+                chips * r["peak_bf16_tflops"] * 1e12 * r["est_step_s"])
+    return r
+
+
+class BudgetExhausted(Exception):
+    """The search reached its compile budget."""
+
+
+# ----------------------------------------------------------------------------------------------
+def mesh_options(slice_chips: int, tensor: int = 1) -> list[tuple[int, int]]:
+    """(data, fsdp) splits of a slice's chips, most sharded first (powers of two of fsdp)."""
+    chips = slice_chips // tensor
+    out, f = [], chips
+    while f >= 1:
+        if chips % f == 0:
+            out.append((chips // f, f))
+        f //= 2
+    return out
+
+
+def accum_options(global_batch: int, shards: int) -> list[int]:
+    """Accumulation steps keeping ``global_batch``, smallest first (largest microbatch first)."""
+    if global_batch % shards:
+        return []
+    per_shard = global_batch // shards
+    return [a for a in range(1, per_shard + 1) if per_shard % a == 0 and a & (a - 1) == 0]
+
+
+def measured_microbatches(per_chip: int, largest: int = 32) -> tuple[int, int]:
+    """The two microbatches compiled per candidate: up to ``largest`` and a quarter of it."""
+    m2 = min(per_chip, largest)
+    return max(1, m2 // 4), m2
+
+
+def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCache,
+           config_name: str = "", depth_points: tuple[int, int] | None = None,
+           remats: tuple[str, ...] | None = None, scans: tuple[bool, ...] | None = None,
+           max_meshes: int = 2, budget: int | None = 40, verify: bool = False,
+           tensors: tuple[int, ...] = (1,)) -> dict[str, Any]:
+    """The fastest fitting plan for ``config`` (already `aot.prepare_config`-ed) on ``topo``.
+
+    Each candidate (scan, remat, data x fsdp x tensor mesh) costs two compiles at the real depth,
+    or four at two reduced depths: one-microbatch steps at two microbatches. Every accumulation
+    that keeps the global batch is then predicted from them (`predict`); the fastest predicted
+    step that fits wins.
+
+    Args:
+      config: the training config; its global batch, model and data stay as they are.
+      topo: `tpu_topology.Topology`; ``config.mesh.num_slices`` copies of it.
+      compile_report: `xar_jax.aot.compile_report`.
+      cache: where compile reports are kept.
+      config_name: the config file's name, for the records.
+      depth_points: compile k1 and k2 blocks per stack and extrapolate (None: the real depth).
+      remats: policies to try (default: the config's).
+      scans: layer scan settings to try (default: the config's).
+      max_meshes: data x fsdp splits tried, from the most sharded.
+      budget: most compiles (cached reports are free); None: no limit.
+      verify: compile the winner once as planned (real depth, accumulation), memory only.
+      tensors: ``mesh.tensor`` sizes to try; a larger one only if nothing fits with the ones
+        before.
+
+    Returns:
+      The plan as a dict (`plan_record`).
+    """
+    ev = Evaluator(config, topo, compile_report=compile_report, cache=cache,
+                   depth_points=depth_points, config_name=config_name, budget=budget)
+    slices = config.mesh.num_slices
+    chips = ev.chips
+    gb = config.train.global_batch_size
+    per_chip = gb // chips
+    remats = (config.model.remat,) if remats is None else remats
+    scans = (bool(config.model.scan_layers),) if scans is None else scans
+    candidates: list[tuple[Settings, dict]] = []
+    measured: list[dict] = []
+    stopped = None
+    try:
+        for tensor in tensors:
+            for scan in scans:
+                for remat in remats:
+                    for data, fsdp in mesh_options(topo.chips, tensor)[:max_meshes]:
+                        accums = accum_options(gb, slices * data * fsdp)
+                        if not accums:
+                            continue
+                        base = Settings(data, fsdp, tensor, 1, remat, scan)
+                        points = []
+                        m1, m2 = measured_microbatches(per_chip)
+                        for m in sorted({m1, m2}, reverse=True):
+                            r = ev.at_depth(base, m)
+                            while not r["fits"] and m > 1:  # Halve until a microbatch fits.
+                                m //= 2
+                                r = ev.at_depth(base, m)
+                            measured.append(dict(dataclasses.asdict(base), micro=m,
+                                                 fits=r["fits"], hbm_total_gib=(
+                                                     r.get("hbm_per_chip_gib") or {}).get("total"),
+                                                 est_step_s=r.get("est_step_s")))
+                            if r["fits"] and all(m != p[0] for p in points):
+                                points.append((m, r))
+                            if not r["fits"]:
+                                break
+                        if not points:
+                            continue
+                        points.sort(key=lambda p: p[0])
+                        lo, hi = points[0], (points[-1] if len(points) > 1 else None)
+                        for accum in accums:
+                            micro = per_chip // accum
+                            r = predict(lo, hi, micro, accum, chips)
+                            if r["fits"]:
+                                candidates.append((dataclasses.replace(base, accum=accum), r))
+                                break  # The largest microbatch that fits is the fastest.
+            if candidates:
+                break
+    except BudgetExhausted as e:
+        stopped = f"stopped at the compile budget ({e.args[0]} compiles)"
+    timed = [c for c in candidates if c[1].get("est_step_s")]
+    winner = (min(timed, key=lambda c: c[1]["est_step_s"]) if timed
+              else candidates[0] if candidates else None)
+    verified = None
+    if winner and verify:
+        r = ev.compile_report(winner[0].apply(config), topo, what="train", estimate=False,
+                              config_name=config_name)
+        ev.compiles += 1
+        verified = {"fits": r["fits"],
+                    "hbm_total_gib": (r.get("hbm_per_chip_gib") or {}).get("total"),
+                    "predicted_total_gib": (winner[1].get("hbm_per_chip_gib") or {}).get(
+                        "total"), "compile_s": r["compile_s"]}
+    return plan_record(config, topo, config_name=config_name, winner=winner,
+                       candidates=candidates, measured=measured, compiles=ev.compiles,
+                       cache_hits=cache.hits, stopped=stopped, depth_points=depth_points,
+                       verified=verified)
+
+
+def cloud_name(generation: str, chips: int) -> str:
+    """The Cloud name of a slice of ``chips`` chips (v4 and v5p names count TensorCores)."""
+    return f"{generation}-{2 * chips if generation in ('v4', 'v5p') else chips}"
+
+
+def needs(topo, measured: list[dict]) -> str:
+    """What a plan that fits nowhere would need: about the chips that bring the smallest
+    per-chip need within HBM (sharded state and the microbatch shrink with the chips)."""
+    g = topo.generation
+    asked = [m["hbm_total_gib"] for m in measured if m.get("hbm_total_gib")]
+    if not asked:
+        return (f"nothing fits {g.hbm_gib:g} GiB per chip on {topo.chips} chips, not even a "
+                "microbatch of 1 per chip: try a slice with more chips")
+    need = min(asked)
+    factor = 2 ** math.ceil(math.log2(max(need / g.hbm_gib, 1.0001)))
+    chips = topo.chips * factor
+    return (f"nothing fits {g.hbm_gib:g} GiB per chip on {topo.chips} chips (the least needs "
+            f"{need:.1f} GiB): try {chips} chips ({cloud_name(g.name, chips)}) or more")
+
+
+def plan_record(config, topo, *, config_name, winner, candidates, measured, compiles,
+                cache_hits, stopped, depth_points, verified) -> dict[str, Any]:
+    """Every key of a plan; None where unknown."""
+    slices = config.mesh.num_slices
+    chips = topo.chips * slices
+    gb = config.train.global_batch_size
+    s, r = winner if winner else (None, {})
+    r = r or {}
+    out: dict[str, Any] = {
+        "config": config_name, "topology": topo.name, "topology_name": topo.topology_name,
+        "num_slices": slices, "chips": chips, "generation": topo.generation.name,
+        "global_batch": gb, "per_chip_batch": gb // chips if gb % chips == 0 else None,
+        "model": model_identity(config),
+        "fits": bool(s is not None and r.get("fits", True)),
+        "settings": dataclasses.asdict(s) if s else None,
+        "mesh": ({"dcn": slices, "data": s.data, "fsdp": s.fsdp, "tensor": s.tensor}
+                 if s else None),
+        "grad_accum_steps": s.accum if s else None,
+        "microbatch_per_chip": (gb // chips // s.accum) if s and gb % chips == 0 else None,
+        "remat": s.remat if s else None, "scan_layers": s.scan if s else None,
+        "overrides": s.overrides() if s else None,
+        "override_line": " ".join(s.overrides()) if s else None,
+        "hbm_per_chip_gib": r.get("hbm_per_chip_gib"), "hbm_capacity_gib":
+            topo.generation.hbm_gib,
+        "est_step_s": r.get("est_step_s"), "est_img_per_s_per_chip":
+            r.get("est_img_per_s_per_chip"), "est_mfu": r.get("est_mfu"),
+        "estimate": {k: v for k, v in r.items() if k.startswith("est_")} or None,
+        "estimate_basis": r.get("estimate_basis"), "depth_basis": r.get("basis"),
+        "collectives": r.get("collectives"),
+        "verified": verified,
+        "needs": None if s else needs(topo, measured),
+        "search": {
+            "compiles": compiles, "cache_hits": cache_hits, "stopped": stopped,
+            "depth_points": list(depth_points) if depth_points else None,
+            "measured": measured,
+            "candidates": [dict(dataclasses.asdict(c), est_step_s=e.get("est_step_s"),
+                                est_mfu=e.get("est_mfu"),
+                                hbm_total_gib=(e.get("hbm_per_chip_gib") or {}).get("total"))
+                           for c, e in candidates],
+        },
+    }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan in the trainer.
+def model_identity(config) -> dict[str, Any]:
+    """What a plan must agree on with the config it is applied to (the training, not how)."""
+    m = config.model
+    size = PRESETS[m.preset] if m.preset else None
+    return {
+        "preset": m.preset or None,
+        "width": size.width if size else m.width,
+        "depths": list(depths(config)),
+        "grid_size": config.latent.grid_size, "channels": config.latent.channels,
+        "global_batch": config.train.global_batch_size,
+    }
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    """A few lines for people: the settings, the estimate, the override line."""
+    if not p["overrides"]:
+        return f"plan for {p['config']} on {p['topology']}: none fits. {p['needs']}"
+    est = p.get("est_step_s")
+    lines = [
+        f"plan for {p['config']} on {p['topology']} ({p['chips']} chips), global batch "
+        f"{p['global_batch']}: mesh data {p['mesh']['data']} x fsdp {p['mesh']['fsdp']} x "
+        f"tensor {p['mesh']['tensor']}, {p['grad_accum_steps']} x {p['microbatch_per_chip']} "
+        f"per chip, remat {p['remat']}, scan_layers {p['scan_layers']}",
+        f"HBM per chip {(p['hbm_per_chip_gib'] or {}).get('total', 'n/a')} of "
+        f"{p['hbm_capacity_gib']:g} GiB; est. step "
+        + ("n/a" if est is None else f"{est:.4f} s, {p['est_img_per_s_per_chip']:.1f} img/s per "
+           f"chip, MFU {p['est_mfu']:.1%}" if p.get("est_mfu") else f"{est:.4f} s"),
+        f"search: {p['search']['compiles']} compiles, {p['search']['cache_hits']} cached"
+        + (f"; {p['search']['stopped']}" if p['search']['stopped'] else "")
+        + (f"; {p['depth_basis']}" if p.get("depth_basis") else ""),
+        "override line: " + p["override_line"],
+    ]
+    return "\n".join(lines)
+
+
+def generation_of(device_kind: str) -> str | None:
+    """The TPU generation of a jax ``device_kind`` ('TPU v5 lite' -> 'v5e'); None off TPU."""
+    kind = device_kind.lower().replace(" ", "")
+    for names, gen in ((("v5lite", "v5e"), "v5e"), (("v6lite", "v6e"), "v6e"),
+                       (("v5p", "tpuv5"), "v5p"), (("tpuv4",), "v4")):
+        if any(n in kind for n in names):
+            return gen
+    return None
+
+
+def check_plan(plan: dict[str, Any], config, *, devices: list | None) -> None:
+    """Raises UserError (one line) if ``plan`` was made for another model, global batch or
+    slice. ``devices``: this run's (None: only the config is checked, as ``--check_only`` does).
+    """
+    where = f"train.plan: the plan ({plan.get('config')} on {plan.get('topology')})"
+    if not plan.get("overrides"):
+        raise UserError(f"{where} has no settings that fit: {plan.get('needs')}")
+    mine = model_identity(config)
+    theirs = plan.get("model") or {}
+    for key in ("preset", "width", "depths", "grid_size", "channels"):
+        if theirs.get(key) != mine[key]:
+            raise UserError(f"{where} is for another model: {key} {theirs.get(key)} there, "
+                            f"{mine[key]} here.")
+    if plan.get("global_batch") != config.train.global_batch_size:
+        raise UserError(f"{where} is for global batch {plan.get('global_batch')}; "
+                        f"train.global_batch_size is {config.train.global_batch_size}.")
+    if plan.get("num_slices", 1) != config.mesh.num_slices:
+        raise UserError(f"{where} is for {plan.get('num_slices')} slice(s); mesh.num_slices is "
+                        f"{config.mesh.num_slices}.")
+    if devices is None:
+        return
+    kind = devices[0].device_kind
+    if generation_of(kind) != plan.get("generation") or len(devices) != plan.get("chips"):
+        raise UserError(f"{where} is for {plan.get('chips')} TPU {plan.get('generation')} chips; "
+                        f"this run has {len(devices)} {devices[0].platform} device(s) ({kind}).")
+
+
+def apply_overrides(config, overrides: list[str]):
+    """``config`` with ``--config.a.b=v`` overrides applied (a copy)."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for item in overrides:
+            field, value = item[len("--config."):].split("=", 1)
+            *parents, leaf = field.split(".")
+            node = config
+            for p in parents:
+                node = node[p]
+            old = node[leaf]
+            if isinstance(old, bool):
+                node[leaf] = value == "True"
+            else:
+                node[leaf] = type(old)(value)
+    return config
+
+
+def load_plan(path: str) -> dict[str, Any]:
+    """The plan file at ``path`` (local or gs://)."""
+    from xar_jax import fileio  # noqa: PLC0415
+
+    try:
+        return fileio.read_json(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"train.plan={path!r}: cannot read a plan file ({e}).") from None
+
+
+def search_in_subprocess(argv: list[str], generation: str, chips: int,
+                         num_slices: int) -> dict[str, Any]:
+    """``train.plan=auto``: the AOT planner (`python -m xar_jax.aot --plan`) for this slice, run
+    with the trainer's config file and overrides; compile reports cached as the CLI caches them.
+    """
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    args = [a for a in argv[1:] if a.startswith("--config") and
+            not a.startswith("--config.train.plan=")]
+    topology = cloud_name(generation, chips // num_slices)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "plan.json")
+        cmd = [sys.executable, "-m", "xar_jax.aot", "--plan", f"--topology={topology}",
+               f"--num_slices={num_slices}", *args, f"--json={out}"]
+        log.info("train.plan=auto: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, check=False)
+        if proc.returncode or not os.path.exists(out):
+            raise UserError(f"train.plan=auto: the planner failed (exit {proc.returncode}): "
+                            f"{' '.join(cmd)}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def config_with_plan(config, *, devices: list | None, argv: list[str]):
+    """``config`` with ``train.plan`` applied: a plan file's overrides, or (``auto``) those of a
+    search for these devices. Checked first (`check_plan`); ``devices=None`` (``--check_only``)
+    checks a plan file against the config only and leaves ``auto`` for the run.
+
+    Raises:
+      UserError: unreadable or mismatched plan file; ``auto`` off TPU.
+    """
+    value = config.train.plan
+    if not value:
+        return config
+    if value == "auto":
+        if devices is None:
+            return config
+        generation = generation_of(devices[0].device_kind)
+        if devices[0].platform != "tpu" or generation is None:
+            raise UserError(
+                f"train.plan='auto' searches on TPU devices; this run has {len(devices)} "
+                f"{devices[0].platform} device(s): make a plan with python -m xar_jax.aot --plan "
+                "--config=... --topology=... --json=plan.json and pass --config.train.plan="
+                "plan.json.")
+        plan = search_in_subprocess(argv, generation, len(devices), config.mesh.num_slices)
+    else:
+        plan = load_plan(value)
+    check_plan(plan, config, devices=devices)
+    log.info("train.plan: %s", plan["override_line"])
+    return apply_overrides(config, plan["overrides"])
