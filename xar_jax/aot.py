@@ -68,6 +68,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from xar_jax import experiment, generate, hlo_stats, sampling, tpu_topology, train
+from xar_jax import plan as plan_lib
 from xar_jax import sharding as sharding_lib
 from xar_jax.model import PRESETS, mlp_hidden_width
 
@@ -451,8 +452,6 @@ def merge_record(path: str, record: dict[str, Any]) -> None:
 
 def run_plan(config, topo: tpu_topology.Topology, name: str) -> None:
     """``--plan``: `xar_jax.plan.search` with this module's compiler; prints and writes it."""
-    from xar_jax import plan as plan_lib  # noqa: PLC0415
-
     try:
         if FLAGS.plan_depths == "auto":
             deep = max(plan_lib.depths(config)) > 4

@@ -35,9 +35,13 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from xar_jax import fileio
 from xar_jax.errors import UserError
 from xar_jax.model import PRESETS
 
@@ -568,8 +572,6 @@ def apply_overrides(config, overrides: list[str]):
 
 def load_plan(path: str) -> dict[str, Any]:
     """The plan file at ``path`` (local or gs://)."""
-    from xar_jax import fileio  # noqa: PLC0415
-
     try:
         return fileio.read_json(path)
     except (OSError, ValueError) as e:
@@ -581,10 +583,6 @@ def search_in_subprocess(argv: list[str], generation: str, chips: int,
     """``train.plan=auto``: the AOT planner (`python -m xar_jax.aot --plan`) for this slice, run
     with the trainer's config file and overrides; compile reports cached as the CLI caches them.
     """
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
     args = [a for a in argv[1:] if a.startswith("--config") and
             not a.startswith("--config.train.plan=")]
     topology = cloud_name(generation, chips // num_slices)
