@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(
 
 KEYS = {"config", "topology", "num_slices", "chips", "mesh", "global_batch", "per_chip_batch",
         "compile_s", "hbm_per_chip_gib", "hbm_capacity_gib", "fits", "est_step_s",
-        "est_img_per_s_per_chip", "est_mfu", "collectives"}
+        "est_img_per_s_per_chip", "est_mfu", "collectives", "est_compute_s", "est_memory_s",
+        "est_compute_memory_s", "est_collective_s", "est_ici_s", "est_dcn_s", "est_step_s_serial",
+        "est_overlap", "estimate_basis", "compiler_optimal_seconds"}
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
 
 
@@ -64,6 +66,13 @@ def test_tiny_train_step_compiles_for_v5p_8_with_fsdp_and_reports_memory_speed_c
     hbm = r["hbm_per_chip_gib"]
     assert 0 < hbm["total"] < 1 and hbm["total"] >= hbm["temporaries"]
     assert r["est_step_s"] > 0 and r["est_img_per_s_per_chip"] > 0 and 0 < r["est_mfu"] < 1
+    # The parts: collectives overlap compute and memory, the serial sum bounds the step.
+    assert r["est_collective_s"] > 0 and r["est_ici_s"] > 0 and r["est_dcn_s"] == 0
+    assert r["est_step_s"] == max(r["est_compute_memory_s"], r["est_collective_s"])
+    assert r["est_step_s_serial"] == r["est_compute_memory_s"] + r["est_collective_s"]
+    assert max(r["est_compute_s"], r["est_memory_s"]) <= r["est_compute_memory_s"]
+    # libtpu's optimal_seconds is a negative sentinel without a TPU: recorded raw, never used.
+    assert r["compiler_optimal_seconds"] is None and r["compiler_optimal_seconds_raw"] < 0
     # fsdp gathers the sharded params for the forward pass and reduces the gradients.
     c = r["collectives"]
     assert c["all-gather"]["count"] > 0 and c["all-gather"]["bytes"] > 0
@@ -97,28 +106,41 @@ def test_layer_copies_compiled_follows_jax_scan_lowering(depth, unroll):
     assert sines == hlo_stats.layer_copies_compiled(depth, unroll)
 
 
-def test_scanned_layer_cost_is_extrapolated_to_the_unrolled_cost(v5p_8_report):
-    """The cost analysis counts a scan body once; the extrapolation counts every layer."""
+def test_scanned_layers_cost_as_much_as_the_unrolled_model(v5p_8_report):
+    """The cost analysis counts a scan body once; the HLO walk counts every iteration."""
     scanned = v5p_8_report
     unrolled = _json(_aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS,
                           "--config.model.scan_layers=False"))
-    assert "scan extrapolated" in scanned["estimate_basis"], scanned["estimate_basis"]
-    assert "as compiled (no layer loop)" in unrolled["estimate_basis"]
-    truth = unrolled["flops_per_chip_as_compiled"]
-    assert unrolled["compiled_flops_per_chip"] == truth  # No loop: nothing to extrapolate.
+    assert "step_estimate" in scanned["estimate_basis"], scanned["estimate_basis"]
+    truth = unrolled["compiled_flops_per_chip"]
     # As compiled, 3 + 2 scanned layers look ~2.5x cheaper than they are.
-    assert scanned["flops_per_chip_as_compiled"] < 0.6 * truth
-    # Extrapolated: within 15% of the unrolled model's FLOPs (fusions differ).
-    assert abs(scanned["compiled_flops_per_chip"] / truth - 1) < 0.15, (scanned, unrolled)
+    assert scanned["flops_per_chip_as_compiled"] < 0.6 * unrolled["flops_per_chip_as_compiled"]
+    # Walked: the same matmuls, within 3% (fusions differ).
+    assert abs(scanned["compiled_flops_per_chip"] / truth - 1) < 0.03, (scanned, unrolled)
+    # HBM bytes: the scanned program also moves each loop's small stacked buffers into on-chip
+    # memory and back every iteration (XLA does so only for buffers that fit there), which
+    # the unrolled one does not: within 2.2x here, against 4-5x as the cost analysis charges
+    # the whole stacked buffers at every iteration.
+    ratio = scanned["compiled_bytes_per_chip"] / unrolled["compiled_bytes_per_chip"]
+    assert 0.9 < ratio < 2.2, ratio
 
 
-def test_two_v5p_8_slices_compile_with_the_batch_split_over_dcn():
-    proc = _aot("--topology=v5p-8", "--num_slices=2", "--json=-", "--noestimate", *FSDP)
+def test_two_v5p_8_slices_with_accumulation_compile_and_estimate_the_dcn_time(v5p_8_report):
+    proc = _aot("--topology=v5p-8", "--num_slices=2", "--json=-", *FSDP, *DEPTHS,
+                "--config.train.global_batch_size=16", "--config.train.grad_accum_steps=2")
     r = _json(proc)
     assert r["mesh"] == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
     assert (r["chips"], r["num_slices"], r["hosts"]) == (8, 2, 2)
-    assert r["fits"] is True and (r["global_batch"], r["per_chip_batch"]) == (8, 1)
+    assert r["fits"] is True and (r["global_batch"], r["per_chip_batch"]) == (16, 2)
     assert r["collectives"]["all-reduce"]["count"] > 0  # Gradients cross the slices.
+    # Two microbatches of 8 on 8 chips: the same matmul FLOPs per example as the one-slice
+    # step of 8 on 4 chips (the walk counts the accumulation loop; once would halve them).
+    assert r["grad_accum_steps"] == 2 and r["est_step_s"] > 0
+    per_example = r["compiled_flops_per_chip"] * r["chips"] / r["global_batch"]
+    one = v5p_8_report
+    reference = one["compiled_flops_per_chip"] * one["chips"] / one["global_batch"]
+    assert abs(per_example / reference - 1) < 0.05, (per_example, reference)
+    assert r["est_dcn_s"] > 0  # The gradient reduction crosses the data-centre network.
 
 
 def test_entry_traffic_reads_transposes_fills_allocations_and_batch_minor_arrays():

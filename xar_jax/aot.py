@@ -15,26 +15,23 @@ It reports per chip:
   state reused for the new state), code; total = arguments + outputs - aliased + temporaries +
   code, against the chip's capacity. A program that does not fit usually fails to compile
   ("out of memory"); it is reported with ``fits: false`` and the compiler's message.
-* Estimates (labelled so; a real TPU has the last word): the compiler's cost analysis gives
-  FLOPs and HBM bytes per chip; ``est_step_s`` is their roofline ``max(flops / peak bf16,
-  bytes / HBM bandwidth)``. libtpu 0.0.42's own ``optimal_seconds`` comes back negative for
-  compile-only devices (-3.0 for configs/tiny.py, -1.9 for xAR-B on v5p-8), so it is recorded
-  as ``compiler_optimal_seconds`` but not used. Collective time is not in the estimate (it
-  overlaps with compute when XLA schedules it well); the collectives are listed instead.
-  ``est_mfu`` = model FLOPs per step / (chips x peak x est_step_s), model FLOPs counted as
-  3 x the forward matmuls and attention (no rematerialisation, no optimizer). With
-  ``train.grad_accum_steps > 1`` the microbatch loop is another loop counted once: no estimate.
-* Scanned layers: the cost analysis counts a ``while`` body once, so a model with
-  ``scan_layers`` (the xAR configs) would look ~depth times cheaper. The estimate compiles the
-  step a second time with twice the layers per scan iteration and extrapolates linearly:
-  ``cost = c(u) + (depth - n(u)) (c(2u) - c(u)) / (n(2u) - n(u))`` (u = ``model.scan_unroll``;
-  n(v) = the blocks compiled at v per iteration, summed over the encoder and decoder scans:
-  `hlo_stats.layer_copies_compiled`, which counts the remainder jax unrolls when v does not
-  divide the depth); the report gives it as ``compiled_flops_per_chip`` (and the count with each
-  loop body once as ``flops_per_chip_as_compiled``). tests/test_aot.py checks it against the
-  unrolled model's cost. Sampling
-  loops over flow steps as well, so ``--what=sample`` gives memory and collectives but no speed
-  estimate.
+* Estimates (labelled so; a real TPU has the last word), by `xar_jax.step_estimate` from the
+  optimised HLO and the chip's figures (`xar_jax.tpu_topology`): per op ``max(matmul FLOPs /
+  peak bf16, HBM bytes / HBM bandwidth)`` summed over the step (``est_compute_memory_s``; its
+  two sums apart: ``est_compute_s``, ``est_memory_s``), collective time from bytes and replica
+  groups over ICI and DCN (``est_collective_s``), and ``est_step_s`` = the larger of the two
+  (collectives overlap compute; ``est_step_s_serial`` is their sum). Loops (the scan over
+  layers, gradient accumulation's microbatches, the sampler's flow steps and entities) count
+  their trip count times, so one compile gives the whole step. ``est_mfu`` = model FLOPs per
+  step / (chips x peak x est_step_s), model FLOPs counted as 3 x the forward matmuls and
+  attention (no rematerialisation, no optimizer). For ``--what=sample``, ``est_step_s`` is one
+  sampler call (the whole batch through every flow step and entity) and
+  ``est_img_per_s_per_chip`` its images per second per chip. The compiler's own cost analysis
+  counts a loop body once (``flops_per_chip_as_compiled``, ``bytes_per_chip_as_compiled``, kept
+  for reference); libtpu 0.0.42's ``optimal_seconds`` comes back negative for compile-only
+  devices, so ``compiler_optimal_seconds`` is null then (the raw value is
+  ``compiler_optimal_seconds_raw``). A program that does not fit still reports every key, null
+  where the compiler gave nothing (with ``hbm_temporaries_needed_gib`` where it says).
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
   all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
 
@@ -44,7 +41,7 @@ line for the trainer and writes the plan with ``--json``; compile reports are ca
 
 ``--find_max_batch`` doubles the per-chip batch from the compiled one while it fits (or halves it
 while it does not), then takes one bisection step between the last fit and the first failure;
-it reports the largest batch that fit (memory only: no estimate compiles).
+it reports the largest batch that fit (memory only).
 """
 
 from __future__ import annotations
@@ -67,7 +64,16 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from xar_jax import experiment, generate, hlo_stats, sampling, tpu_topology, train
+from xar_jax import (
+    experiment,
+    generate,
+    hlo_cost,
+    hlo_stats,
+    sampling,
+    step_estimate,
+    tpu_topology,
+    train,
+)
 from xar_jax import plan as plan_lib
 from xar_jax import sharding as sharding_lib
 from xar_jax.model import PRESETS, mlp_hidden_width
@@ -82,8 +88,8 @@ flags.DEFINE_integer("per_chip_batch", None,
                      "Examples per chip per step (sets train.global_batch_size = N x chips, or "
                      "sample.batch_size for --what=sample); default: the config's batch.")
 flags.DEFINE_bool("find_max_batch", False, "Bisect for the largest per-chip batch that fits.")
-flags.DEFINE_bool("estimate", True, "Compile a second time for the scanned-layer cost estimate "
-                  "(--noestimate: memory and collectives only, no speed estimate).")
+flags.DEFINE_bool("estimate", True, "Estimate the step time from the compiled HLO "
+                  "(--noestimate: memory and collectives only).")
 flags.DEFINE_bool("plan", False, "Search the fastest settings that fit (xar_jax/plan.py): mesh "
                   "split, grad accumulation keeping the global batch, remat, layer scan.")
 flags.DEFINE_string("plan_depths", "auto", "--plan: 'K1,K2' compiles K1 and K2 blocks per stack "
@@ -216,32 +222,6 @@ def cost(compiled) -> dict[str, float]:
             "optimal_seconds": float(ca.get("optimal_seconds", float("nan")))}
 
 
-def scan_corrected_cost(config, devices, c1: dict[str, float]) -> tuple[dict[str, float], str]:
-    """Per-chip cost of the step with every layer counted (see the module docstring)."""
-    m = config.model
-    depths = _depths(config)
-    u = m.scan_unroll
-    if not m.scan_layers or all(d <= u for d in depths):
-        return c1, "as compiled (no layer loop)"
-    doubled = copy.deepcopy(config)
-    with doubled.unlocked():
-        doubled.model.scan_unroll = 2 * u
-    c2 = cost(compile_train(doubled, devices)[0])
-    # c(v) = rest + copies(v) x per-block cost, copies summed over the encoder and decoder scans
-    # (their blocks cost the same): two compiles give the per-block cost, the depths the total.
-    copies_u = sum(hlo_stats.layer_copies_compiled(d, u) for d in depths)
-    copies_2u = sum(hlo_stats.layer_copies_compiled(d, 2 * u) for d in depths)
-    missing = sum(depths) - copies_u
-    out = {
-        k: c1[k] + missing * (c2[k] - c1[k]) / (copies_2u - copies_u) for k in ("flops", "bytes")
-    }
-    points = ", ".join(f"{k} c(u) {c1[k]:.4g} c(2u) {c2[k]:.4g}" for k in ("flops", "bytes"))
-    return out, (
-        f"scan extrapolated: c(u={u}) + {missing} uncompiled blocks x (c(2u) - c(u)) / "
-        f"{copies_2u - copies_u} blocks; {points}"
-    )
-
-
 def _depths(config) -> tuple[int, int]:
 
     m = config.model
@@ -300,6 +280,7 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
         "peak_bf16_tflops": gen.peak_bf16_tflops, "hbm_gbps": gen.hbm_gbps,
         "libtpu": libtpu_version(), "date": datetime.date.today().isoformat(),
     }
+    record.update(ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits)
     if what == "train":
         record["global_batch"] = config.train.global_batch_size
         record["grad_accum_steps"] = config.train.grad_accum_steps
@@ -307,6 +288,9 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     else:
         record["global_batch"] = config.sample.batch_size
         record["per_chip_batch"] = config.sample.batch_size // chips
+    # Every key is present whatever happens next; null where the compile does not tell.
+    record.update({k: None for k in REPORT_KEYS if k not in record})
+    record["mesh"] = _planned_mesh(config, chips, num_slices) if what == "train" else None
     start = time.perf_counter()
     try:
         compiled, mesh = (compile_train if what == "train" else compile_sample)(config, devices)
@@ -315,7 +299,8 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
         if not any(m in message for m in OOM_MARKERS):
             raise
         record.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
-                      error=" ".join(message.split())[:600])
+                      error=" ".join(message.split())[:600],
+                      estimate_basis="none: the program does not fit (the compiler refused it)")
         needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
         if needed:  # XLA's "G" is GiB.
             record["hbm_temporaries_needed_gib"] = float(needed.group(1))
@@ -325,38 +310,76 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     hbm = hbm_per_chip(compiled)
     record["hbm_per_chip_gib"] = hbm
     record["fits"] = hbm["total"] <= gen.hbm_gib
-    record["collectives"] = hlo_stats.collectives(compiled.as_text())
+    text = compiled.as_text()
+    record["collectives"] = hlo_stats.collectives(text)
     c1 = cost(compiled)
-    record["compiler_optimal_seconds"] = c1["optimal_seconds"]
-    # The cost analysis as compiled: a layer loop's body counted once (see the module docstring).
+    # libtpu's own estimate: a negative sentinel on compile-only devices (see the docstring).
+    record["compiler_optimal_seconds"] = (
+        c1["optimal_seconds"] if c1["optimal_seconds"] >= 0 else None)
+    record["compiler_optimal_seconds_raw"] = c1["optimal_seconds"]
+    # The cost analysis as compiled: every loop body counted once (see the module docstring).
     record["flops_per_chip_as_compiled"] = c1["flops"]
-    record.update(est_step_s=None, est_img_per_s_per_chip=None, est_mfu=None)
-    if what != "train":
-        record["estimate_basis"] = "none: the sampler's flow-step loops are counted once"
+    record["bytes_per_chip_as_compiled"] = c1["bytes"]
+    if not estimate:
+        record["estimate_basis"] = "none: --noestimate"
         return record
-    if config.train.grad_accum_steps > 1:
-        record["estimate_basis"] = "none: the gradient-accumulation loop is counted once"
-        return record
-    scanned = config.model.scan_layers and sum(_depths(config)) / 2 > config.model.scan_unroll
-    if scanned and not estimate:
-        record["estimate_basis"] = "none: --noestimate (scanned layers would be counted once)"
-        return record
-    t0 = time.perf_counter()
-    corrected, basis = scan_corrected_cost(config, devices, c1)
-    record["estimate_compile_s"] = round(time.perf_counter() - t0, 1)
-    compute_s = corrected["flops"] / (gen.peak_bf16_tflops * 1e12)
-    memory_s = corrected["bytes"] / (gen.hbm_gbps * 1e9)
-    step_s = max(compute_s, memory_s)
-    model_flops = model_flops_per_example(config) * config.train.global_batch_size
-    record.update(
-        compiled_flops_per_chip=corrected["flops"], compiled_bytes_per_chip=corrected["bytes"],
-        model_flops_per_step=model_flops, est_compute_s=compute_s, est_memory_s=memory_s,
-        est_step_s=step_s,
-        est_img_per_s_per_chip=config.train.global_batch_size / chips / step_s,
-        est_mfu=model_flops / (chips * gen.peak_bf16_tflops * 1e12 * step_s),
-        estimate_basis=f"roofline of the compiler's per-chip FLOPs and bytes; {basis}",
-    )
+    ops, notes = hlo_cost.module_ops(text, chips)
+    est = step_estimate.estimate(
+        ops, peak_tflops=gen.peak_bf16_tflops, hbm_gbps=gen.hbm_gbps,
+        chips_per_slice=topo.chips, ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits)
+    record.update(_estimate_keys(config, est, notes, what=what, chips=chips,
+                                 peak_tflops=gen.peak_bf16_tflops))
     return record
+
+
+ESTIMATE_KEYS = ("est_step_s", "est_step_s_serial", "est_compute_s", "est_memory_s",
+                 "est_compute_memory_s", "est_collective_s", "est_ici_s", "est_dcn_s",
+                 "est_overlap")
+REPORT_KEYS = (
+    "mesh", "compile_s", "fits", "error", "hbm_temporaries_needed_gib", "hbm_per_chip_gib",
+    "collectives", "compiler_optimal_seconds", "compiler_optimal_seconds_raw",
+    "flops_per_chip_as_compiled", "bytes_per_chip_as_compiled", "compiled_flops_per_chip",
+    "compiled_bytes_per_chip", "model_flops_per_step", *ESTIMATE_KEYS, "est_img_per_s_per_chip",
+    "est_mfu", "opaque_kernels", "estimate_basis",
+)
+
+
+def _planned_mesh(config, chips: int, num_slices: int) -> dict[str, int] | None:
+    """The mesh the trainer would build (known before compiling; None if the config's is bad)."""
+    try:
+        data, fsdp, tensor = sharding_lib.resolve_mesh_shape(
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor, chips // num_slices)
+    except ValueError:
+        return None
+    return {"dcn": num_slices, "data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def _estimate_keys(config, est: dict[str, Any], notes: dict[str, Any], *, what: str,
+                   chips: int, peak_tflops: float) -> dict[str, Any]:
+    """The report's estimate keys from a `step_estimate.estimate` of the compiled program."""
+    if what == "train":
+        examples = config.train.global_batch_size / chips
+        model_flops = model_flops_per_example(config) * config.train.global_batch_size
+    else:
+        examples = config.sample.batch_size / chips
+        model_flops = None
+    out = {k: est[k] for k in ESTIMATE_KEYS}
+    out.update(
+        compiled_flops_per_chip=est["flops"], compiled_bytes_per_chip=est["bytes"],
+        model_flops_per_step=model_flops,
+        est_img_per_s_per_chip=examples / est["est_step_s"] if est["est_step_s"] else None,
+        est_mfu=(model_flops / (chips * peak_tflops * 1e12 * est["est_step_s"])
+                 if model_flops and est["est_step_s"] else None),
+        opaque_kernels=notes["opaque_kernels"],
+        estimate_basis=(
+            "xar_jax.step_estimate on the optimised HLO: matmul FLOPs and HBM bytes per op "
+            "(loops counted their trip count times), collectives from bytes and replica groups "
+            "over ICI/DCN; " + est["est_overlap"]
+            + ("; unknown loop trip counts (counted once): " + ", ".join(
+                notes["unknown_trip_counts"]) if notes["unknown_trip_counts"] else "")
+        ),
+    )
+    return out
 
 
 def find_max_batch(config, topo, *, what: str, config_name: str,
@@ -413,7 +436,11 @@ def format_table(r: dict[str, Any]) -> str:
         ("compile", f"{r['compile_s']} s"),
         ("HBM per chip (GiB)", ", ".join(f"{k} {v}" for k, v in hbm.items()) or "n/a"),
         ("fits", f"{r['fits']} (capacity {r['hbm_capacity_gib']} GiB)"),
-        ("est. step (s)", num(r.get("est_step_s"), ".4f")),
+        ("est. step (s)", num(r.get("est_step_s"), ".4f")
+         + (f" = max(compute+memory per op {r['est_compute_memory_s']:.4f}, collectives "
+            f"{r['est_collective_s']:.4f}); compute {r['est_compute_s']:.4f}, memory "
+            f"{r['est_memory_s']:.4f}, serial {r['est_step_s_serial']:.4f}"
+            if r.get("est_step_s") is not None else "")),
         ("est. img/s/chip", num(r.get("est_img_per_s_per_chip"), ".1f")),
         ("est. MFU", num(r.get("est_mfu"), ".1%")
          + f" (peak bf16 {r['peak_bf16_tflops']} TFLOP/s per chip)"),

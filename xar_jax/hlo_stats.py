@@ -11,6 +11,11 @@ static bounds, which count from 0).
 
 Bytes are those of the collective's result on one chip (all-gather: the gathered array;
 reduce-scatter: the scattered shard; all-reduce: the reduced array), summed over executions.
+
+TPU's compiler writes a reduce-scatter as a fusion whose computation is named
+``all-reduce-scatter`` (an ``all-reduce`` of the whole array and a ``dynamic-slice`` of this
+chip's shard, run as one reduce-scatter): it is counted as a reduce-scatter with the fusion's
+result (the shard), and the all-reduce inside it is not counted.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import re
 from typing import Any
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# The computation name TPU's compiler gives a reduce-scatter it lowers as a fusion.
+REDUCE_SCATTER_FUSION = "all-reduce-scatter"
 
 _DTYPE_BYTES = {
     "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
@@ -86,12 +93,21 @@ def _parse(text: str) -> tuple[dict[str, _Computation], str, list[str]]:
             current.less_than = True
         rhs = line.split("=", 1)[1]
         op = _OP.search(rhs)
-        if op:
+        callees = _CALLEE.findall(line)
+        fused_rs = [c for c in callees if c.startswith(REDUCE_SCATTER_FUSION)]
+        if fused_rs:
+            # TPU's reduce-scatter: a fusion around an all-reduce and the dynamic-slice of this
+            # chip's shard, run as one reduce-scatter. Counted as that, its body not entered.
+            shape = rhs[: rhs.index(" fusion(")] if " fusion(" in rhs else rhs
+            counts = current.own.setdefault("reduce-scatter", [0, 0.0])
+            counts[0] += 1
+            counts[1] += _result_bytes(shape, False)
+            callees = [c for c in callees if c not in fused_rs]
+        elif op:
             shape = rhs[: op.start()]
             counts = current.own.setdefault(op.group(1), [0, 0.0])
             counts[0] += 1
             counts[1] += _result_bytes(shape, bool(op.group(2)))
-        callees = _CALLEE.findall(line)
         for group in _BRANCHES.findall(line):
             callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
         if not callees:
