@@ -92,9 +92,9 @@ flags.DEFINE_bool("estimate", True, "Estimate the step time from the compiled HL
                   "(--noestimate: memory and collectives only).")
 flags.DEFINE_bool("plan", False, "Search the fastest settings that fit (xar_jax/plan.py): mesh "
                   "split, grad accumulation keeping the global batch, remat, layer scan.")
-flags.DEFINE_string("plan_depths", "auto", "--plan: 'K1,K2' compiles K1 and K2 blocks per stack "
-                    "and extrapolates to the real depth; 'full' compiles the real depth; 'auto': "
-                    "2,4 for models deeper than 4 blocks per stack, else full.")
+flags.DEFINE_string("plan_depths", "auto", "--plan, unrolled candidates: 'K1,K2' compiles K1 and "
+                    "K2 blocks per stack and extrapolates to the real depth; 'full' compiles the "
+                    "real depth; 'auto': 2,4 above 4 blocks per stack. Scanned: always full.")
 flags.DEFINE_list("plan_remat", [], "--plan: remat policies to try (default: the config's); "
                   "e.g. none,dots_no_batch,full.")
 flags.DEFINE_enum("plan_scan", "config", ("config", "both"),
@@ -103,9 +103,9 @@ flags.DEFINE_list("plan_tensor", ["1"], "--plan: mesh.tensor sizes, tried in ord
                   "only if nothing fits with the earlier ones (e.g. 1,2,4).")
 flags.DEFINE_integer("plan_budget", 40, "--plan: most compiles (cached ones are free).")
 flags.DEFINE_integer("plan_meshes", 2, "--plan: data x fsdp splits tried, most sharded first.")
-flags.DEFINE_bool("plan_verify", False, "--plan: compile the chosen plan once as planned (real "
-                  "depth and accumulation; memory only) and report its HBM next to the "
-                  "prediction.")
+flags.DEFINE_bool("plan_verify", True, "--plan: compile the chosen plan as planned (real depth "
+                  "and accumulation; doubling the accumulation if it does not fit) and report "
+                  "the compiler's numbers (--noplan_verify: the prediction).")
 flags.DEFINE_string("plan_cache", None, "--plan: directory of cached compile reports ('none': "
                     "no cache); default $XDG_CACHE_HOME/xar_jax/aot or ~/.cache/xar_jax/aot.")
 flags.DEFINE_string("json", None, "Write the result as JSON to this file, or '-' for stdout.")

@@ -11,13 +11,14 @@ whose absl flags would clash with the trainer's):
   one-microbatch step at two microbatches per chip; per-chip memory and the estimate are taken
   as linear in the microbatch between them, so every accumulation keeping the global batch is
   predicted (`predict`) and the largest microbatch that fits is the candidate's. The fastest
-  candidate by the estimate wins. Compiles: two per candidate (four at reduced depth).
-* **Reduced depth.** With ``depth_points=(k1, k2)`` those compiles use k1 and k2 blocks per
-  stack at the model's width, a scanned model with all of them in one loop iteration (so the
-  cost analysis counts every block), and every per-chip number of the report (HBM parts, FLOPs,
-  bytes, collectives, the estimate's terms) is extrapolated linearly to the real depth, as the
-  layers' FLOPs already are: parameters, optimizer state, saved residuals and per-layer
-  collectives are per block.
+  candidate by the estimate wins and is compiled as planned (`verify_plan`): the plan's numbers
+  are the compiler's. Compiles: two per candidate, one or two for the winner.
+* **Reduced depth for unrolled layers.** A layer scan compiles in about the same time at any
+  depth; unrolled layers do not. With ``depth_points=(k1, k2)`` an unrolled candidate is
+  compiled with k1 and k2 blocks per stack at the model's width and every per-chip number of
+  the report (HBM parts, FLOPs, bytes, collectives, the estimate's terms) is extrapolated
+  linearly to the real depth, as the layers' FLOPs are: parameters, optimizer state, saved
+  residuals and per-layer collectives are per block.
 * **Cache.** Every report is kept on disk (`ReportCache`), keyed by the compiled config,
   topology, jax, libtpu and the source of this package, so a rerun, the time-to-train table
   and the trainer's ``train.plan=auto`` reuse the compiles.
@@ -54,7 +55,8 @@ _NOT_PER_BLOCK = {"chips", "hosts", "num_slices", "global_batch", "per_chip_batc
                   "grad_accum_steps", "hbm_capacity_gib", "peak_bf16_tflops", "hbm_gbps",
                   "compile_s", "estimate_compile_s", "compiler_optimal_seconds", "mesh",
                   "est_img_per_s_per_chip", "est_mfu", "model_flops_per_step", "date",
-                  "fits", "ici_gbps", "dcn_gbps", "peak", "unknown_trip_counts"}
+                  "fits", "ici_gbps", "dcn_gbits", "compiler_optimal_seconds_raw",
+                  "unknown_trip_counts"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,11 +185,10 @@ class Evaluator:
     """Compiles one-microbatch steps (cached) and predicts any microbatch at the real depth.
 
     ``measure(s, micro, k)`` compiles the step of settings ``s`` without accumulation at
-    ``micro`` examples per chip and ``k`` blocks per stack (the real depth for ``k=None``). At a
-    reduced depth a scanned model keeps its layer loop with all ``k`` blocks in one iteration
-    (``scan_unroll=k``), so the compiler's cost analysis counts every block and one compile
-    gives both memory and the estimate. `predict` interpolates the per-chip numbers linearly in
-    the microbatch between two measured microbatches, after extrapolating each linearly in depth.
+    ``micro`` examples per chip and ``k`` blocks per stack (the real depth for ``k=None``); one
+    compile gives memory and the estimate (`xar_jax.step_estimate` counts loops by their trip
+    counts). `predict` interpolates the per-chip numbers linearly in the microbatch between two
+    measured microbatches, after extrapolating each linearly in depth where asked.
     """
 
     def __init__(self, config, topo, *, compile_report: Callable[..., dict], cache: ReportCache,
@@ -201,17 +202,15 @@ class Evaluator:
         self.full_blocks = sum(depths(config))
         self.chips = topo.chips * config.mesh.num_slices
 
-    def _report(self, config) -> dict:
-        """One cached compile report, with the estimate where it needs no second compile."""
-        m = config.model
-        estimate = not (m.scan_layers and sum(depths(config)) / 2 > m.scan_unroll)
-        key = self.cache.key(config, self.topo.name, "train", estimate)
+    def report(self, config) -> dict:
+        """One cached compile report (memory and the estimate: one compile)."""
+        key = self.cache.key(config, self.topo.name, "train", True)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
         if self.budget is not None and self.compiles >= self.budget:
             raise BudgetExhausted(self.compiles)
-        record = self.compile_report(config, self.topo, what="train", estimate=estimate,
+        record = self.compile_report(config, self.topo, what="train", estimate=True,
                                      config_name=self.config_name)
         self.compiles += 1
         self.cache.put(key, record)
@@ -223,14 +222,12 @@ class Evaluator:
             config.train.global_batch_size = micro * self.chips
         if k is not None:
             config = with_depth(config, k)
-            if config.model.scan_layers:
-                with config.unlocked():
-                    config.model.scan_unroll = k
-        return self._report(config)
+        return self.report(config)
 
     def at_depth(self, s: Settings, micro: int) -> dict:
-        """The one-microbatch step at the real depth (extrapolated from two depths if asked)."""
-        if not self.depth_points:
+        """The one-microbatch step at the real depth, extrapolated from two depths for unrolled
+        layers where asked (a layer scan compiles in about the same time at any depth)."""
+        if not self.depth_points or s.scan:
             return self.measure(s, micro, None)
         k1, k2 = self.depth_points
         r1 = self.measure(s, micro, k1)
@@ -320,7 +317,7 @@ def measured_microbatches(per_chip: int, largest: int = 32) -> tuple[int, int]:
 def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCache,
            config_name: str = "", depth_points: tuple[int, int] | None = None,
            remats: tuple[str, ...] | None = None, scans: tuple[bool, ...] | None = None,
-           max_meshes: int = 2, budget: int | None = 40, verify: bool = False,
+           max_meshes: int = 2, budget: int | None = 40, verify: bool = True,
            tensors: tuple[int, ...] = (1,)) -> dict[str, Any]:
     """The fastest fitting plan for ``config`` (already `aot.prepare_config`-ed) on ``topo``.
 
@@ -340,7 +337,7 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
       scans: layer scan settings to try (default: the config's).
       max_meshes: data x fsdp splits tried, from the most sharded.
       budget: most compiles (cached reports are free); None: no limit.
-      verify: compile the winner once as planned (real depth, accumulation), memory only.
+      verify: compile the winner as planned (`verify_plan`); its report becomes the plan's.
       tensors: ``mesh.tensor`` sizes to try; a larger one only if nothing fits with the ones
         before.
 
@@ -396,22 +393,37 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
                 break
     except BudgetExhausted as e:
         stopped = f"stopped at the compile budget ({e.args[0]} compiles)"
-    timed = [c for c in candidates if c[1].get("est_step_s")]
-    winner = (min(timed, key=lambda c: c[1]["est_step_s"]) if timed
-              else candidates[0] if candidates else None)
-    verified = None
+    ranked = sorted(candidates, key=lambda c: c[1].get("est_step_s") or math.inf)
+    winner, verified = (ranked[0] if ranked else None), None
     if winner and verify:
-        r = ev.compile_report(winner[0].apply(config), topo, what="train", estimate=False,
-                              config_name=config_name)
-        ev.compiles += 1
-        verified = {"fits": r["fits"],
-                    "hbm_total_gib": (r.get("hbm_per_chip_gib") or {}).get("total"),
-                    "predicted_total_gib": (winner[1].get("hbm_per_chip_gib") or {}).get(
-                        "total"), "compile_s": r["compile_s"]}
+        try:
+            winner, verified = verify_plan(ev, winner, gb, slices)
+        except BudgetExhausted as e:
+            stopped = f"not verified: the compile budget ({e.args[0]} compiles) ran out"
     return plan_record(config, topo, config_name=config_name, winner=winner,
                        candidates=candidates, measured=measured, compiles=ev.compiles,
                        cache_hits=cache.hits, stopped=stopped, depth_points=depth_points,
                        verified=verified)
+
+
+def verify_plan(ev: Evaluator, winner: tuple[Settings, dict], gb: int,
+                slices: int) -> tuple[tuple[Settings, dict] | None, dict]:
+    """Compiles the chosen plan as planned (real depth, with its accumulation); where the
+    prediction was wrong and it does not fit, doubles the accumulation until it does. The
+    plan's numbers are then the compiler's."""
+    s, predicted = winner
+    accums = accum_options(gb, slices * s.data * s.fsdp)
+    tries = []
+    while True:
+        real = ev.report(s.apply(ev.config))
+        tries.append({"grad_accum_steps": s.accum, "fits": real["fits"],
+                      "hbm_total_gib": (real.get("hbm_per_chip_gib") or {}).get("total")})
+        if real["fits"] or s.accum == accums[-1]:
+            break
+        s = dataclasses.replace(s, accum=accums[accums.index(s.accum) + 1])
+    note = {"predicted_hbm_total_gib": (predicted.get("hbm_per_chip_gib") or {}).get("total"),
+            "predicted_est_step_s": predicted.get("est_step_s"), "compiled": tries}
+    return ((s, real) if real["fits"] else None), note
 
 
 def cloud_name(generation: str, chips: int) -> str:
