@@ -32,18 +32,19 @@ MODELS = {"b": "xAR-B", "l": "xAR-L", "h": "xAR-H"}
 SLICES = (("v5p-32", 1), ("v5p-128", 1), ("v5p-256", 1), ("v5p-512", 1), ("v5p-128", 2),
           ("v6e-16", 1), ("v6e-64", 1), ("v6e-256", 1), ("v5litepod-64", 1),
           ("v5litepod-256", 1))
-# The search per row: the config's remat and layer scan, the two most sharded meshes, depths
-# 2 and 4 extrapolated (four compiles per mesh). The planner's own defaults are the same.
-PLAN_FLAGS = ("--plan_meshes=2", "--plan_depths=2,4")
+# The search per row: the planner's defaults (the config's remat and layer scan, the two most
+# sharded meshes: two compiles each, and the winner compiled as planned).
+PLAN_FLAGS = ("--plan_meshes=2",)
 
 
 def row_key(model: str, topology: str, slices: int) -> str:
     return f"{model}/{topology}/{slices}"
 
 
-def plan_command(model: str, topology: str, slices: int) -> list[str]:
+def plan_command(model: str, topology: str, slices: int, cache: str | None) -> list[str]:
     return [sys.executable, "-m", "xar_jax.aot", "--plan", f"--config=configs/xar_{model}.py",
-            f"--topology={topology}", f"--num_slices={slices}", *PLAN_FLAGS, "--json=-"]
+            f"--topology={topology}", f"--num_slices={slices}", *PLAN_FLAGS, "--json=-",
+            *([f"--plan_cache={cache}"] if cache else [])]
 
 
 def sample_command(model: str, topology: str) -> list[str]:
@@ -66,7 +67,19 @@ def save(results: dict) -> None:
     os.replace(tmp, RESULTS)
 
 
-def run(models: list[str], slices: list[tuple[str, int]], sampler_topology: str | None) -> None:
+def add(paths: list[str]) -> None:
+    """Puts plan JSON files (``python -m xar_jax.aot --plan --json=FILE``) into the results."""
+    results = load()
+    for path in paths:
+        with open(path) as f:
+            p = json.load(f)
+        model = re.sub(r"^xar_", "", os.path.splitext(os.path.basename(p["config"]))[0])
+        results["plans"][row_key(model, p["topology"], p["num_slices"])] = p
+    save(results)
+
+
+def run(models: list[str], slices: list[tuple[str, int]], sampler_topology: str | None,
+        cache: str | None) -> None:
     """Plans every missing row (and samplers), saving after each so an interrupted run keeps
     what it made."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -76,7 +89,7 @@ def run(models: list[str], slices: list[tuple[str, int]], sampler_topology: str 
             key = row_key(model, topology, n)
             if key in results["plans"]:
                 continue
-            cmd = plan_command(model, topology, n)
+            cmd = plan_command(model, topology, n, cache)
             print("running:", " ".join(cmd[1:]), flush=True)
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             if proc.returncode:
@@ -113,7 +126,8 @@ def sampler_hours(record: dict | None) -> str:
         return "n/a"
     batches = -(-projections.FID_SAMPLES // record["global_batch"])
     hours = batches * record["est_step_s"] / 3600
-    return f"{hours:.2f} h on {record['topology']}"
+    return (f"{hours:.2f} h on {record['topology']} ({record['global_batch']} per batch; "
+            "the sampler only, VAE decoding not included)")
 
 
 def table(results: dict) -> str:
@@ -191,10 +205,14 @@ def main() -> None:
         t + (f"x{n}" if n > 1 else "") for t, n in SLICES), help="e.g. v5p-256,v5p-128x2")
     parser.add_argument("--sampler_topology", default="v5p-8",
                         help="slice the sampler is compiled for ('' to skip)")
+    parser.add_argument("--cache", help="the planner's --plan_cache (default: its own)")
+    parser.add_argument("--add", nargs="*", default=[], help="plan JSON files to take in")
     parser.add_argument("--update", help="replace the marked table in this markdown file")
     args = parser.parse_args()
+    add(args.add)
     if args.run:
-        run(args.models.split(","), _slices(args.slices), args.sampler_topology or None)
+        run(args.models.split(","), _slices(args.slices), args.sampler_topology or None,
+            args.cache)
     text = table(load())
     if args.update:
         update(args.update, text)
