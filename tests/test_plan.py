@@ -98,3 +98,22 @@ def test_a_plan_for_another_batch_or_model_and_auto_off_tpu_are_refused(tiny_pla
         config.train.plan = "auto"
     with pytest.raises(UserError, match="train.plan='auto' searches on TPU devices"):
         plan_lib.config_with_plan(config, devices=jax.devices(), argv=[])
+
+
+def test_prediction_is_linear_in_the_microbatch_and_charges_the_accumulator():
+    from xar_jax import plan as plan_lib
+
+    def report(micro, total, step):
+        return {"chips": 4, "peak_bf16_tflops": 100.0, "hbm_capacity_gib": 16.0, "fits": True,
+                "global_batch": 4 * micro, "per_chip_batch": micro,
+                "model_flops_per_step": 1e12 * micro, "est_step_s": step,
+                "hbm_per_chip_gib": {"arguments": 4.0, "temporaries": total - 4.0,
+                                     "total": total}}
+
+    lo, hi = (8, report(8, 6.0, 0.010)), (32, report(32, 12.0, 0.034))
+    r = plan_lib.predict(lo, hi, 16, 4, 4)  # 4 microbatches of 16 per chip.
+    assert r["hbm_per_chip_gib"]["total"] == pytest.approx(8.0 + 1.0)  # + 1/4 of arguments
+    assert r["est_step_s"] == pytest.approx(4 * 0.018)
+    assert (r["global_batch"], r["per_chip_batch"], r["grad_accum_steps"]) == (256, 64, 4)
+    assert r["est_mfu"] == pytest.approx(64e12 / (4 * 100e12 * 4 * 0.018))
+    assert plan_lib.predict(lo, hi, 64, 1, 4)["fits"] is False  # 20 GiB of 16

@@ -217,9 +217,10 @@ class Evaluator:
         return record
 
     def measure(self, s: Settings, micro: int, k: int | None) -> dict:
+        """The step of ``s`` without accumulation, ``micro`` examples per batch shard."""
         config = dataclasses.replace(s, accum=1).apply(self.config)
-        with config.unlocked():
-            config.train.global_batch_size = micro * self.chips
+        with config.unlocked():  # The batch is split over dcn x data x fsdp.
+            config.train.global_batch_size = micro * self.chips // s.tensor
         if k is not None:
             config = with_depth(config, k)
         return self.report(config)
@@ -247,8 +248,9 @@ class Evaluator:
 
 
 def predict(lo: tuple[int, dict], hi: tuple[int, dict] | None, micro: int, accum: int,
-            chips: int) -> dict:
-    """The step of ``accum`` microbatches of ``micro`` per chip from measured microbatches.
+            shards: int) -> dict:
+    """The step of ``accum`` microbatches of ``micro`` per batch shard (per chip unless
+    ``mesh.tensor`` > 1; ``shards`` = dcn x data x fsdp) from measured microbatches.
 
     Per-chip numbers are linear in the microbatch between (or beyond) the two measured points;
     with accumulation the estimate's times are ``accum`` times one microbatch's (its gradient
@@ -269,18 +271,19 @@ def predict(lo: tuple[int, dict], hi: tuple[int, dict] | None, micro: int, accum
     r["hbm_per_chip_gib"] = hbm
     if hbm:
         r["fits"] = hbm["total"] <= r["hbm_capacity_gib"]
-    r["per_chip_batch"], r["grad_accum_steps"] = micro * accum, accum
-    r["global_batch"] = micro * accum * chips
+    r["grad_accum_steps"] = accum
+    r["global_batch"] = micro * accum * shards
+    r["per_chip_batch"] = r["global_batch"] // r["chips"]
     if r.get("model_flops_per_step"):  # Taken from the larger measured microbatch.
         r["model_flops_per_step"] *= micro * accum / (hi[0] if hi else m1)
     for k in list(r):
         if k.startswith("est_") and k.endswith("_s") and isinstance(r[k], (int, float)):
             r[k] = r[k] * accum
     if r.get("est_step_s"):
-        r["est_img_per_s_per_chip"] = micro * accum / r["est_step_s"]
+        r["est_img_per_s_per_chip"] = r["global_batch"] / r["chips"] / r["est_step_s"]
         if r.get("model_flops_per_step"):
             r["est_mfu"] = r["model_flops_per_step"] / (
-                chips * r["peak_bf16_tflops"] * 1e12 * r["est_step_s"])
+                r["chips"] * r["peak_bf16_tflops"] * 1e12 * r["est_step_s"])
     return r
 
 
@@ -347,9 +350,7 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
     ev = Evaluator(config, topo, compile_report=compile_report, cache=cache,
                    depth_points=depth_points, config_name=config_name, budget=budget)
     slices = config.mesh.num_slices
-    chips = ev.chips
     gb = config.train.global_batch_size
-    per_chip = gb // chips
     remats = (config.model.remat,) if remats is None else remats
     scans = (bool(config.model.scan_layers),) if scans is None else scans
     candidates: list[tuple[Settings, dict]] = []
@@ -365,7 +366,8 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
                             continue
                         base = Settings(data, fsdp, tensor, 1, remat, scan)
                         points = []
-                        m1, m2 = measured_microbatches(per_chip)
+                        per_shard = gb // (slices * data * fsdp)
+                        m1, m2 = measured_microbatches(per_shard)
                         for m in sorted({m1, m2}, reverse=True):
                             r = ev.at_depth(base, m)
                             while not r["fits"] and m > 1:  # Halve until a microbatch fits.
@@ -384,8 +386,7 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
                         points.sort(key=lambda p: p[0])
                         lo, hi = points[0], (points[-1] if len(points) > 1 else None)
                         for accum in accums:
-                            micro = per_chip // accum
-                            r = predict(lo, hi, micro, accum, chips)
+                            r = predict(lo, hi, per_shard // accum, accum, slices * data * fsdp)
                             if r["fits"]:
                                 candidates.append((dataclasses.replace(base, accum=accum), r))
                                 break  # The largest microbatch that fits is the fastest.
