@@ -69,6 +69,8 @@ def save(results: dict) -> None:
 
 def add(paths: list[str]) -> None:
     """Puts plan JSON files (``python -m xar_jax.aot --plan --json=FILE``) into the results."""
+    if not paths:
+        return
     results = load()
     for path in paths:
         with open(path) as f:
