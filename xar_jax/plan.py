@@ -520,9 +520,14 @@ def format_plan(p: dict[str, Any]) -> str:
         f"{p['hbm_capacity_gib']:g} GiB; est. step "
         + ("n/a" if est is None else f"{est:.4f} s, {p['est_img_per_s_per_chip']:.1f} img/s per "
            f"chip, MFU {p['est_mfu']:.1%}" if p.get("est_mfu") else f"{est:.4f} s"),
+        "est. parts (s): " + ", ".join(
+            f"{k[4:-2]} {v:.4f}" for k, v in (p.get("estimate") or {}).items()
+            if k.endswith("_s") and k != "est_step_s" and isinstance(v, (int, float))),
         f"search: {p['search']['compiles']} compiles, {p['search']['cache_hits']} cached"
         + (f"; {p['search']['stopped']}" if p['search']['stopped'] else "")
-        + (f"; {p['depth_basis']}" if p.get("depth_basis") else ""),
+        + (f"; {p['depth_basis']}" if p.get("depth_basis") else "")
+        + ("; compiled as planned (predicted HBM "
+           f"{p['verified']['predicted_hbm_total_gib']} GiB)" if p.get("verified") else ""),
         "override line: " + p["override_line"],
     ]
     return "\n".join(lines)
