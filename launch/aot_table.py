@@ -45,7 +45,10 @@ def _hbm(r: dict) -> str:
 def _step(r: dict) -> str:
     if r.get("est_step_s") is None:
         return "n/a"
-    return f"{r['est_step_s']:.3f} ({r['est_compute_s']:.3f} / {r['est_memory_s']:.3f})"
+    if r.get("est_collective_s") is None:  # A record of the earlier whole-step roofline.
+        return f"{r['est_step_s']:.3f} ({r['est_compute_s']:.3f} / {r['est_memory_s']:.3f})"
+    return (f"{r['est_step_s']:.3f} (compute+memory {r['est_compute_memory_s']:.3f} / "
+            f"collectives {r['est_collective_s']:.3f})")
 
 
 def _num(value, fmt: str) -> str:
@@ -56,7 +59,7 @@ def table(records: list[dict]) -> str:
     """Markdown rows, one per record (sorted by model, chip generation, chips, slices, batch)."""
     header = (
         "| model | slice | chips | mesh (dcn, data, fsdp, tensor) | batch / chip | "
-        "HBM / chip GiB (of) | fits | compile s | est. step s (compute / memory) | "
+        "HBM / chip GiB (of) | fits | compile s | est. step s (parts) | "
         "est. img/s / chip | est. MFU | "
         "all-gather n / MiB | reduce-scatter n / MiB | all-reduce n / MiB | max batch / chip |"
     )

@@ -323,7 +323,7 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     if not estimate:
         record["estimate_basis"] = "none: --noestimate"
         return record
-    ops, notes = hlo_cost.module_ops(text, chips)
+    ops, notes = hlo_cost.module_ops(text, chips, num_slices if what == "train" else 1)
     est = step_estimate.estimate(
         ops, peak_tflops=gen.peak_bf16_tflops, hbm_gbps=gen.hbm_gbps,
         chips_per_slice=topo.chips, ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits)

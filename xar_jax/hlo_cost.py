@@ -53,6 +53,7 @@ _FREE = {
 _SLICERS = {"dynamic-slice", "slice", "gather"}
 _FLASH = re.compile(r'op_name="[^"]*flash_attention\w*_(fwd|dkdv|dq)/pallas_call')
 _FLASH_UNITS = {"fwd": 4.0, "dkdv": 8.0, "dq": 6.0}
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul", "__cublasLt$matmul")
 
 
@@ -437,11 +438,18 @@ class Op:
     collective: str = ""  # One of COLLECTIVES, or "".
     result_bytes: float = 0.0  # A collective's result on one chip (hlo_stats' convention).
     group: tuple[int, ...] = ()  # A collective's first replica group (device ids).
+    slices: int = 0  # > 1: a collective between slices (multi-slice "megascale" transfer).
 
 
-def module_ops(hlo_text: str, num_devices: int = 1) -> tuple[list[Op], dict[str, Any]]:
+def module_ops(hlo_text: str, num_devices: int = 1,
+               num_slices: int = 1) -> tuple[list[Op], dict[str, Any]]:
     """Every op outside fusion bodies with its FLOPs (its fusion body's included), HBM bytes and
-    executions per module execution; plus ``{'opaque_kernels', 'unknown_trip_counts'}``."""
+    executions per module execution; plus ``{'opaque_kernels', 'unknown_trip_counts'}``.
+
+    A program for several slices is compiled per slice (its replica groups stay inside one);
+    what crosses slices is a ``send`` to the multi-slice runtime marked with the collective it
+    implements (``_xla_megascale_transfer_type``): counted as that collective over
+    ``num_slices`` members, of the bytes sent."""
     m = _Module(hlo_text)
     counts, fusion_bodies = m.counts()
     body_flops: dict[str, float] = {}
@@ -464,6 +472,13 @@ def module_ops(hlo_text: str, num_devices: int = 1) -> tuple[list[Op], dict[str,
         for i in m.comps[name].instrs:
             if m.is_opaque_kernel(i):
                 opaque += int(times)
+            megascale = _MEGASCALE.search(i.attrs) if i.op == "send" else None
+            if megascale:
+                kind = megascale.group(1).lower().replace("_", "-")
+                sent = float(sum(b for _, b, _ in arrays(m.shape(i, i.operands[0]))))
+                if kind in COLLECTIVES:
+                    ops.append(Op(i.op, 0.0, sent, times, kind, sent, (), num_slices))
+                continue
             flops = m.flops(i)
             callee = _attr(i.attrs, "calls") or ""
             if callee.startswith(REDUCE_SCATTER_FUSION) and callee in m.comps:

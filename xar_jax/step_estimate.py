@@ -50,15 +50,7 @@ def collective_seconds(
     slices = len({d // max(chips_per_slice, 1) for d in group})
 
     def ring(members: int, b: float) -> float:
-        if members <= 1:
-            return 0.0
-        return {
-            "all-gather": b * (members - 1) / members,
-            "reduce-scatter": b * (members - 1),
-            "all-reduce": 2 * b * (members - 1) / members,
-            "all-to-all": b * (members - 1) / members,
-            "collective-permute": b,
-        }[kind]
+        return ring_bytes(kind, members, b)
 
     if kind == "collective-permute":
         crosses = slices > 1
@@ -76,6 +68,19 @@ def collective_seconds(
     return ici, dcn
 
 
+def ring_bytes(kind: str, members: int, b: float) -> float:
+    """Bytes one chip sends in a ring ``kind`` over ``members`` chips, ``b`` its result bytes."""
+    if members <= 1:
+        return 0.0
+    return {
+        "all-gather": b * (members - 1) / members,
+        "reduce-scatter": b * (members - 1),
+        "all-reduce": 2 * b * (members - 1) / members,
+        "all-to-all": b * (members - 1) / members,
+        "collective-permute": b,
+    }[kind]
+
+
 def b_over(nbytes: float, gbits: float) -> float:
     return nbytes / (gbits / 8 * 1e9)
 
@@ -90,9 +95,12 @@ def estimate(
     for o in ops:
         if o.collective:
             hbm += o.bytes * o.times
-            i, d = collective_seconds(o.collective, o.result_bytes, o.group,
-                                      chips_per_slice=chips_per_slice, ici_gbps=ici_gbps,
-                                      dcn_gbits=dcn_gbits)
+            if o.slices > 1:  # Between slices: a ring over the slices on the DCN.
+                i, d = 0.0, b_over(ring_bytes(o.collective, o.slices, o.result_bytes), dcn_gbits)
+            else:
+                i, d = collective_seconds(o.collective, o.result_bytes, o.group,
+                                          chips_per_slice=chips_per_slice, ici_gbps=ici_gbps,
+                                          dcn_gbits=dcn_gbits)
             ici += i * o.times
             dcn += d * o.times
             continue
