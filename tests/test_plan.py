@@ -79,25 +79,25 @@ def test_trainer_runs_a_step_with_the_planned_line_and_refuses_mismatched_plans(
 def test_a_plan_for_another_batch_or_model_and_auto_off_tpu_are_refused(tiny_plan):
     import jax
 
-    from xar_jax import plan as plan_lib
+    from xar_jax import plan_file
     from xar_jax.errors import UserError
     from xar_jax.train_config import load_config_file
 
     plan, _ = tiny_plan
     config = load_config_file(TINY_CONFIG)
-    plan_lib.check_plan(plan, config, devices=None)  # Made for this config.
+    plan_file.check_plan(plan, config, devices=None)  # Made for this config.
     with config.unlocked():
         config.train.global_batch_size = 16
     with pytest.raises(UserError, match="global batch 8"):
-        plan_lib.check_plan(plan, config, devices=None)
+        plan_file.check_plan(plan, config, devices=None)
     with config.unlocked():
         config.train.global_batch_size, config.model.width = 8, 64
     with pytest.raises(UserError, match="another model: width 32 there, 64 here"):
-        plan_lib.check_plan(plan, config, devices=None)
+        plan_file.check_plan(plan, config, devices=None)
     with config.unlocked():
         config.train.plan = "auto"
     with pytest.raises(UserError, match="train.plan='auto' searches on TPU devices"):
-        plan_lib.config_with_plan(config, devices=jax.devices(), argv=[])
+        plan_file.config_with_plan(config, devices=jax.devices(), argv=[])
 
 
 def test_prediction_is_linear_in_the_microbatch_and_charges_the_accumulator():

@@ -21,8 +21,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from xar_jax import experiment, fileio, generate, score, train
-from xar_jax import plan as plan_lib
+from xar_jax import experiment, fileio, generate, plan_file, score, train
 from xar_jax.console import configure_logging, report_user_error
 from xar_jax.errors import UserError
 from xar_jax.experiment import MODES
@@ -230,7 +229,7 @@ def main(argv):
     if FLAGS.check_only:
         try:
             if mode == "train":
-                config = plan_lib.config_with_plan(config, devices=None, argv=sys.argv)
+                config = plan_file.config_with_plan(config, devices=None, argv=sys.argv)
             validate_config(config, num_devices=None, training=mode == "train")
         except UserError as e:
             report_user_error(str(e))
@@ -242,7 +241,7 @@ def main(argv):
     initialize_distributed(FLAGS.distributed)
     try:
         if mode == "train":  # The plan's settings, before validation.
-            config = plan_lib.config_with_plan(config, devices=jax.devices(), argv=sys.argv)
+            config = plan_file.config_with_plan(config, devices=jax.devices(), argv=sys.argv)
         # Validates the config for this mode before any compilation or data loading.
         exp = experiment.build(config, mode)
         log.info("--mode=%s in %s with the config:\n%s", mode, workdir,
