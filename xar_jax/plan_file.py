@@ -24,6 +24,9 @@ from xar_jax.errors import UserError
 from xar_jax.plan import cloud_name, model_identity
 
 log = logging.getLogger("xar_jax.plan_file")
+# What a plan may set: how the step runs, never what is trained.
+PLAN_FIELDS = ("mesh.data", "mesh.fsdp", "mesh.tensor", "train.grad_accum_steps", "model.remat",
+               "model.scan_layers", "model.scan_unroll")
 
 
 def generation_of(device_kind: str) -> str | None:
@@ -55,6 +58,10 @@ def check_plan(plan: dict[str, Any], config, *, devices: list | None) -> None:
     if plan.get("num_slices", 1) != config.mesh.num_slices:
         raise UserError(f"{where} is for {plan.get('num_slices')} slice(s); mesh.num_slices is "
                         f"{config.mesh.num_slices}.")
+    for item in plan["overrides"]:
+        field = item.removeprefix("--config.").split("=", 1)[0]
+        if field not in PLAN_FIELDS:
+            raise UserError(f"{where} sets {field}; a plan may set only {', '.join(PLAN_FIELDS)}.")
     if devices is None:
         return
     kind = devices[0].device_kind
