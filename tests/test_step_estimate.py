@@ -178,3 +178,52 @@ def test_tpu_fused_reduce_scatter_counts_as_a_reduce_scatter_of_the_shard():
                                                      chips_per_slice=4, ici_gbps=2.0,
                                                      dcn_gbits=1.0)
     assert ici == pytest.approx(3 * shard / 1e9) and all_reduce == pytest.approx(2 * ici)
+
+
+def test_a_collective_permute_uses_one_link():
+    # v5p: 1,200 GB/s both ways over 6 ports, so 100 GB/s one way per link.
+    ici, dcn = step_estimate.collective_seconds(
+        "collective-permute", 1e9, [0, 1], chips_per_slice=4, ici_gbps=1200, dcn_gbits=50,
+        ici_links=6)
+    assert ici == pytest.approx(1e9 / 100e9) and dcn == 0
+
+
+def test_batched_matmul_written_as_a_dilated_convolution_counts_its_products_once():
+    # TPU's form of softmax(..) @ V for 8 examples x 12 heads: the batch and heads are spatial
+    # dimensions of a convolution, dilated so that one kernel position meets each output.
+    text = """HloModule m
+
+ENTRY %main (p: bf16[8,256,12,64], s: bf16[8,12,256,256]) -> bf16[8,12,64,256] {
+  %p = bf16[8,256,12,64]{1,3,2,0} parameter(0)
+  %s = bf16[8,12,256,256]{2,3,1,0} parameter(1)
+  ROOT %c = bf16[8,12,64,256]{3,2,1,0} convolution(%p, %s), window={size=8x12 stride=7x11 lhs_dilate=8x12}, dim_labels=0f1b_01oi->01bf
+}
+"""
+    assert hlo_cost.module_cost(text)["flops"] == 2 * 8 * 12 * 64 * 256 * 256
+
+
+def test_a_stacked_operand_sliced_inside_a_nested_fusion_is_charged_its_slice():
+    text = """HloModule m
+
+%inner (a: f32[20,1024], i: s32[]) -> f32[1,1024] {
+  %a = f32[20,1024]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,1024]{1,0} dynamic-slice(%a, %i, %z), dynamic_slice_sizes={1,1024}
+}
+
+%outer (stack: f32[20,1024], i: s32[]) -> f32[1,1024] {
+  %stack = f32[20,1024]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %row = f32[1,1024]{1,0} fusion(%stack, %i), kind=kLoop, calls=%inner
+  ROOT %neg = f32[1,1024]{1,0} negate(%row)
+}
+
+ENTRY %main (stack: f32[20,1024], i: s32[]) -> f32[1,1024] {
+  %stack = f32[20,1024]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %f = f32[1,1024]{1,0} fusion(%stack, %i), kind=kLoop, calls=%outer
+}
+"""
+    # The row read, the index read, the row written: not the 20-row stack.
+    assert hlo_cost.module_cost(text)["bytes"] == ROW + 4 + ROW

@@ -323,10 +323,13 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     if not estimate:
         record["estimate_basis"] = "none: --noestimate"
         return record
-    ops, notes = hlo_cost.module_ops(text, chips, num_slices if what == "train" else 1)
+    # The program's own devices: all chips for the train step, one host's for the sampler.
+    ops, notes = hlo_cost.module_ops(text, int(mesh.devices.size),
+                                     num_slices if what == "train" else 1)
     est = step_estimate.estimate(
         ops, peak_tflops=gen.peak_bf16_tflops, hbm_gbps=gen.hbm_gbps,
-        chips_per_slice=topo.chips, ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits)
+        chips_per_slice=topo.chips, ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits,
+        ici_links=gen.ici_links)
     record.update(_estimate_keys(config, est, notes, what=what, chips=chips,
                                  peak_tflops=gen.peak_bf16_tflops))
     return record

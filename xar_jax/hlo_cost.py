@@ -26,6 +26,7 @@ gradients) as if it read and wrote the whole buffer. `module_cost` walks the tex
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -164,6 +165,20 @@ def _attr(attrs: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid_pairs(size_in: int, size_k: int, size_out: int, stride: int, pad_low: int,
+                 lhs_dilate: int, rhs_dilate: int) -> int:
+    """(output, kernel) positions of one convolution dimension that read an input element."""
+    extent = (size_in - 1) * lhs_dilate
+    count = 0
+    for o in range(size_out):
+        for k in range(size_k):
+            pos = o * stride + k * rhs_dilate - pad_low
+            if 0 <= pos <= extent and pos % lhs_dilate == 0:
+                count += 1
+    return count
+
+
 def _dims(attrs: str, key: str) -> list[int]:
     m = re.search(rf"\b{key}=\{{([\d,]*)\}}", attrs)
     return [int(x) for x in m.group(1).split(",") if x] if m else []
@@ -177,6 +192,7 @@ class _Module:
         self.producers = {i.name: i for c in self.comps.values() for i in c.instrs}
         self.where = {id(i): c.name for c in self.comps.values() for i in c.instrs}
         self.unknown_trips: list[str] = []
+        self._reads_memo: dict[str, dict[int, float | None]] = {}
 
     def producer(self, instr: Instr, name: str) -> Instr | None:
         """The instruction named ``name`` as seen from ``instr``'s computation."""
@@ -246,16 +262,7 @@ class _Module:
             k = math.prod(lhs[0][0][d] for d in _dims(instr.attrs, "lhs_contracting_dims"))
             return 2.0 * math.prod(out[0][0]) * k
         if instr.op == "convolution" and out and len(instr.operands) > 1:
-            rhs = arrays(self.shape(instr, instr.operands[1]))
-            labels = re.search(r"dim_labels=\w+_(\w+)->", instr.attrs)
-            if not rhs or not labels:
-                return 0.0
-            kernel = rhs[0][0]
-            per_output = math.prod(
-                size for size, label in zip(kernel, labels.group(1), strict=False)
-                if label != "o"
-            )
-            return 2.0 * math.prod(out[0][0]) * per_output
+            return self.convolution_flops(instr, out[0][0])
         if instr.op == "custom-call":
             target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
             target = target.group(1) if target else ""
@@ -270,6 +277,45 @@ class _Module:
                 return float(estimate.group(1))
             return self.flash_flops(instr)
         return 0.0
+
+    def convolution_flops(self, instr: Instr, out_dims: list[int]) -> float:
+        """2 x output batch x output features x input features (per group) x, per spatial
+        dimension, the (output, kernel) position pairs that land on an input element. TPU writes
+        batched matmuls as convolutions whose batch dimensions are dilated spatial ones, where
+        one kernel position per output position is valid."""
+        lhs = arrays(self.shape(instr, instr.operands[0]))
+        rhs = arrays(self.shape(instr, instr.operands[1]))
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
+        if not lhs or not rhs or not labels:
+            return 0.0
+        lhs_l, rhs_l, out_l = labels.groups()
+        lhs_d, rhs_d = lhs[0][0], rhs[0][0]
+        if len(lhs_l) != len(lhs_d) or len(rhs_l) != len(rhs_d) or len(out_l) != len(out_dims):
+            return 0.0
+        window = re.search(r"window=\{([^}]*)\}", instr.attrs)
+        fields = dict(f.split("=", 1) for f in window.group(1).split()) if window else {}
+
+        def per_dim(key: str, n: int, default: int) -> list[int]:
+            if key not in fields:
+                return [default] * n
+            return [int(x.split("_")[0]) for x in fields[key].split("x")]
+
+        spatial = sorted(c for c in out_l if c.isdigit())
+        n = len(spatial)
+        stride, lhs_dil, rhs_dil = (per_dim(k, n, 1) for k in ("stride", "lhs_dilate",
+                                                                "rhs_dilate"))
+        pad_low = per_dim("pad", n, 0)
+        pairs = 1
+        for j, c in enumerate(spatial):
+            size_in = lhs_d[lhs_l.index(c)]
+            size_k = rhs_d[rhs_l.index(c)]
+            size_out = out_dims[out_l.index(c)]
+            pairs *= _valid_pairs(size_in, size_k, size_out, stride[j], pad_low[j], lhs_dil[j],
+                                  rhs_dil[j])
+        batch = out_dims[out_l.index("b")]
+        features_out = out_dims[out_l.index("f")]
+        features_in = rhs_d[rhs_l.index("i")]
+        return 2.0 * batch * features_out * features_in * pairs
 
     def flash_flops(self, instr: Instr) -> float:
         """This package's flash-attention kernels (`xar_jax.flash_attention`), from q's shape
@@ -296,8 +342,12 @@ class _Module:
                 and ("triton" in target or "tpu_custom_call" in target or "mosaic" in target))
 
     # -- HBM bytes -----------------------------------------------------------------------------
-    def _param_reads(self, body: Computation) -> dict[int, float | None]:
-        """Per fusion parameter: bytes read when the body only slices it, or None (all of it)."""
+    def _param_reads(self, body: Computation, depth: int = 0) -> dict[int, float | None]:
+        """Per fusion parameter: bytes read when the body only slices it (directly or through a
+        nested fusion that does), or None (all of it)."""
+        key = body.name
+        if key in self._reads_memo:
+            return self._reads_memo[key]
         users: dict[str, list[Instr]] = {}
         for i in body.instrs:
             for o in i.operands:
@@ -319,10 +369,22 @@ class _Module:
                         total += hbm_bytes(u.shape) or sum(b for _, b, _ in arrays(u.shape))
                     elif u.op == "dynamic-update-slice" and u.operands[0] == name:
                         pass  # The buffer updated in place: not read.
+                    elif u.op == "fusion" and depth < 8 and (
+                            nested := self.comps.get(_attr(u.attrs, "calls") or "")):
+                        inner = self._param_reads(nested, depth + 1)
+                        for k, o in enumerate(u.operands):
+                            if o == name:
+                                if inner.get(k) is None:
+                                    ok = False
+                                    break
+                                total += inner[k]
+                        if not ok:
+                            break
                     else:
                         ok = False
                         break
             out[index] = total if ok else None
+        self._reads_memo[key] = out
         return out
 
     def _writes(self, body: Computation, result_shape: str) -> float:

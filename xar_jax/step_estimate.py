@@ -15,7 +15,8 @@ The model (pure functions of `xar_jax.hlo_cost.module_ops` and a chip's figures 
   ``B (n-1)`` (B: the shard), all-reduce ``2 B (n-1)/n``, all-to-all ``B (n-1)/n``,
   collective-permute ``B``. Inside a slice they run at the chip's ICI bandwidth in one direction
   (half the bidirectional figure: all links of the chip busy, as on a torus when the group
-  spans the slice). A group whose chips lie in ``s > 1`` slices (device ids slice-major) sends
+  spans the slice); a collective-permute sends to one neighbour, over one link (the chip's
+  one-way bandwidth / its ICI ports: XLA's collective matmuls are loops of these). A group whose chips lie in ``s > 1`` slices (device ids slice-major) sends
   its cross-slice share, the same ring formula over ``s`` members for ``B s / n`` bytes, over the
   data-centre network at the chip's DCN rate. Per-op latency is not modelled.
 * **Overlap.** XLA issues collectives asynchronously and schedules them under compute (the
@@ -40,7 +41,7 @@ OVERLAP = ("max(compute+memory per op, collectives): collectives overlap compute
 
 def collective_seconds(
     kind: str, result_bytes: float, group: Iterable[int], *, chips_per_slice: int,
-    ici_gbps: float, dcn_gbits: float,
+    ici_gbps: float, dcn_gbits: float, ici_links: int = 1,
 ) -> tuple[float, float]:
     """``(ici_s, dcn_s)`` of one collective (see the module docstring)."""
     group = list(group)
@@ -55,7 +56,7 @@ def collective_seconds(
     if kind == "collective-permute":
         crosses = slices > 1
         return (0.0, b_over(result_bytes, dcn_gbits)) if crosses else (
-            result_bytes / (ici_gbps / 2 * 1e9), 0.0)
+            result_bytes / (ici_gbps / 2 / max(ici_links, 1) * 1e9), 0.0)
     per_slice = n // slices
     # Reduce-scatter's B is the shard: the data per chip in the ring over a slice's members is
     # the shard times the cross-slice members (the other slices' shards still to reduce).
@@ -87,7 +88,7 @@ def b_over(nbytes: float, gbits: float) -> float:
 
 def estimate(
     ops: list[Op], *, peak_tflops: float, hbm_gbps: float, chips_per_slice: int = 1,
-    ici_gbps: float = 0.0, dcn_gbits: float = 0.0,
+    ici_gbps: float = 0.0, dcn_gbits: float = 0.0, ici_links: int = 1,
 ) -> dict[str, Any]:
     """The step's parts and total (seconds), FLOPs and HBM bytes, per chip."""
     peak, bw = peak_tflops * 1e12, hbm_gbps * 1e9
@@ -100,7 +101,7 @@ def estimate(
             else:
                 i, d = collective_seconds(o.collective, o.result_bytes, o.group,
                                           chips_per_slice=chips_per_slice, ici_gbps=ici_gbps,
-                                          dcn_gbits=dcn_gbits)
+                                          dcn_gbits=dcn_gbits, ici_links=ici_links)
             ici += i * o.times
             dcn += d * o.times
             continue
