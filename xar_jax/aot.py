@@ -101,6 +101,8 @@ flags.DEFINE_enum("plan_scan", "config", ("config", "both"),
                   "--plan: try the config's model.scan_layers only, or scanned and unrolled.")
 flags.DEFINE_list("plan_tensor", ["1"], "--plan: mesh.tensor sizes, tried in order; a later one "
                   "only if nothing fits with the earlier ones (e.g. 1,2,4).")
+flags.DEFINE_integer("plan_jobs", 1, "--plan: compiles run side by side in subprocesses (the "
+                     "first compile of every candidate; each takes a few GiB of host memory).")
 flags.DEFINE_integer("plan_budget", 40, "--plan: most compiles (cached ones are free).")
 flags.DEFINE_integer("plan_meshes", 2, "--plan: data x fsdp splits tried, most sharded first.")
 flags.DEFINE_bool("plan_verify", True, "--plan: compile the chosen plan as planned (real depth "
@@ -513,6 +515,7 @@ def run_plan(config, topo: tpu_topology.Topology, name: str) -> None:
         config, topo, compile_report=compile_report, cache=cache, config_name=name,
         depth_points=depth_points, remats=tuple(FLAGS.plan_remat) or None, scans=scans,
         max_meshes=FLAGS.plan_meshes, tensors=tuple(int(t) for t in FLAGS.plan_tensor),
+        jobs=FLAGS.plan_jobs, config_file=config_flags.get_config_filename(FLAGS["config"]),
         budget=FLAGS.plan_budget, verify=FLAGS.plan_verify)
     result.update(libtpu=libtpu_version(), jax=jax.__version__,
                   date=datetime.date.today().isoformat())

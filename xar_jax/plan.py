@@ -36,10 +36,14 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from xar_jax.model import PRESETS
+from xar_jax.train_config import load_config_file
 
 log = logging.getLogger("xar_jax.plan")
 
@@ -216,14 +220,16 @@ class Evaluator:
         self.cache.put(key, record)
         return record
 
-    def measure(self, s: Settings, micro: int, k: int | None) -> dict:
-        """The step of ``s`` without accumulation, ``micro`` examples per batch shard."""
+    def measure_config(self, s: Settings, micro: int, k: int | None):
+        """The config of ``s`` without accumulation, ``micro`` examples per batch shard."""
         config = dataclasses.replace(s, accum=1).apply(self.config)
         with config.unlocked():  # The batch is split over dcn x data x fsdp.
             config.train.global_batch_size = micro * self.chips // s.tensor
-        if k is not None:
-            config = with_depth(config, k)
-        return self.report(config)
+        return with_depth(config, k) if k is not None else config
+
+    def measure(self, s: Settings, micro: int, k: int | None) -> dict:
+        """The report of `measure_config`."""
+        return self.report(self.measure_config(s, micro, k))
 
     def at_depth(self, s: Settings, micro: int) -> dict:
         """The one-microbatch step at the real depth, extrapolated from two depths for unrolled
@@ -287,6 +293,59 @@ def predict(lo: tuple[int, dict], hi: tuple[int, dict] | None, micro: int, accum
     return r
 
 
+def config_overrides(base, target) -> list[str]:
+    """``--config.a.b=v`` flags that turn ``base`` into ``target`` (scalar fields)."""
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    old = dict(leaves(base.to_dict()))
+    out = []
+    for field, value in leaves(target.to_dict()):
+        if field in old and old[field] != value:
+            if isinstance(value, (list, tuple, dict)):
+                raise ValueError(f"config.{field}: not a scalar override")
+            out.append(f"--config.{field}={value}")
+    return out
+
+
+def prefetch(ev: Evaluator, configs: list, *, config_file: str, jobs: int) -> None:
+    """Compiles the ``configs`` missing from the cache, ``jobs`` at a time, each in its own
+    process (the CLI, ``python -m xar_jax.aot --config=config_file <overrides> --json=...``),
+    and caches their reports: on a shared or many-core machine the compiles run side by side.
+    """
+    base = load_config_file(config_file)
+    todo = []
+    for c in configs:
+        key = ev.cache.key(c, ev.topo.name, "train", True)
+        if ev.cache.get(key) is None and key not in [k for k, _ in todo]:
+            todo.append((key, c))
+    ev.cache.hits = 0
+    if ev.budget is not None:
+        todo = todo[:max(0, ev.budget - ev.compiles)]
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        running: list[tuple[subprocess.Popen, str, str]] = []
+        while todo or running:
+            while todo and len(running) < jobs:
+                key, c = todo.pop(0)
+                out = os.path.join(tmp, key + ".json")
+                cmd = [sys.executable, "-m", "xar_jax.aot", f"--config={config_file}",
+                       f"--topology={ev.topo.name}", f"--json={out}",
+                       *config_overrides(base, c)]
+                log.info("plan: compiling in a subprocess: %s", " ".join(cmd[3:]))
+                running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL), key, out))
+            proc, key, out = running.pop(0)
+            if proc.wait() == 0 and os.path.exists(out):
+                with open(out) as f:
+                    ev.cache.put(key, json.load(f))
+                ev.compiles += 1
+
+
 class BudgetExhausted(Exception):
     """The search reached its compile budget."""
 
@@ -321,7 +380,8 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
            config_name: str = "", depth_points: tuple[int, int] | None = None,
            remats: tuple[str, ...] | None = None, scans: tuple[bool, ...] | None = None,
            max_meshes: int = 2, budget: int | None = 40, verify: bool = True,
-           tensors: tuple[int, ...] = (1,)) -> dict[str, Any]:
+           tensors: tuple[int, ...] = (1,), jobs: int = 1,
+           config_file: str | None = None) -> dict[str, Any]:
     """The fastest fitting plan for ``config`` (already `aot.prepare_config`-ed) on ``topo``.
 
     Each candidate (scan, remat, data x fsdp x tensor mesh) costs two compiles at the real depth,
@@ -343,6 +403,9 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
       verify: compile the winner as planned (`verify_plan`); its report becomes the plan's.
       tensors: ``mesh.tensor`` sizes to try; a larger one only if nothing fits with the ones
         before.
+      jobs: with ``config_file``, the first tensor size's compiles run this many at a time in
+        subprocesses first (`prefetch`); the search then reads them from the cache.
+      config_file: the config file ``config`` came from (for `prefetch`).
 
     Returns:
       The plan as a dict (`plan_record`).
@@ -356,6 +419,19 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
     candidates: list[tuple[Settings, dict]] = []
     measured: list[dict] = []
     stopped = None
+    if jobs > 1 and config_file and cache.path:
+        first = []
+        for scan in scans:
+            for remat in remats:
+                for data, fsdp in mesh_options(topo.chips, tensors[0])[:max_meshes]:
+                    base = Settings(data, fsdp, tensors[0], 1, remat, scan)
+                    shards = slices * data * fsdp
+                    if gb % shards:
+                        continue
+                    for m in set(measured_microbatches(gb // shards)):
+                        for k in (ev.depth_points if ev.depth_points and not scan else (None,)):
+                            first.append(ev.measure_config(base, m, k))
+        prefetch(ev, first, config_file=config_file, jobs=jobs)
     try:
         for tensor in tensors:
             for scan in scans:
