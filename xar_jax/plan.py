@@ -7,12 +7,13 @@ A plan fixes what a user may change without changing what is trained: the mesh s
 candidates with the AOT tool's `compile_report` (passed in: this module never imports the CLI,
 whose absl flags would clash with the trainer's):
 
-* **Two microbatches per candidate.** A candidate (mesh, remat policy, scan) is compiled as a
-  one-microbatch step at two microbatches per chip; per-chip memory and the estimate are taken
-  as linear in the microbatch between them, so every accumulation keeping the global batch is
-  predicted (`predict`) and the largest microbatch that fits is the candidate's. The fastest
-  candidate by the estimate wins and is compiled as planned (`verify_plan`): the plan's numbers
-  are the compiler's. Compiles: two per candidate, one or two for the winner.
+* **Largest fitting microbatch per candidate.** A candidate (mesh, remat policy, scan) is
+  compiled as a one-microbatch step with the whole per-chip batch, then halved until it fits
+  (memory grows with the microbatch; a refusal compiles in seconds): the accumulation that keeps
+  the global batch follows. The fastest candidate by the estimate (`predict`: ``accum`` times
+  the microbatch step) wins and is compiled as planned (`verify_plan`): the plan's numbers are
+  the compiler's. Compiles: one that fits per candidate plus the refusals, one more for an
+  accumulating winner. ``jobs`` runs the first of them side by side in subprocesses.
 * **Reduced depth for unrolled layers.** A layer scan compiles in about the same time at any
   depth; unrolled layers do not. With ``depth_points=(k1, k2)`` an unrolled candidate is
   compiled with k1 and k2 blocks per stack at the model's width and every per-chip number of
@@ -370,10 +371,22 @@ def accum_options(global_batch: int, shards: int) -> list[int]:
     return [a for a in range(1, per_shard + 1) if per_shard % a == 0 and a & (a - 1) == 0]
 
 
-def measured_microbatches(per_chip: int, largest: int = 32) -> tuple[int, int]:
-    """The two microbatches compiled per candidate: up to ``largest`` and a quarter of it."""
-    m2 = min(per_chip, largest)
-    return max(1, m2 // 4), m2
+def _point(s: Settings, micro: int, r: dict) -> dict:
+    return dict(dataclasses.asdict(s), micro=micro, fits=r["fits"],
+                hbm_total_gib=(r.get("hbm_per_chip_gib") or {}).get("total"),
+                hbm_temporaries_needed_gib=r.get("hbm_temporaries_needed_gib"),
+                est_step_s=r.get("est_step_s"))
+
+
+def ladder(per_shard: int, levels: int) -> list[int]:
+    """The microbatches tried first: the whole per-shard batch, then halved, ``levels`` long."""
+    out, m = [], per_shard
+    while m >= 1 and len(out) < levels:
+        out.append(m)
+        if m % 2:
+            break
+        m //= 2
+    return out
 
 
 def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCache,
@@ -384,10 +397,11 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
            config_file: str | None = None) -> dict[str, Any]:
     """The fastest fitting plan for ``config`` (already `aot.prepare_config`-ed) on ``topo``.
 
-    Each candidate (scan, remat, data x fsdp x tensor mesh) costs two compiles at the real depth,
-    or four at two reduced depths: one-microbatch steps at two microbatches. Every accumulation
-    that keeps the global batch is then predicted from them (`predict`); the fastest predicted
-    step that fits wins.
+    Each candidate (scan, remat, data x fsdp x tensor mesh) compiles its one-microbatch step with
+    the whole per-chip batch, then halved until it fits (the compiler refuses what does not fit
+    quickly): its largest fitting microbatch, and the accumulation that keeps the global batch.
+    The fastest by the estimate (`predict`: ``accum`` microbatch steps) wins and is compiled as
+    planned (`verify_plan`).
 
     Args:
       config: the training config; its global batch, model and data stay as they are.
@@ -428,10 +442,15 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
                     shards = slices * data * fsdp
                     if gb % shards:
                         continue
-                    for m in set(measured_microbatches(gb // shards)):
-                        for k in (ev.depth_points if ev.depth_points and not scan else (None,)):
-                            first.append(ev.measure_config(base, m, k))
-        prefetch(ev, first, config_file=config_file, jobs=jobs)
+                    first.append((base, gb // shards))
+        levels = max(1, jobs // max(1, len(first)))
+        configs = [ev.measure_config(base, m, k) for base, per_shard in first
+                   for m in ladder(per_shard, levels)
+                   for k in (ev.depth_points if ev.depth_points and not base.scan else (None,))]
+        if verify:  # Each level's accumulating step as `verify_plan` would compile it.
+            configs += [dataclasses.replace(base, accum=per_shard // m).apply(config)
+                        for base, per_shard in first for m in ladder(per_shard, levels)[1:]]
+        prefetch(ev, configs, config_file=config_file, jobs=jobs)
     try:
         for tensor in tensors:
             for scan in scans:
@@ -441,31 +460,21 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
                         if not accums:
                             continue
                         base = Settings(data, fsdp, tensor, 1, remat, scan)
-                        points = []
                         per_shard = gb // (slices * data * fsdp)
-                        m1, m2 = measured_microbatches(per_shard)
-                        for m in sorted({m1, m2}, reverse=True):
+                        # The whole batch, halved until it fits (refusals compile fast): the
+                        # largest microbatch that fits, compiled.
+                        m = per_shard
+                        r = ev.at_depth(base, m)
+                        while not r["fits"] and m % 2 == 0:
+                            measured.append(_point(base, m, r))
+                            m //= 2
                             r = ev.at_depth(base, m)
-                            while not r["fits"] and m > 1:  # Halve until a microbatch fits.
-                                m //= 2
-                                r = ev.at_depth(base, m)
-                            measured.append(dict(dataclasses.asdict(base), micro=m,
-                                                 fits=r["fits"], hbm_total_gib=(
-                                                     r.get("hbm_per_chip_gib") or {}).get("total"),
-                                                 est_step_s=r.get("est_step_s")))
-                            if r["fits"] and all(m != p[0] for p in points):
-                                points.append((m, r))
-                            if not r["fits"]:
-                                break
-                        if not points:
-                            continue
-                        points.sort(key=lambda p: p[0])
-                        lo, hi = points[0], (points[-1] if len(points) > 1 else None)
-                        for accum in accums:
-                            r = predict(lo, hi, per_shard // accum, accum, slices * data * fsdp)
-                            if r["fits"]:
-                                candidates.append((dataclasses.replace(base, accum=accum), r))
-                                break  # The largest microbatch that fits is the fastest.
+                        measured.append(_point(base, m, r))
+                        if r["fits"]:
+                            accum = per_shard // m
+                            candidates.append((dataclasses.replace(base, accum=accum),
+                                               predict((m, r), None, m, accum,
+                                                       slices * data * fsdp)))
             if candidates:
                 break
     except BudgetExhausted as e:
@@ -512,7 +521,8 @@ def needs(topo, measured: list[dict]) -> str:
     """What a plan that fits nowhere would need: about the chips that bring the smallest
     per-chip need within HBM (sharded state and the microbatch shrink with the chips)."""
     g = topo.generation
-    asked = [m["hbm_total_gib"] for m in measured if m.get("hbm_total_gib")]
+    asked = [m.get("hbm_total_gib") or m.get("hbm_temporaries_needed_gib") for m in measured
+             if m.get("hbm_total_gib") or m.get("hbm_temporaries_needed_gib")]
     if not asked:
         return (f"nothing fits {g.hbm_gib:g} GiB per chip on {topo.chips} chips, not even a "
                 "microbatch of 1 per chip: try a slice with more chips")
