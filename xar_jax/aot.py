@@ -484,6 +484,9 @@ def merge_record(path: str, record: dict[str, Any]) -> None:
 
 def run_plan(config, topo: tpu_topology.Topology, name: str) -> None:
     """``--plan``: `xar_jax.plan.search` with this module's compiler; prints and writes it."""
+    if FLAGS.what != "train" or FLAGS.find_max_batch or FLAGS.per_chip_batch:
+        sys.exit("error: --plan plans the train step at the config's global batch; drop "
+                 "--what=sample, --find_max_batch and --per_chip_batch.")
     try:
         if FLAGS.plan_depths == "auto":
             deep = max(plan_lib.depths(config)) > 4
