@@ -32,7 +32,8 @@ It reports per chip:
   ``compiler_optimal_seconds_raw``). A program that does not fit still reports every key, null
   where the compiler gave nothing (with ``hbm_temporaries_needed_gib`` where it says).
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
-  all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
+  all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled;
+  ``dcn``: those between slices (also counted under their kind).
 
 ``--find_max_batch`` doubles the per-chip batch from the compiled one while it fits (or halves it
 while it does not), then takes one bisection step between the last fit and the first failure;
@@ -425,7 +426,7 @@ def format_table(r: dict[str, Any]) -> str:
          + f" (peak bf16 {r['peak_bf16_tflops']} TFLOP/s per chip)"),
     ]
     for kind in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                 "collective-permute"):
+                 "collective-permute", "dcn"):
         if kind in c:
             rows.append((kind, f"{c[kind]['count']} ops, {c[kind]['bytes'] / 2**20:.1f} MiB"))
     if "max_per_chip_batch" in r:
