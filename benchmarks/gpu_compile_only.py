@@ -42,6 +42,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
+from xar_jax import hlo_cost, step_estimate, tpu_topology  # noqa: E402
+
 # An H200 (sm_90, 132 SMs, 141 GB HBM3e) as XLA's GpuTargetConfig text proto.
 H200_TARGET = """
 gpu_device_info {
@@ -71,8 +73,6 @@ MEASURED = {
 
 def estimate_rows(name: str, text: str, batch: int) -> dict:
     """The step-time estimate of one compiled train step with the H200's figures."""
-    from xar_jax import hlo_cost, step_estimate, tpu_topology
-
     ops, notes = hlo_cost.module_ops(text, num_devices=1)
     row = {}
     for tag, gpu in (("sheet", tpu_topology.H200), ("ceil", tpu_topology.H200_MEASURED)):

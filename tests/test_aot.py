@@ -132,7 +132,8 @@ def test_two_v5p_8_slices_with_accumulation_compile_and_estimate_the_dcn_time(v5
     assert r["mesh"] == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
     assert (r["chips"], r["num_slices"], r["hosts"]) == (8, 2, 2)
     assert r["fits"] is True and (r["global_batch"], r["per_chip_batch"]) == (16, 2)
-    assert r["collectives"]["all-reduce"]["count"] > 0  # Gradients cross the slices.
+    # Gradients cross the slices: sends to the multi-slice runtime, over the DCN.
+    assert r["collectives"]["dcn"]["count"] > 0 and r["collectives"]["dcn"]["bytes"] > 0
     # Two microbatches of 8 on 8 chips: about the matmul FLOPs per example of the one-slice
     # step of 8 on 4 chips (the walk counts the accumulation loop; counted once, they would
     # halve). Not exactly: the per-chip microbatch differs (one example, not two), and XLA
@@ -168,3 +169,16 @@ def test_entry_traffic_reads_transposes_fills_allocations_and_batch_minor_arrays
     # axis last in their logical shapes).
     assert got["batch_minor_arrays"] == 3
     assert got["written_gb"] == pytest.approx(2 * array + got["zero_fill_gb"] + 3 * 8 * 16 * 2 / 1e9)
+
+
+def test_a_slice_that_does_not_fit_still_reports_every_key():
+    # 131,072 examples per chip on a v5e-4 (16 GiB): the compiler refuses it (~40 s).
+    r = _json(_aot("--topology=v5litepod-4", "--per_chip_batch=131072", *FSDP, "--json=-"))
+    assert KEYS <= set(r), KEYS - set(r)
+    assert r["fits"] is False and r["hbm_temporaries_needed_gib"] > 16
+    assert r["mesh"] == {"dcn": 1, "data": 1, "fsdp": 4, "tensor": 1}  # From the config.
+    assert (r["global_batch"], r["per_chip_batch"]) == (4 * 131072, 131072)
+    nulls = ("est_step_s", "est_compute_s", "est_collective_s", "est_mfu", "collectives",
+             "hbm_per_chip_gib", "compiler_optimal_seconds")
+    assert all(r[k] is None for k in nulls), {k: r[k] for k in nulls}
+    assert "does not fit" in r["estimate_basis"]

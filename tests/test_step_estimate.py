@@ -2,7 +2,7 @@
 
 import pytest
 
-from xar_jax import hlo_cost, step_estimate
+from xar_jax import hlo_cost, hlo_stats, step_estimate
 
 # A scan of 4 iterations over a stacked f32[4,1024] buffer: each iteration slices one row of a
 # stacked input (a fusion that only dynamic-slices its operand), multiplies it by a matrix, and
@@ -162,8 +162,6 @@ ENTRY %main (g: f32[1024,256]) -> f32[256,256] {
 
 
 def test_tpu_fused_reduce_scatter_counts_as_a_reduce_scatter_of_the_shard():
-    from xar_jax import hlo_stats
-
     c = hlo_stats.collectives(FUSED_REDUCE_SCATTER)
     shard = 256 * 256 * 4
     assert c["reduce-scatter"] == {"count": 1, "bytes": shard}

@@ -33,7 +33,8 @@ It reports per chip:
   ``compiler_optimal_seconds_raw``). A program that does not fit still reports every key, null
   where the compiler gave nothing (with ``hbm_temporaries_needed_gib`` where it says).
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
-  all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
+  all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled;
+  ``dcn``: those between slices (also counted under their kind).
 
 ``--plan`` searches the fastest settings that fit the slice while keeping the config's global
 batch (mesh split, gradient accumulation, remat, layer scan; `xar_jax.plan`), prints the override
@@ -451,7 +452,7 @@ def format_table(r: dict[str, Any]) -> str:
          + f" (peak bf16 {r['peak_bf16_tflops']} TFLOP/s per chip)"),
     ]
     for kind in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                 "collective-permute"):
+                 "collective-permute", "dcn"):
         if kind in c:
             rows.append((kind, f"{c[kind]['count']} ops, {c[kind]['bytes'] / 2**20:.1f} MiB"))
     if "max_per_chip_batch" in r:

@@ -15,7 +15,10 @@ reduce-scatter: the scattered shard; all-reduce: the reduced array), summed over
 TPU's compiler writes a reduce-scatter as a fusion whose computation is named
 ``all-reduce-scatter`` (an ``all-reduce`` of the whole array and a ``dynamic-slice`` of this
 chip's shard, run as one reduce-scatter): it is counted as a reduce-scatter with the fusion's
-result (the shard), and the all-reduce inside it is not counted.
+result (the shard), and the all-reduce inside it is not counted. A program for several slices
+is compiled per slice; what crosses slices is a ``send`` to the multi-slice runtime marked with
+the collective it implements: counted under that kind and, separately, under ``'dcn'`` (bytes
+sent per chip).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _OP = re.compile(r"\s(" + "|".join(KINDS) + r")(-start)?\(")
 _CALLEE = re.compile(r"\b(?:calls|body|to_apply|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _COND = re.compile(r"\bcondition=%?([\w.\-]+)")
 _INT_CONST = re.compile(r"=\s*[su](?:32|64)\[\]\S*\s+constant\((\d+)\)")
 
@@ -108,6 +112,14 @@ def _parse(text: str) -> tuple[dict[str, _Computation], str, list[str]]:
             counts = current.own.setdefault(op.group(1), [0, 0.0])
             counts[0] += 1
             counts[1] += _result_bytes(shape, bool(op.group(2)))
+        elif " send(" in rhs and (dcn := _MEGASCALE.search(line)):
+            # Between slices: a send to the multi-slice runtime, marked with its collective.
+            kind = dcn.group(1).lower().replace("_", "-")
+            sent = float((_array_bytes(rhs[: rhs.index(" send(")]) or [0.0])[0])
+            for key in (kind, "dcn"):
+                counts = current.own.setdefault(key, [0, 0.0])
+                counts[0] += 1
+                counts[1] += sent
         for group in _BRANCHES.findall(line):
             callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
         if not callees:
@@ -135,7 +147,7 @@ def _trip_count(comps: dict[str, _Computation], cond: str) -> int | None:
 
 def collectives(hlo_text: str) -> dict[str, Any]:
     """Collectives of one execution of the module: ``{kind: {'count', 'bytes'}}`` for every kind
-    in `KINDS` (zeros included), plus ``'unknown_trip_counts'``: loops counted once because XLA
+    in `KINDS` and ``'dcn'`` (zeros included), plus ``'unknown_trip_counts'``: loops counted once because XLA
     recorded no trip count (an undercount; empty in the train step's scan over layers)."""
     comps, entry, unknown = _parse(hlo_text)
     memo: dict[str, dict[str, list[float]]] = {}
@@ -164,7 +176,7 @@ def collectives(hlo_text: str) -> dict[str, Any]:
     counts = total(entry) if entry else {}
     result: dict[str, Any] = {
         k: {"count": int(counts.get(k, [0, 0])[0]), "bytes": int(counts.get(k, [0, 0.0])[1])}
-        for k in KINDS
+        for k in (*KINDS, "dcn")
     }
     result["unknown_trip_counts"] = unknown
     return result
