@@ -19,7 +19,13 @@ Run (the constraints check would look for a CUDA driver):
 
 Prints, per model, the compile time and `xar_jax.hlo_stats.entry_traffic` of the program:
 bytes written by its top-level ops, transposes, zero fills, uninitialised buffers and
-batch-minor arrays.
+batch-minor arrays; and the step-time estimate the TPU tool uses (`xar_jax.step_estimate`) with
+the H200's figures (`xar_jax.tpu_topology.H200`: datasheet; `H200_MEASURED`: the ceilings
+measured on this project's H200), against the measured rate of the same recipe
+(`MEASURED`, rows of docs/benchmarks.json): the estimator's check on real hardware.
+
+``--from_hlo DIR`` reads the programs a run with ``--hlo_dir DIR`` wrote instead of compiling
+(seconds; no CUDA plugin needed).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
+
+from xar_jax import hlo_cost, step_estimate, tpu_topology  # noqa: E402
 
 # An H200 (sm_90, 132 SMs, 141 GB HBM3e) as XLA's GpuTargetConfig text proto.
 H200_TARGET = """
@@ -52,6 +60,36 @@ dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 8 patch: 0 }
 device_description_str: "NVIDIA H200"
 """
+
+
+# Measured img/s of the paper recipe on one H200 (benchmarks/train_step.py --recipe paper;
+# docs/benchmarks.json "train" rows), at the batches below.
+MEASURED = {
+    "xar_b": (1886.8, "xar_b_base_r4c17"),
+    "xar_l": (517.8, "xar_l_base_r4c15"),
+    "xar_h": (271.2, "xar_h_dsf_r4c15"),
+}
+
+
+def estimate_rows(name: str, text: str, batch: int) -> dict:
+    """The step-time estimate of one compiled train step with the H200's figures."""
+    ops, notes = hlo_cost.module_ops(text, num_devices=1)
+    row = {}
+    for tag, gpu in (("sheet", tpu_topology.H200), ("ceil", tpu_topology.H200_MEASURED)):
+        est = step_estimate.estimate(ops, peak_tflops=gpu.peak_bf16_tflops,
+                                     hbm_gbps=gpu.hbm_gbps)
+        row[f"est_ms_{tag}"] = round(est["est_step_s"] * 1e3, 1)
+        row[f"est_img_s_{tag}"] = round(batch / est["est_step_s"], 1)
+    row["compute_ms_ceil"] = round(est["est_compute_s"] * 1e3, 1)
+    row["memory_ms_ceil"] = round(est["est_memory_s"] * 1e3, 1)
+    row["opaque_kernels"] = notes["opaque_kernels"]
+    measured, tag = MEASURED.get(name, (None, ""))
+    if measured:
+        row["measured_img_s"] = measured
+        row["measured_row"] = tag
+        for t in ("sheet", "ceil"):
+            row[f"pred/meas_{t}"] = round(row[f"est_img_s_{t}"] / measured, 3)
+    return row
 
 
 def h200_device():
@@ -72,11 +110,23 @@ def main():
         "--scan_outputs", default="uninitialised", choices=["uninitialised", "zeroed"]
     )
     parser.add_argument("--hlo_dir", default="", help="write each optimised HLO here")
+    parser.add_argument("--from_hlo", default="",
+                        help="estimate from the HLO a run with --hlo_dir wrote; no compile")
     from benchmarks import common
 
     common.add_xla_option_flag(parser)
     args = parser.parse_args()
     common.xla_options(args.xla_option)  # A malformed --xla_option fails before any compile.
+    if args.from_hlo:
+        from benchmarks.train_step import DEFAULT_BATCH
+
+        for name in args.models.split(","):
+            with open(os.path.join(args.from_hlo, f"{name}_train_step.hlo.txt")) as f:
+                text = f.read()
+            batch = args.batch or DEFAULT_BATCH[name]
+            row = {"model": name, "batch": batch, **estimate_rows(name, text, batch)}
+            common.print_table([row], list(row))
+        return
 
     device = h200_device()
     # The model picks its kernels (and Pallas its interpret mode) from the default backend,
@@ -116,7 +166,7 @@ def main():
                 f.write(text)
         rows.append({"model": name, "batch": batch, "compile_s": seconds,
                      "scan_outputs": args.scan_outputs,
-                     **hlo_stats.entry_traffic(text, batch)})
+                     **hlo_stats.entry_traffic(text, batch), **estimate_rows(name, text, batch)})
         common.print_table(rows[-1:], list(rows[-1]))
 
 

@@ -45,23 +45,10 @@ def _hbm(r: dict) -> str:
 def _step(r: dict) -> str:
     if r.get("est_step_s") is None:
         return "n/a"
-    return f"{r['est_step_s']:.3f} ({r['est_compute_s']:.3f} / {r['est_memory_s']:.3f})"
-
-
-def recommendation(r: dict) -> str:
-    """The config as compiled if it fits; else the gradient accumulation that keeps the global
-    batch with a microbatch no larger than the largest per-chip batch that fit."""
-    if r["fits"]:
-        return "as compiled"
-    best = r.get("max_per_chip_batch")
-    if not best:
-        return "n/a (run --find_max_batch)"
-    accum = r.get("grad_accum_steps", 1)
-    micro = r["per_chip_batch"] // accum
-    while micro > best and micro % 2 == 0:
-        micro //= 2
-        accum *= 2
-    return f"--config.train.grad_accum_steps={accum} ({micro} / chip per microbatch)"
+    if r.get("est_collective_s") is None:  # A record of the earlier whole-step roofline.
+        return f"{r['est_step_s']:.3f} ({r['est_compute_s']:.3f} / {r['est_memory_s']:.3f})"
+    return (f"{r['est_step_s']:.3f} (compute+memory {r['est_compute_memory_s']:.3f} / "
+            f"collectives {r['est_collective_s']:.3f})")
 
 
 def _num(value, fmt: str) -> str:
@@ -72,10 +59,9 @@ def table(records: list[dict]) -> str:
     """Markdown rows, one per record (sorted by model, chip generation, chips, slices, batch)."""
     header = (
         "| model | slice | chips | mesh (dcn, data, fsdp, tensor) | batch / chip | "
-        "HBM / chip GiB (of) | fits | compile s | est. step s (compute / memory) | "
+        "HBM / chip GiB (of) | fits | compile s | est. step s (parts) | "
         "est. img/s / chip | est. MFU | "
-        "all-gather n / MiB | reduce-scatter n / MiB | all-reduce n / MiB | max batch / chip | "
-        "recommended |"
+        "all-gather n / MiB | reduce-scatter n / MiB | all-reduce n / MiB | max batch / chip |"
     )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     order = sorted(records, key=lambda r: (_model(r["config"]), r["topology"].split("-")[0],
@@ -96,7 +82,7 @@ def table(records: list[dict]) -> str:
             f"{_num(r.get('est_mfu'), '.0%')} | "
             + " | ".join(_mib(c, k) if c else "n/a"
                          for k in ("all-gather", "reduce-scatter", "all-reduce"))
-            + f" | {r.get('max_per_chip_batch', 'n/a')} | {recommendation(r)} |"
+            + f" | {r.get('max_per_chip_batch', 'n/a')} |"
         )
     return "\n".join(rows)
 

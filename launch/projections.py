@@ -4,7 +4,8 @@ Prints the cost tables of docs/tpu.md: what a compiler cannot tell. Per-chip mem
 batch that fit, and step-time estimates come from compiling the real step for the slice
 (``python -m xar_jax.aot``, docs/tpu_aot.json); this script's earlier memory projections are
 gone, and its throughput (an ASSUMED model-FLOPs utilisation) is superseded by those estimates
-and, finally, by measurements on a slice. Replace TRAIN_MFU with a measured value when you have one.
+and, finally, by measurements on a slice (launch/time_to_train.py writes the planner's table of
+hours per slice with these prices). Replace TRAIN_MFU with a measured value when you have one.
 
     python launch/projections.py            # markdown tables
 """
@@ -137,11 +138,13 @@ class Chip:
 
 CHIPS = (
     Chip("v4", 275.0, 3.22),
+    Chip("v5e", 197.0, 1.20),
     Chip("v5p", 459.0, 4.20),
     Chip("v6e", 918.0, 2.70),
 )
 PRICE_NOTE = (
-    "ASSUMED on-demand list prices per chip-hour in US regions (v4 $3.22, v5p $4.20, v6e $2.70), "
+    "ASSUMED on-demand list prices per chip-hour in US regions (v4 $3.22, v5e $1.20, v5p $4.20, "
+    "v6e $2.70), "
     "as recalled from Google's public TPU pricing page in 2025 and not re-checked; spot assumed "
     "60% cheaper. Check https://cloud.google.com/tpu/pricing before planning: prices change and "
     "differ by region."
@@ -176,33 +179,27 @@ def model_table() -> str:
     return "\n".join(rows)
 
 
-# Recommended slice sizes in chips: a per-chip batch of 32-64 at the paper's global batch 2048
-# (docs/tpu_aot.json has what the compiler says fits).
-RECOMMENDED_CHIPS = {"xAR-B": 32, "xAR-L": 64, "xAR-H": 64}
-
-
 def slice_name(chip: Chip, chips: int) -> str:
     """Accelerator type for a chip count: v4 and v5p types count TensorCores (2 per chip)."""
-    return f"{chip.name}-{chips if chip.name == 'v6e' else 2 * chips}"
+    return f"{chip.name}-{2 * chips if chip.name in ('v4', 'v5p') else chips}"
 
 
 def training_table() -> str:
+    """Chip-hours at the assumed MFU; the planner's table (launch/time_to_train.py) has the
+    compiled estimates per slice."""
     total_images = EPOCHS * IMAGENET_TRAIN
     rows = [
-        "| model | chip | img/s per chip | chip-hours | on-demand $ | spot $ | "
-        "recommended slice | hours on it |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | chip | img/s per chip | chip-hours | on-demand $ | spot $ |",
+        "|---|---|---|---|---|---|",
     ]
     for m in MODELS:
         for chip in CHIPS:
             rate = chip.peak_bf16_tflops * 1e12 * TRAIN_MFU / train_flops_per_image(m)
             chip_hours = total_images / rate / 3600
-            chips = RECOMMENDED_CHIPS[m.name]
             cost = chip_hours * chip.usd_per_chip_hour
             rows.append(
                 f"| {m.name} | {chip.name} | {rate:,.0f} | {_fmt(chip_hours)} | "
-                f"{_fmt(cost)} | {_fmt(cost * (1 - SPOT_DISCOUNT))} | "
-                f"{slice_name(chip, chips)} ({chips} chips) | {chip_hours / chips:.0f} |"
+                f"{_fmt(cost)} | {_fmt(cost * (1 - SPOT_DISCOUNT))} |"
             )
     return "\n".join(rows)
 

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(
 
 KEYS = {"config", "topology", "num_slices", "chips", "mesh", "global_batch", "per_chip_batch",
         "compile_s", "hbm_per_chip_gib", "hbm_capacity_gib", "fits", "est_step_s",
-        "est_img_per_s_per_chip", "est_mfu", "collectives"}
+        "est_img_per_s_per_chip", "est_mfu", "collectives", "est_compute_s", "est_memory_s",
+        "est_compute_memory_s", "est_collective_s", "est_ici_s", "est_dcn_s", "est_step_s_serial",
+        "est_overlap", "estimate_basis", "compiler_optimal_seconds"}
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
 
 
@@ -64,6 +66,13 @@ def test_tiny_train_step_compiles_for_v5p_8_with_fsdp_and_reports_memory_speed_c
     hbm = r["hbm_per_chip_gib"]
     assert 0 < hbm["total"] < 1 and hbm["total"] >= hbm["temporaries"]
     assert r["est_step_s"] > 0 and r["est_img_per_s_per_chip"] > 0 and 0 < r["est_mfu"] < 1
+    # The parts: collectives overlap compute and memory, the serial sum bounds the step.
+    assert r["est_collective_s"] > 0 and r["est_ici_s"] > 0 and r["est_dcn_s"] == 0
+    assert r["est_step_s"] == max(r["est_compute_memory_s"], r["est_collective_s"])
+    assert r["est_step_s_serial"] == r["est_compute_memory_s"] + r["est_collective_s"]
+    assert max(r["est_compute_s"], r["est_memory_s"]) <= r["est_compute_memory_s"]
+    # libtpu's optimal_seconds is a negative sentinel without a TPU: recorded raw, never used.
+    assert r["compiler_optimal_seconds"] is None and r["compiler_optimal_seconds_raw"] < 0
     # fsdp gathers the sharded params for the forward pass and reduces the gradients.
     c = r["collectives"]
     assert c["all-gather"]["count"] > 0 and c["all-gather"]["bytes"] > 0
@@ -97,28 +106,44 @@ def test_layer_copies_compiled_follows_jax_scan_lowering(depth, unroll):
     assert sines == hlo_stats.layer_copies_compiled(depth, unroll)
 
 
-def test_scanned_layer_cost_is_extrapolated_to_the_unrolled_cost(v5p_8_report):
-    """The cost analysis counts a scan body once; the extrapolation counts every layer."""
+def test_scanned_layers_cost_as_much_as_the_unrolled_model(v5p_8_report):
+    """The cost analysis counts a scan body once; the HLO walk counts every iteration."""
     scanned = v5p_8_report
     unrolled = _json(_aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS,
                           "--config.model.scan_layers=False"))
-    assert "scan extrapolated" in scanned["estimate_basis"], scanned["estimate_basis"]
-    assert "as compiled (no layer loop)" in unrolled["estimate_basis"]
-    truth = unrolled["flops_per_chip_as_compiled"]
-    assert unrolled["compiled_flops_per_chip"] == truth  # No loop: nothing to extrapolate.
+    assert "step_estimate" in scanned["estimate_basis"], scanned["estimate_basis"]
+    truth = unrolled["compiled_flops_per_chip"]
     # As compiled, 3 + 2 scanned layers look ~2.5x cheaper than they are.
-    assert scanned["flops_per_chip_as_compiled"] < 0.6 * truth
-    # Extrapolated: within 15% of the unrolled model's FLOPs (fusions differ).
-    assert abs(scanned["compiled_flops_per_chip"] / truth - 1) < 0.15, (scanned, unrolled)
+    assert scanned["flops_per_chip_as_compiled"] < 0.6 * unrolled["flops_per_chip_as_compiled"]
+    # Walked: the same matmuls, within 3% (fusions differ).
+    assert abs(scanned["compiled_flops_per_chip"] / truth - 1) < 0.03, (scanned, unrolled)
+    # HBM bytes: the scanned program also moves each loop's small stacked buffers into on-chip
+    # memory and back every iteration (XLA does so only for buffers that fit there), which
+    # the unrolled one does not: within 2.2x here, against 4-5x as the cost analysis charges
+    # the whole stacked buffers at every iteration.
+    ratio = scanned["compiled_bytes_per_chip"] / unrolled["compiled_bytes_per_chip"]
+    assert 0.9 < ratio < 2.2, ratio
 
 
-def test_two_v5p_8_slices_compile_with_the_batch_split_over_dcn():
-    proc = _aot("--topology=v5p-8", "--num_slices=2", "--json=-", "--noestimate", *FSDP)
+def test_two_v5p_8_slices_with_accumulation_compile_and_estimate_the_dcn_time(v5p_8_report):
+    proc = _aot("--topology=v5p-8", "--num_slices=2", "--json=-", *FSDP, *DEPTHS,
+                "--config.train.global_batch_size=16", "--config.train.grad_accum_steps=2")
     r = _json(proc)
     assert r["mesh"] == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
     assert (r["chips"], r["num_slices"], r["hosts"]) == (8, 2, 2)
-    assert r["fits"] is True and (r["global_batch"], r["per_chip_batch"]) == (8, 1)
-    assert r["collectives"]["all-reduce"]["count"] > 0  # Gradients cross the slices.
+    assert r["fits"] is True and (r["global_batch"], r["per_chip_batch"]) == (16, 2)
+    # Gradients cross the slices: sends to the multi-slice runtime, over the DCN.
+    assert r["collectives"]["dcn"]["count"] > 0 and r["collectives"]["dcn"]["bytes"] > 0
+    # Two microbatches of 8 on 8 chips: about the matmul FLOPs per example of the one-slice
+    # step of 8 on 4 chips (the walk counts the accumulation loop; counted once, they would
+    # halve). Not exactly: the per-chip microbatch differs (one example, not two), and XLA
+    # compiles the tiny model's products differently (0.82x measured).
+    assert r["grad_accum_steps"] == 2 and r["est_step_s"] > 0
+    per_example = r["compiled_flops_per_chip"] * r["chips"] / r["global_batch"]
+    one = v5p_8_report
+    reference = one["compiled_flops_per_chip"] * one["chips"] / one["global_batch"]
+    assert 0.75 < per_example / reference < 1.25, (per_example, reference)
+    assert r["est_dcn_s"] > 0  # The gradient reduction crosses the data-centre network.
 
 
 def test_entry_traffic_reads_transposes_fills_allocations_and_batch_minor_arrays():
@@ -144,3 +169,16 @@ def test_entry_traffic_reads_transposes_fills_allocations_and_batch_minor_arrays
     # axis last in their logical shapes).
     assert got["batch_minor_arrays"] == 3
     assert got["written_gb"] == pytest.approx(2 * array + got["zero_fill_gb"] + 3 * 8 * 16 * 2 / 1e9)
+
+
+def test_a_slice_that_does_not_fit_still_reports_every_key():
+    # 131,072 examples per chip on a v5e-4 (16 GiB): the compiler refuses it (~40 s).
+    r = _json(_aot("--topology=v5litepod-4", "--per_chip_batch=131072", *FSDP, "--json=-"))
+    assert KEYS <= set(r), KEYS - set(r)
+    assert r["fits"] is False and r["hbm_temporaries_needed_gib"] > 16
+    assert r["mesh"] == {"dcn": 1, "data": 1, "fsdp": 4, "tensor": 1}  # From the config.
+    assert (r["global_batch"], r["per_chip_batch"]) == (4 * 131072, 131072)
+    nulls = ("est_step_s", "est_compute_s", "est_collective_s", "est_mfu", "collectives",
+             "hbm_per_chip_gib", "compiler_optimal_seconds")
+    assert all(r[k] is None for k in nulls), {k: r[k] for k in nulls}
+    assert "does not fit" in r["estimate_basis"]

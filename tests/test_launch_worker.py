@@ -214,3 +214,17 @@ def test_runbook_compiled_table_is_generated_from_the_aot_records():
     doc = (REPO / "docs" / "tpu.md").read_text()
     block = doc.split(module.BEGIN + "\n", 1)[1].split("\n" + module.END, 1)[0]
     assert block == expected, "run: python launch/aot_table.py --update docs/tpu.md"
+
+
+def test_runbook_time_to_train_table_is_generated_from_the_plans():
+    sys.path.insert(0, str(LAUNCH))  # time_to_train imports its neighbour projections.py
+    try:
+        spec = importlib.util.spec_from_file_location("time_to_train", LAUNCH / "time_to_train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(LAUNCH))
+    doc = (REPO / "docs" / "tpu.md").read_text()
+    block = doc.split(module.BEGIN + "\n", 1)[1].split("\n" + module.END, 1)[0]
+    assert block == module.table(module.load()), (
+        "run: python launch/time_to_train.py --update docs/tpu.md")

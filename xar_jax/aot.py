@@ -3,6 +3,7 @@
   python -m xar_jax.aot --config=configs/xar_h.py --topology=v5p-128 [--num_slices=N]
       [--what=train|sample] [--per_chip_batch=N] [--find_max_batch] [--config.X=...]
       [--json=FILE|-] [--record=docs/tpu_aot.json]
+  python -m xar_jax.aot --plan --config=configs/xar_l.py --topology=v6e-8 [--json=FILE|-]
 
 Compiles exactly what the trainer runs (`xar_jax.train.jit_train_step`, its shardings and
 donation; the batch as the input pipeline shapes it) or, with ``--what=sample``, the sampler's
@@ -14,32 +15,34 @@ It reports per chip:
   state reused for the new state), code; total = arguments + outputs - aliased + temporaries +
   code, against the chip's capacity. A program that does not fit usually fails to compile
   ("out of memory"); it is reported with ``fits: false`` and the compiler's message.
-* Estimates (labelled so; a real TPU has the last word): the compiler's cost analysis gives
-  FLOPs and HBM bytes per chip; ``est_step_s`` is their roofline ``max(flops / peak bf16,
-  bytes / HBM bandwidth)``. libtpu 0.0.42's own ``optimal_seconds`` comes back negative for
-  compile-only devices (-3.0 for configs/tiny.py, -1.9 for xAR-B on v5p-8), so it is recorded
-  as ``compiler_optimal_seconds`` but not used. Collective time is not in the estimate (it
-  overlaps with compute when XLA schedules it well); the collectives are listed instead.
-  ``est_mfu`` = model FLOPs per step / (chips x peak x est_step_s), model FLOPs counted as
-  3 x the forward matmuls and attention (no rematerialisation, no optimizer). With
-  ``train.grad_accum_steps > 1`` the microbatch loop is another loop counted once: no estimate.
-* Scanned layers: the cost analysis counts a ``while`` body once, so a model with
-  ``scan_layers`` (the xAR configs) would look ~depth times cheaper. The estimate compiles the
-  step a second time with twice the layers per scan iteration and extrapolates linearly:
-  ``cost = c(u) + (depth - n(u)) (c(2u) - c(u)) / (n(2u) - n(u))`` (u = ``model.scan_unroll``;
-  n(v) = the blocks compiled at v per iteration, summed over the encoder and decoder scans:
-  `hlo_stats.layer_copies_compiled`, which counts the remainder jax unrolls when v does not
-  divide the depth); the report gives it as ``compiled_flops_per_chip`` (and the count with each
-  loop body once as ``flops_per_chip_as_compiled``). tests/test_aot.py checks it against the
-  unrolled model's cost. Sampling
-  loops over flow steps as well, so ``--what=sample`` gives memory and collectives but no speed
-  estimate.
+* Estimates (labelled so; a real TPU has the last word), by `xar_jax.step_estimate` from the
+  optimised HLO and the chip's figures (`xar_jax.tpu_topology`): per op ``max(matmul FLOPs /
+  peak bf16, HBM bytes / HBM bandwidth)`` summed over the step (``est_compute_memory_s``; its
+  two sums apart: ``est_compute_s``, ``est_memory_s``), collective time from bytes and replica
+  groups over ICI and DCN (``est_collective_s``), and ``est_step_s`` = the larger of the two
+  (collectives overlap compute; ``est_step_s_serial`` is their sum). Loops (the scan over
+  layers, gradient accumulation's microbatches, the sampler's flow steps and entities) count
+  their trip count times, so one compile gives the whole step. ``est_mfu`` = model FLOPs per
+  step / (chips x peak x est_step_s), model FLOPs counted as 3 x the forward matmuls and
+  attention (no rematerialisation, no optimizer). For ``--what=sample``, ``est_step_s`` is one
+  sampler call (the whole batch through every flow step and entity) and
+  ``est_img_per_s_per_chip`` its images per second per chip. The compiler's own cost analysis
+  counts a loop body once (``flops_per_chip_as_compiled``, ``bytes_per_chip_as_compiled``, kept
+  for reference); libtpu 0.0.42's ``optimal_seconds`` comes back negative for compile-only
+  devices, so ``compiler_optimal_seconds`` is null then (the raw value is
+  ``compiler_optimal_seconds_raw``). A program that does not fit still reports every key, null
+  where the compiler gave nothing (with ``hbm_temporaries_needed_gib`` where it says).
 * Collectives per step from the compiled HLO (`xar_jax.hlo_stats`): count and bytes of
-  all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled.
+  all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute, loops unrolled;
+  ``dcn``: those between slices (also counted under their kind).
+
+``--plan`` searches the fastest settings that fit the slice while keeping the config's global
+batch (mesh split, gradient accumulation, remat, layer scan; `xar_jax.plan`), prints the override
+line for the trainer and writes the plan with ``--json``; compile reports are cached on disk.
 
 ``--find_max_batch`` doubles the per-chip batch from the compiled one while it fits (or halves it
 while it does not), then takes one bisection step between the last fit and the first failure;
-it reports the largest batch that fit (memory only: no estimate compiles).
+it reports the largest batch that fit (memory only).
 """
 
 from __future__ import annotations
@@ -62,7 +65,17 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from xar_jax import experiment, generate, hlo_stats, sampling, tpu_topology, train
+from xar_jax import (
+    experiment,
+    generate,
+    hlo_cost,
+    hlo_stats,
+    sampling,
+    step_estimate,
+    tpu_topology,
+    train,
+)
+from xar_jax import plan as plan_lib
 from xar_jax import sharding as sharding_lib
 from xar_jax.model import PRESETS, mlp_hidden_width
 
@@ -76,8 +89,28 @@ flags.DEFINE_integer("per_chip_batch", None,
                      "Examples per chip per step (sets train.global_batch_size = N x chips, or "
                      "sample.batch_size for --what=sample); default: the config's batch.")
 flags.DEFINE_bool("find_max_batch", False, "Bisect for the largest per-chip batch that fits.")
-flags.DEFINE_bool("estimate", True, "Compile a second time for the scanned-layer cost estimate "
-                  "(--noestimate: memory and collectives only, no speed estimate).")
+flags.DEFINE_bool("estimate", True, "Estimate the step time from the compiled HLO "
+                  "(--noestimate: memory and collectives only).")
+flags.DEFINE_bool("plan", False, "Search the fastest settings that fit (xar_jax/plan.py): mesh "
+                  "split, grad accumulation keeping the global batch, remat, layer scan.")
+flags.DEFINE_string("plan_depths", "auto", "--plan, unrolled candidates: 'K1,K2' compiles K1 and "
+                    "K2 blocks per stack and extrapolates to the real depth; 'full' compiles the "
+                    "real depth; 'auto': 2,4 above 4 blocks per stack. Scanned: always full.")
+flags.DEFINE_list("plan_remat", [], "--plan: remat policies to try (default: the config's); "
+                  "e.g. none,dots_no_batch,full.")
+flags.DEFINE_enum("plan_scan", "config", ("config", "both"),
+                  "--plan: try the config's model.scan_layers only, or scanned and unrolled.")
+flags.DEFINE_list("plan_tensor", ["1"], "--plan: mesh.tensor sizes, tried in order; a later one "
+                  "only if nothing fits with the earlier ones (e.g. 1,2,4).")
+flags.DEFINE_integer("plan_jobs", 1, "--plan: compiles run side by side in subprocesses (the "
+                     "first compile of every candidate; each takes a few GiB of host memory).")
+flags.DEFINE_integer("plan_budget", 40, "--plan: most compiles (cached ones are free).")
+flags.DEFINE_integer("plan_meshes", 2, "--plan: data x fsdp splits tried, most sharded first.")
+flags.DEFINE_bool("plan_verify", True, "--plan: compile the chosen plan as planned (real depth "
+                  "and accumulation; doubling the accumulation if it does not fit) and report "
+                  "the compiler's numbers (--noplan_verify: the prediction).")
+flags.DEFINE_string("plan_cache", None, "--plan: directory of cached compile reports ('none': "
+                    "no cache); default $XDG_CACHE_HOME/xar_jax/aot or ~/.cache/xar_jax/aot.")
 flags.DEFINE_string("json", None, "Write the result as JSON to this file, or '-' for stdout.")
 flags.DEFINE_string("record", None, "Merge the result into this JSON list (docs/tpu_aot.json), "
                     "replacing a record of the same config, topology, slices, what and batch.")
@@ -192,32 +225,6 @@ def cost(compiled) -> dict[str, float]:
             "optimal_seconds": float(ca.get("optimal_seconds", float("nan")))}
 
 
-def scan_corrected_cost(config, devices, c1: dict[str, float]) -> tuple[dict[str, float], str]:
-    """Per-chip cost of the step with every layer counted (see the module docstring)."""
-    m = config.model
-    depths = _depths(config)
-    u = m.scan_unroll
-    if not m.scan_layers or all(d <= u for d in depths):
-        return c1, "as compiled (no layer loop)"
-    doubled = copy.deepcopy(config)
-    with doubled.unlocked():
-        doubled.model.scan_unroll = 2 * u
-    c2 = cost(compile_train(doubled, devices)[0])
-    # c(v) = rest + copies(v) x per-block cost, copies summed over the encoder and decoder scans
-    # (their blocks cost the same): two compiles give the per-block cost, the depths the total.
-    copies_u = sum(hlo_stats.layer_copies_compiled(d, u) for d in depths)
-    copies_2u = sum(hlo_stats.layer_copies_compiled(d, 2 * u) for d in depths)
-    missing = sum(depths) - copies_u
-    out = {
-        k: c1[k] + missing * (c2[k] - c1[k]) / (copies_2u - copies_u) for k in ("flops", "bytes")
-    }
-    points = ", ".join(f"{k} c(u) {c1[k]:.4g} c(2u) {c2[k]:.4g}" for k in ("flops", "bytes"))
-    return out, (
-        f"scan extrapolated: c(u={u}) + {missing} uncompiled blocks x (c(2u) - c(u)) / "
-        f"{copies_2u - copies_u} blocks; {points}"
-    )
-
-
 def _depths(config) -> tuple[int, int]:
 
     m = config.model
@@ -276,6 +283,7 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
         "peak_bf16_tflops": gen.peak_bf16_tflops, "hbm_gbps": gen.hbm_gbps,
         "libtpu": libtpu_version(), "date": datetime.date.today().isoformat(),
     }
+    record.update(ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits)
     if what == "train":
         record["global_batch"] = config.train.global_batch_size
         record["grad_accum_steps"] = config.train.grad_accum_steps
@@ -283,6 +291,9 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     else:
         record["global_batch"] = config.sample.batch_size
         record["per_chip_batch"] = config.sample.batch_size // chips
+    # Every key is present whatever happens next; null where the compile does not tell.
+    record.update({k: None for k in REPORT_KEYS if k not in record})
+    record["mesh"] = _planned_mesh(config, chips, num_slices) if what == "train" else None
     start = time.perf_counter()
     try:
         compiled, mesh = (compile_train if what == "train" else compile_sample)(config, devices)
@@ -291,7 +302,8 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
         if not any(m in message for m in OOM_MARKERS):
             raise
         record.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
-                      error=" ".join(message.split())[:600])
+                      error=" ".join(message.split())[:600],
+                      estimate_basis="none: the program does not fit (the compiler refused it)")
         needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
         if needed:  # XLA's "G" is GiB.
             record["hbm_temporaries_needed_gib"] = float(needed.group(1))
@@ -301,38 +313,79 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     hbm = hbm_per_chip(compiled)
     record["hbm_per_chip_gib"] = hbm
     record["fits"] = hbm["total"] <= gen.hbm_gib
-    record["collectives"] = hlo_stats.collectives(compiled.as_text())
+    text = compiled.as_text()
+    record["collectives"] = hlo_stats.collectives(text)
     c1 = cost(compiled)
-    record["compiler_optimal_seconds"] = c1["optimal_seconds"]
-    # The cost analysis as compiled: a layer loop's body counted once (see the module docstring).
+    # libtpu's own estimate: a negative sentinel on compile-only devices (see the docstring).
+    record["compiler_optimal_seconds"] = (
+        c1["optimal_seconds"] if c1["optimal_seconds"] >= 0 else None)
+    record["compiler_optimal_seconds_raw"] = c1["optimal_seconds"]
+    # The cost analysis as compiled: every loop body counted once (see the module docstring).
     record["flops_per_chip_as_compiled"] = c1["flops"]
-    record.update(est_step_s=None, est_img_per_s_per_chip=None, est_mfu=None)
-    if what != "train":
-        record["estimate_basis"] = "none: the sampler's flow-step loops are counted once"
+    record["bytes_per_chip_as_compiled"] = c1["bytes"]
+    if not estimate:
+        record["estimate_basis"] = "none: --noestimate"
         return record
-    if config.train.grad_accum_steps > 1:
-        record["estimate_basis"] = "none: the gradient-accumulation loop is counted once"
-        return record
-    scanned = config.model.scan_layers and sum(_depths(config)) / 2 > config.model.scan_unroll
-    if scanned and not estimate:
-        record["estimate_basis"] = "none: --noestimate (scanned layers would be counted once)"
-        return record
-    t0 = time.perf_counter()
-    corrected, basis = scan_corrected_cost(config, devices, c1)
-    record["estimate_compile_s"] = round(time.perf_counter() - t0, 1)
-    compute_s = corrected["flops"] / (gen.peak_bf16_tflops * 1e12)
-    memory_s = corrected["bytes"] / (gen.hbm_gbps * 1e9)
-    step_s = max(compute_s, memory_s)
-    model_flops = model_flops_per_example(config) * config.train.global_batch_size
-    record.update(
-        compiled_flops_per_chip=corrected["flops"], compiled_bytes_per_chip=corrected["bytes"],
-        model_flops_per_step=model_flops, est_compute_s=compute_s, est_memory_s=memory_s,
-        est_step_s=step_s,
-        est_img_per_s_per_chip=config.train.global_batch_size / chips / step_s,
-        est_mfu=model_flops / (chips * gen.peak_bf16_tflops * 1e12 * step_s),
-        estimate_basis=f"roofline of the compiler's per-chip FLOPs and bytes; {basis}",
-    )
+    # The program's own devices: all chips for the train step, one host's for the sampler.
+    ops, notes = hlo_cost.module_ops(text, int(mesh.devices.size),
+                                     num_slices if what == "train" else 1)
+    est = step_estimate.estimate(
+        ops, peak_tflops=gen.peak_bf16_tflops, hbm_gbps=gen.hbm_gbps,
+        chips_per_slice=topo.chips, ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits,
+        ici_links=gen.ici_links)
+    record.update(_estimate_keys(config, est, notes, what=what, chips=chips,
+                                 peak_tflops=gen.peak_bf16_tflops))
     return record
+
+
+ESTIMATE_KEYS = ("est_step_s", "est_step_s_serial", "est_compute_s", "est_memory_s",
+                 "est_compute_memory_s", "est_collective_s", "est_ici_s", "est_dcn_s",
+                 "est_overlap")
+REPORT_KEYS = (
+    "mesh", "compile_s", "fits", "error", "hbm_temporaries_needed_gib", "hbm_per_chip_gib",
+    "collectives", "compiler_optimal_seconds", "compiler_optimal_seconds_raw",
+    "flops_per_chip_as_compiled", "bytes_per_chip_as_compiled", "compiled_flops_per_chip",
+    "compiled_bytes_per_chip", "model_flops_per_step", *ESTIMATE_KEYS, "est_img_per_s_per_chip",
+    "est_mfu", "opaque_kernels", "estimate_basis",
+)
+
+
+def _planned_mesh(config, chips: int, num_slices: int) -> dict[str, int] | None:
+    """The mesh the trainer would build (known before compiling; None if the config's is bad)."""
+    try:
+        data, fsdp, tensor = sharding_lib.resolve_mesh_shape(
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor, chips // num_slices)
+    except ValueError:
+        return None
+    return {"dcn": num_slices, "data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def _estimate_keys(config, est: dict[str, Any], notes: dict[str, Any], *, what: str,
+                   chips: int, peak_tflops: float) -> dict[str, Any]:
+    """The report's estimate keys from a `step_estimate.estimate` of the compiled program."""
+    if what == "train":
+        examples = config.train.global_batch_size / chips
+        model_flops = model_flops_per_example(config) * config.train.global_batch_size
+    else:
+        examples = config.sample.batch_size / chips
+        model_flops = None
+    out = {k: est[k] for k in ESTIMATE_KEYS}
+    out.update(
+        compiled_flops_per_chip=est["flops"], compiled_bytes_per_chip=est["bytes"],
+        model_flops_per_step=model_flops,
+        est_img_per_s_per_chip=examples / est["est_step_s"] if est["est_step_s"] else None,
+        est_mfu=(model_flops / (chips * peak_tflops * 1e12 * est["est_step_s"])
+                 if model_flops and est["est_step_s"] else None),
+        opaque_kernels=notes["opaque_kernels"],
+        estimate_basis=(
+            "xar_jax.step_estimate on the optimised HLO: matmul FLOPs and HBM bytes per op "
+            "(loops counted their trip count times), collectives from bytes and replica groups "
+            "over ICI/DCN; " + est["est_overlap"]
+            + ("; unknown loop trip counts (counted once): " + ", ".join(
+                notes["unknown_trip_counts"]) if notes["unknown_trip_counts"] else "")
+        ),
+    )
+    return out
 
 
 def find_max_batch(config, topo, *, what: str, config_name: str,
@@ -395,13 +448,17 @@ def format_table(r: dict[str, Any]) -> str:
         ("compile", f"{r['compile_s']} s"),
         ("HBM per chip (GiB)", ", ".join(f"{k} {v}" for k, v in hbm.items()) or "n/a"),
         ("fits", f"{r['fits']} (capacity {r['hbm_capacity_gib']} GiB)"),
-        ("est. step", duration(r.get("est_step_s"))),
+        ("est. step", duration(r.get("est_step_s"))
+         + (f" = max(compute+memory per op {duration(r['est_compute_memory_s'])}, collectives "
+            f"{duration(r['est_collective_s'])}); compute {duration(r['est_compute_s'])}, memory "
+            f"{duration(r['est_memory_s'])}, serial {duration(r['est_step_s_serial'])}"
+            if r.get("est_step_s") is not None else "")),
         ("est. img/s/chip", num(r.get("est_img_per_s_per_chip"), ".1f")),
         ("est. MFU", num(r.get("est_mfu"), ".1%")
          + f" (peak bf16 {r['peak_bf16_tflops']} TFLOP/s per chip)"),
     ]
     for kind in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                 "collective-permute"):
+                 "collective-permute", "dcn"):
         if kind in c:
             rows.append((kind, f"{c[kind]['count']} ops, {c[kind]['bytes'] / 2**20:.1f} MiB"))
     if "max_per_chip_batch" in r:
@@ -432,6 +489,55 @@ def merge_record(path: str, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def run_plan(config, topo: tpu_topology.Topology, name: str) -> None:
+    """``--plan``: `xar_jax.plan.search` with this module's compiler; prints and writes it."""
+    if FLAGS.what != "train" or FLAGS.find_max_batch or FLAGS.per_chip_batch:
+        sys.exit("error: --plan plans the train step at the config's global batch; drop "
+                 "--what=sample, --find_max_batch and --per_chip_batch.")
+    try:
+        if FLAGS.plan_depths == "auto":
+            deep = max(plan_lib.depths(config)) > 4
+            depth_points = (2, 4) if deep else None
+        elif FLAGS.plan_depths == "full":
+            depth_points = None
+        else:
+            k1, k2 = (int(k) for k in FLAGS.plan_depths.split(","))
+            if not 1 <= k1 < k2:
+                raise ValueError
+            depth_points = (k1, k2)
+    except ValueError:
+        sys.exit(f"error: --plan_depths={FLAGS.plan_depths!r}; allowed: auto, full or K1,K2 "
+                 "(1 <= K1 < K2).")
+    bad = [r for r in FLAGS.plan_remat if r not in plan_lib.REMAT_ORDER]
+    if bad:
+        sys.exit(f"error: --plan_remat={','.join(bad)}; allowed: "
+                 f"{', '.join(plan_lib.REMAT_ORDER)}.")
+    gb, chips = config.train.global_batch_size, topo.chips * config.mesh.num_slices
+    if gb % chips:
+        sys.exit(f"error: train.global_batch_size={gb} does not split over {chips} chips; "
+                 "a plan keeps the global batch.")
+    cache_dir = FLAGS.plan_cache or plan_lib.default_cache_dir()
+    cache = plan_lib.ReportCache(None if cache_dir == "none" else cache_dir,
+                                 f"jax {jax.__version__} libtpu {libtpu_version()}")
+    scans = None if FLAGS.plan_scan == "config" else (bool(config.model.scan_layers),
+                                                     not config.model.scan_layers)
+    result = plan_lib.search(
+        config, topo, compile_report=compile_report, cache=cache, config_name=name,
+        depth_points=depth_points, remats=tuple(FLAGS.plan_remat) or None, scans=scans,
+        max_meshes=FLAGS.plan_meshes, tensors=tuple(int(t) for t in FLAGS.plan_tensor),
+        jobs=FLAGS.plan_jobs, config_file=config_flags.get_config_filename(FLAGS["config"]),
+        budget=FLAGS.plan_budget, verify=FLAGS.plan_verify)
+    result.update(libtpu=libtpu_version(), jax=jax.__version__,
+                  date=datetime.date.today().isoformat())
+    print(plan_lib.format_plan(result), file=sys.stderr if FLAGS.json == "-" else sys.stdout)
+    text = json.dumps(result, indent=1)
+    if FLAGS.json == "-":
+        print(text)
+    elif FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            f.write(text + "\n")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -443,6 +549,8 @@ def main(argv):
     name = os.path.relpath(config_flags.get_config_filename(FLAGS["config"]))
     config = prepare_config(FLAGS.config, topo, num_slices=FLAGS.num_slices,
                             per_chip_batch=FLAGS.per_chip_batch, what=FLAGS.what)
+    if FLAGS.plan:
+        return run_plan(config, topo, name)
     record = compile_report(config, topo, what=FLAGS.what, estimate=FLAGS.estimate,
                             config_name=name)
     if FLAGS.find_max_batch:

@@ -11,6 +11,14 @@ static bounds, which count from 0).
 
 Bytes are those of the collective's result on one chip (all-gather: the gathered array;
 reduce-scatter: the scattered shard; all-reduce: the reduced array), summed over executions.
+
+TPU's compiler writes a reduce-scatter as a fusion whose computation is named
+``all-reduce-scatter`` (an ``all-reduce`` of the whole array and a ``dynamic-slice`` of this
+chip's shard, run as one reduce-scatter): it is counted as a reduce-scatter with the fusion's
+result (the shard), and the all-reduce inside it is not counted. A program for several slices
+is compiled per slice; what crosses slices is a ``send`` to the multi-slice runtime marked with
+the collective it implements: counted under that kind and, separately, under ``'dcn'`` (bytes
+sent per chip).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import re
 from typing import Any
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# The computation name TPU's compiler gives a reduce-scatter it lowers as a fusion.
+REDUCE_SCATTER_FUSION = "all-reduce-scatter"
 
 _DTYPE_BYTES = {
     "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
@@ -32,6 +42,7 @@ _OP = re.compile(r"\s(" + "|".join(KINDS) + r")(-start)?\(")
 _CALLEE = re.compile(r"\b(?:calls|body|to_apply|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _COND = re.compile(r"\bcondition=%?([\w.\-]+)")
 _INT_CONST = re.compile(r"=\s*[su](?:32|64)\[\]\S*\s+constant\((\d+)\)")
 
@@ -86,12 +97,29 @@ def _parse(text: str) -> tuple[dict[str, _Computation], str, list[str]]:
             current.less_than = True
         rhs = line.split("=", 1)[1]
         op = _OP.search(rhs)
-        if op:
+        callees = _CALLEE.findall(line)
+        fused_rs = [c for c in callees if c.startswith(REDUCE_SCATTER_FUSION)]
+        if fused_rs:
+            # TPU's reduce-scatter: a fusion around an all-reduce and the dynamic-slice of this
+            # chip's shard, run as one reduce-scatter. Counted as that, its body not entered.
+            shape = rhs[: rhs.index(" fusion(")] if " fusion(" in rhs else rhs
+            counts = current.own.setdefault("reduce-scatter", [0, 0.0])
+            counts[0] += 1
+            counts[1] += _result_bytes(shape, False)
+            callees = [c for c in callees if c not in fused_rs]
+        elif op:
             shape = rhs[: op.start()]
             counts = current.own.setdefault(op.group(1), [0, 0.0])
             counts[0] += 1
             counts[1] += _result_bytes(shape, bool(op.group(2)))
-        callees = _CALLEE.findall(line)
+        elif " send(" in rhs and (dcn := _MEGASCALE.search(line)):
+            # Between slices: a send to the multi-slice runtime, marked with its collective.
+            kind = dcn.group(1).lower().replace("_", "-")
+            sent = float((_array_bytes(rhs[: rhs.index(" send(")]) or [0.0])[0])
+            for key in (kind, "dcn"):
+                counts = current.own.setdefault(key, [0, 0.0])
+                counts[0] += 1
+                counts[1] += sent
         for group in _BRANCHES.findall(line):
             callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
         if not callees:
@@ -119,7 +147,7 @@ def _trip_count(comps: dict[str, _Computation], cond: str) -> int | None:
 
 def collectives(hlo_text: str) -> dict[str, Any]:
     """Collectives of one execution of the module: ``{kind: {'count', 'bytes'}}`` for every kind
-    in `KINDS` (zeros included), plus ``'unknown_trip_counts'``: loops counted once because XLA
+    in `KINDS` and ``'dcn'`` (zeros included), plus ``'unknown_trip_counts'``: loops counted once because XLA
     recorded no trip count (an undercount; empty in the train step's scan over layers)."""
     comps, entry, unknown = _parse(hlo_text)
     memo: dict[str, dict[str, list[float]]] = {}
@@ -148,7 +176,7 @@ def collectives(hlo_text: str) -> dict[str, Any]:
     counts = total(entry) if entry else {}
     result: dict[str, Any] = {
         k: {"count": int(counts.get(k, [0, 0])[0]), "bytes": int(counts.get(k, [0, 0.0])[1])}
-        for k in KINDS
+        for k in (*KINDS, "dcn")
     }
     result["unknown_trip_counts"] = unknown
     return result

@@ -25,7 +25,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from xar_jax import experiment, fileio, generate, score, train
+from xar_jax import experiment, fileio, generate, plan_file, score, train
 from xar_jax.console import configure_logging, report_user_error
 from xar_jax.errors import UserError
 from xar_jax.experiment import MODES
@@ -233,6 +233,8 @@ def main(argv):
         sys.exit(2)
     if FLAGS.check_only:
         try:
+            if mode == "train":
+                config = plan_file.config_with_plan(config, devices=None, argv=sys.argv)
             validate_config(config, num_devices=None, training=mode == "train")
         except UserError as e:
             report_user_error(str(e))
@@ -242,6 +244,8 @@ def main(argv):
     enable_compile_cache(config, workdir)
     initialize_distributed(FLAGS.distributed)
     try:
+        if mode == "train":  # The plan's settings, before validation.
+            config = plan_file.config_with_plan(config, devices=jax.devices(), argv=sys.argv)
         # Validates the config for this mode before any compilation or data loading. The config
         # itself goes to WORKDIR/config.json and TensorBoard (training), or --print_config.
         exp = experiment.build(config, mode)

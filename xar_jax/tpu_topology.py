@@ -26,9 +26,29 @@ Larger power-of-two slices follow the same rule (the cloud's shapes): starting f
 (v4/v5p) or 2x2 (v5e/v6e), each doubling doubles the right-most of the smallest sides
 (2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4 -> 4x4x8; 2x4 -> 4x4 -> 4x8 -> 8x8). 3-D slices of 4x4x4
 chips and more are tori (wrap-around links), as are the 16-chip sides of v5e/v6e. Other
-shapes can be given directly in libtpu's form (``v5p:4x4x12``). HBM and peak are Google's
-published per-chip figures (HBM bandwidth: v4 1228, v5e 819, v5p 2765, v6e 1640 GB/s); the
-peaks and bandwidths are what the AOT tool's estimates divide by.
+shapes can be given directly in libtpu's form (``v5p:4x4x12``).
+
+Chip figures (`GENERATIONS`, and `H200` for the one GPU this project measures on) are what the
+step-time estimate (`xar_jax.step_estimate`) divides by. Sources: the Cloud TPU docs' page per
+generation (docs.cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e; read 2026-12), NVIDIA's H200
+datasheet:
+
+=====  =========  ==========  ============  =================  ======  =================
+chip   bf16 peak  HBM         HBM GB/s      ICI GB/s (bidir.)  links   DCN Gbit/s / chip
+=====  =========  ==========  ============  =================  ======  =================
+v4     275        32 GiB      1228          537 (a)            6       25 (c)
+v5p    459        95 GiB      2765          1200               6       50
+v5e    197        16 GiB      819           400                4       25 (b)
+v6e    918        32 GiB      1640          800                4       25 (c)
+H200   989 (d)    141 GB      4800 (d)      --                 --      --
+=====  =========  ==========  ============  =================  ======  =================
+
+(a) v4's page gives no per-chip ICI figure; 537 = 2 x its "all-reduce bandwidth per Pod"
+(1.1 PB/s) / 4096 chips, the same relation the v5e (51.2 TB/s / 256 = 400 / 2) and v6e
+(102.4 TB/s / 256 = 800 / 2) pages' figures obey. (b) v5e's "data center network bandwidth per
+Pod", 6.4 Tbit/s / 256 chips. (c) Not on the page; assumed equal to v5e's. (d) Datasheet (dense
+bf16 989 TFLOP/s, 4.8 TB/s); measured ceilings on this project's H200 are lower (~790 TFLOP/s
+bf16 matmul, ~4.3 TB/s copy: `H200_MEASURED`).
 """
 
 from __future__ import annotations
@@ -54,16 +74,33 @@ class Generation:
     chip_config: str  # libtpu chip_config_name: 'megacore' fuses a chip's 2 cores into 1 device.
     hbm_gib: float  # HBM per chip.
     peak_bf16_tflops: float  # Dense bf16 peak per chip.
-    hbm_gbps: float  # HBM bandwidth per chip, GB/s (the roofline estimate's memory term).
+    hbm_gbps: float  # HBM bandwidth per chip, GB/s (the estimate's memory term).
     max_chips: int
+    ici_gbps: float  # Inter-chip interconnect per chip, GB/s, both directions of all links.
+    ici_links: int  # ICI ports per chip.
+    dcn_gbits: float  # Data-centre network per chip, Gbit/s (between slices).
 
 
 GENERATIONS = {
-    "v4": Generation("v4", True, 3, "megacore", 32.0, 275.0, 1228.0, 4096),
-    "v5p": Generation("v5p", True, 3, "megacore", 95.0, 459.0, 2765.0, 8960),
-    "v5e": Generation("v5e", False, 2, "default", 16.0, 197.0, 819.0, 256),
-    "v6e": Generation("v6e", False, 2, "default", 32.0, 918.0, 1640.0, 256),
+    "v4": Generation("v4", True, 3, "megacore", 32.0, 275.0, 1228.0, 4096, 537.0, 6, 25.0),
+    "v5p": Generation("v5p", True, 3, "megacore", 95.0, 459.0, 2765.0, 8960, 1200.0, 6, 50.0),
+    "v5e": Generation("v5e", False, 2, "default", 16.0, 197.0, 819.0, 256, 400.0, 4, 25.0),
+    "v6e": Generation("v6e", False, 2, "default", 32.0, 918.0, 1640.0, 256, 800.0, 4, 25.0),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """One GPU's figures for the same estimate (one device: no interconnect term)."""
+
+    name: str
+    hbm_gib: float
+    peak_bf16_tflops: float
+    hbm_gbps: float
+
+
+H200 = Gpu("H200", 131.1, 989.0, 4800.0)  # Datasheet: 141 GB = 131.1 GiB.
+H200_MEASURED = Gpu("H200 (measured ceilings)", 131.1, 790.0, 4300.0)
 _ALIASES = {"v5litepod": "v5e"}
 
 

@@ -122,6 +122,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.objective = "ncl"  # ncl (Noisy Context Learning, the paper) | teacher_forcing.
     c.train.label_drop_prob = 0.1  # Probability that a label becomes the null class (paper: 0.1).
     c.train.grad_accum_steps = 1  # Microbatches per step (large global batches on few chips).
+    # A plan of mesh, accumulation, remat and layer scan for this slice (docs/tpu.md, section 5):
+    # '' = none; a JSON file from `python -m xar_jax.aot --plan --json=FILE` (its overrides are
+    # applied before validation; a plan for another model, global batch or slice is refused);
+    # 'auto' = run that search for this run's TPU devices first (TPU only; reports cached).
+    c.train.plan = ""
     c.train.nan_policy = "stop"  # Non-finite loss/grad: stop (error naming the step) | skip.
     # 'skip' only: stop (without saving) after this many non-finite steps in a row, so a diverged
     # run cannot rotate its good checkpoints out.

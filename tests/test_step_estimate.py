@@ -1,0 +1,227 @@
+"""The step-time estimate's HLO walk and time model, on hand-written HLO (no compile)."""
+
+import pytest
+
+from xar_jax import hlo_cost, hlo_stats, step_estimate
+
+# A scan of 4 iterations over a stacked f32[4,1024] buffer: each iteration slices one row of a
+# stacked input (a fusion that only dynamic-slices its operand), multiplies it by a matrix, and
+# writes its row of the stacked output in place; a prefetch into on-chip memory (S(1)) and an
+# all-reduce over 4 devices in the entry.
+LOOP = """HloModule m
+
+%slice_body (p0: f32[4,1024], p1: s32[]) -> f32[1,1024] {
+  %p0 = f32[4,1024]{1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,1024]{1,0} dynamic-slice(%p0, %p1, %z), dynamic_slice_sizes={1,1024}
+}
+
+%dot_body (a: f32[1,1024], w: f32[1024,1024]) -> f32[1,1024] {
+  %a = f32[1,1024]{1,0} parameter(0)
+  %w = f32[1024,1024]{1,0} parameter(1)
+  ROOT %d = f32[1,1024]{1,0} dot(%a, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%update_body (buf: f32[4,1024], row: f32[1,1024], i: s32[]) -> f32[4,1024] {
+  %buf = f32[4,1024]{1,0} parameter(0)
+  %row = f32[1,1024]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[4,1024]{1,0} dynamic-update-slice(%buf, %row, %i, %z)
+}
+
+%body (t: (s32[], f32[4,1024], f32[4,1024], f32[1024,1024])) -> (s32[], f32[4,1024], f32[4,1024], f32[1024,1024]) {
+  %t = (s32[], f32[4,1024]{1,0}, f32[4,1024]{1,0}, f32[1024,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %xs = f32[4,1024]{1,0} get-tuple-element(%t), index=1
+  %ys = f32[4,1024]{1,0} get-tuple-element(%t), index=2
+  %w = f32[1024,1024]{1,0} get-tuple-element(%t), index=3
+  %x = f32[1,1024]{1,0} fusion(%xs, %i), kind=kLoop, calls=%slice_body
+  %y = f32[1,1024]{1,0} fusion(%x, %w), kind=kOutput, calls=%dot_body
+  %ys2 = f32[4,1024]{1,0} fusion(%ys, %y, %i), kind=kLoop, calls=%update_body
+  %one = s32[] constant(1)
+  %i2 = s32[] add(%i, %one)
+  ROOT %out = (s32[], f32[4,1024]{1,0}, f32[4,1024]{1,0}, f32[1024,1024]{1,0}) tuple(%i2, %xs, %ys2, %w)
+}
+
+%cond (t: (s32[], f32[4,1024], f32[4,1024], f32[1024,1024])) -> pred[] {
+  %t = (s32[], f32[4,1024]{1,0}, f32[4,1024]{1,0}, f32[1024,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (xs: f32[4,1024], w: f32[1024,1024]) -> f32[4,1024] {
+  %xs = f32[4,1024]{1,0} parameter(0)
+  %w = f32[1024,1024]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = f32[4,1024]{1,0} parameter(2)
+  %t = (s32[], f32[4,1024]{1,0}, f32[4,1024]{1,0}, f32[1024,1024]{1,0}) tuple(%zero, %xs, %init, %w)
+  %loop = (s32[], f32[4,1024]{1,0}, f32[4,1024]{1,0}, f32[1024,1024]{1,0}) while(%t), condition=%cond, body=%body
+  %ys = f32[4,1024]{1,0} get-tuple-element(%loop), index=2
+  %pre = (f32[4,1024]{1,0:S(1)}, f32[4,1024]{1,0}, u32[]) copy-start(%ys)
+  %vm = f32[4,1024]{1,0:S(1)} copy-done(%pre)
+  ROOT %r = f32[4,1024]{1,0} all-reduce(%vm), replica_groups=[1,4]<=[4], to_apply=%add
+}
+"""
+
+ROW, MATRIX, STACK = 1024 * 4, 1024 * 1024 * 4, 4 * 1024 * 4
+
+
+def test_loops_count_their_trip_count_and_stacked_buffers_only_the_rows_moved():
+    ops, notes = hlo_cost.module_ops(LOOP, num_devices=4)
+    assert notes == {"opaque_kernels": 0, "unknown_trip_counts": []}
+    cost = hlo_cost.module_cost(LOOP)
+    # The matmul: 2 x 1024 outputs x 1024 contracted, 4 iterations.
+    assert cost["flops"] == 4 * 2 * 1024 * 1024
+    # Per iteration: the slice reads one row (and the index) and writes it; the dot reads the
+    # row and the matrix and writes a row; the update reads its row and writes it in place
+    # (not the stacked buffer); the counter's add and the loop condition's compare (5 times)
+    # move their scalars. Then the prefetch reads the stack (its VMEM copy is not HBM), and the
+    # all-reduce reads the VMEM copy and writes the stack to HBM.
+    per_iteration = (2 * ROW + 4) + (2 * ROW + MATRIX) + (2 * ROW + 4) + 12
+    assert cost["bytes"] == 4 * per_iteration + 5 * 9 + STACK + STACK
+    reduce = next(o for o in ops if o.collective)
+    assert (reduce.collective, reduce.result_bytes, reduce.group) == (
+        "all-reduce", STACK, (0, 1, 2, 3))
+
+
+def test_per_op_roofline_and_ring_collectives_make_the_step():
+    ops, _ = hlo_cost.module_ops(LOOP, num_devices=4)
+    est = step_estimate.estimate(ops, peak_tflops=1.0, hbm_gbps=1.0, chips_per_slice=4,
+                                 ici_gbps=2.0, dcn_gbits=8.0)
+    flops_s = 2 * 1024 * 1024 / 1e12
+    dot_s = max(flops_s, (2 * ROW + MATRIX) / 1e9)
+    assert dot_s > flops_s  # Memory-bound at these rates: per op, the larger term counts.
+    assert est["est_compute_s"] == pytest.approx(4 * flops_s)
+    rest = 4 * (2 * ROW + 4 + 2 * ROW + 4 + 12) + 5 * 9 + STACK  # All memory-bound.
+    assert est["est_compute_memory_s"] == pytest.approx(4 * dot_s + rest / 1e9)
+    assert est["est_memory_s"] == pytest.approx((4 * (2 * ROW + MATRIX) + rest) / 1e9)
+    # All-reduce over 4 chips in one slice: 2 B (n-1)/n over half the bidirectional ICI.
+    assert est["est_ici_s"] == pytest.approx(2 * STACK * 3 / 4 / 1e9)
+    assert est["est_dcn_s"] == 0
+    assert est["est_step_s"] == max(est["est_compute_memory_s"], est["est_collective_s"])
+
+
+@pytest.mark.parametrize("attrs,group", [
+    ("replica_groups={{0,2},{1,3}}", [0, 2]),
+    ("replica_groups=[2,2]<=[4]", [0, 1]),
+    ("replica_groups=[2,2]<=[2,2]T(1,0)", [0, 2]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", [0, 4]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", [0, 1, 2, 3]),
+    ("source_target_pairs={{0,1},{1,0}}", [0, 1]),
+    ("replica_groups={}", [0, 1, 2, 3, 4, 5, 6, 7]),
+])
+def test_replica_groups_are_read_in_every_printed_form(attrs, group):
+    assert hlo_cost.replica_group(attrs, 8) == group
+
+
+def test_cross_slice_groups_go_over_dcn():
+    # An all-reduce of 1 GB over the same chip of 2 slices (4 chips each): DCN only.
+    ici, dcn = step_estimate.collective_seconds(
+        "all-reduce", 1e9, [0, 4], chips_per_slice=4, ici_gbps=1200, dcn_gbits=50)
+    assert ici == 0 and dcn == pytest.approx(2 * 1e9 * 1 / 2 / (50 / 8 * 1e9))
+    # Over all 8 chips: the ring inside each slice on ICI, the slices' share over DCN.
+    ici, dcn = step_estimate.collective_seconds(
+        "all-reduce", 1e9, range(8), chips_per_slice=4, ici_gbps=1200, dcn_gbits=50)
+    assert ici == pytest.approx(2 * 1e9 * 3 / 4 / 600e9)
+    assert dcn == pytest.approx(2 * (1e9 * 2 / 8) * 1 / 2 / (50 / 8 * 1e9))
+
+
+# TPU's form of a reduce-scatter: a fusion around an all-reduce and this chip's dynamic-slice.
+FUSED_REDUCE_SCATTER = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%all-reduce-scatter.1 (input: f32[1024,256]) -> f32[256,256] {
+  %input = f32[1024,256]{1,0} parameter(0)
+  %ar = f32[1024,256]{1,0} all-reduce(%input), replica_groups={{0,1,2,3}}, to_apply=%add
+  %pid = u32[] partition-id()
+  %c = u32[] constant(256)
+  %off = u32[] multiply(%pid, %c)
+  %z = u32[] constant(0)
+  ROOT %ds = f32[256,256]{1,0} dynamic-slice(%ar, %off, %z), dynamic_slice_sizes={256,256}
+}
+
+ENTRY %main (g: f32[1024,256]) -> f32[256,256] {
+  %g = f32[1024,256]{1,0} parameter(0)
+  ROOT %rs = f32[256,256]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""
+
+
+def test_tpu_fused_reduce_scatter_counts_as_a_reduce_scatter_of_the_shard():
+    c = hlo_stats.collectives(FUSED_REDUCE_SCATTER)
+    shard = 256 * 256 * 4
+    assert c["reduce-scatter"] == {"count": 1, "bytes": shard}
+    assert c["all-reduce"] == {"count": 0, "bytes": 0}
+    ops, _ = hlo_cost.module_ops(FUSED_REDUCE_SCATTER, num_devices=4)
+    (rs,) = [o for o in ops if o.collective]
+    assert (rs.collective, rs.result_bytes, rs.group) == ("reduce-scatter", shard, (0, 1, 2, 3))
+    # Ring reduce-scatter: (n - 1) shards cross each chip's links, half of an all-reduce's.
+    ici, _ = step_estimate.collective_seconds("reduce-scatter", shard, rs.group,
+                                              chips_per_slice=4, ici_gbps=2.0, dcn_gbits=1.0)
+    all_reduce, _ = step_estimate.collective_seconds("all-reduce", 4 * shard, rs.group,
+                                                     chips_per_slice=4, ici_gbps=2.0,
+                                                     dcn_gbits=1.0)
+    assert ici == pytest.approx(3 * shard / 1e9) and all_reduce == pytest.approx(2 * ici)
+
+
+def test_a_collective_permute_uses_one_link():
+    # v5p: 1,200 GB/s both ways over 6 ports, so 100 GB/s one way per link.
+    ici, dcn = step_estimate.collective_seconds(
+        "collective-permute", 1e9, [0, 1], chips_per_slice=4, ici_gbps=1200, dcn_gbits=50,
+        ici_links=6)
+    assert ici == pytest.approx(1e9 / 100e9) and dcn == 0
+
+
+def test_batched_matmul_written_as_a_dilated_convolution_counts_its_products_once():
+    # TPU's form of softmax(..) @ V for 8 examples x 12 heads: the batch and heads are spatial
+    # dimensions of a convolution, dilated so that one kernel position meets each output.
+    text = """HloModule m
+
+ENTRY %main (p: bf16[8,256,12,64], s: bf16[8,12,256,256]) -> bf16[8,12,64,256] {
+  %p = bf16[8,256,12,64]{1,3,2,0} parameter(0)
+  %s = bf16[8,12,256,256]{2,3,1,0} parameter(1)
+  ROOT %c = bf16[8,12,64,256]{3,2,1,0} convolution(%p, %s), window={size=8x12 stride=7x11 lhs_dilate=8x12}, dim_labels=0f1b_01oi->01bf
+}
+"""
+    assert hlo_cost.module_cost(text)["flops"] == 2 * 8 * 12 * 64 * 256 * 256
+
+
+def test_a_stacked_operand_sliced_inside_a_nested_fusion_is_charged_its_slice():
+    text = """HloModule m
+
+%inner (a: f32[20,1024], i: s32[]) -> f32[1,1024] {
+  %a = f32[20,1024]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,1024]{1,0} dynamic-slice(%a, %i, %z), dynamic_slice_sizes={1,1024}
+}
+
+%outer (stack: f32[20,1024], i: s32[]) -> f32[1,1024] {
+  %stack = f32[20,1024]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %row = f32[1,1024]{1,0} fusion(%stack, %i), kind=kLoop, calls=%inner
+  ROOT %neg = f32[1,1024]{1,0} negate(%row)
+}
+
+ENTRY %main (stack: f32[20,1024], i: s32[]) -> f32[1,1024] {
+  %stack = f32[20,1024]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %f = f32[1,1024]{1,0} fusion(%stack, %i), kind=kLoop, calls=%outer
+}
+"""
+    # The row read, the index read, the row written: not the 20-row stack.
+    assert hlo_cost.module_cost(text)["bytes"] == ROW + 4 + ROW

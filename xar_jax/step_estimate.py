@@ -1,0 +1,132 @@
+"""Per-chip step time of a compiled program, from its optimised HLO and the chip's figures.
+
+The model (pure functions of `xar_jax.hlo_cost.module_ops` and a chip's figures in
+`xar_jax.tpu_topology`):
+
+* **Compute and memory, per op.** Each op outside fusion bodies (a fusion, a custom call, a
+  copy, ...) runs in ``max(flops / peak, hbm_bytes / hbm_bandwidth)``: an op is either bound by
+  the matrix units or by HBM, and XLA runs one op (kernel) at a time. The sum over the step's
+  ops, with loop bodies counted their trip count times, is ``est_compute_memory_s``. FLOPs are
+  matrix products only; bytes are counted as the hardware moves them (`xar_jax.hlo_cost`:
+  slices of stacked buffers, in-place updates, VMEM prefetches). ``est_compute_s`` and
+  ``est_memory_s`` are the two sums taken apart (the whole-step roofline's terms).
+* **Collectives**, per op, from the bytes on one chip and its replica group of ``n`` chips, as
+  ring algorithms move them: all-gather ``B (n-1)/n`` (B: the gathered result), reduce-scatter
+  ``B (n-1)`` (B: the shard), all-reduce ``2 B (n-1)/n``, all-to-all ``B (n-1)/n``,
+  collective-permute ``B``. Inside a slice they run at the chip's ICI bandwidth in one direction
+  (half the bidirectional figure: all links of the chip busy, as on a torus when the group
+  spans the slice); a collective-permute sends to one neighbour, over one link (the chip's
+  one-way bandwidth / its ICI ports: XLA's collective matmuls are loops of these). A group whose chips lie in ``s > 1`` slices (device ids slice-major) sends
+  its cross-slice share, the same ring formula over ``s`` members for ``B s / n`` bytes, over the
+  data-centre network at the chip's DCN rate. Per-op latency is not modelled.
+* **Overlap.** XLA issues collectives asynchronously and schedules them under compute (the
+  latency-hiding scheduler), so the total is ``est_step_s = max(est_compute_memory_s,
+  est_collective_s)``; ``est_step_s_serial`` = their sum is the bound if nothing overlapped.
+
+`estimate` returns all of these for one program. Loops (the layer scan, gradient accumulation's
+microbatches, the sampler's flow steps and entities) are in the ops' execution counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from xar_jax.hlo_cost import Op
+
+OVERLAP = ("max(compute+memory per op, collectives): collectives overlap compute and HBM "
+           "traffic; est_step_s_serial = their sum")
+
+
+def collective_seconds(
+    kind: str, result_bytes: float, group: Iterable[int], *, chips_per_slice: int,
+    ici_gbps: float, dcn_gbits: float, ici_links: int = 1,
+) -> tuple[float, float]:
+    """``(ici_s, dcn_s)`` of one collective (see the module docstring)."""
+    group = list(group)
+    n = max(len(group), 1)
+    if n == 1 or result_bytes <= 0:
+        return 0.0, 0.0
+    slices = len({d // max(chips_per_slice, 1) for d in group})
+
+    def ring(members: int, b: float) -> float:
+        return ring_bytes(kind, members, b)
+
+    if kind == "collective-permute":
+        crosses = slices > 1
+        return (0.0, b_over(result_bytes, dcn_gbits)) if crosses else (
+            result_bytes / (ici_gbps / 2 / max(ici_links, 1) * 1e9), 0.0)
+    per_slice = n // slices
+    # Reduce-scatter's B is the shard: the data per chip in the ring over a slice's members is
+    # the shard times the cross-slice members (the other slices' shards still to reduce).
+    ici_b = result_bytes * slices if kind == "reduce-scatter" else result_bytes
+    ici = ring(per_slice, ici_b) / (ici_gbps / 2 * 1e9)
+    dcn = 0.0
+    if slices > 1:
+        dcn_b = result_bytes if kind == "reduce-scatter" else result_bytes * slices / n
+        dcn = b_over(ring(slices, dcn_b), dcn_gbits)
+    return ici, dcn
+
+
+def ring_bytes(kind: str, members: int, b: float) -> float:
+    """Bytes one chip sends in a ring ``kind`` over ``members`` chips, ``b`` its result bytes."""
+    if members <= 1:
+        return 0.0
+    return {
+        "all-gather": b * (members - 1) / members,
+        "reduce-scatter": b * (members - 1),
+        "all-reduce": 2 * b * (members - 1) / members,
+        "all-to-all": b * (members - 1) / members,
+        "collective-permute": b,
+    }[kind]
+
+
+def b_over(nbytes: float, gbits: float) -> float:
+    return nbytes / (gbits / 8 * 1e9)
+
+
+def estimate(
+    ops: list[Op], *, peak_tflops: float, hbm_gbps: float, chips_per_slice: int = 1,
+    ici_gbps: float = 0.0, dcn_gbits: float = 0.0, ici_links: int = 1,
+) -> dict[str, Any]:
+    """The step's parts and total (seconds), FLOPs and HBM bytes, per chip."""
+    peak, bw = peak_tflops * 1e12, hbm_gbps * 1e9
+    flops = hbm = compute = memory = per_op = ici = dcn = 0.0
+    for o in ops:
+        if o.collective:
+            hbm += o.bytes * o.times
+            if o.slices > 1:  # Between slices: a ring over the slices on the DCN.
+                i, d = 0.0, b_over(ring_bytes(o.collective, o.slices, o.result_bytes), dcn_gbits)
+            else:
+                i, d = collective_seconds(o.collective, o.result_bytes, o.group,
+                                          chips_per_slice=chips_per_slice, ici_gbps=ici_gbps,
+                                          dcn_gbits=dcn_gbits, ici_links=ici_links)
+            ici += i * o.times
+            dcn += d * o.times
+            continue
+        flops += o.flops * o.times
+        hbm += o.bytes * o.times
+        c, m = o.flops / peak, o.bytes / bw
+        compute += c * o.times
+        memory += m * o.times
+        per_op += max(c, m) * o.times
+    collective = ici + dcn
+    return {
+        "flops": flops, "bytes": hbm, "est_compute_s": compute, "est_memory_s": memory,
+        "est_compute_memory_s": per_op, "est_ici_s": ici, "est_dcn_s": dcn,
+        "est_collective_s": collective, "est_step_s": max(per_op, collective),
+        "est_step_s_serial": per_op + collective, "est_overlap": OVERLAP,
+    }
+
+
+def rates(est: dict[str, Any], *, examples_per_chip: float, model_flops_per_step: float,
+          chips: int, peak_tflops: float) -> dict[str, float | None]:
+    """Images per second per chip and MFU of an estimate."""
+    step = est.get("est_step_s")
+    if not step or not math.isfinite(step):
+        return {"est_img_per_s_per_chip": None, "est_mfu": None}
+    return {
+        "est_img_per_s_per_chip": examples_per_chip / step,
+        "est_mfu": model_flops_per_step / (chips * peak_tflops * 1e12 * step),
+    }
