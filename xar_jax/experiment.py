@@ -30,7 +30,7 @@ from xar_jax.convert import xar as xar_convert
 from xar_jax.data import pipeline
 from xar_jax.entities import EntityLayout, layout_from_config
 from xar_jax.errors import ConfigError, MissingInputError
-from xar_jax.model import XAR, abstract_params, build_model, count_params
+from xar_jax.model import XAR, abstract_params, build_model, count_params, resolve_layers
 from xar_jax.train_config import validate_config
 
 log = logging.getLogger("xar_jax.experiment")
@@ -61,12 +61,44 @@ class Experiment:
         return {k: int(v) for k, v in self.mesh.shape.items()}
 
 
+def resolve_config(
+    config: ml_collections.ConfigDict, backend: str, workdir: str | None = None
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the 'auto' layer settings resolved for ``backend``.
+
+    ``model.scan_layers`` and ``model.remat`` go through `xar_jax.model.resolve_layers`; a run
+    already recorded in ``workdir`` keeps its layer layout. ``config`` itself is not changed.
+    """
+    m = config.model
+    if m.scan_layers != "auto" and m.remat != "auto":
+        return config
+    recorded = None
+    if workdir:
+        record = workdir_lib.read_record(workdir)
+        scan = None if record is None else record.model.get("model.scan_layers")
+        recorded = scan if isinstance(scan, bool) else None
+    scan_layers, remat = resolve_layers(m.preset, m.scan_layers, m.remat, backend, recorded)
+    fields = config.to_dict()
+    fields["model"].update(scan_layers=scan_layers, remat=remat)
+    resolved = ml_collections.ConfigDict(fields)
+    if config.is_locked:
+        resolved.lock()
+    return resolved
+
+
 def build(
-    config: ml_collections.ConfigDict, mode: str, *, devices: Sequence[Any] | None = None
+    config: ml_collections.ConfigDict,
+    mode: str,
+    *,
+    devices: Sequence[Any] | None = None,
+    workdir: str | None = None,
 ) -> Experiment:
     """Validates ``config`` for ``mode`` and builds the experiment on ``devices`` (default all).
 
-    ``devices`` may be abstract (a TPU topology's, for ahead-of-time compilation).
+    ``devices`` may be abstract (a TPU topology's, for ahead-of-time compilation). The
+    experiment's config is ``config`` with its 'auto' layer settings resolved for the devices'
+    platform (`resolve_config`; ``workdir``: a run recorded there keeps its layer layout), and
+    ``config.prng_impl`` becomes JAX's default PRNG.
 
     Raises:
       ValueError naming the config field, before anything is built.
@@ -75,6 +107,8 @@ def build(
         raise ConfigError(f"mode={mode!r} is not allowed; allowed: {' | '.join(MODES)}.")
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, len(devices), training=mode == "train")
+    config = resolve_config(config, devices[0].platform, workdir)
+    jax.config.update("jax_default_prng_impl", config.prng_impl)
     m = config.mesh
     mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices,
                                   num_slices=m.num_slices)
@@ -250,7 +284,7 @@ def inference_params(exp: Experiment, workdir: str) -> tuple[Any, ParamsSource]:
 
 def restore_train_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int] | None:
     """``(TrainState, step)`` of the workdir's newest checkpoint, or None (notebooks, tests)."""
-    exp = build(config, "train")
+    exp = build(config, "train", workdir=workdir)
     setup = training_setup(exp)
     ckpt = checkpointer(config, workdir)
     try:

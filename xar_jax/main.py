@@ -221,7 +221,9 @@ def main(argv):
     configure_logging()
     config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
     if FLAGS.print_config:
-        print(config.to_json_best_effort(indent=2, sort_keys=True))
+        # As the run would use it: 'auto' layer settings resolved for this machine (and workdir).
+        resolved = experiment.resolve_config(config, jax.default_backend(), workdir or None)
+        print(resolved.to_json_best_effort(indent=2, sort_keys=True))
         return
     if not workdir:
         report_user_error("--workdir is required (a local directory or gs://bucket/path).")
@@ -239,11 +241,11 @@ def main(argv):
     initialize_distributed(FLAGS.distributed)
     try:
         # Validates the config for this mode before any compilation or data loading.
-        exp = experiment.build(config, mode)
+        exp = experiment.build(config, mode, workdir=workdir)
         log.info("--mode=%s in %s with the config:\n%s", mode, workdir,
-                 config.to_json_best_effort(indent=2, sort_keys=True))
+                 exp.config.to_json_best_effort(indent=2, sort_keys=True))
         if mode == "train":
-            train.train_and_evaluate(config, workdir, allow_change=tuple(FLAGS.allow_change),
+            train.train_and_evaluate(exp.config, workdir, allow_change=tuple(FLAGS.allow_change),
                                      exp=exp)
         elif mode == "sample":
             generate.sample_to_workdir(exp, workdir)

@@ -50,6 +50,7 @@ _LAYOUT_FIELDS = ("latent.grid_size", "latent.channels", "latent.num_classes",
                   "model.mlp_multiple", "model.scan_layers", "entity.kind")
 _ENTITY_FIELD = {"cell": "entity.cell_size", "subsample": "entity.subsample_factor",
                  "scale": "entity.scale_sizes"}
+_DEFAULT_PRNG = "threefry2x32"
 # Fields whose change makes the saved data-iterator position meaningless.
 _DATA_FIELDS = ("seed", "train.global_batch_size")
 
@@ -70,7 +71,8 @@ def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields that decide the params' shapes, with effective values.
 
     With a preset the four size fields are ignored, so only ``model.preset`` is recorded; only the
-    entity field of the configured kind counts.
+    entity field of the configured kind counts. ``config`` is the experiment's (resolved: its
+    ``model.scan_layers`` is True or False, `xar_jax.experiment.resolve_config`).
     """
     sig = {"model.preset": config.model.preset}
     if not config.model.preset:
@@ -79,6 +81,10 @@ def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
     extra = _ENTITY_FIELD.get(config.entity.kind)
     if extra:
         sig[extra] = config_field(config, extra)
+    # The PRNG decides the size of the state's key; JAX's default is left out, as in runs
+    # recorded before the field existed.
+    if config.get("prng_impl", _DEFAULT_PRNG) != _DEFAULT_PRNG:
+        sig["prng_impl"] = config.prng_impl
     return _jsonable(sig)
 
 
