@@ -25,8 +25,8 @@ JSON_PATH = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.js
 def flop_counts(model: xar_model.XAR) -> dict[str, float]:
     """Forward FLOPs per image.
 
-    ``issue``: 2 x non-embedding params x tokens + attention (the model-FLOP definition of the
-    MFU column; x3 for training). ``actual``: what the network computes: the adaLN projection runs once per
+    ``model``: 2 x non-embedding params x tokens + attention (the model FLOPs of the MFU column;
+    x3 for training). ``actual``: what the network computes: the adaLN projection runs once per
     entity, not per token, and the padded MLP width counts.
     """
     lay = model.layout
@@ -38,11 +38,11 @@ def flop_counts(model: xar_model.XAR) -> dict[str, float]:
     ada = 6 * d * d
     top = 16 * d + 2 * d * d + d * d + d * 16  # z_proj, time MLP (per entity), decoder_embed, pred.
     attention = 2 * 2 * n * n * d * layers  # QK^T and PV over the full (masked) sequence.
-    issue = 2 * n * (layers * (block_no_ada + ada) + top) + attention
+    model_flops = 2 * n * (layers * (block_no_ada + ada) + top) + attention
     actual = (
         2 * n * (layers * (4 * d * d + 3 * d * padded) + top) + 2 * k * layers * ada + attention
     )
-    return {"issue": float(issue), "actual": float(actual)}
+    return {"model": float(model_flops), "actual": float(actual)}
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -123,6 +123,17 @@ def report(section: str, rows: list[dict[str, Any]], columns: list[str], args: A
 OVERRIDES: dict[str, dict[str, Any]] = {
     "fast": {"model.attn_dropout": 0.0},
 }
+
+
+def define_config_flags() -> None:
+    """``--config=FILE`` with ``--config.X=...`` overrides (as xar_jax.main) and ``--overrides``."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_list("overrides", [], f"Named override sets, in order: {', '.join(OVERRIDES)}.")
+    flags.mark_flags_as_required(["config"])
 
 
 def apply_overrides(config, names: list[str]):

@@ -18,7 +18,6 @@ import time
 import jax
 from absl import app, flags
 from flax import linen as nn
-from ml_collections import config_flags
 
 from benchmarks import common
 from xar_jax import experiment, generate, sampling
@@ -26,13 +25,13 @@ from xar_jax import sharding as sharding_lib
 from xar_jax.model import example_inputs
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_list("overrides", [], f"Named override sets, in order: {', '.join(common.OVERRIDES)}.")
-flags.DEFINE_integer("repeats", 3, "Timed batches (the median is reported).")
-flags.DEFINE_string("tag", "", "Suffix of the JSON key (variants).")
-flags.DEFINE_bool("no_json", False, "Do not write docs/benchmarks.json.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+    common.define_config_flags()
+    flags.DEFINE_integer("repeats", 3, "Timed batches (the median is reported).")
+    flags.DEFINE_string("tag", "", "Suffix of the JSON key (variants).")
+    flags.DEFINE_bool("no_json", False, "Do not write docs/benchmarks.json.")
 
 
 def random_params(exp: experiment.Experiment, mesh):
@@ -42,25 +41,34 @@ def random_params(exp: experiment.Experiment, mesh):
     return generate.replicate_on(init(jax.random.key(exp.config.seed)), mesh)
 
 
-def run(config) -> dict:
+def prepare(config):
+    """``(exp, mesh, fn, args)``: the jitted sampler `generate` runs for ``config`` and its
+    arguments (random params on this process's devices, ``sample.batch_size`` labels, a key);
+    ``fn(*args)`` samples one batch of latents."""
     exp = experiment.build(config, "sample")
-    config, model = exp.config, exp.model
-    s = config.sample
+    s = exp.config.sample
     mesh = generate.local_mesh()
     params = random_params(exp, mesh)
-    batch = s.batch_size
     labels = jax.device_put(
-        jax.random.randint(jax.random.key(1), (batch,), 0, config.latent.num_classes),
+        jax.random.randint(jax.random.key(1), (s.batch_size,), 0, exp.config.latent.num_classes),
         sharding_lib.batch_sharding(mesh),
     )
     key = jax.random.key(s.seed)
-    fn = generate.latent_sampler(model, num_steps=s.num_steps, cfg=s.cfg, sampler=s.sampler,
+    fn = generate.latent_sampler(exp.model, num_steps=s.num_steps, cfg=s.cfg, sampler=s.sampler,
                                  cfg_schedule=s.cfg_schedule)
+    return exp, mesh, fn, (params, labels, key, None)
+
+
+def run(config) -> dict:
+    exp, mesh, fn, args = prepare(config)
+    config, model = exp.config, exp.model
+    s = config.sample
+    batch = s.batch_size
     start = time.perf_counter()
-    compiled = fn.lower(params, labels, key, None).compile()
+    compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, labels, key, None))  # Warm-up.
-    times = common.timed(lambda: compiled(params, labels, key, None), FLAGS.repeats)
+    jax.block_until_ready(compiled(*args))  # Warm-up.
+    times = common.timed(lambda: compiled(*args), FLAGS.repeats)
     sec = common.median(times)
     flops = common.flop_counts(model)
     k = model.layout.num_entities
@@ -114,4 +122,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

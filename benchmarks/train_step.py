@@ -17,11 +17,14 @@ MFU, peak device memory and compile time, and merges the row into docs/benchmark
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from benchmarks import common
 from xar_jax import experiment, train
@@ -31,19 +34,20 @@ from xar_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 SYNTHETIC = "(synthetic)"  # data.cache_dir of a latents config run on synthetic batches.
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_list("overrides", [], f"Named override sets, in order: {', '.join(common.OVERRIDES)}.")
-flags.DEFINE_enum("input", "synthetic", ("synthetic", "pipeline"),
-                  "synthetic: random arrays shaped as the pipeline's batch; pipeline: the config's "
-                  "input pipeline (train.make_data_iterator), a new batch every step.")
-flags.DEFINE_integer("steps", 10, "Steps per timed chunk.")
-flags.DEFINE_integer("repeats", 3, "Timed chunks (the median is reported).")
-flags.DEFINE_multi_string("xla_option", [], "NAME=VALUE: an XLA option for this compile only "
-                          "(`Lowered.compile`'s compiler_options).")
-flags.DEFINE_string("tag", "", "Suffix of the JSON key (variants).")
-flags.DEFINE_bool("no_json", False, "Do not write docs/benchmarks.json.")
-flags.mark_flags_as_required(["config"])
+INPUTS = ("synthetic", "pipeline")
+
+
+def define_flags() -> None:
+    common.define_config_flags()
+    flags.DEFINE_enum("input", "synthetic", INPUTS,
+                      "synthetic: random arrays shaped as the pipeline's batch; pipeline: the "
+                      "config's input pipeline (train.make_data_iterator), a new batch every step.")
+    flags.DEFINE_integer("steps", 10, "Steps per timed chunk.")
+    flags.DEFINE_integer("repeats", 3, "Timed chunks (the median is reported).")
+    flags.DEFINE_multi_string("xla_option", [], "NAME=VALUE: an XLA option for this compile only "
+                              "(`Lowered.compile`'s compiler_options).")
+    flags.DEFINE_string("tag", "", "Suffix of the JSON key (variants).")
+    flags.DEFINE_bool("no_json", False, "Do not write docs/benchmarks.json.")
 
 
 def synthetic_batch(config, mesh) -> dict[str, jax.Array]:
@@ -60,13 +64,33 @@ def synthetic_batch(config, mesh) -> dict[str, jax.Array]:
     return batch
 
 
-def run(config) -> dict:
-    """Builds, compiles and times the trainer's step for ``config``; returns the table row."""
+@dataclasses.dataclass
+class Step:
+    """The trainer's compiled step for a config, with a state and batches to run it on."""
+
+    exp: experiment.Experiment
+    compiled: Any
+    state: Any
+    next_batch: Callable[[], dict[str, jax.Array]]
+    compile_s: float
+
+    def call(self):
+        """One step (the state is donated and replaced); returns the step's metrics."""
+        self.state, metrics = self.compiled(self.state, self.next_batch())
+        return metrics
+
+
+def prepare(config, input_kind: str = "synthetic", xla_options=None) -> Step:
+    """Builds and compiles the trainer's step for ``config`` as `xar_jax.train` does."""
+    if input_kind == "synthetic" and config.data.source == "latents" and not config.data.cache_dir:
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            config.data.cache_dir = SYNTHETIC  # Nothing reads it: the batch is made here.
     exp = experiment.build(config, "train")
     config = exp.config  # 'auto' fields resolved.
     setup = experiment.training_setup(exp)
     state = ts.create_train_state(exp.model, setup.optimizer, config.seed, setup.state_shardings)
-    if FLAGS.input == "pipeline":
+    if input_kind == "pipeline":
         iterator = train.make_data_iterator(config, exp.mesh)
 
         def next_batch():
@@ -77,22 +101,27 @@ def run(config) -> dict:
         def next_batch():
             return fixed
     with jax.set_mesh(exp.mesh), exp.rules_context():
-        batch = next_batch()
         start = time.perf_counter()
-        lowered = train.lower_train_step(train.jit_train_step(exp, setup), state, batch)
-        compiled = lowered.compile(common.xla_options(FLAGS.xla_option))
+        lowered = train.lower_train_step(train.jit_train_step(exp, setup), state, next_batch())
+        compiled = lowered.compile(xla_options)
         compile_s = time.perf_counter() - start
+    return Step(exp, compiled, state, next_batch, compile_s)
+
+
+def run(config) -> dict:
+    """Compiles and times the trainer's step for ``config``; returns the table row."""
+    step = prepare(config, FLAGS.input, common.xla_options(FLAGS.xla_option))
+    exp, config = step.exp, step.exp.config
+    with jax.set_mesh(exp.mesh), exp.rules_context():
         for _ in range(2):  # Warm-up.
-            state, metrics = compiled(state, next_batch())
-        jax.block_until_ready(state)
-        holder = {"state": state, "loss": metrics["loss"]}
+            metrics = step.call()
+        jax.block_until_ready(step.state)
 
         def chunk():
-            s = holder["state"]
+            nonlocal metrics
             for _ in range(FLAGS.steps):
-                s, m = compiled(s, next_batch())
-            holder["state"], holder["loss"] = s, m["loss"]
-            return m["loss"]
+                metrics = step.call()
+            return metrics["loss"]
 
         times = [t / FLAGS.steps for t in common.timed(chunk, FLAGS.repeats)]
     batch_size = config.train.global_batch_size
@@ -101,7 +130,7 @@ def run(config) -> dict:
     peak = common.peak_tflops()
     if peak is not None:
         peak *= jax.device_count()  # MFU over all devices the step runs on.
-    model_tflops = 3 * flops["issue"] * batch_size / sec / 1e12
+    model_tflops = 3 * flops["model"] * batch_size / sec / 1e12
     actual_tflops = 3 * flops["actual"] * batch_size / sec / 1e12
     m = config.model
     return {
@@ -109,7 +138,7 @@ def run(config) -> dict:
         "batch": batch_size,
         "img_per_s": batch_size / sec,
         "step_s": sec,
-        "compile_s": compile_s,
+        "compile_s": step.compile_s,
         "peak_gib": common.peak_memory_gib(),
         "mfu": None if peak is None else model_tflops / peak,
         "hw_flops_util": None if peak is None else actual_tflops / peak,
@@ -125,8 +154,8 @@ def run(config) -> dict:
         "overrides": ",".join(FLAGS.overrides),
         "mesh": exp.mesh_shape,
         "devices": jax.device_count(),
-        "steps_run": int(jax.device_get(holder["state"].step)),
-        "final_loss": float(jax.device_get(holder["loss"])),  # Same seed and steps: comparable.
+        "steps_run": int(jax.device_get(step.state.step)),
+        "final_loss": float(jax.device_get(metrics["loss"])),  # Same seed and steps: comparable.
         "times_s": [round(t, 5) for t in times],
         **({"xla_options": FLAGS.xla_option} if FLAGS.xla_option else {}),
     }
@@ -136,9 +165,6 @@ def main(argv):
     del argv
     common.xla_options(FLAGS.xla_option)  # A malformed --xla_option fails before any compile.
     config = common.apply_overrides(FLAGS.config, FLAGS.overrides)
-    if FLAGS.input == "synthetic" and config.data.source == "latents" and not config.data.cache_dir:
-        with config.unlocked():
-            config.data.cache_dir = SYNTHETIC  # Nothing reads it: the batch is made here.
     common.enable_compile_cache(config)
     try:
         row = run(config)
@@ -156,4 +182,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

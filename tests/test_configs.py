@@ -164,3 +164,54 @@ def test_inference_modes_accept_fused_attention_with_attention_dropout():
         experiment.build(c, mode)  # Validated once, for the mode at hand.
     with pytest.raises(ValueError, match="config.model.attn_dropout"):
         experiment.build(c, "train")
+
+
+@pytest.mark.parametrize("name, gpu", [("xar_b", (False, "none")), ("xar_l", (True, "dots")),
+                                       ("xar_h", (True, "matmuls"))])
+def test_auto_layers_resolve_once_per_preset_and_backend(name, gpu):
+    """docs/training.md's GPU settings are the paper configs' defaults; TPU and CPU scan."""
+    from xar_jax import experiment
+
+    config = _paper_config(name)
+    assert (config.model.scan_layers, config.model.remat) == ("auto", "auto")
+    resolved = experiment.resolve_config(config, "gpu")
+    assert (resolved.model.scan_layers, resolved.model.remat) == gpu
+    for backend in ("tpu", "cpu"):
+        resolved = experiment.resolve_config(config, backend)
+        assert (resolved.model.scan_layers, resolved.model.remat) == (True, "dots_no_batch")
+    assert config.model.scan_layers == "auto"  # The given config is not changed.
+    config.model.remat = "full"  # An explicit value is kept; only 'auto' is resolved.
+    assert experiment.resolve_config(config, "gpu").model.remat == "full"
+
+
+def test_a_recorded_run_keeps_its_layer_layout_under_auto(tmp_path):
+    """A run started scanned (a TPU, or before 'auto') resumes scanned on a GPU: its checkpoints
+    hold stacked params. The record holds resolved values, and a changed PRNG is refused."""
+    from xar_jax import experiment
+    from xar_jax import workdir as workdir_lib
+
+    config = _paper_config("xar_b")
+    on_tpu = experiment.resolve_config(config, "tpu")
+    workdir_lib.write_record(str(tmp_path), workdir_lib.RunRecord.for_config(
+        on_tpu, {"data": 1, "fsdp": 1, "tensor": 1}, 1, "train"))
+    assert workdir_lib.read_record(str(tmp_path)).model["model.scan_layers"] is True
+    resumed = experiment.resolve_config(config, "gpu", str(tmp_path))
+    assert (resumed.model.scan_layers, resumed.model.remat) == (True, "dots_no_batch")
+    record = workdir_lib.read_record(str(tmp_path))
+    workdir_lib.check_model(record, resumed, str(tmp_path), "train")  # Accepted.
+    assert "prng_impl" not in record.model  # JAX's default is left out of the record.
+    with resumed.unlocked():
+        resumed.prng_impl = "rbg"
+    with pytest.raises(workdir_lib.WorkdirMismatchError, match="prng_impl"):
+        workdir_lib.check_model(record, resumed, str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("field, value", [("model.scan_layers", 0), ("model.scan_layers", "yes"),
+                                          ("model.remat", "fast"), ("prng_impl", "philox")])
+def test_layer_and_prng_settings_fail_naming_the_field(field, value):
+    config = load("tiny")
+    *path, leaf = field.split(".")
+    node = config[path[0]] if path else config
+    node[leaf] = value
+    with pytest.raises(ValueError, match=f"config.{field}="):
+        validate_config(config, num_devices=1)
