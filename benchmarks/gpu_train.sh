@@ -2,7 +2,7 @@
 # Train throughput on one GPU, the benchmark against the user's command, per model:
 #   1. python -m benchmarks.train_step: the trainer's step on synthetic batches (config defaults);
 #   2. python -m xar_jax.main: the trainer itself, config defaults, on a latent cache in the
-#      trainer's format (made first with benchmarks/synthetic_latents.py), its logged img/s after
+#      trainer's format (made first by benchmarks/synthetic_latents.py), its logged img/s after
 #      the compile (the last logged interval);
 #   3. with PRNG_AB=1, the benchmark again with --config.prng_impl=rbg.
 # Both runs share one compilation cache: the trainer's "Compiled the train step in N s" shows
@@ -18,6 +18,7 @@ MODELS=${MODELS:-"xar_b xar_l xar_h"}
 STEPS=${STEPS:-200}          # trainer steps (logged every log.every_steps, the config's 100)
 PRNG_AB=${PRNG_AB:-0}
 EXTRA=${EXTRA:-}
+LIMIT=${LIMIT:-240}          # seconds per run, so that the table is always printed
 WORK=${WORK:-/tmp/xar_gpu_train}
 declare -A BATCH=([xar_b]=256 [xar_l]=128 [xar_h]=64)
 [ -n "${BATCHES:-}" ] && for kv in $BATCHES; do BATCH[${kv%=*}]=${kv#*=}; done
@@ -30,9 +31,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 CACHE=$WORK/latents
 if [ ! -f "$CACHE/train/cache_spec.json" ]; then
-  python3 -m xar_jax.data.latent_cache --source=digits --split=train --out_dir="$CACHE" \
-    --encoder=benchmarks.synthetic_latents:encoder --image_size=16 --batch_size=256 \
-    --shard_size=1000 2>&1 | tail -1
+  python3 -m benchmarks.synthetic_latents --out_dir="$CACHE" --num_examples=4096 2>&1 | tail -1
 fi
 
 row() {  # model what img_per_s compile_s
@@ -42,7 +41,7 @@ row() {  # model what img_per_s compile_s
 
 bench() {  # model tag [flags...]: one benchmark run; its row from the JSON it merged into
   local m=$1 tag=$2; shift 2
-  python3 -m benchmarks.train_step --config=configs/$m.py --config.train.global_batch_size=${BATCH[$m]} \
+  timeout "$LIMIT" python3 -m benchmarks.train_step --config=configs/$m.py --config.train.global_batch_size=${BATCH[$m]} \
     --config.data.cache_dir="$CACHE" --config.compile_cache_dir="$WORK/compile_cache" \
     --steps=10 --repeats=3 --tag="$tag" $EXTRA "$@" 2>&1 | grep -v Pallas | tee "$WORK/bench_$m$tag.log" | tail -3
   python3 - "$m" "$tag" "$ROWS" "$OUT/bench.json" <<'PY'
@@ -61,7 +60,7 @@ PY
 trainer() {  # model: the user's command, config defaults, STEPS steps
   local m=$1 wd=$WORK/workdir_$1
   rm -rf "$wd"
-  python3 -m xar_jax.main --config=configs/$m.py --workdir="$wd" --config.data.source=latents \
+  timeout "$LIMIT" python3 -m xar_jax.main --config=configs/$m.py --workdir="$wd" --config.data.source=latents \
     --config.data.cache_dir="$CACHE" --config.train.global_batch_size=${BATCH[$m]} \
     --config.train.num_steps="$STEPS" --config.compile_cache_dir="$WORK/compile_cache" \
     --config.log.sample_every_steps=0 $EXTRA > "$WORK/train_$m.log" 2>&1
