@@ -4,19 +4,20 @@
 #   2. python -m xar_jax.main: the trainer itself, config defaults, on a latent cache in the
 #      trainer's format (made first by benchmarks/synthetic_latents.py), its logged img/s after
 #      the compile (the last logged interval);
-#   3. with PRNG_AB=1, the benchmark again with --config.prng_impl=rbg.
+#   3. for the models in PRNG_AB, the benchmark again with --config.prng_impl=rbg.
 # Both runs share one compilation cache: the trainer's "Compiled the train step in N s" shows
 # whether it compiled the benchmark's program. Prints a table last; rows go to $OUT/train_gpu.json
 # and the benchmark rows to $OUT/bench.json (a copy of docs/benchmarks.json).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_train.sh                  # B, L, H at batch 256 / 128 / 64
-#   MODELS="xar_b" STEPS=300 PRNG_AB=1 OUT=/tmp/out bash benchmarks/gpu_train.sh
+#   MODELS="xar_b" STEPS=300 PRNG_AB="xar_b" OUT=/tmp/out bash benchmarks/gpu_train.sh
 # EXTRA adds --config.X=... flags to every run (the CPU smoke run shrinks the network with it).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XAR_BENCH_JSON=$OUT/bench.json
 MODELS=${MODELS:-"xar_b xar_l xar_h"}
 STEPS=${STEPS:-200}          # trainer steps (logged every log.every_steps, the config's 100)
-PRNG_AB=${PRNG_AB:-0}
+PRNG_AB=${PRNG_AB:-}         # models whose benchmark runs again with the rbg PRNG
+DEADLINE=${DEADLINE:-100000} # seconds into the script after which no new run starts
 EXTRA=${EXTRA:-}
 LIMIT=${LIMIT:-240}          # seconds per run, so that the table is always printed
 WORK=${WORK:-/tmp/xar_gpu_train}
@@ -57,8 +58,8 @@ with open(rows, "a") as f:
 PY
 }
 
-trainer() {  # model: the user's command, config defaults, STEPS steps
-  local m=$1 wd=$WORK/workdir_$1
+trainer() {  # model [run name]: the user's command, config defaults, STEPS steps
+  local m=$1 name=${2:-trainer} wd=$WORK/workdir_$1
   rm -rf "$wd"
   timeout "$LIMIT" python3 -m xar_jax.main --config=configs/$m.py --workdir="$wd" --config.data.source=latents \
     --config.data.cache_dir="$CACHE" --config.train.global_batch_size=${BATCH[$m]} \
@@ -70,14 +71,20 @@ trainer() {  # model: the user's command, config defaults, STEPS steps
   local ips comp
   ips=$(grep -oE "images_per_sec_per_device[ =:]+[0-9.e+]+" "$WORK/train_$m.log" | tail -1 | grep -oE "[0-9.e+]+$")
   comp=$(grep -oE "Compiled the train step in [0-9.]+" "$WORK/train_$m.log" | grep -oE "[0-9.]+$")
-  row "$m" trainer "$ips" "$comp"
-  cp "$WORK/train_$m.log" "$OUT/" 2>/dev/null
+  row "$m" "$name" "$ips" "$comp"
+  cp "$WORK/train_$m.log" "$OUT/${name}_$m.log" 2>/dev/null
+  [ -n "$ips" ]
 }
 
+late() { [ "$SECONDS" -gt "$DEADLINE" ] && echo "skipped $*: past DEADLINE=$DEADLINE s"; }
 for m in $MODELS; do
-  bench "$m" _defaults
-  trainer "$m"
-  [ "$PRNG_AB" = 1 ] && bench "$m" _rbg --config.prng_impl=rbg
+  late bench "$m" || bench "$m" _defaults
+  # A run that logged no rate (e.g. out of device memory) is tried once on CUDA's async allocator.
+  late trainer "$m" || trainer "$m" || late trainer "$m" \
+    || TF_GPU_ALLOCATOR=cuda_malloc_async trainer "$m" trainer_cuda_malloc_async
+done
+for m in $PRNG_AB; do
+  late bench "$m" rbg || bench "$m" _rbg --config.prng_impl=rbg
 done
 
 python3 - "$ROWS" <<'PY'
@@ -87,9 +94,11 @@ json.dump(rows, open(sys.argv[1].replace(".jsonl", ".json"), "w"), indent=1)
 print("\nmodel | benchmark img/s | trainer img/s | trainer/benchmark | rbg img/s | compile s (bench, trainer)")
 for m in dict.fromkeys(r["model"] for r in rows):
     get = lambda run, k="img_per_s": next((r.get(k) for r in rows if r["model"] == m and r["run"] == run), None)
-    b, t, g = get("benchmark_defaults"), get("trainer"), get("benchmark_rbg")
+    b, g = get("benchmark_defaults"), get("benchmark_rbg")
+    t = get("trainer") or get("trainer_cuda_malloc_async")
     ratio = f"{t / b:.3f}" if b and t else "-"
     fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else "-"
     print(f"{m} | {fmt(b)} | {fmt(t)} | {ratio} | {fmt(g)} | "
           f"{fmt(get('benchmark_defaults', 'compile_s'))}, {fmt(get('trainer', 'compile_s'))}")
 PY
+rm -f "$ROWS"
