@@ -179,6 +179,8 @@ def test_auto_layers_resolve_once_per_preset_and_backend(name, gpu):
     for backend in ("tpu", "cpu"):
         resolved = experiment.resolve_config(config, backend)
         assert (resolved.model.scan_layers, resolved.model.remat) == (True, "dots_no_batch")
+    sampling = experiment.resolve_config(config, "gpu", mode="sample")
+    assert (sampling.model.scan_layers, sampling.model.remat) == (True, "dots_no_batch")
     assert config.model.scan_layers == "auto"  # The given config is not changed.
     config.model.remat = "full"  # An explicit value is kept; only 'auto' is resolved.
     assert experiment.resolve_config(config, "gpu").model.remat == "full"

@@ -62,9 +62,12 @@ class Experiment:
 
 
 def resolve_config(
-    config: ml_collections.ConfigDict, backend: str, workdir: str | None = None
+    config: ml_collections.ConfigDict,
+    backend: str,
+    workdir: str | None = None,
+    mode: str = "train",
 ) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with the 'auto' layer settings resolved for ``backend``.
+    """A copy of ``config`` with the 'auto' layer settings resolved for ``backend`` and ``mode``.
 
     ``model.scan_layers`` and ``model.remat`` go through `xar_jax.model.resolve_layers`; a run
     already recorded in ``workdir`` keeps its layer layout. ``config`` itself is not changed.
@@ -77,7 +80,8 @@ def resolve_config(
         record = workdir_lib.read_record(workdir)
         scan = None if record is None else record.model.get("model.scan_layers")
         recorded = scan if isinstance(scan, bool) else None
-    scan_layers, remat = resolve_layers(m.preset, m.scan_layers, m.remat, backend, recorded)
+    scan_layers, remat = resolve_layers(m.preset, m.scan_layers, m.remat, backend, recorded,
+                                        training=mode == "train")
     fields = config.to_dict()
     fields["model"].update(scan_layers=scan_layers, remat=remat)
     resolved = ml_collections.ConfigDict(fields)
@@ -107,7 +111,7 @@ def build(
         raise ConfigError(f"mode={mode!r} is not allowed; allowed: {' | '.join(MODES)}.")
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, len(devices), training=mode == "train")
-    config = resolve_config(config, devices[0].platform, workdir)
+    config = resolve_config(config, devices[0].platform, workdir, mode)
     jax.config.update("jax_default_prng_impl", config.prng_impl)
     m = config.mesh
     mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices,

@@ -222,7 +222,8 @@ def main(argv):
     config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
     if FLAGS.print_config:
         # As the run would use it: 'auto' layer settings resolved for this machine (and workdir).
-        resolved = experiment.resolve_config(config, jax.default_backend(), workdir or None)
+        resolved = experiment.resolve_config(config, jax.default_backend(), workdir or None,
+                                             mode)
         print(resolved.to_json_best_effort(indent=2, sort_keys=True))
         return
     if not workdir:

@@ -123,7 +123,12 @@ DEFAULT_LAYERS: tuple[bool, str] = (True, "dots_no_batch")
 
 
 def resolve_layers(
-    preset: str, scan_layers: Any, remat: str, backend: str, recorded_scan: bool | None = None
+    preset: str,
+    scan_layers: Any,
+    remat: str,
+    backend: str,
+    recorded_scan: bool | None = None,
+    training: bool = True,
 ) -> tuple[bool, str]:
     """Concrete ``(scan_layers, remat)``: each 'auto' resolved for ``preset`` on ``backend``.
 
@@ -134,8 +139,11 @@ def resolve_layers(
       backend: the platform the model runs on ('gpu', 'tpu', 'cpu').
       recorded_scan: the layer layout of a run already started from this config (its checkpoints
         hold the params in that layout), which 'auto' keeps.
+      training: False for sampling and evaluation, which take the scan (unrolled layers sample no
+        faster and compile the sampler five times slower) unless a recorded run fixes the layout.
     """
-    fast = GPU_LAYERS.get(preset) if backend in ("gpu", "cuda", "rocm") else None
+    gpu = backend in ("gpu", "cuda", "rocm")
+    fast = GPU_LAYERS.get(preset) if gpu and training else None
     auto_scan, auto_remat = fast or DEFAULT_LAYERS
     if scan_layers == "auto":
         scan_layers = auto_scan if recorded_scan is None else bool(recorded_scan)

@@ -113,10 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout_impl = "rng"
     # Layer scan: True (scan over blocks: compile time flat in depth, params stacked) | False
     # (unrolled blocks) | 'auto'. 'auto' and remat='auto' are resolved once, when the experiment is
-    # built (`xar_jax.model.resolve_layers`): on a GPU a preset takes its fastest measured layers
-    # (B unrolled without remat, L scan + 'dots', H scan + 'matmuls'); on TPU and CPU, and for a
-    # custom size, the scan with 'dots_no_batch'. A resumed run keeps its recorded layout (the
-    # checkpoints hold the params in it). config.json and run.json record the resolved values.
+    # built (`xar_jax.model.resolve_layers`): training on a GPU, a preset takes its fastest
+    # measured layers (B unrolled without remat, L scan + 'dots', H scan + 'matmuls'); on TPU and
+    # CPU, for a custom size, and for sampling, the scan with 'dots_no_batch'. A workdir's run
+    # keeps its recorded layout (the checkpoints hold the params in it). --print_config,
+    # config.json and run.json show the resolved values.
     c.model.scan_layers = ml_collections.config_dict.placeholder(object)
     c.model.scan_layers = False
     c.model.scan_unroll = 1  # Blocks per layer-scan iteration (same params; no gain on an H200).

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Train throughput on one GPU, the benchmark against the user's command, per model:
+# The benchmarks on one GPU. Train throughput, the benchmark against the user's command, per model:
 #   1. python -m benchmarks.train_step: the trainer's step on synthetic batches (config defaults);
 #   2. python -m xar_jax.main: the trainer itself, config defaults, on a latent cache in the
 #      trainer's format (made first by benchmarks/synthetic_latents.py), its logged img/s after
 #      the compile (the last logged interval);
-#   3. for the models in PRNG_AB, the benchmark again with --config.prng_impl=rbg.
+#   3. for the models in PRNG_AB, the benchmark again with --config.prng_impl=rbg;
+# then, for the models in SAMPLE, the sampler (python -m benchmarks.sample, batch 256).
 # Both runs share one compilation cache: the trainer's "Compiled the train step in N s" shows
 # whether it compiled the benchmark's program. Prints a table last; rows go to $OUT/train_gpu.json
-# and the benchmark rows to $OUT/bench.json (a copy of docs/benchmarks.json).
+# and the benchmarks' rows to $OUT/bench.json (a copy of docs/benchmarks.json).
 #
-#   OUT=/tmp/out bash benchmarks/gpu_train.sh                  # B, L, H at batch 256 / 128 / 64
-#   MODELS="xar_b" STEPS=300 PRNG_AB="xar_b" OUT=/tmp/out bash benchmarks/gpu_train.sh
+#   OUT=/tmp/out bash benchmarks/gpu.sh                  # train B, L, H at batch 256 / 128 / 64
+#   MODELS="xar_b" STEPS=300 PRNG_AB="xar_b" OUT=/tmp/out bash benchmarks/gpu.sh
+#   MODELS= SAMPLE="xar_b xar_l" OUT=/tmp/out bash benchmarks/gpu.sh      # the sampler only
 # EXTRA adds --config.X=... flags to every run (the CPU smoke run shrinks the network with it).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XAR_BENCH_JSON=$OUT/bench.json
-MODELS=${MODELS:-"xar_b xar_l xar_h"}
+MODELS=${MODELS-"xar_b xar_l xar_h"}
 STEPS=${STEPS:-200}          # trainer steps (logged every log.every_steps, the config's 100)
 PRNG_AB=${PRNG_AB:-}         # models whose benchmark runs again with the rbg PRNG
+SAMPLE=${SAMPLE:-}           # models whose sampler is timed
 DEADLINE=${DEADLINE:-100000} # seconds into the script after which no new run starts
 EXTRA=${EXTRA:-}
 LIMIT=${LIMIT:-240}          # seconds per run, so that the table is always printed
@@ -31,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 CACHE=$WORK/latents
-if [ ! -f "$CACHE/train/cache_spec.json" ]; then
+if [ -n "$MODELS" ] && [ ! -f "$CACHE/train/cache_spec.json" ]; then
   python3 -m benchmarks.synthetic_latents --out_dir="$CACHE" --num_examples=4096 2>&1 | tail -1
 fi
 
@@ -85,6 +88,10 @@ for m in $MODELS; do
 done
 for m in $PRNG_AB; do
   late bench "$m" rbg || bench "$m" _rbg --config.prng_impl=rbg
+done
+for m in $SAMPLE; do
+  late sample "$m" || timeout "$LIMIT" python3 -m benchmarks.sample --config=configs/$m.py \
+    --config.sample.batch_size=256 --repeats=2 $EXTRA 2>&1 | grep -v Pallas | tail -3
 done
 
 python3 - "$ROWS" <<'PY'
