@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from xar_jax import sharding
+from xar_jax import experiment, sharding
 from xar_jax.entities import layout_from_config
 from xar_jax.model import PRESETS, abstract_params, build_model, count_params
 from xar_jax.train_config import load_config_file, validate_config
@@ -42,7 +42,8 @@ def test_paper_configs_build_with_published_param_counts(name):
         0.1, 0.1, "bfloat16")
     assert (config.entity.kind, config.entity.cell_size, config.latent.grid_size) == ("cell", 8, 16)
     layout = layout_from_config(config.entity, config.latent.grid_size)
-    model = build_model(config.model, layout, in_channels=config.latent.channels,
+    resolved = experiment.resolve_config(config, jax.default_backend())  # As build does.
+    model = build_model(resolved.model, layout, in_channels=config.latent.channels,
                         num_classes=1000)
     params = abstract_params(model)  # jax.eval_shape: nothing allocated.
     millions = count_params(params, model=model) / 1e6
@@ -128,7 +129,8 @@ def test_paper_configs_train_the_paper_recipe_on_the_auto_attention(name):
     assert config.model.dropout_impl == "hash" and config.model.dropout == 0.1
     validate_config(config, num_devices=256)  # 'auto' keeps attention dropout: accepted.
     layout = layout_from_config(config.entity, config.latent.grid_size)
-    model = build_model(config.model, layout, in_channels=16, num_classes=1000)
+    resolved = experiment.resolve_config(config, jax.default_backend())
+    model = build_model(resolved.model, layout, in_channels=16, num_classes=1000)
     assert model.attention_impl == ("pallas" if jax.default_backend() == "gpu" else "xla")
 
 
@@ -155,8 +157,6 @@ def test_mesh_must_cover_devices_and_batch_must_split():
 
 def test_inference_modes_accept_fused_attention_with_attention_dropout():
     """Sampling has no dropout: the fast sampler needs no change of the training recipe."""
-    from xar_jax import experiment
-
     c = load_config_file(os.path.join(CONFIGS, "tiny.py"))
     c.model.attention_impl = "cudnn"
     c.model.attn_dropout = 0.1
@@ -170,8 +170,6 @@ def test_inference_modes_accept_fused_attention_with_attention_dropout():
                                        ("xar_h", (True, "matmuls"))])
 def test_auto_layers_resolve_once_per_preset_and_backend(name, gpu):
     """docs/training.md's GPU settings are the paper configs' defaults; TPU and CPU scan."""
-    from xar_jax import experiment
-
     config = _paper_config(name)
     assert (config.model.scan_layers, config.model.remat) == ("auto", "auto")
     resolved = experiment.resolve_config(config, "gpu")
