@@ -80,16 +80,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def update_json(section: str, results: dict[str, Any], path: str | None = None) -> str:
-    """Merges ``{section: results}`` into docs/benchmarks.json (device and date refreshed)."""
+    """Merges ``{section: results}`` into docs/benchmarks.json; each row gets its device, date and
+    jax version."""
     path = path or os.environ.get("XAR_BENCH_JSON", JSON_PATH)
     data: dict[str, Any] = {}
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    data["device"] = device_name()
-    data["date"] = datetime.date.today().isoformat()
-    data["jax"] = jax.__version__
-    data.setdefault(section, {}).update(results)
+    stamp = {"device": device_name(), "date": datetime.date.today().isoformat(),
+             "jax": jax.__version__}
+    data.setdefault(section, {}).update({k: {**row, **stamp} for k, row in results.items()})
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
