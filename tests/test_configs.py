@@ -220,3 +220,19 @@ def test_layer_and_prng_settings_fail_naming_the_field(field, value):
     node[leaf] = value
     with pytest.raises(ValueError, match=f"config.{field}="):
         validate_config(config, num_devices=1)
+
+
+def test_print_config_shows_what_auto_resolves_to_here():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "xar_jax.main", f"--config={os.path.join(CONFIGS, 'xar_l.py')}",
+         "--print_config", "--config.data.cache_dir=/data/latent_cache"],
+        capture_output=True, text=True, timeout=120,
+        env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = json.loads(out.stdout)["model"]
+    assert (model["scan_layers"], model["remat"]) == (True, "dots_no_batch")  # CPU: the scan.

@@ -196,7 +196,7 @@ def _batch_axis_reductions(jaxpr, batch):
 
 
 def test_train_step_sums_no_activation_over_the_batch_axis_alone(setup):
-    """The regression test of issue 16's layout fix: the only such reduce in the step was the
+    """The regression test of the layout fix: the only such reduce in the step was the
     position embeddings' gradient, and it made the whole xAR-B step batch-minor on GPUs."""
     _, _, _, state, batch, steps = setup
     jaxpr = jax.make_jaxpr(steps[1, "stop"])(state, batch).jaxpr
