@@ -1,7 +1,7 @@
 """One attention layer's forward + backward: cuDNN, XLA with dropout, the Pallas kernel with dropout.
 
-  python benchmarks/attention_layer.py                  # xAR-B: B 256, N 256, 12 heads, d 64, bf16
-  python benchmarks/attention_layer.py --batch 2 --tiny # CPU smoke test (interpreted kernels)
+  python -m benchmarks.attention_layer                  # xAR-B: B 256, N 256, 12 heads, d 64, bf16
+  python -m benchmarks.attention_layer --batch 2 --tiny # CPU smoke test (interpreted kernels)
 
 Times ``grad(sum(attention(q, k, v) * w))`` over q, k, v with the block-causal entity mask of the
 16x16 grid in 8x8 cells. Each variant: compile, 3 warm-up calls, then the median over timed chunks
@@ -13,20 +13,16 @@ docs/benchmarks.json under "attention_layer".
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from xar_jax import attention  # noqa: E402
-from xar_jax import entities as ent  # noqa: E402
-from xar_jax import flash_attention as fa  # noqa: E402
+from benchmarks import common
+from xar_jax import attention
+from xar_jax import entities as ent
+from xar_jax import flash_attention as fa
 
 RATE = 0.1
 

@@ -1,11 +1,11 @@
 """Cached attention of one entity over the KV cache: the Pallas kernel reading layer l of the stacked
 cache in place, against the slice + concatenation + cuDNN it replaces (and XLA's two-part form).
 
-  python benchmarks/cached_attention.py          # xAR-B sampler: B 512, n 64, H 12, d 64, L 16,
+  python -m benchmarks.cached_attention          # xAR-B sampler: B 512, n 64, H 12, d 64, L 16,
                                                  # N 256, prefixes 192 and 64, bf16
-  python benchmarks/cached_attention.py --block_k 32,64,128 --num_warps 4,8 --num_stages 2,3
-  python benchmarks/cached_attention.py --heads 16 --head_dim 80 --layers 20   # xAR-H heads
-  python benchmarks/cached_attention.py --tiny    # CPU smoke test (interpreted kernel)
+  python -m benchmarks.cached_attention --block_k 32,64,128 --num_warps 4,8 --num_stages 2,3
+  python -m benchmarks.cached_attention --heads 16 --head_dim 80 --layers 20   # xAR-H heads
+  python -m benchmarks.cached_attention --tiny    # CPU smoke test (interpreted kernel)
 
 Every variant runs the L layers inside one jitted ``lax.fori_loop`` whose index is the layer read
 (traced, as in the sampler's layer scan, so the per-layer slice of the concatenating path is the
@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from xar_jax import attention  # noqa: E402
-from xar_jax import cached_attention as ca  # noqa: E402
+from benchmarks import common
+from xar_jax import attention
+from xar_jax import cached_attention as ca
 
 AGREEMENT = 2e-2  # Largest relative L2 between the kernel and the concatenating path.
 TINY = dict(batch=2, entity=16, heads=2, head_dim=16, layers=3, tokens=64, prefix="48,16")

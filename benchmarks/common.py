@@ -1,11 +1,12 @@
-"""Shared pieces of the benchmark scripts: model construction, FLOP counts, timing, output.
+"""Shared pieces of the benchmark scripts: configs and overrides, FLOP counts, timing, output.
 
-Imports only jax / flax / numpy and the core xar_jax modules, so the scripts run on the GPU
-machine's stock image (no ml_collections, clu, grain or tensorflow-datasets there).
+The train and sample benchmarks build what they time from a config, as `python -m xar_jax.main`
+does (`xar_jax.experiment.build`); run them as modules: ``python -m benchmarks.train_step``.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -15,42 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import linen as nn
 
-from xar_jax import entities as ent
 from xar_jax import model as xar_model
 
 JSON_PATH = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.json")
 
 
-def build(name: str, **overrides: Any) -> xar_model.XAR:
-    """The published model ``name`` (xar_b / xar_l / xar_h) on the 16x16 grid, cell 8."""
-    size = xar_model.PRESETS[name]
-    kwargs = dict(
-        layout=ent.make_layout("cell", 16, cell_size=8),
-        width=size.width,
-        encoder_depth=size.encoder_depth,
-        decoder_depth=size.decoder_depth,
-        encoder_heads=size.num_heads,
-        decoder_heads=size.num_heads,
-        dtype=jnp.bfloat16,
-        scan_layers=True,
-        mlp_multiple=128,
-    )
-    kwargs.update(overrides)
-    return xar_model.XAR(**kwargs)
-
-
-# --tiny: the shrunken network of the CPU smoke tests.
-TINY_OVERRIDES = dict(width=64, encoder_depth=1, decoder_depth=1, encoder_heads=4, decoder_heads=4)
-
-
 def flop_counts(model: xar_model.XAR) -> dict[str, float]:
     """Forward FLOPs per image.
 
-    ``issue``: 2 x non-embedding params x tokens + attention (the issue's model-FLOP definition;
+    ``model``: 2 x non-embedding params x tokens + attention (the model FLOPs of the MFU column;
     x3 for training). ``actual``: what the network computes: the adaLN projection runs once per
     entity, not per token, and the padded MLP width counts.
     """
@@ -63,11 +38,11 @@ def flop_counts(model: xar_model.XAR) -> dict[str, float]:
     ada = 6 * d * d
     top = 16 * d + 2 * d * d + d * d + d * 16  # z_proj, time MLP (per entity), decoder_embed, pred.
     attention = 2 * 2 * n * n * d * layers  # QK^T and PV over the full (masked) sequence.
-    issue = 2 * n * (layers * (block_no_ada + ada) + top) + attention
+    model_flops = 2 * n * (layers * (block_no_ada + ada) + top) + attention
     actual = (
         2 * n * (layers * (4 * d * d + 3 * d * padded) + top) + 2 * k * layers * ada + attention
     )
-    return {"issue": float(issue), "actual": float(actual)}
+    return {"model": float(model_flops), "actual": float(actual)}
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -105,16 +80,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def update_json(section: str, results: dict[str, Any], path: str | None = None) -> str:
-    """Merges ``{section: results}`` into docs/benchmarks.json (device and date refreshed)."""
+    """Merges ``{section: results}`` into docs/benchmarks.json; each row gets its device, date and
+    jax version."""
     path = path or os.environ.get("XAR_BENCH_JSON", JSON_PATH)
     data: dict[str, Any] = {}
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    data["device"] = device_name()
-    data["date"] = datetime.date.today().isoformat()
-    data["jax"] = jax.__version__
-    data.setdefault(section, {}).update(results)
+    stamp = {"device": device_name(), "date": datetime.date.today().isoformat(),
+             "jax": jax.__version__}
+    data.setdefault(section, {}).update({k: {**row, **stamp} for k, row in results.items()})
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
@@ -122,24 +97,13 @@ def update_json(section: str, results: dict[str, Any], path: str | None = None) 
     return path
 
 
-def random_params(model: xar_model.XAR, seed: int = 0):
-    """Initialised params on the default device (jit init: nothing built on the host)."""
-    inputs = xar_model.example_inputs(model)
-    init = jax.jit(lambda k: nn.meta.unbox(model.init(k, *inputs)["params"]))
-    return init(jax.random.key(seed))
-
-
 BF16_PEAK_TFLOPS = {"NVIDIA H200": 795.0, "NVIDIA H100 80GB HBM3": 795.0}
 
 
 def peak_tflops() -> float | None:
-    """Measured bf16 matmul peak of the device (issue 8: about 795 TFLOP/s on the H200)."""
+    """Measured bf16 matmul peak of the device (about 795 TFLOP/s on the H200 and the H100)."""
     kind = getattr(jax.devices()[0], "device_kind", "")
     return BF16_PEAK_TFLOPS.get(kind)
-
-
-def np_rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
 
 
 def report(section: str, rows: list[dict[str, Any]], columns: list[str], args: Any) -> None:
@@ -147,9 +111,59 @@ def report(section: str, rows: list[dict[str, Any]], columns: list[str], args: A
     ``section`` (keys: model + ``args.tag``) unless ``args.no_json`` or ``args.tiny``."""
     print(f"\ndevice: {device_name()}")
     print_table(rows, columns)
-    if not args.no_json and not args.tiny:
+    if not args.no_json and not getattr(args, "tiny", False):
         path = update_json(section, {r["model"] + args.tag: r for r in rows})
         print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs: a config file with --config.X overrides (as xar_jax.main), plus named override sets.
+# 'fast': the fastest measured recipe, without the paper's attention-probability dropout ('auto'
+# then takes cuDNN's attention on a GPU); the other dropouts stay on.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "fast": {"model.attn_dropout": 0.0},
+}
+
+
+def define_config_flags() -> None:
+    """``--config=FILE`` with ``--config.X=...`` overrides (as xar_jax.main) and ``--overrides``."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_list("overrides", [], f"Named override sets, in order: {', '.join(OVERRIDES)}.")
+    flags.mark_flags_as_required(["config"])
+
+
+def apply_overrides(config, names: list[str]):
+    """``config`` with the named override sets applied in order (a copy; exits on an unknown
+    name)."""
+    config = copy.deepcopy(config)
+    for name in names:
+        if name not in OVERRIDES:
+            raise SystemExit(f"--overrides={name!r}; allowed: {', '.join(OVERRIDES)}.")
+        with config.unlocked():
+            for field, value in OVERRIDES[name].items():
+                *path, leaf = field.split(".")
+                node = config
+                for part in path:
+                    node = node[part]
+                node[leaf] = value
+    return config
+
+
+def enable_compile_cache(config) -> str | None:
+    """JAX's persistent compilation cache at ``config.compile_cache_dir`` when it names a
+    directory (as the trainer's; '' and 'none' leave it off here). Returns the directory."""
+    path = config.compile_cache_dir
+    if path in ("", "none"):
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(config.compile_cache_min_compile_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
 
 
 def add_xla_option_flag(parser) -> None:

@@ -9,7 +9,7 @@ training does (global shuffle, flip, per-process sharding, batching, threads / w
 - raw images: synthetic 500 x 375 JPEGs (ImageNet's typical size, quality 90) decoded with PIL and
   ADM-cropped to 256 x 256 -- the same code as the TFDS path, minus TFDS's ArrayRecord read.
 
-Usage: python benchmarks/input_pipeline.py [--latent_records 4096] [--batches 30]
+Usage: python -m benchmarks.input_pipeline [--latent_records 4096] [--batches 30]
 """
 
 from __future__ import annotations

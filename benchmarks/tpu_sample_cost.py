@@ -5,20 +5,17 @@ The cost analysis counts each loop body once (the flow-step loop, the layer scan
 not per-image figures: they compare programs of the same loop structure. ``optimal_ms`` is
 libtpu's own ``optimal_seconds`` for the program (`xar_jax.aot.cost`), counted the same way.
 
-  python benchmarks/tpu_sample_cost.py --config configs/xar_b.py --topology v5p-8 --per_chip_batch 16
+  python -m benchmarks.tpu_sample_cost --config configs/xar_b.py --topology v5p-8 --per_chip_batch 16
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks import common  # noqa: E402
-from xar_jax import aot, tpu_topology  # noqa: E402
-from xar_jax.train_config import load_config_file  # noqa: E402
+from benchmarks import common
+from xar_jax import aot, tpu_topology
+from xar_jax.train_config import load_config_file
 
 
 def main() -> None:

@@ -6,25 +6,21 @@ relative L2 error against float32 (the first dtype listed).
 Random weights unless ``--params DIR`` names a directory written by ``python -m xar_jax.convert
 vae``; errors on random weights overstate what trained weights give.
 
-  python benchmarks/vae_decode.py --config kl16 --batch 8 32 --dtype float32 bfloat16
+  python -m benchmarks.vae_decode --config kl16 --batch 8 32 --dtype float32 bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from xar_jax import vae as vae_lib  # noqa: E402
+from xar_jax import vae as vae_lib
 
 
 def _timed(fn, iters: int) -> tuple[float, float, jax.Array]:

@@ -1,4 +1,4 @@
-"""The GPU benchmark scripts run end to end on a CPU with shrunken networks (smoke tests).
+"""The benchmark scripts run end to end on a CPU with tiny configs (smoke tests).
 
 Speed is measured on the GPU (docs/benchmarks.md), never here; these only keep the scripts working.
 """
@@ -12,57 +12,64 @@ from conftest import FAST_COMPILE_FLAGS
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def _run(script, *args):
+def _run(module, *args):
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--tiny", "--no_json"],
+        [sys.executable, "-m", f"benchmarks.{module}", *args, "--no_json"],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=ROOT,
         # Compile time dominates these smoke runs; their timings are not checked.
-        env=os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS},
+        env=os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS,
+                          "PYTHONPATH": ROOT},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
 
-def test_train_step_benchmark_fast_recipe_prints_the_table():
-    # L only: B's layers are the same in both recipes, and the paper-recipe test runs B.
-    out = _run("train_step.py", "--models", "xar_l", "--recipe", "fast", "--batch", "2",
-               "--steps", "1", "--repeats", "1")  # fmt: skip
-    rows = [[c.strip() for c in line.split(" | ")] for line in out.splitlines()]
-    table = {r[0]: r for r in rows if r[0].startswith("xar_") and len(r) > 5}
-    # The summary table: L scanned with 'dots' remat, no attention dropout; scan outputs left
-    # unfilled.
-    assert table["xar_l"][8:10] == ["dot_product", "0"]
-    assert table["xar_l"][12:15] == ["True", "dots", "uninitialised"]
-    assert float(table["xar_l"][15]) > 0  # The final loss, for comparing A/B runs.
+def _table(out):
+    """The summary table printed last: {column: value} of its one row."""
+    lines = [line for line in out.splitlines() if " | " in line]
+    header, row = lines[-2], lines[-1]
+    return dict(zip([c.strip() for c in header.split(" | ")],
+                    [c.strip() for c in row.split(" | ")], strict=True))
 
 
-def test_train_step_benchmark_paper_recipe_keeps_attention_dropout():
-    out = _run(
-        "train_step.py", "--models", "xar_b,xar_h", "--recipe", "paper", "--batch", "2",
-        "--steps", "1", "--repeats", "1",
-        # An XLA option for this compile only, typed (a bool) as XLA reads it.
-        "--xla_option", "xla_cpu_enable_fast_math=false",
-    )  # fmt: skip
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("xar_")]
-    table = {r[0].strip(): [c.strip() for c in r] for r in rows if len(r) > 5}
-    # On a CPU 'auto' resolves to the XLA form; attention dropout 0.1, hash dropout.
-    b, h = table["xar_b"], table["xar_h"]
-    assert b[8:11] == ["xla", "0.1", "hash"] and b[12:15] == ["False", "none", "uninitialised"]
-    assert h[8:11] == ["xla", "0.1", "hash"] and h[12:14] == ["True", "matmuls"]
+def test_train_step_benchmark_times_the_trainers_step_with_resolved_settings():
+    # The trainer's program for a config with overrides and a named override set; 'auto' layers
+    # resolved as experiment.build does on this backend (CPU: the layer scan).
+    out = _run("train_step", "--config=configs/tiny.py", "--config.model.scan_layers=auto",
+               "--config.model.remat=auto", "--overrides=fast", "--steps=1", "--repeats=1",
+               # An XLA option for this compile only, typed (a bool) as XLA reads it.
+               "--xla_option=xla_cpu_enable_fast_math=false")
+    row = _table(out)
+    assert (row["model"], row["batch"]) == ("custom", "8")
+    assert (row["attention_impl"], row["attn_dropout"]) == ("xla", "0")  # 'fast': no attn dropout.
+    assert (row["scan_layers"], row["remat"]) == ("True", "dots_no_batch")
+    assert row["prng_impl"] == "threefry2x32"
+    assert float(row["img_per_s"]) > 0 and float(row["final_loss"]) > 0
 
 
-def test_sample_benchmark_prints_the_table():
-    out = _run(
-        "sample.py", "--models", "xar_b", "--batch", "2", "--num_steps", "2", "--repeats", "1"
+def test_benchmarks_refuse_an_unknown_override_set():
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", "--config=configs/tiny.py",
+         "--overrides=fastest", "--no_json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
     )
-    assert any(line.startswith("xar_b | 2 ") for line in out.splitlines())
+    assert out.returncode != 0 and "--overrides='fastest'; allowed: fast" in out.stderr
+
+
+def test_sample_benchmark_times_the_sampler_of_the_config():
+    row = _table(_run("sample", "--config=configs/tiny.py", "--config.sample.batch_size=2",
+                      "--repeats=1"))
+    assert (row["model"], row["batch"], row["num_steps"]) == ("custom", "2", "2")
+    assert float(row["img_per_s"]) > 0
 
 
 def test_attention_layer_benchmark_checks_and_times_the_kernel():
     out = _run(
-        "attention_layer.py", "--batch", "1", "--heads", "2", "--head_dim", "16",
+        "attention_layer", "--tiny", "--batch", "1", "--heads", "2", "--head_dim", "16",
         "--iters", "1", "--repeats", "1",
     )  # fmt: skip
     assert "rel L2" in out and "FAILED" not in out
@@ -70,7 +77,7 @@ def test_attention_layer_benchmark_checks_and_times_the_kernel():
 
 
 def test_cached_attention_benchmark_checks_and_times_the_kernel():
-    out = _run("cached_attention.py", "--iters", "1", "--repeats", "1", "--block_k", "16,32")
+    out = _run("cached_attention", "--tiny", "--iters", "1", "--repeats", "1", "--block_k", "16,32")
     assert "rel L2" in out and "FAILED" not in out
     lines = out.splitlines()
     # The concatenating path and both kernel tilings, for both prefixes of the tiny shape.

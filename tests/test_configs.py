@@ -49,8 +49,9 @@ def test_paper_configs_build_with_published_param_counts(name):
         0.1, 0.1, "bfloat16")
     assert (config.entity.kind, config.entity.cell_size, config.latent.grid_size) == ("cell", 8, 16)
     layout = layout_from_config(config.entity, config.latent.grid_size)
-    settings = experiment.resolve_model_settings(config.model, jax.default_backend())
-    model = build_model(config.model, layout, settings, in_channels=config.latent.channels,
+    resolved = experiment.resolve_config(config, jax.default_backend())  # As build does.
+    settings = experiment.resolve_model_settings(resolved.model, jax.default_backend())
+    model = build_model(resolved.model, layout, settings, in_channels=config.latent.channels,
                         num_classes=1000)
     params = abstract_params(model)  # jax.eval_shape: nothing allocated.
     millions = count_params(params, model=model) / 1e6
@@ -143,9 +144,12 @@ def _documented_gpu_config(name, row_start):
 
 @pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
 def test_documented_gpu_overrides_validate(name):
-    """The 'On NVIDIA GPUs' table: fused (cuDNN) attention without attention dropout."""
+    """The 'On NVIDIA GPUs' table without attention dropout: 'auto' then takes cuDNN."""
+    from xar_jax.attention import resolve as resolve_attention_impl
+
     config = _documented_gpu_config(name, f"| `{name}.py` | `--config.model")
-    assert config.model.attention_impl == "cudnn" and config.model.attn_dropout == 0.0
+    assert config.model.attention_impl == "auto" and config.model.attn_dropout == 0.0
+    assert resolve_attention_impl("auto", 0.0, "bfloat16", backend="gpu") == "cudnn"
     validate_config(config, num_devices=256)
 
 
@@ -161,11 +165,13 @@ def test_paper_configs_train_the_paper_recipe_on_the_auto_attention(name):
 
 
 @pytest.mark.parametrize("name", ["xar_b", "xar_l", "xar_h"])
-def test_documented_paper_gpu_overrides_validate(name):
-    """The paper-recipe GPU table: the paper's attention dropout kept."""
-    config = _documented_gpu_config(name, f"| `{name}.py` (paper) |")
-    assert config.model.attention_impl == "auto" and config.model.attn_dropout == 0.1
-    validate_config(config, num_devices=256)
+def test_documented_gpu_layers_are_what_auto_resolves_to(name):
+    """The paper-recipe GPU table lists the layers the configs' 'auto' takes on a GPU."""
+    with open(os.path.join(CONFIGS, "..", "docs", "training.md")) as f:
+        row = next(line for line in f if line.startswith(f"| `{name}.py` (paper) |"))
+    documented = dict(kv.split("=") for kv in row.split(" | ")[1].strip("`").split())
+    resolved = experiment.resolve_config(_paper_config(name), "gpu").model
+    assert documented == {"scan_layers": str(resolved.scan_layers), "remat": resolved.remat}
 
 
 def test_mesh_must_cover_devices_and_batch_must_split():
@@ -183,8 +189,6 @@ def test_mesh_must_cover_devices_and_batch_must_split():
 
 def test_inference_modes_accept_fused_attention_with_attention_dropout():
     """Sampling has no dropout: the fast sampler needs no change of the training recipe."""
-    from xar_jax import experiment
-
     c = load_config_file(os.path.join(CONFIGS, "tiny.py"))
     c.model.attention_impl = "cudnn"
     c.model.attn_dropout = 0.1
@@ -192,3 +196,70 @@ def test_inference_modes_accept_fused_attention_with_attention_dropout():
         experiment.build(c, mode)  # Validated once, for the mode at hand.
     with pytest.raises(ValueError, match="config.model.attn_dropout"):
         experiment.build(c, "train")
+
+
+@pytest.mark.parametrize("name, gpu", [("xar_b", (False, "none")), ("xar_l", (True, "dots")),
+                                       ("xar_h", (True, "matmuls"))])
+def test_auto_layers_resolve_once_per_preset_and_backend(name, gpu):
+    """docs/training.md's GPU settings are the paper configs' defaults; TPU and CPU scan."""
+    config = _paper_config(name)
+    assert (config.model.scan_layers, config.model.remat) == ("auto", "auto")
+    resolved = experiment.resolve_config(config, "gpu")
+    assert (resolved.model.scan_layers, resolved.model.remat) == gpu
+    for backend in ("tpu", "cpu"):
+        resolved = experiment.resolve_config(config, backend)
+        assert (resolved.model.scan_layers, resolved.model.remat) == (True, "dots_no_batch")
+    sampling = experiment.resolve_config(config, "gpu", mode="sample")
+    assert (sampling.model.scan_layers, sampling.model.remat) == (True, "dots_no_batch")
+    assert config.model.scan_layers == "auto"  # The given config is not changed.
+    config.model.remat = "full"  # An explicit value is kept; only 'auto' is resolved.
+    assert experiment.resolve_config(config, "gpu").model.remat == "full"
+
+
+def test_a_recorded_run_keeps_its_layer_layout_under_auto(tmp_path):
+    """A run started scanned (a TPU, or before 'auto') resumes scanned on a GPU: its checkpoints
+    hold stacked params. The record holds resolved values, and a changed PRNG is refused."""
+    from xar_jax import experiment
+    from xar_jax import workdir as workdir_lib
+
+    config = _paper_config("xar_b")
+    on_tpu = experiment.resolve_config(config, "tpu")
+    workdir_lib.write_record(str(tmp_path), workdir_lib.RunRecord.for_config(
+        on_tpu, {"data": 1, "fsdp": 1, "tensor": 1}, 1, "train"))
+    assert workdir_lib.read_record(str(tmp_path)).model["model.scan_layers"] is True
+    resumed = experiment.resolve_config(config, "gpu", str(tmp_path))
+    assert (resumed.model.scan_layers, resumed.model.remat) == (True, "dots_no_batch")
+    record = workdir_lib.read_record(str(tmp_path))
+    workdir_lib.check_model(record, resumed, str(tmp_path), "train")  # Accepted.
+    assert "prng_impl" not in record.model  # JAX's default is left out of the record.
+    with resumed.unlocked():
+        resumed.prng_impl = "rbg"
+    with pytest.raises(workdir_lib.WorkdirMismatchError, match="prng_impl"):
+        workdir_lib.check_model(record, resumed, str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("field, value", [("model.scan_layers", 0), ("model.scan_layers", "yes"),
+                                          ("model.remat", "fast"), ("prng_impl", "philox")])
+def test_layer_and_prng_settings_fail_naming_the_field(field, value):
+    config = load("tiny")
+    *path, leaf = field.split(".")
+    node = config[path[0]] if path else config
+    node[leaf] = value
+    with pytest.raises(ValueError, match=f"config.{field}="):
+        validate_config(config, num_devices=1)
+
+
+def test_print_config_shows_what_auto_resolves_to_here():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "xar_jax.main", f"--config={os.path.join(CONFIGS, 'xar_l.py')}",
+         "--print_config", "--config.data.cache_dir=/data/latent_cache"],
+        capture_output=True, text=True, timeout=120,
+        env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = json.loads(out.stdout)["model"]
+    assert (model["scan_layers"], model["remat"]) == (True, "dots_no_batch")  # CPU: the scan.

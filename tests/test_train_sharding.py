@@ -29,6 +29,7 @@ SCRIPT = textwrap.dedent(
     from flax import linen as nn
     from xar_jax import sharding as sh, train_state as ts
     from xar_jax.entities import make_layout
+    from xar_jax.experiment import resolve_config
     from xar_jax.model import XAR, ResolvedSettings, abstract_params, build_model
     from xar_jax.train_config import load_config_file
 
@@ -69,7 +70,7 @@ SCRIPT = textwrap.dedent(
 
     # xAR-H's whole train state (params, EMA, AdamW moments: ~4.8e9 numbers), shapes only, on
     # an 8-way fsdp mesh: what each device would hold.
-    h_cfg = load_config_file("configs/xar_h.py")
+    h_cfg = resolve_config(load_config_file("configs/xar_h.py"), jax.default_backend())
     h_model = build_model(h_cfg.model, make_layout("cell", 16, cell_size=8),
                           ResolvedSettings(attention_impl="xla"),  # Shapes only: any kernel.
                           in_channels=16, num_classes=1000)

@@ -147,24 +147,6 @@ def libtpu_version() -> str:
 
 # ----------------------------------------------------------------------------------------------
 # What gets compiled.
-def train_batch_spec(config, mesh) -> dict[str, Any]:
-    """The train step's batch as ShapeDtypeStructs, sharded as `train.make_data_iterator` does.
-
-    Cached latents with on-device sampling give ``moments`` (B, g, g, 2C) float32; host sampling
-    ``latents`` (B, g, g, C); the digits' images are the latents (B, 8, 8, 1). Labels (B,) int32.
-    """
-
-
-    b, g, c = config.train.global_batch_size, config.latent.grid_size, config.latent.channels
-    s = sharding_lib.batch_sharding(mesh)
-    batch = {"labels": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s)}
-    if config.data.source == "latents" and config.data.latent_sampling == "device":
-        batch["moments"] = jax.ShapeDtypeStruct((b, g, g, 2 * c), jnp.float32, sharding=s)
-    else:
-        batch["latents"] = jax.ShapeDtypeStruct((b, g, g, c), jnp.float32, sharding=s)
-    return batch
-
-
 def compile_train(config, devices):
     """``(compiled, mesh)`` of the trainer's jitted step for ``devices``."""
 
@@ -173,7 +155,7 @@ def compile_train(config, devices):
     setup = experiment.training_setup(exp)
     with jax.set_mesh(exp.mesh), exp.rules_context():
         lowered = train.lower_train_step(train.jit_train_step(exp, setup), setup.abstract_state,
-                                         train_batch_spec(config, exp.mesh))
+                                         train.train_batch_spec(config, exp.mesh))
         return lowered.compile(), exp.mesh
 
 

@@ -38,6 +38,7 @@ from xar_jax.model import (
     abstract_params,
     build_model,
     count_params,
+    resolve_layers,
 )
 from xar_jax.train_config import validate_config
 
@@ -70,12 +71,48 @@ class Experiment:
         return {k: int(v) for k, v in self.mesh.shape.items()}
 
 
+def resolve_config(
+    config: ml_collections.ConfigDict,
+    backend: str,
+    workdir: str | None = None,
+    mode: str = "train",
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the 'auto' layer settings resolved for ``backend`` and ``mode``.
+
+    ``model.scan_layers`` and ``model.remat`` go through `xar_jax.model.resolve_layers`; a run
+    already recorded in ``workdir`` keeps its layer layout. ``config`` itself is not changed.
+    """
+    m = config.model
+    if m.scan_layers != "auto" and m.remat != "auto":
+        return config
+    recorded = None
+    if workdir:
+        record = workdir_lib.read_record(workdir)
+        scan = None if record is None else record.model.get("model.scan_layers")
+        recorded = scan if isinstance(scan, bool) else None
+    scan_layers, remat = resolve_layers(m.preset, m.scan_layers, m.remat, backend, recorded,
+                                        training=mode == "train")
+    fields = config.to_dict()
+    fields["model"].update(scan_layers=scan_layers, remat=remat)
+    resolved = ml_collections.ConfigDict(fields)
+    if config.is_locked:
+        resolved.lock()
+    return resolved
+
+
 def build(
-    config: ml_collections.ConfigDict, mode: str, *, devices: Sequence[Any] | None = None
+    config: ml_collections.ConfigDict,
+    mode: str,
+    *,
+    devices: Sequence[Any] | None = None,
+    workdir: str | None = None,
 ) -> Experiment:
     """Validates ``config`` for ``mode`` and builds the experiment on ``devices`` (default all).
 
-    ``devices`` may be abstract (a TPU topology's, for ahead-of-time compilation).
+    ``devices`` may be abstract (a TPU topology's, for ahead-of-time compilation). The
+    experiment's config is ``config`` with its 'auto' layer settings resolved for the devices'
+    platform (`resolve_config`; ``workdir``: a run recorded there keeps its layer layout), and
+    ``config.prng_impl`` becomes JAX's default PRNG.
 
     Raises:
       ValueError naming the config field, before anything is built.
@@ -84,6 +121,8 @@ def build(
         raise ConfigError(f"mode={mode!r} is not allowed; allowed: {' | '.join(MODES)}.")
     devices = list(jax.devices() if devices is None else devices)
     checked = validate_config(config, len(devices), training=mode == "train")
+    config = resolve_config(config, devices[0].platform, workdir, mode)
+    jax.config.update("jax_default_prng_impl", config.prng_impl)
     mesh = sharding_lib.make_mesh(*checked.mesh_shape, devices=devices,
                                   num_slices=config.mesh.num_slices)
     settings = resolve_model_settings(config.model, devices[0].platform)
@@ -253,7 +292,7 @@ def inference_params(exp: Experiment, workdir: str) -> tuple[Any, ParamsSource]:
 
 def restore_train_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int] | None:
     """``(TrainState, step)`` of the workdir's newest checkpoint, or None (notebooks, tests)."""
-    exp = build(config, "train")
+    exp = build(config, "train", workdir=workdir)
     setup = training_setup(exp)
     ckpt = checkpointer(config, workdir)
     try:

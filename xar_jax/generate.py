@@ -193,6 +193,15 @@ def to_uint8(images: jax.Array) -> jax.Array:
     )
 
 
+def latent_sampler(model: Any, *, num_steps: int, cfg: float, sampler: str = "sde",
+                   cfg_schedule: str = "linear"):
+    """The jitted ``fn(params, labels (B,), key, None) -> latents (B, h, w, c)`` that sampling
+    runs (`make_image_generator`; benchmarks/sample.py times it)."""
+    return sampling.make_sampler(
+        model, num_steps=num_steps, cfg=float(cfg), sampler=sampler, cfg_schedule=cfg_schedule
+    )
+
+
 def make_image_generator(
     model: Any,
     params: Any,
@@ -217,9 +226,8 @@ def make_image_generator(
     Returns:
       The generator; a NumPy uint8 array per call.
     """
-    fn = sampling.make_sampler(
-        model, num_steps=num_steps, cfg=float(cfg), sampler=sampler, cfg_schedule=cfg_schedule
-    )
+    fn = latent_sampler(model, num_steps=num_steps, cfg=cfg, sampler=sampler,
+                        cfg_schedule=cfg_schedule)
     batch = sharding_lib.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 

@@ -47,7 +47,7 @@ def broadcast_over_batch(shared: Array, batch: int) -> Array:
     turns every large reduce into a row reduction by making the reduced axis the operand's
     minor-most one, so this single gradient (of the learned position embeddings) made the whole
     residual stream batch-minor, with a transpose around every matmul: about 14% of the xAR-B
-    train step (measured in docs/benchmarks.md). A matmul with a ones matrix sums the same
+    train step in its profile. A matmul with a ones matrix sums the same
     float32 values (exact products, HIGHEST precision) and asks for no layout.
     """
     return jnp.broadcast_to(shared, (batch, *shared.shape[1:]))

@@ -226,7 +226,10 @@ def main(argv):
     configure_logging()
     config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
     if FLAGS.print_config:
-        print(config.to_json_best_effort(indent=2, sort_keys=True))
+        # As the run would use it: 'auto' layer settings resolved for this machine (and workdir).
+        resolved = experiment.resolve_config(config, jax.default_backend(), workdir or None,
+                                             mode)
+        print(resolved.to_json_best_effort(indent=2, sort_keys=True))
         return
     if not workdir:
         report_user_error("--workdir is required (a local directory or gs://bucket/path).")
@@ -248,9 +251,9 @@ def main(argv):
             config = plan_file.config_with_plan(config, devices=jax.devices(), argv=sys.argv)
         # Validates the config for this mode before any compilation or data loading. The config
         # itself goes to WORKDIR/config.json and TensorBoard (training), or --print_config.
-        exp = experiment.build(config, mode)
+        exp = experiment.build(config, mode, workdir=workdir)
         if mode == "train":
-            train.train_and_evaluate(config, workdir, allow_change=tuple(FLAGS.allow_change),
+            train.train_and_evaluate(exp.config, workdir, allow_change=tuple(FLAGS.allow_change),
                                      exp=exp)
         elif mode == "sample":
             generate.sample_to_workdir(exp, workdir)

@@ -106,6 +106,48 @@ _REMAT = {
 }
 REMAT_POLICIES = ("none", *_REMAT)  # 'none' or a rematerialisation policy of each block.
 
+# The layer settings ('auto' of model.scan_layers and model.remat), per preset, that train fastest
+# with the paper's recipe on one GPU (docs/benchmarks.md): unrolled B needs no remat; L and H
+# scan (compile time) and keep only what the backward pass cannot cheaply recompute.
+GPU_LAYERS: dict[str, tuple[bool, str]] = {
+    "xar_b": (False, "none"),
+    "xar_l": (True, "dots"),
+    "xar_h": (True, "matmuls"),
+}
+# Elsewhere (TPU, CPU, a GPU with a custom size): the layer scan, compile time flat in depth.
+DEFAULT_LAYERS: tuple[bool, str] = (True, "dots_no_batch")
+
+
+def resolve_layers(
+    preset: str,
+    scan_layers: Any,
+    remat: str,
+    backend: str,
+    recorded_scan: bool | None = None,
+    training: bool = True,
+) -> tuple[bool, str]:
+    """Concrete ``(scan_layers, remat)``: each 'auto' resolved for ``preset`` on ``backend``.
+
+    Args:
+      preset: 'xar_b' | 'xar_l' | 'xar_h' or '' (a custom size).
+      scan_layers: True | False | 'auto'.
+      remat: a name of REMAT_POLICIES or 'auto'.
+      backend: the platform the model runs on ('gpu', 'tpu', 'cpu').
+      recorded_scan: the layer layout of a run already started from this config (its checkpoints
+        hold the params in that layout), which 'auto' keeps.
+      training: False for sampling and evaluation, which take the scan (unrolled layers sample no
+        faster and compile the sampler five times slower) unless a recorded run fixes the layout.
+    """
+    gpu = backend in ("gpu", "cuda", "rocm")
+    fast = GPU_LAYERS.get(preset) if gpu and training else None
+    auto_scan, auto_remat = fast or DEFAULT_LAYERS
+    if scan_layers == "auto":
+        scan_layers = auto_scan if recorded_scan is None else bool(recorded_scan)
+    if remat == "auto":
+        # A preset's fast remat belongs to its fast layout; a kept layout gets the default's.
+        remat = auto_remat if scan_layers == auto_scan else DEFAULT_LAYERS[1]
+    return bool(scan_layers), remat
+
 
 class BlockStack(nn.Module):
     """``depth`` blocks, unrolled (params ``block_{i}``) or scanned (params ``blocks``, stacked)."""

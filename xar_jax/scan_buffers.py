@@ -4,8 +4,7 @@
 then overwrites every slice of it. Under a layer scan the forward pass's stacked residuals and
 the backward pass's stacked parameter gradients are such outputs. Filling them costs one memset
 of all of them per train step: 32 GB per xAR-L step (batch 128) and 30 GB per xAR-H step
-(batch 64) in the programs XLA compiles for an H200, about 3% of each step
-(measured in docs/benchmarks.md).
+(batch 64) in the programs XLA compiles for an H200, about 3% of each step in its profile.
 
 jax already has the primitive for an uninitialised buffer (`jax.lax.empty`, lowered to XLA's
 ``AllocateBuffer`` on GPU and TPU and to zeros elsewhere), and its scan carries a TODO to use it

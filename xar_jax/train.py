@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import parameter_overview
@@ -48,6 +49,22 @@ def make_data_iterator(config, mesh: jax.sharding.Mesh):
         seed=config.seed,
         sharding=sharding_lib.batch_sharding(mesh),
     )
+
+
+def train_batch_spec(config, mesh) -> dict[str, Any]:
+    """The train step's batch as ShapeDtypeStructs, sharded as `make_data_iterator` gives it.
+
+    Cached latents with on-device sampling give ``moments`` (B, g, g, 2C) float32; host sampling
+    ``latents`` (B, g, g, C); the digits' images are the latents (B, 8, 8, 1). Labels (B,) int32.
+    """
+    b, g, c = config.train.global_batch_size, config.latent.grid_size, config.latent.channels
+    s = sharding_lib.batch_sharding(mesh)
+    batch = {"labels": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s)}
+    if config.data.source == "latents" and config.data.latent_sampling == "device":
+        batch["moments"] = jax.ShapeDtypeStruct((b, g, g, 2 * c), jnp.float32, sharding=s)
+    else:
+        batch["latents"] = jax.ShapeDtypeStruct((b, g, g, c), jnp.float32, sharding=s)
+    return batch
 
 
 def to_model_batch(batch: dict[str, Any], tokenizer: str) -> dict[str, Any]:
@@ -186,7 +203,7 @@ def train_and_evaluate(
       `xar_jax.stop_signal.Stopped` after SIGTERM or SIGINT (or a preemption notice), once the
       step in flight is done and its checkpoint saved.
     """
-    exp = exp or experiment_lib.build(config, "train")
+    exp = exp or experiment_lib.build(config, "train", workdir=workdir)
     record, accepted, lock = _claim_workdir(exp, workdir, allow_change)
     try:
         with StopSignals("the step in flight", sync_steps=True) as stop:

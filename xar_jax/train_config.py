@@ -27,6 +27,7 @@ ATTENTION_IMPLS = attention.ATTENTION_IMPLS
 IMAGENET_TRAIN_SIZE = 1_281_167
 TOKENIZERS = ("identity", "kl16")
 SAMPLE_FORMATS = ("adm", "grid")
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     """Every field of a training config, with the paper's recipe where one exists."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seed of params init and of the per-step RNG (fold_in(key, step)).
+    # JAX's PRNG behind every key of the run (init, noise, flow times, labels dropped, dropout):
+    # threefry2x32 (JAX's default) | rbg | unsafe_rbg. Its key size is part of the train state, so a
+    # run keeps the one it started with (recorded in run.json unless threefry2x32).
+    c.prng_impl = "threefry2x32"
     # --mode=sample / eval only: a converted released xAR (`python -m xar_jax.convert xar --src
     # xAR-H.pth --out DIR`) to sample instead of the workdir's checkpoints; '' = the workdir's
     # newest checkpoint. The model fields must describe the same network (configs/xar_{b,l,h}.py).
@@ -108,10 +113,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Dropout after attention proj and in the MLP: rng (nn.Dropout, bits from the dropout PRNG) |
     # hash (a counter hash fused into the neighbouring kernels; same rate, other masks).
     c.model.dropout_impl = "rng"
-    c.model.scan_layers = False  # Scan over blocks: compile time flat in depth.
+    # Layer scan: True (scan over blocks: compile time flat in depth, params stacked) | False
+    # (unrolled blocks) | 'auto'. 'auto' and remat='auto' are resolved once, when the experiment is
+    # built (`xar_jax.model.resolve_layers`): training on a GPU, a preset takes its fastest
+    # measured layers (B unrolled without remat, L scan + 'dots', H scan + 'matmuls'); on TPU and
+    # CPU, for a custom size, and for sampling, the scan with 'dots_no_batch'. A workdir's run
+    # keeps its recorded layout (the checkpoints hold the params in it). --print_config,
+    # config.json and run.json show the resolved values.
+    c.model.scan_layers = ml_collections.config_dict.placeholder(object)
+    c.model.scan_layers = False
     c.model.scan_unroll = 1  # Blocks per layer-scan iteration (same params; no gain on an H200).
     # Rematerialisation per block: none | full | dots | dots_no_batch | matmuls (keep matmul and
-    # attention outputs). With scan_layers, 'dots' is also the fastest on GPU (docs/benchmarks.md).
+    # attention outputs) | auto (see scan_layers).
     c.model.remat = "none"
 
     c.train = ml_collections.ConfigDict()
@@ -265,6 +278,7 @@ def validate_config(
     Raises:
       ValueError naming ``config.<section>.<field>``, its value and what is allowed.
     """
+    _check_choice(cfg, "prng_impl", PRNG_IMPLS)
     _check_choice(cfg, "latent.tokenizer", TOKENIZERS)
     _check_number(cfg, "latent.grid_size", 1, integer=True)
     _check_number(cfg, "latent.channels", 1, integer=True)
@@ -304,9 +318,11 @@ def validate_config(
     _check_choice(cfg, "model.dtype", tuple(DTYPES))
     _check_choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
     _check_choice(cfg, "model.dropout_impl", DROPOUT_IMPLS)
-    _check_choice(cfg, "model.scan_layers", (True, False))
+    if not (cfg.model.scan_layers is True or cfg.model.scan_layers is False
+            or cfg.model.scan_layers == "auto"):
+        _fail("model.scan_layers", cfg.model.scan_layers, "True | False | 'auto'")
     _check_number(cfg, "model.scan_unroll", 1, integer=True)
-    _check_choice(cfg, "model.remat", REMAT_POLICIES)
+    _check_choice(cfg, "model.remat", (*REMAT_POLICIES, "auto"))
     impl = cfg.model.attention_impl
     if training and cfg.model.attn_dropout > 0 and not attention.supports_dropout(impl):
         *some, last = [repr(k) for k in ATTENTION_IMPLS if attention.supports_dropout(k)]
@@ -456,8 +472,9 @@ def paper_config(preset: str, sample_steps: int, cfg_scale: float):
     c.model.attention_impl = "auto"
     # Fused hash dropout after proj and in the MLP: +4% on xAR-B/L on an H200 (docs/benchmarks.md).
     c.model.dropout_impl = "hash"
-    c.model.scan_layers = True  # Compile time flat in depth.
-    c.model.remat = "dots_no_batch"
+    # The fastest measured layers for the preset and the backend (base_config's comment).
+    c.model.scan_layers = "auto"
+    c.model.remat = "auto"
     c.model.mlp_multiple = 128
     c.train.global_batch_size = 2048
     c.train.num_epochs = 800.0

@@ -46,6 +46,7 @@ STALE_AFTER_SECONDS = 15 * 60
 HEARTBEAT_SECONDS = 60
 ALLOWED_CHANGES = ("mesh", "data")
 
+_DEFAULT_PRNG = "threefry2x32"  # JAX's default PRNG, left out of run records.
 # Fields whose change makes the saved data-iterator position meaningless.
 _DATA_FIELDS = ("seed", "train.global_batch_size")
 
@@ -70,6 +71,16 @@ def _recorded_model(recorded: dict[str, Any]) -> dict[str, Any]:
     if preset in PRESETS:
         recorded.update(preset_signature(preset))
     return recorded
+
+
+def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`xar_jax.model.config_signature` of the experiment's (resolved) config, plus its PRNG when
+    not JAX's default: the PRNG decides the size of the train state's key (runs recorded before
+    the field existed used the default)."""
+    sig = config_signature(config)
+    if config.get("prng_impl", _DEFAULT_PRNG) != _DEFAULT_PRNG:
+        sig["prng_impl"] = config.prng_impl
+    return sig
 
 
 def data_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -109,7 +120,7 @@ class RunRecord:
     def for_config(cls, config, mesh_shape, process_count, mode: str) -> RunRecord:
         return cls(
             config=_jsonable(config.to_dict()),
-            model=config_signature(config),
+            model=model_signature(config),
             data=data_signature(config),
             mesh=mesh_signature(mesh_shape, process_count),
             versions={"jax": jax.__version__, "xar_jax": _code_version()},
@@ -159,7 +170,7 @@ def check_model(record: RunRecord | None, config, workdir: str, mode: str) -> No
     """
     if record is None:
         return
-    diff = _diff(_recorded_model(record.model), config_signature(config))
+    diff = _diff(_recorded_model(record.model), model_signature(config))
     if diff:
         raise WorkdirMismatchError(
             f"--mode={mode} refused: {workdir} holds a run with another model ({_describe(diff)}). "
