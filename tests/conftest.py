@@ -302,3 +302,13 @@ def train_state_params(workdir, step):
     state, restored_step = experiment.restore_train_state(config, str(workdir))
     assert restored_step == step
     return jax.device_get(state.params)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints the lines tests recorded as ``record_property("summary", line)`` (the fault matrix's
+    counts) at the end of the run; xdist carries them from its workers in the test reports."""
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "summary":
+                    terminalreporter.write_line(value)

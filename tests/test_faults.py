@@ -317,14 +317,17 @@ def test_damaged_inputs_are_refused_in_a_few_lines_naming_file_and_remedy(tiny_r
     assert not (tmp_path / "x" / "sample_work" / "generated").exists()  # Refused before sampling.
 
 
-def test_fault_matrix_counts():
-    """Prints the matrix (run with -s or -rA to see it); every fault tried must be survived."""
+def test_fault_matrix_counts(record_property):
+    """Every fault tried must be survived; the counts go to the end of pytest's output (conftest's
+    `pytest_terminal_summary`), the per-fault table to the captured output (-rA shows it)."""
     if not MATRIX:
         pytest.skip("the matrix is filled by this module's other tests; run the whole module")
     survived = sum(MATRIX.values())
-    print(f"\nfault matrix: {len(MATRIX)} faults tried, {survived} survived "
-          f"(CPU: {CPU_SECONDS['subprocesses']:.0f} s in the CLI runs, "
-          f"{CPU_SECONDS['pytest']:.0f} s in pytest)")
+    counts = (f"fault matrix: {len(MATRIX)} faults tried, {survived} survived "
+              f"(CPU: {CPU_SECONDS['subprocesses']:.0f} s in the CLI runs, "
+              f"{CPU_SECONDS['pytest']:.0f} s in pytest)")
+    record_property("summary", counts)
+    print("\n" + counts)
     for name, ok in MATRIX.items():
         print(f"  {'survived' if ok else 'FAILED  '}  {name}")
     assert len(MATRIX) >= 12 and survived == len(MATRIX)
