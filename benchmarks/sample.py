@@ -99,7 +99,7 @@ def run(config) -> dict:
         "mfu": None if peak is None else run_per_image * batch / sec / 1e12 / peak,
         "mfu_release": None if peak is None else per_image * batch / sec / 1e12 / peak,
         "unit_guidance_entities_skipped": unit,
-        "attention_impl": model.resolved_attention_impl,
+        "attention_impl": model.attention_impl,
         "scan_layers": config.model.scan_layers,
         "dtype": config.model.dtype,
         "overrides": ",".join(FLAGS.overrides),

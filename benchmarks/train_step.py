@@ -143,7 +143,7 @@ def run(config) -> dict:
         "mfu": None if peak is None else model_tflops / peak,
         "hw_flops_util": None if peak is None else actual_tflops / peak,
         "tflops": model_tflops,
-        "attention_impl": exp.model.resolved_attention_impl,
+        "attention_impl": exp.settings.attention_impl,
         "attn_dropout": m.attn_dropout,
         "dropout_impl": m.dropout_impl,
         "dtype": m.dtype,
