@@ -1,10 +1,17 @@
-"""The paper-recipe train step compiled for an H200 on a machine without a GPU; its HLO, read.
+"""The paper configs' train step compiled for an H200 on a machine without a GPU; its HLO, read.
 
 XLA's GPU compiler runs without a device when given the device's description (a
-``GpuTargetConfig``), so layouts, fusions and buffers of the H200 program can be studied on a
-laptop CPU at no device time. That is how issue 16's two fixes were found (docs/benchmarks.md):
-the batch-minor layout of train B and the zero fill of the scans' stacked outputs. Autotuning
-is skipped without a device, so GEMM choices (and so timings) are not the device's.
+``GpuTargetConfig``), so the layouts, fusions and buffers of the H200 program can be studied on a
+CPU-only machine at no device time, and the step-time estimator (`xar_jax.step_estimate`, the
+one ``python -m xar_jax.aot`` uses for TPUs) can be checked against the rates measured on a real
+H200. Autotuning is skipped without a device, so GEMM choices (and so timings) are not the
+device's.
+
+What is compiled is the trainer's step (`xar_jax.train.jit_train_step`, lowered by
+`train.lower_train_step`) for ``configs/<model>.py``, built through `xar_jax.experiment.build` on
+the compile-only H200, so the config's 'auto' fields resolve as on a GPU (B unrolled without
+remat, L scanned with remat 'dots', H scanned with remat 'matmuls'; the Pallas attention with
+the paper's dropout). The batch is ``--batch`` or B 256, L 128, H 64.
 
 Setup, once, in its own environment (the CPU test suite should never load a CUDA plugin):
 
@@ -12,17 +19,18 @@ Setup, once, in its own environment (the CPU test suite should never load a CUDA
   JAX_VERSION=$(python -c 'import jax; print(jax.__version__)')
   ~/venv_gpu/bin/pip install "jax-cuda12-plugin[with-cuda]==$JAX_VERSION"
 
-Run (the constraints check would look for a CUDA driver):
+Run from the repository root (the constraints check would look for a CUDA driver):
 
-  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 ~/venv_gpu/bin/python benchmarks/gpu_compile_only.py \
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 ~/venv_gpu/bin/python -m benchmarks.gpu_compile_only \\
       --models xar_b,xar_l --hlo_dir /tmp/hlo
+  python -m benchmarks.gpu_compile_only --models xar_b,xar_l --from_hlo /tmp/hlo
 
 Prints, per model, the compile time and `xar_jax.hlo_stats.entry_traffic` of the program:
 bytes written by its top-level ops, transposes, zero fills, uninitialised buffers and
-batch-minor arrays; and the step-time estimate the TPU tool uses (`xar_jax.step_estimate`) with
-the H200's figures (`xar_jax.tpu_topology.H200`: datasheet; `H200_MEASURED`: the ceilings
-measured on this project's H200), against the measured rate of the same recipe
-(`MEASURED`, rows of docs/benchmarks.json): the estimator's check on real hardware.
+batch-minor arrays; and the step-time estimate with the H200's figures
+(`xar_jax.tpu_topology.H200`: datasheet; `H200_MEASURED`: the ceilings measured on this
+project's H200), against the measured rate of the same recipe (`MEASURED`, rows of
+docs/benchmarks.json): the estimator's check on real hardware.
 
 ``--from_hlo DIR`` reads the programs a run with ``--hlo_dir DIR`` wrote instead of compiling
 (seconds; no CUDA plugin needed).
@@ -32,17 +40,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # Never touch a GPU, even where one exists.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from xar_jax import hlo_cost, step_estimate, tpu_topology  # noqa: E402
+from benchmarks import common  # noqa: E402
+from xar_jax import hlo_cost, step_estimate, tpu_topology, train_config  # noqa: E402
 
 # An H200 (sm_90, 132 SMs, 141 GB HBM3e) as XLA's GpuTargetConfig text proto.
 H200_TARGET = """
@@ -62,8 +68,8 @@ device_description_str: "NVIDIA H200"
 """
 
 
-# Measured img/s of the paper recipe on one H200 (benchmarks/train_step.py --recipe paper;
-# docs/benchmarks.json "train" rows), at the batches below.
+# Measured img/s of the paper recipe with the same layers on one H200 (docs/benchmarks.json
+# "train" rows, named here), at the batches of DEFAULT_BATCH.
 MEASURED = {
     "xar_b": (1886.8, "xar_b_base_r4c17"),
     "xar_l": (517.8, "xar_l_base_r4c15"),
@@ -100,11 +106,42 @@ def h200_device():
     return topology.devices[0]
 
 
+# The batch of each paper config's measured rate (MEASURED) on one H200.
+DEFAULT_BATCH = {"xar_b": 256, "xar_l": 128, "xar_h": 64}
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def paper_config(name: str, batch: int):
+    """``configs/<name>.py`` at ``batch``, with a placeholder latent cache (never read)."""
+    config = train_config.load_config_file(os.path.join(CONFIG_DIR, f"{name}.py"))
+    config.train.global_batch_size = batch
+    if config.data.source == "latents" and not config.data.cache_dir:
+        config.data.cache_dir = "/gpu-compile-only/reads-no-data"
+    return config
+
+
+def compile_train_step(config, device, scan_outputs: str, options):
+    """``(optimised HLO text, experiment)`` of the trainer's step for ``config`` on ``device``."""
+    from xar_jax import experiment, train
+
+    exp = experiment.build(config, "train", devices=[device])
+    setup = experiment.training_setup(exp)
+    jitted = train.jit_train_step(exp, setup)
+    batch = train.train_batch_spec(exp.config, exp.mesh)
+    with jax.set_mesh(exp.mesh), exp.rules_context():
+        if scan_outputs == "uninitialised":
+            lowered = train.lower_train_step(jitted, setup.abstract_state, batch)
+        else:  # jax's zero fill of the scans' stacked outputs, for comparison.
+            lowered = jitted.lower(setup.abstract_state, batch)
+        return lowered.compile(options).as_text(), exp
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="xar_b,xar_l,xar_h")
+    parser.add_argument("--models", default="xar_b,xar_l,xar_h",
+                        help="comma-separated configs/<model>.py names")
     parser.add_argument("--batch", type=int, default=0, help="0 = B 256, L 128, H 64")
     parser.add_argument(
         "--scan_outputs", default="uninitialised", choices=["uninitialised", "zeroed"]
@@ -112,59 +149,44 @@ def main():
     parser.add_argument("--hlo_dir", default="", help="write each optimised HLO here")
     parser.add_argument("--from_hlo", default="",
                         help="estimate from the HLO a run with --hlo_dir wrote; no compile")
-    from benchmarks import common
-
     common.add_xla_option_flag(parser)
     args = parser.parse_args()
-    common.xla_options(args.xla_option)  # A malformed --xla_option fails before any compile.
+    options = common.xla_options(args.xla_option)  # A malformed one fails before any compile.
+    names = args.models.split(",")
+    for name in names:
+        if not os.path.exists(os.path.join(CONFIG_DIR, f"{name}.py")):
+            parser.error(f"--models: no config {name!r} in configs/")
     if args.from_hlo:
-        from benchmarks.train_step import DEFAULT_BATCH
-
-        for name in args.models.split(","):
+        for name in names:
             with open(os.path.join(args.from_hlo, f"{name}_train_step.hlo.txt")) as f:
                 text = f.read()
-            batch = args.batch or DEFAULT_BATCH[name]
+            batch = args.batch or DEFAULT_BATCH.get(name, 0)
             row = {"model": name, "batch": batch, **estimate_rows(name, text, batch)}
             common.print_table([row], list(row))
         return
 
     device = h200_device()
-    # The model picks its kernels (and Pallas its interpret mode) from the default backend,
-    # which is the CPU here; the program is compiled for the GPU.
+    # Pallas picks its interpret mode from the default backend, which is the CPU here; the
+    # program is compiled for the GPU.
     jax.default_backend = lambda: "gpu"
-    jax.config.update("jax_default_prng_impl", "rbg")
 
-    from benchmarks.train_step import DEFAULT_BATCH, PAPER_LAYERS, paper_optimizer_and_step
-    from xar_jax import hlo_stats, scan_buffers
-    from xar_jax import train_state as ts
+    from xar_jax import hlo_stats
 
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    on_device = lambda tree: jax.tree.map(  # noqa: E731
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree
-    )
     rows = []
-    for name in args.models.split(","):
-        layers = PAPER_LAYERS[name]
-        model = common.build(
-            name, attention_impl="pallas", attn_dropout=0.1, dropout=0.1, dropout_impl="hash",
-            dtype=jnp.bfloat16, scan_layers=not layers["unrolled"], remat=layers["remat"],
-        )
-        optimizer, step = paper_optimizer_and_step(model)
-        init = lambda m=model, o=optimizer: ts.create_train_state(m, o, seed=0)  # noqa: E731
-        state = jax.eval_shape(init)
-        batch = args.batch or DEFAULT_BATCH[name]
-        data = {"latents": jax.ShapeDtypeStruct((batch, 16, 16, 16), jnp.float32),
-                "labels": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    for name in names:
+        batch = args.batch or DEFAULT_BATCH.get(name, 256)
         start = time.perf_counter()
-        with scan_buffers.uninitialised_scan_outputs(args.scan_outputs == "uninitialised"):
-            lowered = jax.jit(step, donate_argnums=0).lower(on_device(state), on_device(data))
-        text = lowered.compile(common.xla_options(args.xla_option)).as_text()
+        text, exp = compile_train_step(paper_config(name, batch), device, args.scan_outputs,
+                                       options)
         seconds = time.perf_counter() - start
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
             with open(os.path.join(args.hlo_dir, f"{name}_train_step.hlo.txt"), "w") as f:
                 f.write(text)
+        m = exp.config.model
         rows.append({"model": name, "batch": batch, "compile_s": seconds,
+                     "scan_layers": m.scan_layers, "remat": m.remat,
+                     "attention_impl": exp.settings.attention_impl,
                      "scan_outputs": args.scan_outputs,
                      **hlo_stats.entry_traffic(text, batch), **estimate_rows(name, text, batch)})
         common.print_table(rows[-1:], list(rows[-1]))

@@ -84,3 +84,31 @@ def test_cached_attention_benchmark_checks_and_times_the_kernel():
     for row in ("concat_xla", "pallas_q64_k16_w4_s2", "pallas_q64_k32_w4_s2"):
         assert any(line.startswith(f"{row}_p48") for line in lines), row
         assert any(line.startswith(f"{row}_p16") for line in lines), row
+
+
+def test_gpu_compile_only_estimates_a_saved_program(tmp_path):
+    # --from_hlo: the estimate of a program saved by --hlo_dir, without the CUDA plugin. The
+    # program here is one bf16 matmul (compiled for the CPU, never run), so the compute term
+    # is its FLOPs at the H200's measured bf16 ceiling.
+    import jax
+    import jax.numpy as jnp
+
+    from xar_jax import tpu_topology
+
+    n = 16384
+    s = jax.ShapeDtypeStruct((n, n), jnp.bfloat16)
+    text = jax.jit(lambda a, b: a @ b).lower(s, s).compile().as_text()
+    (tmp_path / "tiny_train_step.hlo.txt").write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_compile_only", "--models=tiny", "--batch=64",
+         f"--from_hlo={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = _table(out.stdout)
+    assert (row["model"], row["batch"], row["opaque_kernels"]) == ("tiny", "64", "0")
+    peak = tpu_topology.H200_MEASURED.peak_bf16_tflops
+    assert float(row["compute_ms_ceil"]) == round(2 * n**3 / (peak * 1e12) * 1e3, 1)
+    assert float(row["est_ms_ceil"]) >= float(row["compute_ms_ceil"])
+    assert float(row["est_ms_sheet"]) < float(row["est_ms_ceil"])  # The datasheet is faster.

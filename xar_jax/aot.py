@@ -121,19 +121,32 @@ GIB = 2**30
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory", "exceeds the memory")
 
 
-def quiet_libtpu() -> None:
-    """Environment for a compile-only libtpu on a machine without TPUs.
+def quiet_libtpu(topo: tpu_topology.Topology | None = None) -> None:
+    """Environment for a compile-only libtpu on a machine without TPUs (defaults only: a TPU
+    VM's own values win).
 
     No metadata-server lookup (not a Cloud VM), and no exclusive /tmp/libtpu_lockfile: any JAX
     process on the machine may hold it once libtpu is installed, and compiling needs no chip.
+    The worker list and accelerator type the metadata server would give (one local host;
+    ``topo``'s Cloud name), without which libtpu logs an INVALID_ARGUMENT error as it loads.
     """
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if topo is not None:
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topo))
+
+
+def accelerator_type(topo: tpu_topology.Topology) -> str:
+    """The Cloud accelerator type of ``topo`` ('v5litepod-4', 'v5p-8': v4 and v5p count cores)."""
+    gen = topo.generation
+    family = "v5litepod" if gen.name == "v5e" else gen.name
+    return f"{family}-{2 * topo.chips if gen.counts_cores else topo.chips}"
 
 
 def topology_devices(topo: tpu_topology.Topology, num_slices: int) -> list:
     """Abstract (compile-only) devices of ``num_slices`` copies of ``topo``."""
-    quiet_libtpu()
+    quiet_libtpu(topo)
 
     return list(topologies.get_topology_desc(**topo.describe(num_slices)).devices)
 
@@ -266,6 +279,9 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
         "libtpu": libtpu_version(), "date": datetime.date.today().isoformat(),
     }
     record.update(ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits)
+    # The layers as compiled: 'auto' resolved for the chips, as `experiment.build` does.
+    layers = experiment.resolve_config(config, devices[0].platform, mode=what).model
+    record.update(scan_layers=layers.scan_layers, remat=layers.remat)
     if what == "train":
         record["global_batch"] = config.train.global_batch_size
         record["grad_accum_steps"] = config.train.grad_accum_steps
@@ -501,7 +517,8 @@ def run_plan(config, topo: tpu_topology.Topology, name: str) -> None:
     cache_dir = FLAGS.plan_cache or plan_lib.default_cache_dir()
     cache = plan_lib.ReportCache(None if cache_dir == "none" else cache_dir,
                                  f"jax {jax.__version__} libtpu {libtpu_version()}")
-    scans = None if FLAGS.plan_scan == "config" else (bool(config.model.scan_layers),
+    config = experiment.resolve_config(config, "tpu")  # The layers of 'auto', as compiled.
+    scans = None if FLAGS.plan_scan == "config" else (config.model.scan_layers,
                                                      not config.model.scan_layers)
     result = plan_lib.search(
         config, topo, compile_report=compile_report, cache=cache, config_name=name,

@@ -43,7 +43,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from xar_jax.model import PRESETS
+from xar_jax.model import PRESETS, resolve_layers
 from xar_jax.train_config import load_config_file
 
 log = logging.getLogger("xar_jax.plan")
@@ -428,8 +428,10 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
                    depth_points=depth_points, config_name=config_name, budget=budget)
     slices = config.mesh.num_slices
     gb = config.train.global_batch_size
-    remats = (config.model.remat,) if remats is None else remats
-    scans = (bool(config.model.scan_layers),) if scans is None else scans
+    m = config.model  # Its 'auto' layers as `experiment.build` resolves them for TPU chips.
+    scan, remat = resolve_layers(m.preset, m.scan_layers, m.remat, "tpu")
+    remats = (remat,) if remats is None else remats
+    scans = (scan,) if scans is None else scans
     candidates: list[tuple[Settings, dict]] = []
     measured: list[dict] = []
     stopped = None

@@ -107,7 +107,8 @@ def make_mesh(
         )
     ici = resolve_mesh_shape(data, fsdp, tensor, len(devices) // num_slices)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if devices[0].platform != "tpu" and num_slices == 1 and len(devices) == len(jax.devices()):
+    # jax.make_mesh lays out jax.devices(); other devices (a compile-only GPU's) go in as given.
+    if devices[0].platform != "tpu" and num_slices == 1 and devices == list(jax.devices()):
         return jax.make_mesh((1, *ici), MESH_AXES, axis_types=auto)
     return jax.sharding.Mesh(_device_grid(devices, num_slices, ici), MESH_AXES, axis_types=auto)
 
