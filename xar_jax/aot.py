@@ -541,6 +541,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # JAX's INFO lines (no TPU backend on a compile-only host) are expected here, not news.
+    logging.getLogger("jax").setLevel(logging.WARNING)
     try:
         topo = tpu_topology.parse(FLAGS.topology)
     except ValueError as e:
