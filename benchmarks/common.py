@@ -87,8 +87,11 @@ def update_json(section: str, results: dict[str, Any], path: str | None = None) 
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    stamp = {"device": device_name(), "date": datetime.date.today().isoformat(),
-             "jax": jax.__version__}
+    stamp = {
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "jax": jax.__version__,
+    }
     data.setdefault(section, {}).update({k: {**row, **stamp} for k, row in results.items()})
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -130,8 +133,9 @@ def define_config_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config file (configs/*.py).", lock_config=True
+    )
     flags.DEFINE_list("overrides", [], f"Named override sets, in order: {', '.join(OVERRIDES)}.")
     flags.mark_flags_as_required(["config"])
 
@@ -160,8 +164,9 @@ def enable_compile_cache(config) -> str | None:
     if path in ("", "none"):
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(config.compile_cache_min_compile_secs))
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(config.compile_cache_min_compile_secs)
+    )
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
 

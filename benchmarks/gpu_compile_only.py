@@ -82,8 +82,7 @@ def estimate_rows(name: str, text: str, batch: int) -> dict:
     ops, notes = hlo_cost.module_ops(text, num_devices=1)
     row = {}
     for tag, gpu in (("sheet", tpu_topology.H200), ("ceil", tpu_topology.H200_MEASURED)):
-        est = step_estimate.estimate(ops, peak_tflops=gpu.peak_bf16_tflops,
-                                     hbm_gbps=gpu.hbm_gbps)
+        est = step_estimate.estimate(ops, peak_tflops=gpu.peak_bf16_tflops, hbm_gbps=gpu.hbm_gbps)
         row[f"est_ms_{tag}"] = round(est["est_step_s"] * 1e3, 1)
         row[f"est_img_s_{tag}"] = round(batch / est["est_step_s"], 1)
     row["compute_ms_ceil"] = round(est["est_compute_s"] * 1e3, 1)
@@ -140,15 +139,19 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="xar_b,xar_l,xar_h",
-                        help="comma-separated configs/<model>.py names")
+    parser.add_argument(
+        "--models", default="xar_b,xar_l,xar_h", help="comma-separated configs/<model>.py names"
+    )
     parser.add_argument("--batch", type=int, default=0, help="0 = B 256, L 128, H 64")
     parser.add_argument(
         "--scan_outputs", default="uninitialised", choices=["uninitialised", "zeroed"]
     )
     parser.add_argument("--hlo_dir", default="", help="write each optimised HLO here")
-    parser.add_argument("--from_hlo", default="",
-                        help="estimate from the HLO a run with --hlo_dir wrote; no compile")
+    parser.add_argument(
+        "--from_hlo",
+        default="",
+        help="estimate from the HLO a run with --hlo_dir wrote; no compile",
+    )
     common.add_xla_option_flag(parser)
     args = parser.parse_args()
     options = common.xla_options(args.xla_option)  # A malformed one fails before any compile.
@@ -176,19 +179,28 @@ def main():
     for name in names:
         batch = args.batch or DEFAULT_BATCH.get(name, 256)
         start = time.perf_counter()
-        text, exp = compile_train_step(paper_config(name, batch), device, args.scan_outputs,
-                                       options)
+        text, exp = compile_train_step(
+            paper_config(name, batch), device, args.scan_outputs, options
+        )
         seconds = time.perf_counter() - start
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
             with open(os.path.join(args.hlo_dir, f"{name}_train_step.hlo.txt"), "w") as f:
                 f.write(text)
         m = exp.config.model
-        rows.append({"model": name, "batch": batch, "compile_s": seconds,
-                     "scan_layers": m.scan_layers, "remat": m.remat,
-                     "attention_impl": exp.settings.attention_impl,
-                     "scan_outputs": args.scan_outputs,
-                     **hlo_stats.entry_traffic(text, batch), **estimate_rows(name, text, batch)})
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "compile_s": seconds,
+                "scan_layers": m.scan_layers,
+                "remat": m.remat,
+                "attention_impl": exp.settings.attention_impl,
+                "scan_outputs": args.scan_outputs,
+                **hlo_stats.entry_traffic(text, batch),
+                **estimate_rows(name, text, batch),
+            }
+        )
         common.print_table(rows[-1:], list(rows[-1]))
 
 

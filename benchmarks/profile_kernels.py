@@ -60,8 +60,11 @@ def main(argv):
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     # Device streams are the processes whose name mentions the GPU.
-    names = {e["pid"]: e.get("args", {}).get("name") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e.get("args", {}).get("name")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     pids = {pid for pid, name in names.items() if "/device:" in str(name)}
     print("trace processes:", sorted(set(map(str, names.values()))))
     if not pids:  # CPU runs: the XLA ops run on host threads.
@@ -76,8 +79,10 @@ def main(argv):
     model = config.model.preset or "custom"
     print(f"{FLAGS.what} {model} batch {batch}: {total / 1e3 / calls:.1f} ms device time per call")
     for name, dur in totals.most_common(FLAGS.top):
-        print(f"{dur / total:6.1%} {dur / 1e3 / calls:9.2f} ms  x{counts[name] // calls:<5d} "
-              f"{name[:110]}")
+        print(
+            f"{dur / total:6.1%} {dur / 1e3 / calls:9.2f} ms  x{counts[name] // calls:<5d} "
+            f"{name[:110]}"
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def prepare(config):
         sharding_lib.batch_sharding(mesh),
     )
     key = jax.random.key(s.seed)
-    fn = generate.latent_sampler(exp.model, num_steps=s.num_steps, cfg=s.cfg, sampler=s.sampler,
-                                 cfg_schedule=s.cfg_schedule)
+    fn = generate.latent_sampler(
+        exp.model, num_steps=s.num_steps, cfg=s.cfg, sampler=s.sampler, cfg_schedule=s.cfg_schedule
+    )
     return exp, mesh, fn, (params, labels, key, None)
 
 
@@ -115,8 +116,20 @@ def main(argv):
     common.report(
         "sample",
         [row],
-        ["model", "batch", "num_steps", "cfg", "img_per_s", "sec_per_batch", "compile_s",
-         "peak_gib", "tflops", "mfu", "mfu_release", "attention_impl"],
+        [
+            "model",
+            "batch",
+            "num_steps",
+            "cfg",
+            "img_per_s",
+            "sec_per_batch",
+            "compile_s",
+            "peak_gib",
+            "tflops",
+            "mfu",
+            "mfu_release",
+            "attention_impl",
+        ],
         FLAGS,
     )
 

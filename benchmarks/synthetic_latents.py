@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     data_cfg = config_lib.get_data_config("digits")  # Decoded as the digits: no image decoder.
     data_cfg.split = "train"
     summary = latent_cache.cache_latents(
-        data_cfg, encode, args.out_dir, batch_size=256, shard_size=args.shard_size,
+        data_cfg,
+        encode,
+        args.out_dir,
+        batch_size=256,
+        shard_size=args.shard_size,
         records=SyntheticImages(args.num_examples),
     )
     print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()}))

@@ -26,8 +26,9 @@ def main() -> None:
     args = parser.parse_args()
     topo = tpu_topology.parse(args.topology)
     config = load_config_file(args.config)
-    config = aot.prepare_config(config, topo, num_slices=None, per_chip_batch=args.per_chip_batch,
-                                what="sample")
+    config = aot.prepare_config(
+        config, topo, num_slices=None, per_chip_batch=args.per_chip_batch, what="sample"
+    )
     compiled, _ = aot.compile_sample(config, aot.topology_devices(topo, 1))
     c = aot.cost(compiled)
     hbm = aot.hbm_per_chip(compiled)

@@ -39,13 +39,20 @@ INPUTS = ("synthetic", "pipeline")
 
 def define_flags() -> None:
     common.define_config_flags()
-    flags.DEFINE_enum("input", "synthetic", INPUTS,
-                      "synthetic: random arrays shaped as the pipeline's batch; pipeline: the "
-                      "config's input pipeline (train.make_data_iterator), a new batch every step.")
+    flags.DEFINE_enum(
+        "input",
+        "synthetic",
+        INPUTS,
+        "synthetic: random arrays shaped as the pipeline's batch; pipeline: the "
+        "config's input pipeline (train.make_data_iterator), a new batch every step.",
+    )
     flags.DEFINE_integer("steps", 10, "Steps per timed chunk.")
     flags.DEFINE_integer("repeats", 3, "Timed chunks (the median is reported).")
-    flags.DEFINE_multi_string("xla_option", [], "NAME=VALUE: an XLA option for this compile only "
-                              "(`Lowered.compile`'s compiler_options).")
+    flags.DEFINE_multi_string(
+        "xla_option",
+        [],
+        "NAME=VALUE: an XLA option for this compile only (`Lowered.compile`'s compiler_options).",
+    )
     flags.DEFINE_string("tag", "", "Suffix of the JSON key (variants).")
     flags.DEFINE_bool("no_json", False, "Do not write docs/benchmarks.json.")
 
@@ -100,6 +107,7 @@ def prepare(config, input_kind: str = "synthetic", xla_options=None) -> Step:
 
         def next_batch():
             return fixed
+
     with jax.set_mesh(exp.mesh), exp.rules_context():
         start = time.perf_counter()
         lowered = train.lower_train_step(train.jit_train_step(exp, setup), state, next_batch())
@@ -174,9 +182,23 @@ def main(argv):
     common.report(
         "train",
         [row],
-        ["model", "batch", "img_per_s", "step_s", "mfu", "hw_flops_util", "peak_gib", "compile_s",
-         "attention_impl", "attn_dropout", "dropout_impl", "prng_impl", "scan_layers", "remat",
-         "final_loss"],
+        [
+            "model",
+            "batch",
+            "img_per_s",
+            "step_s",
+            "mfu",
+            "hw_flops_util",
+            "peak_gib",
+            "compile_s",
+            "attention_impl",
+            "attn_dropout",
+            "dropout_impl",
+            "prng_impl",
+            "scan_layers",
+            "remat",
+            "final_loss",
+        ],
         FLAGS,
     )
 

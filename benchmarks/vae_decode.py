@@ -39,10 +39,12 @@ def main() -> None:
     parser.add_argument("--config", default="kl16", choices=sorted(vae_lib.VAE_CONFIGS))
     parser.add_argument("--params", default=None, help="converted VAE directory (optional)")
     parser.add_argument("--batch", type=int, nargs="+", default=[8])
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
-                        choices=["float32", "bfloat16"])
-    parser.add_argument("--ops", nargs="+", default=["decode", "encode"],
-                        choices=["decode", "encode"])
+    parser.add_argument(
+        "--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+    )
+    parser.add_argument(
+        "--ops", nargs="+", default=["decode", "encode"], choices=["decode", "encode"]
+    )
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--iters", type=int, default=3)
     args = parser.parse_args()
@@ -54,14 +56,15 @@ def main() -> None:
     else:
         base = vae_lib.VAE(**vae_lib.vae_config(args.config))
         params = vae_lib.init_params(base, jax.random.key(0))
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
     side = args.image_size // base.downsample_factor
 
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; config {args.config}; "
-          f"{args.image_size}x{args.image_size} images; {args.iters} timed iterations")
+    print(
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; config {args.config}; "
+        f"{args.image_size}x{args.image_size} images; {args.iters} timed iterations"
+    )
     print(f"{'op':<7}{'dtype':<10}{'batch':>6}{'1st call s':>11}{'img/s':>10}{'rel err':>10}")
     for op in args.ops:
         for batch in args.batch:
@@ -86,8 +89,10 @@ def main() -> None:
                 if reference is None:
                     reference = out
                 err = np.linalg.norm(out - reference) / np.linalg.norm(reference)
-                print(f"{op:<7}{name:<10}{batch:>6}{compile_s:>11.1f}{batch / step_s:>10.1f}"
-                      f"{err:>10.2e}")
+                print(
+                    f"{op:<7}{name:<10}{batch:>6}{compile_s:>11.1f}{batch / step_s:>10.1f}"
+                    f"{err:>10.2e}"
+                )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A seconds-long smoke run on the embedded digits (tests, CI, laptops checking an install).
 
-  python -m xar_jax.main --config=configs/tiny.py --workdir=/tmp/xar_tiny
+python -m xar_jax.main --config=configs/tiny.py --workdir=/tmp/xar_tiny
 """
 
 from xar_jax.train_config import base_config

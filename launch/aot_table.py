@@ -47,8 +47,10 @@ def _step(r: dict) -> str:
         return "n/a"
     if r.get("est_collective_s") is None:  # A record of the earlier whole-step roofline.
         return f"{r['est_step_s']:.3f} ({r['est_compute_s']:.3f} / {r['est_memory_s']:.3f})"
-    return (f"{r['est_step_s']:.3f} (compute+memory {r['est_compute_memory_s']:.3f} / "
-            f"collectives {r['est_collective_s']:.3f})")
+    return (
+        f"{r['est_step_s']:.3f} (compute+memory {r['est_compute_memory_s']:.3f} / "
+        f"collectives {r['est_collective_s']:.3f})"
+    )
 
 
 def _num(value, fmt: str) -> str:
@@ -64,8 +66,16 @@ def table(records: list[dict]) -> str:
         "all-gather n / MiB | reduce-scatter n / MiB | all-reduce n / MiB | max batch / chip |"
     )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
-    order = sorted(records, key=lambda r: (_model(r["config"]), r["topology"].split("-")[0],
-                                           r["chips"], r["num_slices"], r["per_chip_batch"]))
+    order = sorted(
+        records,
+        key=lambda r: (
+            _model(r["config"]),
+            r["topology"].split("-")[0],
+            r["chips"],
+            r["num_slices"],
+            r["per_chip_batch"],
+        ),
+    )
     for r in order:
         if r.get("what", "train") != "train":
             continue
@@ -80,8 +90,9 @@ def table(records: list[dict]) -> str:
             f"{'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} | "
             f"{_step(r)} | {_num(r.get('est_img_per_s_per_chip'), ',.0f')} | "
             f"{_num(r.get('est_mfu'), '.0%')} | "
-            + " | ".join(_mib(c, k) if c else "n/a"
-                         for k in ("all-gather", "reduce-scatter", "all-reduce"))
+            + " | ".join(
+                _mib(c, k) if c else "n/a" for k in ("all-gather", "reduce-scatter", "all-reduce")
+            )
             + f" | {r.get('max_per_chip_batch', 'n/a')} |"
         )
     return "\n".join(rows)
@@ -90,8 +101,10 @@ def table(records: list[dict]) -> str:
 def provenance(records: list[dict]) -> str:
     libtpu = sorted({r.get("libtpu", "?") for r in records})
     dates = sorted({r.get("date", "?") for r in records})
-    return (f"Compiled on a CPU machine for abstract TPU devices with libtpu {', '.join(libtpu)} "
-            f"on {', '.join(dates)}.")
+    return (
+        f"Compiled on a CPU machine for abstract TPU devices with libtpu {', '.join(libtpu)} "
+        f"on {', '.join(dates)}."
+    )
 
 
 def update(doc_path: str, text: str) -> None:

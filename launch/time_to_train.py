@@ -29,9 +29,18 @@ RESULTS = os.path.join(REPO, "docs", "time_to_train.json")
 BEGIN, END = "<!-- time-to-train:begin -->", "<!-- time-to-train:end -->"
 MODELS = {"b": "xAR-B", "l": "xAR-L", "h": "xAR-H"}
 # (slice, slices): the slices the table covers.
-SLICES = (("v5p-32", 1), ("v5p-128", 1), ("v5p-256", 1), ("v5p-512", 1), ("v5p-128", 2),
-          ("v6e-16", 1), ("v6e-64", 1), ("v6e-256", 1), ("v5litepod-64", 1),
-          ("v5litepod-256", 1))
+SLICES = (
+    ("v5p-32", 1),
+    ("v5p-128", 1),
+    ("v5p-256", 1),
+    ("v5p-512", 1),
+    ("v5p-128", 2),
+    ("v6e-16", 1),
+    ("v6e-64", 1),
+    ("v6e-256", 1),
+    ("v5litepod-64", 1),
+    ("v5litepod-256", 1),
+)
 # The search per row: the planner's defaults (the config's remat and layer scan, the two most
 # sharded meshes: two compiles each, and the winner compiled as planned).
 PLAN_FLAGS = ("--plan_meshes=2",)
@@ -42,14 +51,30 @@ def row_key(model: str, topology: str, slices: int) -> str:
 
 
 def plan_command(model: str, topology: str, slices: int, cache: str | None) -> list[str]:
-    return [sys.executable, "-m", "xar_jax.aot", "--plan", f"--config=configs/xar_{model}.py",
-            f"--topology={topology}", f"--num_slices={slices}", *PLAN_FLAGS, "--json=-",
-            *([f"--plan_cache={cache}"] if cache else [])]
+    return [
+        sys.executable,
+        "-m",
+        "xar_jax.aot",
+        "--plan",
+        f"--config=configs/xar_{model}.py",
+        f"--topology={topology}",
+        f"--num_slices={slices}",
+        *PLAN_FLAGS,
+        "--json=-",
+        *([f"--plan_cache={cache}"] if cache else []),
+    ]
 
 
 def sample_command(model: str, topology: str) -> list[str]:
-    return [sys.executable, "-m", "xar_jax.aot", "--what=sample",
-            f"--config=configs/xar_{model}.py", f"--topology={topology}", "--json=-"]
+    return [
+        sys.executable,
+        "-m",
+        "xar_jax.aot",
+        "--what=sample",
+        f"--config=configs/xar_{model}.py",
+        f"--topology={topology}",
+        "--json=-",
+    ]
 
 
 def load() -> dict:
@@ -80,8 +105,12 @@ def add(paths: list[str]) -> None:
     save(results)
 
 
-def run(models: list[str], slices: list[tuple[str, int]], sampler_topology: str | None,
-        cache: str | None) -> None:
+def run(
+    models: list[str],
+    slices: list[tuple[str, int]],
+    sampler_topology: str | None,
+    cache: str | None,
+) -> None:
     """Plans every missing row (and samplers), saving after each so an interrupted run keeps
     what it made."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -103,8 +132,13 @@ def run(models: list[str], slices: list[tuple[str, int]], sampler_topology: str 
         if sampler_topology:
             results = load()
             if model not in results["samplers"]:
-                proc = subprocess.run(sample_command(model, sampler_topology), cwd=REPO, env=env,
-                                      capture_output=True, text=True)
+                proc = subprocess.run(
+                    sample_command(model, sampler_topology),
+                    cwd=REPO,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 if proc.returncode == 0:
                     results = load()
                     results["samplers"][model] = json.loads(proc.stdout)
@@ -128,28 +162,37 @@ def sampler_hours(record: dict | None) -> str:
         return "n/a"
     batches = -(-projections.FID_SAMPLES // record["global_batch"])
     hours = batches * record["est_step_s"] / 3600
-    return (f"{hours:.2f} h on {record['topology']} ({record['global_batch']} per batch; "
-            "the sampler only, VAE decoding not included)")
+    return (
+        f"{hours:.2f} h on {record['topology']} ({record['global_batch']} per batch; "
+        "the sampler only, VAE decoding not included)"
+    )
 
 
 def table(results: dict) -> str:
     images = projections.EPOCHS * projections.IMAGENET_TRAIN
-    header = ("| model | slice | chips | plan: mesh data x fsdp, accum x micro / chip, remat | "
-              "HBM / chip GiB (of) | est. img/s / chip | est. MFU | hours | chip-hours | "
-              "list $ | compiles (cached) |")
+    header = (
+        "| model | slice | chips | plan: mesh data x fsdp, accum x micro / chip, remat | "
+        "HBM / chip GiB (of) | est. img/s / chip | est. MFU | hours | chip-hours | "
+        "list $ | compiles (cached) |"
+    )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for model, name in MODELS.items():
         for topology, n in SLICES:
             p = results["plans"].get(row_key(model, topology, n))
             slice_text = topology + (f" x {n}" if n > 1 else "")
             if p is None:
-                rows.append(f"| {name} | {slice_text} | | not run: `python launch/"
-                            f"time_to_train.py --run --models={model} --slices={topology}"
-                            + (f"x{n}" if n > 1 else "") + "` | | | | | | | |")
+                rows.append(
+                    f"| {name} | {slice_text} | | not run: `python launch/"
+                    f"time_to_train.py --run --models={model} --slices={topology}"
+                    + (f"x{n}" if n > 1 else "")
+                    + "` | | | | | | | |"
+                )
                 continue
             if not p.get("overrides"):
-                rows.append(f"| {name} | {slice_text} | {p['chips']} | {p['needs']} | | | | | "
-                            f"| | {p['search']['compiles']} |")
+                rows.append(
+                    f"| {name} | {slice_text} | {p['chips']} | {p['needs']} | | | | | "
+                    f"| | {p['search']['compiles']} |"
+                )
                 continue
             rate = p.get("est_img_per_s_per_chip")
             hours = images / (rate * p["chips"]) / 3600 if rate else None
@@ -157,23 +200,28 @@ def table(results: dict) -> str:
             price = _price(p["generation"])
             dollars = chip_hours * price if chip_hours and price else None
             hbm = (p.get("hbm_per_chip_gib") or {}).get("total")
-            plan_text = (f"{p['mesh']['data']} x {p['mesh']['fsdp']}, {p['grad_accum_steps']} x "
-                         f"{p['microbatch_per_chip']}, {p['remat']}")
+            plan_text = (
+                f"{p['mesh']['data']} x {p['mesh']['fsdp']}, {p['grad_accum_steps']} x "
+                f"{p['microbatch_per_chip']}, {p['remat']}"
+            )
             rows.append(
                 f"| {name} | {slice_text} | {p['chips']} | {plan_text} | "
                 f"{_num(hbm, '.1f')} ({p['hbm_capacity_gib']:g}) | {_num(rate, ',.0f')} | "
                 f"{_num(p.get('est_mfu'), '.0%')} | {_num(hours, ',.1f')} | "
                 f"{_num(chip_hours, ',.0f')} | {_num(dollars, ',.0f')} | "
-                f"{p['search']['compiles']} ({p['search']['cache_hits']}) |")
+                f"{p['search']['compiles']} ({p['search']['cache_hits']}) |"
+            )
     samplers = results.get("samplers", {})
     lines = ["", "| model | 50,000 FID samples |", "|---|---|"]
     for model, name in MODELS.items():
         lines.append(f"| {name} | {sampler_hours(samplers.get(model))} |")
     dates = sorted({p.get("date", "?") for p in results["plans"].values()}) or ["-"]
     libtpu = sorted({p.get("libtpu", "?") for p in results["plans"].values()}) or ["-"]
-    head = (f"Written by `python launch/time_to_train.py --update docs/tpu.md` from plans made "
-            f"on {', '.join(dates)} (libtpu {', '.join(libtpu)}; planner flags "
-            f"`{' '.join(PLAN_FLAGS)}`); prices: {projections.PRICE_NOTE}")
+    head = (
+        f"Written by `python launch/time_to_train.py --update docs/tpu.md` from plans made "
+        f"on {', '.join(dates)} (libtpu {', '.join(libtpu)}; planner flags "
+        f"`{' '.join(PLAN_FLAGS)}`); prices: {projections.PRICE_NOTE}"
+    )
     return head + "\n\n" + "\n".join(rows + lines)
 
 
@@ -203,18 +251,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="store_true", help="plan the rows not in the JSON yet")
     parser.add_argument("--models", default="b,l,h", help="comma list of b, l, h")
-    parser.add_argument("--slices", default=",".join(
-        t + (f"x{n}" if n > 1 else "") for t, n in SLICES), help="e.g. v5p-256,v5p-128x2")
-    parser.add_argument("--sampler_topology", default="v5p-8",
-                        help="slice the sampler is compiled for ('' to skip)")
+    parser.add_argument(
+        "--slices",
+        default=",".join(t + (f"x{n}" if n > 1 else "") for t, n in SLICES),
+        help="e.g. v5p-256,v5p-128x2",
+    )
+    parser.add_argument(
+        "--sampler_topology", default="v5p-8", help="slice the sampler is compiled for ('' to skip)"
+    )
     parser.add_argument("--cache", help="the planner's --plan_cache (default: its own)")
     parser.add_argument("--add", nargs="*", default=[], help="plan JSON files to take in")
     parser.add_argument("--update", help="replace the marked table in this markdown file")
     args = parser.parse_args()
     add(args.add)
     if args.run:
-        run(args.models.split(","), _slices(args.slices), args.sampler_topology or None,
-            args.cache)
+        run(args.models.split(","), _slices(args.slices), args.sampler_topology or None, args.cache)
     text = table(load())
     if args.update:
         update(args.update, text)

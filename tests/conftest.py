@@ -119,17 +119,24 @@ def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600):
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "xar_jax.main", f"--config={config}", f"--workdir={workdir}",
-            *flags]
-    return subprocess.run(args, env=main_env(devices), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    args = [
+        sys.executable,
+        "-m",
+        "xar_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
+    return subprocess.run(
+        args, env=main_env(devices), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def write_release_like_xar(path, num_classes: int = 10):
     """The golden xAR (the authors' network at a small width, on the real 16x16x16 latent grid)
     as the authors' state dict, its class table cut to ``num_classes`` (+ the null class)."""
     with np.load(golden_path("xar_tiny_golden.npz")) as z:
-        state = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
+        state = {k[len("param/") :]: z[k] for k in z.files if k.startswith("param/")}
     table = state["class_emb.weight"]  # (1000 + 1, D): the last row is the null class.
     state["class_emb.weight"] = np.concatenate([table[:num_classes], table[-1:]])
     np.savez(path, **state)
@@ -140,9 +147,13 @@ def write_release_like_xar(path, num_classes: int = 10):
 # `write_release_like_xar` weights.
 RELEASE_CONFIG = os.path.join(REPO, "configs", "xar_b.py")
 RELEASE_MODEL_FLAGS = (
-    "--config.model.preset=", "--config.model.width=64", "--config.model.encoder_depth=2",
-    "--config.model.decoder_depth=2", "--config.model.num_heads=4",
-    "--config.model.dtype=float32", "--config.sample.num_steps=2",
+    "--config.model.preset=",
+    "--config.model.width=64",
+    "--config.model.encoder_depth=2",
+    "--config.model.decoder_depth=2",
+    "--config.model.num_heads=4",
+    "--config.model.dtype=float32",
+    "--config.sample.num_steps=2",
 )
 
 
@@ -169,9 +180,14 @@ def run_json_script(script: str, timeout: int = 300) -> dict:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=timeout, cwd=REPO,
-                         env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -182,8 +198,11 @@ def tree_digest(root) -> dict:
     import pathlib
 
     root = pathlib.Path(root)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def perturbed_tiny_xar(layout, depth=1, in_channels=2, **settings):
@@ -193,8 +212,9 @@ def perturbed_tiny_xar(layout, depth=1, in_channels=2, **settings):
 
     from xar_jax import model as xar_model
 
-    model = xar_model.XAR(layout, 32, depth, depth, 2, 2, in_channels=in_channels,
-                          num_classes=10, **settings)
+    model = xar_model.XAR(
+        layout, 32, depth, depth, 2, 2, in_channels=in_channels, num_classes=10, **settings
+    )
     params = model.init(jax.random.key(1), *xar_model.example_inputs(model))["params"]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -253,8 +273,9 @@ def import_torch():
         import torch
 
         return torch
-    return pytest.importorskip("torch", reason="needs the 'torch' extra (reads .pth files): "
-                                               "pip install -e '.[torch]'")
+    return pytest.importorskip(
+        "torch", reason="needs the 'torch' extra (reads .pth files): pip install -e '.[torch]'"
+    )
 
 
 TINY_RUN_STEPS = 12  # Checkpoints at 4, 8, 12 (configs/tiny.py: every 4 steps, keep 5).

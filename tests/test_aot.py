@@ -19,11 +19,33 @@ pytestmark = pytest.mark.skipif(
     reason="libtpu is not installed here (pip install -e '.[tpu]'; .ci/run installs it)",
 )
 
-KEYS = {"config", "topology", "num_slices", "chips", "mesh", "global_batch", "per_chip_batch",
-        "compile_s", "hbm_per_chip_gib", "hbm_capacity_gib", "fits", "est_step_s",
-        "est_img_per_s_per_chip", "est_mfu", "collectives", "est_compute_s", "est_memory_s",
-        "est_compute_memory_s", "est_collective_s", "est_ici_s", "est_dcn_s", "est_step_s_serial",
-        "est_overlap", "estimate_basis", "compiler_optimal_seconds"}
+KEYS = {
+    "config",
+    "topology",
+    "num_slices",
+    "chips",
+    "mesh",
+    "global_batch",
+    "per_chip_batch",
+    "compile_s",
+    "hbm_per_chip_gib",
+    "hbm_capacity_gib",
+    "fits",
+    "est_step_s",
+    "est_img_per_s_per_chip",
+    "est_mfu",
+    "collectives",
+    "est_compute_s",
+    "est_memory_s",
+    "est_compute_memory_s",
+    "est_collective_s",
+    "est_ici_s",
+    "est_dcn_s",
+    "est_step_s_serial",
+    "est_overlap",
+    "estimate_basis",
+    "compiler_optimal_seconds",
+}
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
 
 
@@ -34,8 +56,14 @@ def _env():
 
 
 def _aot(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "xar_jax.aot", "--config=configs/tiny.py", *args],
-                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "xar_jax.aot", "--config=configs/tiny.py", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def _json(proc):
@@ -52,8 +80,9 @@ DEPTHS = ["--config.model.encoder_depth=3", "--config.model.decoder_depth=2"]
 def v5p_8_report():
     """The CLI's report of the tiny config (scanned, depths 3 + 2) on a v5p-8 with fsdp; its
     layer scan 'auto', which the TPU resolves to the scan."""
-    return _json(_aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS,
-                      "--config.model.scan_layers=auto"))
+    return _json(
+        _aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS, "--config.model.scan_layers=auto")
+    )
 
 
 def test_tiny_train_step_compiles_for_v5p_8_with_fsdp_and_reports_memory_speed_collectives(
@@ -115,8 +144,9 @@ def test_layer_copies_compiled_follows_jax_scan_lowering(depth, unroll):
 def test_scanned_layers_cost_as_much_as_the_unrolled_model(v5p_8_report):
     """The cost analysis counts a scan body once; the HLO walk counts every iteration."""
     scanned = v5p_8_report
-    unrolled = _json(_aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS,
-                          "--config.model.scan_layers=False"))
+    unrolled = _json(
+        _aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS, "--config.model.scan_layers=False")
+    )
     assert "step_estimate" in scanned["estimate_basis"], scanned["estimate_basis"]
     truth = unrolled["compiled_flops_per_chip"]
     # As compiled, 3 + 2 scanned layers look ~2.5x cheaper than they are.
@@ -132,8 +162,15 @@ def test_scanned_layers_cost_as_much_as_the_unrolled_model(v5p_8_report):
 
 
 def test_two_v5p_8_slices_with_accumulation_compile_and_estimate_the_dcn_time(v5p_8_report):
-    proc = _aot("--topology=v5p-8", "--num_slices=2", "--json=-", *FSDP, *DEPTHS,
-                "--config.train.global_batch_size=16", "--config.train.grad_accum_steps=2")
+    proc = _aot(
+        "--topology=v5p-8",
+        "--num_slices=2",
+        "--json=-",
+        *FSDP,
+        *DEPTHS,
+        "--config.train.global_batch_size=16",
+        "--config.train.grad_accum_steps=2",
+    )
     r = _json(proc)
     assert r["mesh"] == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
     assert (r["chips"], r["num_slices"], r["hosts"]) == (8, 2, 2)
@@ -174,7 +211,9 @@ def test_entry_traffic_reads_transposes_fills_allocations_and_batch_minor_arrays
     # The parameter (batch axis 0 minor-most by layout); the transpose and the add (the batch
     # axis last in their logical shapes).
     assert got["batch_minor_arrays"] == 3
-    assert got["written_gb"] == pytest.approx(2 * array + got["zero_fill_gb"] + 3 * 8 * 16 * 2 / 1e9)
+    assert got["written_gb"] == pytest.approx(
+        2 * array + got["zero_fill_gb"] + 3 * 8 * 16 * 2 / 1e9
+    )
 
 
 def test_a_slice_that_does_not_fit_still_reports_every_key():
@@ -184,7 +223,14 @@ def test_a_slice_that_does_not_fit_still_reports_every_key():
     assert r["fits"] is False and r["hbm_temporaries_needed_gib"] > 16
     assert r["mesh"] == {"dcn": 1, "data": 1, "fsdp": 4, "tensor": 1}  # From the config.
     assert (r["global_batch"], r["per_chip_batch"]) == (4 * 131072, 131072)
-    nulls = ("est_step_s", "est_compute_s", "est_collective_s", "est_mfu", "collectives",
-             "hbm_per_chip_gib", "compiler_optimal_seconds")
+    nulls = (
+        "est_step_s",
+        "est_compute_s",
+        "est_collective_s",
+        "est_mfu",
+        "collectives",
+        "hbm_per_chip_gib",
+        "compiler_optimal_seconds",
+    )
     assert all(r[k] is None for k in nulls), {k: r[k] for k in nulls}
     assert "does not fit" in r["estimate_basis"]

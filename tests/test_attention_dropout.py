@@ -82,7 +82,9 @@ def test_kept_probabilities_are_scaled_by_one_over_keep_probability():
     v = jnp.eye(16, dtype=jnp.float32)[None, :, None, :].astype(DTYPE)
     key = jax.random.key(4)
     rate = 0.5
-    got = np.asarray(fa.flash_attention(q, k, v, key=key, rate=rate, block_sizes=BLOCKS), np.float32)
+    got = np.asarray(
+        fa.flash_attention(q, k, v, key=key, rate=rate, block_sizes=BLOCKS), np.float32
+    )
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / 4.0
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     keep = _mask(key, (1, 1, 16, 16), rate)
@@ -154,7 +156,9 @@ def test_attention_layer_draws_a_new_mask_per_layer_and_step():
     class TwoLayers(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return [_attention_layer("pallas", 0.5)(x, cos, sin, MASK, None, False)[0] for _ in "ab"]
+            return [
+                _attention_layer("pallas", 0.5)(x, cos, sin, MASK, None, False)[0] for _ in "ab"
+            ]
 
     two = TwoLayers()
     p2 = two.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
@@ -199,7 +203,9 @@ def test_xar_trains_a_step_with_pallas_attention_dropout():
     new_state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     assert int(new_state.step) == 1
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params, state.params)
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params, state.params
+    )
     assert max(jax.tree.leaves(moved)) > 0
     # The same model with the XLA attention form gives the same loss without attention dropout:
     # the kernel is only a faster route to the same function.

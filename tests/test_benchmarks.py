@@ -20,8 +20,8 @@ def _run(module, *args):
         timeout=300,
         cwd=ROOT,
         # Compile time dominates these smoke runs; their timings are not checked.
-        env=os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS,
-                          "PYTHONPATH": ROOT},
+        env=os.environ
+        | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS, "PYTHONPATH": ROOT},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -31,17 +31,29 @@ def _table(out):
     """The summary table printed last: {column: value} of its one row."""
     lines = [line for line in out.splitlines() if " | " in line]
     header, row = lines[-2], lines[-1]
-    return dict(zip([c.strip() for c in header.split(" | ")],
-                    [c.strip() for c in row.split(" | ")], strict=True))
+    return dict(
+        zip(
+            [c.strip() for c in header.split(" | ")],
+            [c.strip() for c in row.split(" | ")],
+            strict=True,
+        )
+    )
 
 
 def test_train_step_benchmark_times_the_trainers_step_with_resolved_settings():
     # The trainer's program for a config with overrides and a named override set; 'auto' layers
     # resolved as experiment.build does on this backend (CPU: the layer scan).
-    out = _run("train_step", "--config=configs/tiny.py", "--config.model.scan_layers=auto",
-               "--config.model.remat=auto", "--overrides=fast", "--steps=1", "--repeats=1",
-               # An XLA option for this compile only, typed (a bool) as XLA reads it.
-               "--xla_option=xla_cpu_enable_fast_math=false")
+    out = _run(
+        "train_step",
+        "--config=configs/tiny.py",
+        "--config.model.scan_layers=auto",
+        "--config.model.remat=auto",
+        "--overrides=fast",
+        "--steps=1",
+        "--repeats=1",
+        # An XLA option for this compile only, typed (a bool) as XLA reads it.
+        "--xla_option=xla_cpu_enable_fast_math=false",
+    )
     row = _table(out)
     assert (row["model"], row["batch"]) == ("custom", "8")
     assert (row["attention_impl"], row["attn_dropout"]) == ("xla", "0")  # 'fast': no attn dropout.
@@ -52,17 +64,27 @@ def test_train_step_benchmark_times_the_trainers_step_with_resolved_settings():
 
 def test_benchmarks_refuse_an_unknown_override_set():
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.train_step", "--config=configs/tiny.py",
-         "--overrides=fastest", "--no_json"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.train_step",
+            "--config=configs/tiny.py",
+            "--overrides=fastest",
+            "--no_json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
         env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
     )
     assert out.returncode != 0 and "--overrides='fastest'; allowed: fast" in out.stderr
 
 
 def test_sample_benchmark_times_the_sampler_of_the_config():
-    row = _table(_run("sample", "--config=configs/tiny.py", "--config.sample.batch_size=2",
-                      "--repeats=1"))
+    row = _table(
+        _run("sample", "--config=configs/tiny.py", "--config.sample.batch_size=2", "--repeats=1")
+    )
     assert (row["model"], row["batch"], row["num_steps"]) == ("custom", "2", "2")
     assert float(row["img_per_s"]) > 0
 
@@ -100,9 +122,18 @@ def test_gpu_compile_only_estimates_a_saved_program(tmp_path):
     text = jax.jit(lambda a, b: a @ b).lower(s, s).compile().as_text()
     (tmp_path / "tiny_train_step.hlo.txt").write_text(text)
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_compile_only", "--models=tiny", "--batch=64",
-         f"--from_hlo={tmp_path}"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_compile_only",
+            "--models=tiny",
+            "--batch=64",
+            f"--from_hlo={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
         env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
     )
     assert out.returncode == 0, out.stderr[-3000:]

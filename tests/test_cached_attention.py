@@ -135,8 +135,9 @@ SAMPLER_TOL = 3e-2 if ON_GPU else 1e-5
 
 def _tiny(attention_impl, scan_layers):
     """Two blocks per stack (layer indices 0 and 1), perturbed params so every path has signal."""
-    return perturbed_tiny_xar(LAYOUT, depth=2, attention_impl=attention_impl,
-                              scan_layers=scan_layers, dtype=SAMPLER_DTYPE)
+    return perturbed_tiny_xar(
+        LAYOUT, depth=2, attention_impl=attention_impl, scan_layers=scan_layers, dtype=SAMPLER_DTYPE
+    )
 
 
 # Off a GPU the layer-scanned model is checked against the golden samples instead (below: the

@@ -46,13 +46,17 @@ def test_paper_configs_build_with_published_param_counts(name):
     assert (config.optim.warmup_epochs, config.optim.decay_start_epoch) == (100, 600)
     assert (config.train.num_epochs, config.optim.ema_decay) == (800, 0.9999)
     assert (config.train.label_drop_prob, config.model.dropout, config.model.dtype) == (
-        0.1, 0.1, "bfloat16")
+        0.1,
+        0.1,
+        "bfloat16",
+    )
     assert (config.entity.kind, config.entity.cell_size, config.latent.grid_size) == ("cell", 8, 16)
     layout = layout_from_config(config.entity, config.latent.grid_size)
     resolved = experiment.resolve_config(config, jax.default_backend())  # As build does.
     settings = experiment.resolve_model_settings(resolved.model, jax.default_backend())
-    model = build_model(resolved.model, layout, settings, in_channels=config.latent.channels,
-                        num_classes=1000)
+    model = build_model(
+        resolved.model, layout, settings, in_channels=config.latent.channels, num_classes=1000
+    )
     params = abstract_params(model)  # jax.eval_shape: nothing allocated.
     millions = count_params(params, model=model) / 1e6
     assert round(millions, 2) == PRESETS[name].params_millions
@@ -80,16 +84,24 @@ def test_workdir_records_that_named_a_preset_still_check_against_its_sizes(tmp_p
 
 def _parse(argv):
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+    )
     fv(argv)
     return fv.config
 
 
 def test_command_line_overrides_apply_and_unknown_fields_fail():
     demo = f"--config={os.path.join(CONFIGS, 'demo.py')}"
-    config = _parse(["prog", demo, "--config.train.num_steps=7", "--config.mesh.fsdp=2",
-                     "--config.model.dtype=bfloat16"])
+    config = _parse(
+        [
+            "prog",
+            demo,
+            "--config.train.num_steps=7",
+            "--config.mesh.fsdp=2",
+            "--config.model.dtype=bfloat16",
+        ]
+    )
     assert (config.train.num_steps, config.mesh.fsdp, config.model.dtype) == (7, 2, "bfloat16")
     with pytest.raises((flags.Error, KeyError, AttributeError), match="lerning_rate"):
         _parse(["prog", demo, "--config.optim.lerning_rate=1"])
@@ -198,8 +210,10 @@ def test_inference_modes_accept_fused_attention_with_attention_dropout():
         experiment.build(c, "train")
 
 
-@pytest.mark.parametrize("name, gpu", [("xar_b", (False, "none")), ("xar_l", (True, "dots")),
-                                       ("xar_h", (True, "matmuls"))])
+@pytest.mark.parametrize(
+    "name, gpu",
+    [("xar_b", (False, "none")), ("xar_l", (True, "dots")), ("xar_h", (True, "matmuls"))],
+)
 def test_auto_layers_resolve_once_per_preset_and_backend(name, gpu):
     """docs/training.md's GPU settings are the paper configs' defaults; TPU and CPU scan."""
     config = _paper_config(name)
@@ -224,8 +238,10 @@ def test_a_recorded_run_keeps_its_layer_layout_under_auto(tmp_path):
 
     config = _paper_config("xar_b")
     on_tpu = experiment.resolve_config(config, "tpu")
-    workdir_lib.write_record(str(tmp_path), workdir_lib.RunRecord.for_config(
-        on_tpu, {"data": 1, "fsdp": 1, "tensor": 1}, 1, "train"))
+    workdir_lib.write_record(
+        str(tmp_path),
+        workdir_lib.RunRecord.for_config(on_tpu, {"data": 1, "fsdp": 1, "tensor": 1}, 1, "train"),
+    )
     assert workdir_lib.read_record(str(tmp_path)).model["model.scan_layers"] is True
     resumed = experiment.resolve_config(config, "gpu", str(tmp_path))
     assert (resumed.model.scan_layers, resumed.model.remat) == (True, "dots_no_batch")
@@ -238,8 +254,15 @@ def test_a_recorded_run_keeps_its_layer_layout_under_auto(tmp_path):
         workdir_lib.check_model(record, resumed, str(tmp_path), "train")
 
 
-@pytest.mark.parametrize("field, value", [("model.scan_layers", 0), ("model.scan_layers", "yes"),
-                                          ("model.remat", "fast"), ("prng_impl", "philox")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("model.scan_layers", 0),
+        ("model.scan_layers", "yes"),
+        ("model.remat", "fast"),
+        ("prng_impl", "philox"),
+    ],
+)
 def test_layer_and_prng_settings_fail_naming_the_field(field, value):
     config = load("tiny")
     *path, leaf = field.split(".")
@@ -255,9 +278,17 @@ def test_print_config_shows_what_auto_resolves_to_here():
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "xar_jax.main", f"--config={os.path.join(CONFIGS, 'xar_l.py')}",
-         "--print_config", "--config.data.cache_dir=/data/latent_cache"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "xar_jax.main",
+            f"--config={os.path.join(CONFIGS, 'xar_l.py')}",
+            "--print_config",
+            "--config.data.cache_dir=/data/latent_cache",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=os.environ | {"JAX_PLATFORMS": "cpu"},
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -182,8 +182,12 @@ def test_vae_and_inception_file_layouts_need_no_extra_globals(tmp_path):
     files = {
         # MAR's kl16.ckpt: {'model': state_dict}; an LDM/Lightning one: 'state_dict' + counters.
         "kl16.ckpt": {"model": conv},
-        "lightning.ckpt": {"state_dict": conv, "epoch": 1, "global_step": 10,
-                           "pytorch-lightning_version": "1.4.2"},
+        "lightning.ckpt": {
+            "state_dict": conv,
+            "epoch": 1,
+            "global_step": 10,
+            "pytorch-lightning_version": "1.4.2",
+        },
         # torch-fidelity's Inception weights: a flat OrderedDict state dict.
         "inception.pth": OrderedDict(conv),
     }

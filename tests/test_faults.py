@@ -45,8 +45,11 @@ from xar_jax.evaluation import fid
 MATRIX: dict[str, bool] = {}  # fault -> survived, in the order tried
 CPU_SECONDS = {"subprocesses": 0.0, "pytest": 0.0}  # Spent in the tests' bodies.
 # The tiny workdir's flags for a long run that saves only when told to (or when stopped).
-LONG_RUN = ("--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000",
-            "--config.log.sample_every_steps=0")
+LONG_RUN = (
+    "--config.train.num_steps=100000",
+    "--config.checkpoint.every_steps=100000",
+    "--config.log.sample_every_steps=0",
+)
 
 
 def _cpu() -> tuple[float, float]:
@@ -86,8 +89,13 @@ class Run:
         # A child started from a background job inherits SIGINT ignored; the trainer installs its
         # own SIGINT handler, so a Ctrl-C reaches it all the same.
         self.proc = subprocess.Popen(
-            args, env=env or main_env(TINY_RUN_DEVICES), cwd=REPO, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            args,
+            env=env or main_env(TINY_RUN_DEVICES),
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -114,8 +122,17 @@ class Run:
 
 
 def _main(workdir, *flags, config=TINY_CONFIG, env=None) -> Run:
-    return Run([sys.executable, "-m", "xar_jax.main", f"--config={config}",
-                f"--workdir={workdir}", *flags], env)
+    return Run(
+        [
+            sys.executable,
+            "-m",
+            "xar_jax.main",
+            f"--config={config}",
+            f"--workdir={workdir}",
+            *flags,
+        ],
+        env,
+    )
 
 
 def _steps(workdir) -> list[int]:
@@ -186,19 +203,23 @@ def test_stops_and_kills_in_a_row_lose_nothing_committed(tiny_run, tmp_path):
         newest, previous = steps[-1], steps[-2]
         _damage(workdir / "checkpoints" / str(newest) / "state", "truncate")
         _damage(workdir / "config.json", "flip")
-        run = _main(workdir, f"--config.train.num_steps={newest + 1}",
-                    "--config.log.sample_every_steps=0")
+        run = _main(
+            workdir, f"--config.train.num_steps={newest + 1}", "--config.log.sample_every_steps=0"
+        )
         assert run.finish() == 0, run.output[-3000:]
         assert f"Checkpoint step {newest} in" in run.output and "unreadable" in run.output
         assert f"Resumed from checkpoint step {previous}" in run.output
         assert [p.name.split("_")[0] for p in (workdir / "checkpoints_unreadable").iterdir()] == [
-            str(newest)]  # Set aside, not deleted.
+            str(newest)
+        ]  # Set aside, not deleted.
         assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == (
-            newest + 1)  # Rewritten by the start.
+            newest + 1
+        )  # Rewritten by the start.
         assert _steps(workdir)[-1] == newest + 1
         # A save the SIGKILL cut short left at most a temporary directory, now cleaned up.
         assert {p.name for p in (workdir / "checkpoints").iterdir()} == {
-            str(s) for s in _steps(workdir)}
+            str(s) for s in _steps(workdir)
+        }
 
 
 def test_sigterm_mid_sample_shard_stops_at_a_shard_boundary_and_eval_resumes(tiny_run, tmp_path):
@@ -247,24 +268,44 @@ def inputs(tmp_path_factory):
     fid.save_reference_stats(root / "stats.npz", np.zeros(4), np.eye(4))
     cfg = data_config.get_data_config("digits")
     cfg.split = "heldout"  # 360 images, one shard.
-    latent_cache.cache_latents(cfg, _encode_for_cache, str(root / "cache"), batch_size=120,
-                               shard_size=1000, process_index=0, process_count=1)
-    return {"xar": root / "xar", "vae": root / "vae", "inception": root / "inception",
-            "stats": root / "stats.npz", "cache": root / "cache"}
+    latent_cache.cache_latents(
+        cfg,
+        _encode_for_cache,
+        str(root / "cache"),
+        batch_size=120,
+        shard_size=1000,
+        process_index=0,
+        process_count=1,
+    )
+    return {
+        "xar": root / "xar",
+        "vae": root / "vae",
+        "inception": root / "inception",
+        "stats": root / "stats.npz",
+        "cache": root / "cache",
+    }
 
 
 def _release_run(tmp, paths, mode):
-    flags = [f"--config.weights={paths['xar']}", f"--config.latent.vae_checkpoint={paths['vae']}",
-             f"--config.eval.inception_checkpoint={paths['inception']}",
-             f"--config.eval.reference_stats={paths['stats']}", *RELEASE_MODEL_FLAGS,
-             "--config.latent.num_classes=10", "--config.sample.batch_size=10",
-             "--config.sample.num_images=10", "--config.eval.num_images=10"]
-    return _main(tmp / f"{mode}_work", f"--mode={mode}", *flags, config=RELEASE_CONFIG,
-                 env=main_env())
+    flags = [
+        f"--config.weights={paths['xar']}",
+        f"--config.latent.vae_checkpoint={paths['vae']}",
+        f"--config.eval.inception_checkpoint={paths['inception']}",
+        f"--config.eval.reference_stats={paths['stats']}",
+        *RELEASE_MODEL_FLAGS,
+        "--config.latent.num_classes=10",
+        "--config.sample.batch_size=10",
+        "--config.sample.num_images=10",
+        "--config.eval.num_images=10",
+    ]
+    return _main(
+        tmp / f"{mode}_work", f"--mode={mode}", *flags, config=RELEASE_CONFIG, env=main_env()
+    )
 
 
-def test_damaged_inputs_are_refused_in_a_few_lines_naming_file_and_remedy(tiny_run, inputs,
-                                                                          tmp_path):
+def test_damaged_inputs_are_refused_in_a_few_lines_naming_file_and_remedy(
+    tiny_run, inputs, tmp_path
+):
     def damaged(name, how):
         copy = tmp_path / f"{name}_{how}"
         (shutil.copytree if inputs[name].is_dir() else shutil.copy)(inputs[name], copy)
@@ -278,39 +319,71 @@ def test_damaged_inputs_are_refused_in_a_few_lines_naming_file_and_remedy(tiny_r
     shutil.copytree(tiny_run, workdir)
     _damage(workdir / "run.json", "truncate")
     bad_cache = damaged("cache", "flip")["cache"]
-    latents = ("--config.data.source=latents", f"--config.data.cache_dir={bad_cache}",
-               "--config.data.split=heldout", "--config.latent.tokenizer=kl16",
-               "--config.latent.grid_size=4", "--config.latent.channels=4",
-               "--config.entity.cell_size=2")
-    evaluate = [sys.executable, "-m", "xar_jax.evaluation.evaluate", "--images",
-                str(tmp_path / "missing.npz"), "--reference", str(inputs["stats"]),
-                "--inception", str(inputs["inception"])]
+    latents = (
+        "--config.data.source=latents",
+        f"--config.data.cache_dir={bad_cache}",
+        "--config.data.split=heldout",
+        "--config.latent.tokenizer=kl16",
+        "--config.latent.grid_size=4",
+        "--config.latent.channels=4",
+        "--config.entity.cell_size=2",
+    )
+    evaluate = [
+        sys.executable,
+        "-m",
+        "xar_jax.evaluation.evaluate",
+        "--images",
+        str(tmp_path / "missing.npz"),
+        "--reference",
+        str(inputs["stats"]),
+        "--inception",
+        str(inputs["inception"]),
+    ]
     # fault: (run, the file the refusal names, a piece of its remedy)
     cases = {
         "truncated run.json": (_main(workdir), workdir / "run.json", "move it away"),
         "bit-flipped latent-cache shard": (
             _main(tmp_path / "latents_work", *latents, env=main_env()),
-            next(bad_cache.rglob("*.array_record")), "--config.data.allow_corrupt_records=True"),
-        "truncated converted xAR dir": (_release_run(tmp_path / "x", damaged("xar", "truncate"),
-                                                     "sample"), "xar_truncate", "convert it again"),
-        "truncated converted VAE dir": (_release_run(tmp_path / "v", damaged("vae", "truncate"),
-                                                     "sample"), "vae_truncate", "convert it again"),
+            next(bad_cache.rglob("*.array_record")),
+            "--config.data.allow_corrupt_records=True",
+        ),
+        "truncated converted xAR dir": (
+            _release_run(tmp_path / "x", damaged("xar", "truncate"), "sample"),
+            "xar_truncate",
+            "convert it again",
+        ),
+        "truncated converted VAE dir": (
+            _release_run(tmp_path / "v", damaged("vae", "truncate"), "sample"),
+            "vae_truncate",
+            "convert it again",
+        ),
         "bit-flipped converted Inception dir": (
-            _release_run(tmp_path / "i", damaged("inception", "flip"), "eval"), "inception_flip",
-            "convert it again"),
+            _release_run(tmp_path / "i", damaged("inception", "flip"), "eval"),
+            "inception_flip",
+            "convert it again",
+        ),
         "truncated reference statistics": (
-            _release_run(tmp_path / "s", damaged("stats", "truncate"), "eval"), "stats_truncate",
-            "VIRTUAL_imagenet256_labeled.npz"),
-        "evaluate CLI with a missing --images": (Run(evaluate, main_env()), "missing.npz",
-                                                 "no such file"),
+            _release_run(tmp_path / "s", damaged("stats", "truncate"), "eval"),
+            "stats_truncate",
+            "VIRTUAL_imagenet256_labeled.npz",
+        ),
+        "evaluate CLI with a missing --images": (
+            Run(evaluate, main_env()),
+            "missing.npz",
+            "no such file",
+        ),
     }
     failures = []
     for name, (run, path, remedy) in cases.items():
         code = run.finish()
-        error = run.output[run.output.find("error: "):] if "error: " in run.output else ""
-        MATRIX[name] = (code == 2 and "Traceback" not in run.output
-                        and 0 < len(error.splitlines()) <= 4
-                        and str(path) in error and remedy.lower() in error.lower())
+        error = run.output[run.output.find("error: ") :] if "error: " in run.output else ""
+        MATRIX[name] = (
+            code == 2
+            and "Traceback" not in run.output
+            and 0 < len(error.splitlines()) <= 4
+            and str(path) in error
+            and remedy.lower() in error.lower()
+        )
         if not MATRIX[name]:
             failures.append(f"{name}: exit {code}\n{run.output[-2000:]}")
     assert not failures, "\n\n".join(failures)
@@ -323,9 +396,11 @@ def test_fault_matrix_counts(record_property):
     if not MATRIX:
         pytest.skip("the matrix is filled by this module's other tests; run the whole module")
     survived = sum(MATRIX.values())
-    counts = (f"fault matrix: {len(MATRIX)} faults tried, {survived} survived "
-              f"(CPU: {CPU_SECONDS['subprocesses']:.0f} s in the CLI runs, "
-              f"{CPU_SECONDS['pytest']:.0f} s in pytest)")
+    counts = (
+        f"fault matrix: {len(MATRIX)} faults tried, {survived} survived "
+        f"(CPU: {CPU_SECONDS['subprocesses']:.0f} s in the CLI runs, "
+        f"{CPU_SECONDS['pytest']:.0f} s in pytest)"
+    )
     record_property("summary", counts)
     print("\n" + counts)
     for name, ok in MATRIX.items():

@@ -176,9 +176,14 @@ print(float(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(4.0)).sum()))
 def test_compilation_cache_on_gcs_is_written_then_hit_by_the_next_process(gcs_dir):
     # A preempted job restarts on another VM: the cache must live in the bucket.
     runs = [
-        subprocess.run([sys.executable, "-c", _COMPILE_CACHE_SCRIPT, str(gcs_dir)], cwd=REPO,
-                       env={**os.environ, "JAX_LOG_COMPILES": "1"}, capture_output=True,
-                       text=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-c", _COMPILE_CACHE_SCRIPT, str(gcs_dir)],
+            cwd=REPO,
+            env={**os.environ, "JAX_LOG_COMPILES": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         for _ in range(2)
     ]
     for proc in runs:

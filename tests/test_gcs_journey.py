@@ -30,9 +30,17 @@ from etils import epath
 def test_gs_workdir_killed_and_resumed_equals_the_uninterrupted_run(gcs_bucket, tiny_run):
     workdir = f"{gcs_bucket}/run-{uuid.uuid4().hex[:8]}"
     first = subprocess.Popen(
-        [sys.executable, "-m", "xar_jax.main", f"--config={TINY_CONFIG}", f"--workdir={workdir}",
-         *TINY_RUN_FLAGS],
-        env=main_env(TINY_RUN_DEVICES), cwd=REPO, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "xar_jax.main",
+            f"--config={TINY_CONFIG}",
+            f"--workdir={workdir}",
+            *TINY_RUN_FLAGS,
+        ],
+        env=main_env(TINY_RUN_DEVICES),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     # On an object store Orbax writes the step in place and marks it complete last.
@@ -48,8 +56,11 @@ def test_gs_workdir_killed_and_resumed_equals_the_uninterrupted_run(gcs_bucket, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Taking over the stale lock" in resumed.stderr  # The killed run's lock, on gs://.
     assert "Resumed from checkpoint step" in resumed.stderr
-    for a, b in zip(jax.tree.leaves(train_state_params(workdir, TINY_RUN_STEPS)),
-                    jax.tree.leaves(train_state_params(tiny_run, TINY_RUN_STEPS)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(train_state_params(workdir, TINY_RUN_STEPS)),
+        jax.tree.leaves(train_state_params(tiny_run, TINY_RUN_STEPS)),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     root = epath.Path(workdir)
     for name in ("run.json", "config.json", f"samples/step_{TINY_RUN_STEPS:08d}.png"):

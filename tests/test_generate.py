@@ -84,12 +84,15 @@ def test_eval_mode_scores_trained_model_far_above_untrained(trained):
     init = ts.create_train_state(exp.model, setup.optimizer, config.seed, setup.state_shardings)
     mesh = generate.local_mesh()
     sample = generate.make_image_generator(
-        exp.model, generate.replicate_on(init.ema_params, mesh), mesh=mesh,
-        num_steps=config.sample.num_steps, cfg=config.sample.cfg,
+        exp.model,
+        generate.replicate_on(init.ema_params, mesh),
+        mesh=mesh,
+        num_steps=config.sample.num_steps,
+        cfg=config.sample.cfg,
     )
     labels = balanced_labels(config.eval.num_images, 10, seed=0)
     images = np.concatenate(
-        [sample(labels[i: i + 100], jax.random.key(i)) for i in range(0, len(labels), 100)]
+        [sample(labels[i : i + 100], jax.random.key(i)) for i in range(0, len(labels), 100)]
     )
     untrained = digits_quality(images.astype(np.float32) / 127.5 - 1.0, labels)
     assert untrained["class_accuracy"] < 0.25, untrained
@@ -101,8 +104,9 @@ def test_eval_mode_scores_trained_model_far_above_untrained(trained):
     assert record["step"] == TRAIN_STEPS
     assert record["class_accuracy"] == scores["class_accuracy"]
     assert record["settings"]["checkpoint_step"] == TRAIN_STEPS
-    beside = json.loads(open(os.path.join(os.path.dirname(record["samples"]), "metrics.json"))
-                        .read())
+    beside = json.loads(
+        open(os.path.join(os.path.dirname(record["samples"]), "metrics.json")).read()
+    )
     assert beside == record
     assert {"eval/class_accuracy", "eval/frechet_distance"} <= event_tags(workdir)
 
@@ -122,8 +126,9 @@ def _adm_config(config, out_dir):
     return c
 
 
-def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(trained, tmp_path,
-                                                                     monkeypatch):
+def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(
+    trained, tmp_path, monkeypatch
+):
     config, workdir = trained
     whole = _sample(_adm_config(config, tmp_path / "whole"), workdir)["npz"]
 
@@ -153,8 +158,13 @@ def test_sample_mode_interrupted_then_restarted_equals_uninterrupted(trained, tm
     assert len(list((run_dir / "shards").glob("batch_*.npz"))) == 3
 
     calls.clear()
-    monkeypatch.setattr(generate, "make_image_generator", lambda *a, **k: (
-        lambda fn: lambda labels, key: calls.append(1) or fn(labels, key))(real(*a, **k)))
+    monkeypatch.setattr(
+        generate,
+        "make_image_generator",
+        lambda *a, **k: (lambda fn: lambda labels, key: calls.append(1) or fn(labels, key))(
+            real(*a, **k)
+        ),
+    )
     path = _sample(restarted, workdir)["npz"]
     assert len(calls) == 4  # only the missing batches were generated
 
@@ -194,21 +204,29 @@ def test_imagenet_eval_names_missing_files_and_their_commands_before_any_work(tm
     stats.write_bytes(b"")
     cases = [
         ({}, "config.latent.vae_checkpoint=''", "python -m xar_jax.convert vae"),
-        ({"latent.vae_checkpoint": str(vae)}, "config.eval.reference_stats=''",
-         "python -m xar_jax.evaluation.reference_stats"),
-        ({"latent.vae_checkpoint": str(vae), "eval.reference_stats": str(stats)},
-         "config.eval.inception_checkpoint=''", "python -m xar_jax.convert inception"),
+        (
+            {"latent.vae_checkpoint": str(vae)},
+            "config.eval.reference_stats=''",
+            "python -m xar_jax.evaluation.reference_stats",
+        ),
+        (
+            {"latent.vae_checkpoint": str(vae), "eval.reference_stats": str(stats)},
+            "config.eval.inception_checkpoint=''",
+            "python -m xar_jax.convert inception",
+        ),
     ]
     for fields, field, command in cases:
         with pytest.raises(FileNotFoundError) as e:
-            score.evaluate(experiment.build(_imagenet_config(tmp_path, **fields), "eval"),
-                           str(workdir))
+            score.evaluate(
+                experiment.build(_imagenet_config(tmp_path, **fields), "eval"), str(workdir)
+            )
         assert field in str(e.value) and command in str(e.value)
     assert not workdir.exists()
 
     # Samples may go to gs:// (every process writes its shards there).
     assert generate.samples_root(_imagenet_config(tmp_path), "gs://bucket/run") == (
-        "gs://bucket/run/generated")
+        "gs://bucket/run/generated"
+    )
 
 
 def test_config_takes_any_image_count_but_refuses_unshardable_sampling():

@@ -34,7 +34,11 @@ def test_imagenet_samples_decode_to_an_adm_npz_and_score(tmp_path):
         decoder=generate.vae_decoder(vae_dir, 0.2325, mesh),
     )
     out = sample_writer.write_samples(
-        generator, str(tmp_path / "run"), num_images=10, num_classes=10, batch_size=5,
+        generator,
+        str(tmp_path / "run"),
+        num_images=10,
+        num_classes=10,
+        batch_size=5,
         progress=False,
     )
     with np.load(out) as z:
@@ -50,8 +54,13 @@ def test_imagenet_samples_decode_to_an_adm_npz_and_score(tmp_path):
         params_inc, image_sources.NpzImages(out), stats_path, batch_size=5
     )
     config = ml_collections.ConfigDict(
-        {"eval": {"reference_stats": stats_path, "inception_checkpoint": inception_dir,
-                  "batch_size": 5}}
+        {
+            "eval": {
+                "reference_stats": stats_path,
+                "inception_checkpoint": inception_dir,
+                "batch_size": 5,
+            }
+        }
     )
     metrics = score.score_imagenet(config, out)
     assert os.path.exists(stats_path)

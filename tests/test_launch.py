@@ -301,8 +301,11 @@ TPU_COMMANDS = ("ssh", "scp")
 def _reaches_every_worker_of_every_slice(result: Result) -> list[list[str]]:
     """The ssh/scp commands of a two-slice dry run; each must go to every node and worker."""
     assert result.returncode == 0, result.stderr
-    remote_calls = [c for c in result.commands if c[:3] == ["gcloud", "compute", "tpus"]
-                    and c[4] in TPU_COMMANDS]
+    remote_calls = [
+        c
+        for c in result.commands
+        if c[:3] == ["gcloud", "compute", "tpus"] and c[4] in TPU_COMMANDS
+    ]
     assert remote_calls, result.stdout
     for cmd in remote_calls:
         assert cmd[3] == "queued-resources", cmd  # tpu-vm ssh would reach one node only
@@ -330,8 +333,15 @@ def test_two_slices_are_one_queued_resource_of_two_nodes(launch):
         ("install.sh", {}),
         ("resume.sh", {"DRY_RUN_JOB": "failed:1,running"}),
         ("resume.sh", {"DRY_RUN_QR_STATE": "SUSPENDED"}),
-        ("eval.sh", {"REFERENCE_STATS": "gs://my-bkt/ref.npz", "SAMPLES_DIR": "gs://my-bkt/s",
-                     "VAE_DIR": "/v", "INCEPTION_DIR": "/i"}),
+        (
+            "eval.sh",
+            {
+                "REFERENCE_STATS": "gs://my-bkt/ref.npz",
+                "SAMPLES_DIR": "gs://my-bkt/s",
+                "VAE_DIR": "/v",
+                "INCEPTION_DIR": "/i",
+            },
+        ),
     ],
 )
 def test_two_slice_jobs_reach_every_worker_of_both_slices(launch, script, env):
@@ -376,8 +386,12 @@ def _start_command(result: Result) -> list[str]:
         (
             "eval.sh",
             (),
-            {"REFERENCE_STATS": "gs://b/ref.npz", "SAMPLES_DIR": "/s", "VAE_DIR": "/v",
-             "INCEPTION_DIR": "/i"},
+            {
+                "REFERENCE_STATS": "gs://b/ref.npz",
+                "SAMPLES_DIR": "/s",
+                "VAE_DIR": "/v",
+                "INCEPTION_DIR": "/i",
+            },
         ),
     ],
 )
@@ -477,8 +491,10 @@ def test_prepare_data_cache_encodes_imagenet_into_the_latent_dir_on_every_worker
         " --batch_size=256 --shard_size=1000 --num_workers=16 --multihost"
     )
     assert words[5:] == expected.split()  # --multihost: each worker encodes its own shards
-    assert "CACHE_SPLIT='test'" in launch("prepare_data.sh", "cache", VAE_DIR="/w",
-                                          CACHE_SPLIT="test").stderr
+    assert (
+        "CACHE_SPLIT='test'"
+        in launch("prepare_data.sh", "cache", VAE_DIR="/w", CACHE_SPLIT="test").stderr
+    )
     assert "absolute path" in launch("prepare_data.sh", "cache", VAE_DIR="w/kl16").stderr
 
 

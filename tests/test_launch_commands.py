@@ -32,16 +32,29 @@ from launch_sandbox import LAUNCH, REPO, SCRIPTS, flag, make_sandbox, run_script
 # Scripts whose remote commands start no python module (slice lifecycle, logs, the CPU VM's
 # TFDS build, install's import check); every other script must appear in CASES.
 NO_PYTHON = {"create.sh", "delete.sh", "install.sh", "logs.sh", "stop.sh"}
-EVAL_ENV = {"REFERENCE_STATS": "gs://my-bkt/fid/ref.npz", "SAMPLES_DIR": "gs://my-bkt/samples",
-            "VAE_DIR": "/home/me/xar_weights/kl16", "INCEPTION_DIR": "/home/me/xar_weights/inc"}
+EVAL_ENV = {
+    "REFERENCE_STATS": "gs://my-bkt/fid/ref.npz",
+    "SAMPLES_DIR": "gs://my-bkt/samples",
+    "VAE_DIR": "/home/me/xar_weights/kl16",
+    "INCEPTION_DIR": "/home/me/xar_weights/inc",
+}
 CASES = {  # id: (script, arguments, environment)
     "start-train": ("start.sh", (), {"SPOT": "1"}),  # resume.sh restarts the same command
     "start-train-flags": (
-        "start.sh", ("--config.optim.lr=1e-4",), {"CONFIG": "configs/xar_b.py", "MAIN_FLAGS": "--allow_change=mesh",
-                         "CONFIG_OVERRIDES": "--config.train.grad_accum_steps=2"}),
+        "start.sh",
+        ("--config.optim.lr=1e-4",),
+        {
+            "CONFIG": "configs/xar_b.py",
+            "MAIN_FLAGS": "--allow_change=mesh",
+            "CONFIG_OVERRIDES": "--config.train.grad_accum_steps=2",
+        },
+    ),
     "start-sample": ("start.sh", (), {"MODE": "sample", "CONFIG": "configs/xar_l.py"}),
-    "start-eval-digits": ("start.sh", (), {"MODE": "eval", "CONFIG": "configs/demo.py",
-                                           "DATA_SOURCE": "digits"}),
+    "start-eval-digits": (
+        "start.sh",
+        (),
+        {"MODE": "eval", "CONFIG": "configs/demo.py", "DATA_SOURCE": "digits"},
+    ),
     "resume": ("resume.sh", (), {"DRY_RUN_JOB": "failed:1,running"}),
     "eval": ("eval.sh", (), EVAL_ENV),
     # Two slices: queued-resources ssh to every node of both, --config.mesh.num_slices=2 (eval.sh
@@ -49,22 +62,34 @@ CASES = {  # id: (script, arguments, environment)
     "start-train-2-slices": ("start.sh", (), {"NUM_SLICES": "2", "SPOT": "1"}),
     "prepare_data-cache": ("prepare_data.sh", ("cache",), {"VAE_DIR": "/home/me/xar_weights/kl16"}),
     "prepare_data-cache-validation": (
-        "prepare_data.sh", ("cache",),
-        {"VAE_DIR": "/w/kl16", "CACHE_SPLIT": "validation", "IMAGE_SIZE": "512"}),
-    "convert_weights": ("convert_weights.sh", (), {
-        "XAR_PTH": "gs://my-bkt/src/xar_h.pth", "VAE_CKPT": "gs://my-bkt/src/kl16.ckpt",
-        "INCEPTION_PTH": "gs://my-bkt/src/weights-inception-2015-12-05-6726825d.pth"}),
+        "prepare_data.sh",
+        ("cache",),
+        {"VAE_DIR": "/w/kl16", "CACHE_SPLIT": "validation", "IMAGE_SIZE": "512"},
+    ),
+    "convert_weights": (
+        "convert_weights.sh",
+        (),
+        {
+            "XAR_PTH": "gs://my-bkt/src/xar_h.pth",
+            "VAE_CKPT": "gs://my-bkt/src/kl16.ckpt",
+            "INCEPTION_PTH": "gs://my-bkt/src/weights-inception-2015-12-05-6726825d.pth",
+        },
+    ),
     "prepare_data-build": ("prepare_data.sh", ("build",), {}),  # a CPU VM: no TPU worker python
 }
 # The python modules each case must start (a script that stops starting one fails too).
 EXPECTED = {
-    "start-train": ["xar_jax.main"], "start-train-flags": ["xar_jax.main"],
-    "start-sample": ["xar_jax.main"], "start-eval-digits": ["xar_jax.main"],
-    "resume": ["xar_jax.main"], "eval": ["xar_jax.main"],
+    "start-train": ["xar_jax.main"],
+    "start-train-flags": ["xar_jax.main"],
+    "start-sample": ["xar_jax.main"],
+    "start-eval-digits": ["xar_jax.main"],
+    "resume": ["xar_jax.main"],
+    "eval": ["xar_jax.main"],
     "start-train-2-slices": ["xar_jax.main"],
     "prepare_data-cache": ["xar_jax.data.latent_cache"],
     "prepare_data-cache-validation": ["xar_jax.data.latent_cache"],
-    "convert_weights": ["xar_jax.convert"] * 3, "prepare_data-build": [],
+    "convert_weights": ["xar_jax.convert"] * 3,
+    "prepare_data-build": [],
 }
 
 RECORDING_PYTHON = """#!{python}
@@ -75,7 +100,7 @@ with open(os.environ["XAR_PYTHON_RECORD"], "a") as f:
 FAKE_TOOLS = {
     # new-session runs the session's command to its end; nothing else is ever running.
     "tmux": 'case "$1" in new-session) shift 4; exec bash -c "$1" ;; has-session) exit 1 ;; '
-            'esac; exit 0',
+    "esac; exit 0",
     "gcloud": "exit 0",
 }
 
@@ -88,8 +113,9 @@ def sandbox(tmp_path_factory) -> Path:
 def _worker_home(root: Path) -> tuple[Path, dict[str, str]]:
     """A TPU worker's home as install.sh leaves it, with recording stand-ins for the tools."""
     home, fake_bin = root / "home", root / "bin"
-    shutil.copytree(LAUNCH, home / "xar-jax" / "launch",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        LAUNCH, home / "xar-jax" / "launch", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (home / "xar-jax" / ".xar_commit").write_text("0123abcd\n")
     venv_bin = home / "xar_venv" / "bin"
     venv_bin.mkdir(parents=True)
@@ -100,8 +126,13 @@ def _worker_home(root: Path) -> tuple[Path, dict[str, str]]:
         (fake_bin / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
     for path in [venv_bin / "python", *fake_bin.iterdir()]:
         path.chmod(0o755)
-    env = {"HOME": str(home), "PATH": f"{fake_bin}:{os.environ['PATH']}", "LC_ALL": "C",
-           "XAR_PYTHON_RECORD": str(root / "python_calls"), "TMPDIR": str(root)}
+    env = {
+        "HOME": str(home),
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+        "LC_ALL": "C",
+        "XAR_PYTHON_RECORD": str(root / "python_calls"),
+        "TMPDIR": str(root),
+    }
     return home, env
 
 
@@ -114,8 +145,14 @@ def launched_python(sandbox: Path, guard: Path, root: Path, case: str) -> list[l
     for cmd in result.commands:
         if cmd[:3] != ["gcloud", "compute", "tpus"] or cmd[4] != "ssh":
             continue  # only TPU workers run our code; the CPU VM builds TFDS with TensorFlow
-        proc = subprocess.run(["bash", "-c", flag(cmd, "command")], cwd=home, env=worker_env,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["bash", "-c", flag(cmd, "command")],
+            cwd=home,
+            env=worker_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, f"{flag(cmd, 'command')}\n{proc.stdout}{proc.stderr}"
     record = Path(worker_env["XAR_PYTHON_RECORD"])
     calls = [json.loads(ln) for ln in record.read_text().splitlines()] if record.exists() else []
@@ -125,8 +162,9 @@ def launched_python(sandbox: Path, guard: Path, root: Path, case: str) -> list[l
 # ---- the checker ----------------------------------------------------------------------------
 def _run(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @functools.cache
@@ -203,10 +241,18 @@ def test_main_commands_carry_the_mode_that_start_sh_was_given(sandbox, guard_bin
 
 
 def test_the_checker_rejects_an_unknown_flag_and_an_unknown_config_field():
-    good = ["-m", "xar_jax.main", "--config=configs/tiny.py", "--workdir=/nonexistent/run",
-            "--mode=train", "--config.train.num_steps=3"]
+    good = [
+        "-m",
+        "xar_jax.main",
+        "--config=configs/tiny.py",
+        "--workdir=/nonexistent/run",
+        "--mode=train",
+        "--config.train.num_steps=3",
+    ]
     assert check_command(good) == []
-    assert "Unknown command line flag 'no_such_flag'" in check_command([*good, "--no_such_flag=1"])[0]
+    assert (
+        "Unknown command line flag 'no_such_flag'" in check_command([*good, "--no_such_flag=1"])[0]
+    )
     assert "no_such_field" in check_command([*good, "--config.train.no_such_field=1"])[0]
     assert "cache_latents" in check_command([*good, "--mode=cache_latents"])[0]
     assert "num_steps=0" in check_command([*good, "--config.train.num_steps=0"])[0]

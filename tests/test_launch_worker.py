@@ -23,6 +23,7 @@ from launch_sandbox import LAUNCH, REPO, make_sandbox
 def sandbox(tmp_path_factory) -> Path:
     return make_sandbox(tmp_path_factory.mktemp("launch_worker"))
 
+
 # ---- the worker side ------------------------------------------------------------------------
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "fake python: $*"
@@ -227,4 +228,5 @@ def test_runbook_time_to_train_table_is_generated_from_the_plans():
     doc = (REPO / "docs" / "tpu.md").read_text()
     block = doc.split(module.BEGIN + "\n", 1)[1].split("\n" + module.END, 1)[0]
     assert block == module.table(module.load()), (
-        "run: python launch/time_to_train.py --update docs/tpu.md")
+        "run: python launch/time_to_train.py --update docs/tpu.md"
+    )

@@ -131,12 +131,20 @@ def _wait_all(procs, timeout_s):
 def _start_two_trainers(workdir, log_dir):
     """Two `python -m xar_jax.main` trainers on ``workdir``, joined by jax.distributed."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    cli = [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-           "--mode=train", *OVERRIDES]
+    cli = [
+        sys.executable,
+        "-m",
+        "xar_jax.main",
+        f"--config={TINY}",
+        f"--workdir={workdir}",
+        "--mode=train",
+        *OVERRIDES,
+    ]
     procs, logs = [], []
     for index in range(2):
-        env = _env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index))
+        env = _env(
+            1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index)
+        )
         logs.append(log_dir / f"process_{index}.log")
         procs.append(_start(cli, env, logs[-1]))
     return procs, logs
@@ -149,8 +157,13 @@ def runs(tmp_path_factory):
     multi, single = root / "two_processes", root / "reference"
     procs, logs = _start_two_trainers(multi, root)
     logs.append(root / "reference.log")
-    procs.append(_start([sys.executable, "-c", REFERENCE_DRIVER, TINY, str(single), str(STEPS)],
-                        _env(2), logs[-1]))
+    procs.append(
+        _start(
+            [sys.executable, "-c", REFERENCE_DRIVER, TINY, str(single), str(STEPS)],
+            _env(2),
+            logs[-1],
+        )
+    )
     codes = _wait_all(procs, TIMEOUT_S)
     return {
         "codes": codes,
@@ -171,7 +184,9 @@ def test_two_processes_train_and_write_one_collective_checkpoint(runs):
     assert sorted(p.name for p in checkpoints.iterdir()) == [str(STEPS)]
     data = checkpoints / str(STEPS) / "data"
     assert sorted(p.name for p in data.glob("process_*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
     # One program over both processes' devices.
     assert "mesh {'dcn': 1, 'data': 2, 'fsdp': 1, 'tensor': 1}" in runs["logs"][0]
 
@@ -236,8 +251,12 @@ def test_global_batch_is_the_single_process_batch_reordered():
 
     def iterator(index, count):
         return pipeline.make_train_iterator(
-            config.data, global_batch_size=batch, process_index=index, process_count=count,
-            seed=config.seed)
+            config.data,
+            global_batch_size=batch,
+            process_index=index,
+            process_count=count,
+            seed=config.seed,
+        )
 
     single, shares = iterator(0, 1), [iterator(p, 2) for p in range(2)]
     # Process p holds global positions p, p + 2, ...: rows [0, 2, 4, 6, 1, 3, 5, 7] of a step.
@@ -251,8 +270,13 @@ def test_global_batch_is_the_single_process_batch_reordered():
 
 # ----------------------------------------------------------------------------------------------
 # initialize_distributed: decisions and errors that come before JAX starts.
-JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-            "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
+JAX_VARS = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_PROCESS_ADDRESSES",
+)
 
 
 @pytest.fixture
@@ -292,10 +316,16 @@ def test_off_and_single_process_auto_do_not_initialise(clean_env):
     [
         ("yes", {}, "distributed mode='yes' is not allowed; allowed: 'auto', 'on', 'off'"),
         ("auto", {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an integer"),
-        ("auto", {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"},
-         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES set but JAX_PROCESS_ID not"),
-        ("on", {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
-         r"JAX_PROCESS_ID=2 must lie in \[0, JAX_NUM_PROCESSES=2\)"),
+        (
+            "auto",
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"},
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES set but JAX_PROCESS_ID not",
+        ),
+        (
+            "on",
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+            r"JAX_PROCESS_ID=2 must lie in \[0, JAX_NUM_PROCESSES=2\)",
+        ),
     ],
 )
 def test_bad_distributed_settings_fail_before_jax_starts(clean_env, mode, env, message):
@@ -311,8 +341,10 @@ def test_a_refused_lock_stops_every_process(tmp_path):
     workdir = tmp_path / "held"
     workdir.mkdir()
     now = time.time()
-    holder = (f'{{"host": "{socket.gethostname()}", "pid": {os.getpid()}, '
-              f'"started": {now}, "heartbeat": {now}}}')
+    holder = (
+        f'{{"host": "{socket.gethostname()}", "pid": {os.getpid()}, '
+        f'"started": {now}, "heartbeat": {now}}}'
+    )
     (workdir / "train.lock").write_text(holder)
     procs, logs = _start_two_trainers(workdir, tmp_path)
     codes = _wait_all(procs, TIMEOUT_S)
@@ -330,18 +362,27 @@ SAMPLE_IMAGES = 20  # 10 classes; 2 images per generator call: 10 batches, 5 per
 
 
 def _sample_cli(workdir, out_dir, global_batch):
-    return [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-            "--mode=sample", "--config.sample.format=adm",
-            f"--config.sample.num_images={SAMPLE_IMAGES}",
-            f"--config.sample.batch_size={global_batch}", f"--config.sample.out_dir={out_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "xar_jax.main",
+        f"--config={TINY}",
+        f"--workdir={workdir}",
+        "--mode=sample",
+        "--config.sample.format=adm",
+        f"--config.sample.num_images={SAMPLE_IMAGES}",
+        f"--config.sample.batch_size={global_batch}",
+        f"--config.sample.out_dir={out_dir}",
+    ]
 
 
 def _start_two_samplers(workdir, out_dir, log_dir, tag):
     coordinator = f"127.0.0.1:{_free_port()}"
     procs, logs = [], []
     for index in range(2):
-        env = _env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index))
+        env = _env(
+            1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index)
+        )
         logs.append(log_dir / f"sample_{tag}_{index}.log")
         procs.append(_start(_sample_cli(workdir, out_dir, 4), env, logs[-1]))
     return procs, logs
@@ -378,7 +419,8 @@ def _read_samples(run_dir):
 
 
 def test_two_processes_sample_to_gs_and_a_killed_one_resumes_to_the_one_process_result(
-        tiny_run, gcs_bucket, tmp_path):
+    tiny_run, gcs_bucket, tmp_path
+):
     """Every process writes its own shards to a gs:// sample.out_dir (no mount); process 1 is
     killed in the middle of a batch, process 0 once its shards exist; the rerun generates only
     what is missing and process 0 assembles samples.npz, equal to a one-process run's."""
@@ -396,8 +438,11 @@ def test_two_processes_sample_to_gs_and_a_killed_one_resumes_to_the_one_process_
     procs, logs = _start_two_samplers(workdir, two, tmp_path, "killed")
     try:
         # Process 1 is inside its first batch (compiling or sampling it) once it says so.
-        _wait_for(lambda: f"Sampling {SAMPLE_IMAGES} images" in logs[1].read_text(), TIMEOUT_S,
-                  "process 1 to start sampling")
+        _wait_for(
+            lambda: f"Sampling {SAMPLE_IMAGES} images" in logs[1].read_text(),
+            TIMEOUT_S,
+            "process 1 to start sampling",
+        )
         procs[1].kill()
         shards = f"{_run_dir(two)}/shards"
 
@@ -427,5 +472,4 @@ def test_two_processes_sample_to_gs_and_a_killed_one_resumes_to_the_one_process_
     np.testing.assert_array_equal(images, expected_images)
     assert images.shape == (SAMPLE_IMAGES, 8, 8, 1)
     fileio.forget_listings(_run_dir(two))
-    assert sorted(fileio.list_names(_run_dir(two))) == ["plan.json", "samples.npz",
-                                                        "settings.json"]
+    assert sorted(fileio.list_names(_run_dir(two))) == ["plan.json", "samples.npz", "settings.json"]

@@ -13,15 +13,26 @@ from conftest import REPO, TINY_CONFIG, event_scalars, main_env, run_main
 
 from xar_jax.train_config import load_config_file
 
-OURS = {"main.py", "train.py", "metrics.py", "generate.py", "score.py", "experiment.py",
-        "workdir.py", "checkpointing.py", "sample_writer.py"}
+OURS = {
+    "main.py",
+    "train.py",
+    "metrics.py",
+    "generate.py",
+    "score.py",
+    "experiment.py",
+    "workdir.py",
+    "checkpointing.py",
+    "sample_writer.py",
+}
 OVERRIDES = ("--config.train.num_steps=8", "--config.optim.lr=0.002")
 
 
 def _python_info_sources(stderr: str) -> set[str]:
     """Source files of the absl-formatted Python INFO lines (``I1201 10:00:00.1 123 file.py:9]``)."""
-    return {m.group(1) for m in re.finditer(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\]", stderr,
-                                            re.MULTILINE)}
+    return {
+        m.group(1)
+        for m in re.finditer(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\]", stderr, re.MULTILINE)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +44,14 @@ def runs(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("observed")
     cache = f"--config.compile_cache_dir={root / 'compile_cache'}"
-    every4 = run_main(root / "every4", *OVERRIDES, cache, "--config.log.every_steps=4",
-                      "--config.log.profile_start_step=5", "--config.log.profile_num_steps=2")
+    every4 = run_main(
+        root / "every4",
+        *OVERRIDES,
+        cache,
+        "--config.log.every_steps=4",
+        "--config.log.profile_start_step=5",
+        "--config.log.profile_num_steps=2",
+    )
     every1 = run_main(root / "every1", *OVERRIDES, cache, "--config.log.every_steps=1")
     for proc in (every4, every1):
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -97,19 +114,33 @@ def test_profiler_window_writes_a_trace(runs):
 
 def test_print_config_prints_the_effective_config_and_exits(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "xar_jax.main", f"--config={TINY_CONFIG}", "--print_config",
-         "--config.train.num_steps=7"], env=main_env(), cwd=REPO, capture_output=True, text=True,
-        timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "xar_jax.main",
+            f"--config={TINY_CONFIG}",
+            "--print_config",
+            "--config.train.num_steps=7",
+        ],
+        env=main_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["train"]["num_steps"] == 7
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--config.train.nope=1",), "error: --config.train.nope: no such config field."),
-    (("--config.train.num_steps=abc",), "error: flag --config.train.num_steps=abc"),
-    (("--bogus=1",), "error: Unknown command line flag 'bogus'"),
-    (("--mode=fly",), "error: flag --mode=fly: value should be one of <train|sample|eval>"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--config.train.nope=1",), "error: --config.train.nope: no such config field."),
+        (("--config.train.num_steps=abc",), "error: flag --config.train.num_steps=abc"),
+        (("--bogus=1",), "error: Unknown command line flag 'bogus'"),
+        (("--mode=fly",), "error: flag --mode=fly: value should be one of <train|sample|eval>"),
+    ],
+)
 def test_flag_mistakes_end_in_two_lines_and_exit_code_2(tmp_path, flags, message):
     proc = run_main(tmp_path / "w", *flags)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -125,7 +156,9 @@ def test_missing_config_file_and_bad_value_end_in_an_error_line_and_exit_code_2(
     assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
     proc = run_main(tmp_path / "w", "--config.train.nan_policy=ignore")
     assert proc.returncode == 2
-    assert ("error: config.train.nan_policy='ignore' is not allowed; allowed: stop | skip"
-            in proc.stderr)
+    assert (
+        "error: config.train.nan_policy='ignore' is not allowed; allowed: stop | skip"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()

@@ -23,9 +23,24 @@ def _plan(cache, *args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "xar_jax.aot", "--plan", f"--config={TINY_CONFIG}",
-         "--topology=v5litepod-4", "--plan_meshes=1", f"--plan_cache={cache}", "--json=-",
-         *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "xar_jax.aot",
+            "--plan",
+            f"--config={TINY_CONFIG}",
+            "--topology=v5litepod-4",
+            "--plan_meshes=1",
+            f"--plan_cache={cache}",
+            "--json=-",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -45,7 +60,8 @@ def test_plan_keeps_the_global_batch_with_bounded_compiles_and_a_cached_rerun(ti
     # (no accumulation) is that program, so compiling it as planned hits the cache.
     assert plan["search"]["compiles"] == 1, plan["search"]
     assert plan["verified"]["compiled"] == [
-        {"grad_accum_steps": 1, "fits": True, "hbm_total_gib": plan["hbm_per_chip_gib"]["total"]}]
+        {"grad_accum_steps": 1, "fits": True, "hbm_total_gib": plan["hbm_per_chip_gib"]["total"]}
+    ]
     assert plan["est_step_s"] > 0 and 0 < plan["est_mfu"] < 1
     assert plan["hbm_per_chip_gib"]["total"] <= plan["hbm_capacity_gib"]
     line = plan["override_line"]
@@ -59,8 +75,13 @@ def test_trainer_runs_a_step_with_the_planned_line_and_refuses_mismatched_plans(
     tiny_plan, tmp_path
 ):
     plan, _ = tiny_plan
-    done = run_main(tmp_path / "run", "--config.train.num_steps=1",
-                    "--config.log.sample_every_steps=0", *plan["overrides"], devices=4)
+    done = run_main(
+        tmp_path / "run",
+        "--config.train.num_steps=1",
+        "--config.log.sample_every_steps=0",
+        *plan["overrides"],
+        devices=4,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "1").exists()
     # The plan file: checked against the config without devices (launch checks), refused
@@ -104,11 +125,17 @@ def test_prediction_is_linear_in_the_microbatch_and_charges_the_accumulator():
     from xar_jax import plan as plan_lib
 
     def report(micro, total, step):
-        return {"chips": 4, "peak_bf16_tflops": 100.0, "hbm_capacity_gib": 16.0, "fits": True,
-                "global_batch": 4 * micro, "per_chip_batch": micro,
-                "model_flops_per_step": 1e12 * micro, "est_step_s": step,
-                "hbm_per_chip_gib": {"arguments": 4.0, "temporaries": total - 4.0,
-                                     "total": total}}
+        return {
+            "chips": 4,
+            "peak_bf16_tflops": 100.0,
+            "hbm_capacity_gib": 16.0,
+            "fits": True,
+            "global_batch": 4 * micro,
+            "per_chip_batch": micro,
+            "model_flops_per_step": 1e12 * micro,
+            "est_step_s": step,
+            "hbm_per_chip_gib": {"arguments": 4.0, "temporaries": total - 4.0, "total": total},
+        }
 
     lo, hi = (8, report(8, 6.0, 0.010)), (32, report(32, 12.0, 0.034))
     r = plan_lib.predict(lo, hi, 16, 4, 4)  # 4 microbatches of 16 per chip.

@@ -38,8 +38,22 @@ def release(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("release")
     write_release_like_xar(tmp / "xar.npz", CLASSES)
     proc = subprocess.run(
-        [sys.executable, "-m", "xar_jax.convert", "xar", "--src", str(tmp / "xar.npz"), "--out",
-         str(tmp / "xar")], env=main_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "xar_jax.convert",
+            "xar",
+            "--src",
+            str(tmp / "xar.npz"),
+            "--out",
+            str(tmp / "xar"),
+        ],
+        env=main_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     vae_dir, inception_dir = converted_golden_weights(tmp)
     # Reference statistics of a few random images stand in for ADM's ImageNet statistics.
@@ -47,7 +61,9 @@ def release(tmp_path_factory):
     np.savez(tmp / "reference.npz", arr_0=rng.integers(0, 256, (10, 64, 64, 3), np.uint8))
     reference_stats.compute_reference_stats(
         evaluate.load_inception(inception_dir),
-        image_sources.NpzImages(str(tmp / "reference.npz")), str(tmp / "stats.npz"), batch_size=5,
+        image_sources.NpzImages(str(tmp / "reference.npz")),
+        str(tmp / "stats.npz"),
+        batch_size=5,
     )
     flags = [
         f"--config.weights={tmp / 'xar'}",
@@ -55,8 +71,10 @@ def release(tmp_path_factory):
         f"--config.eval.inception_checkpoint={inception_dir}",
         f"--config.eval.reference_stats={tmp / 'stats.npz'}",
         *RELEASE_MODEL_FLAGS,
-        f"--config.latent.num_classes={CLASSES}", "--config.sample.batch_size=10",
-        "--config.sample.num_images=10", "--config.eval.num_images=20",
+        f"--config.latent.num_classes={CLASSES}",
+        "--config.sample.batch_size=10",
+        "--config.sample.num_images=10",
+        "--config.eval.num_images=20",
         "--config.eval.batch_size=5",
     ]
     return tmp, flags
@@ -89,14 +107,27 @@ def test_converted_weights_evaluate_with_everything_on_gs(release, gcs_bucket):
     """Weights, VAE, Inception, reference statistics and the workdir all on gs://."""
     tmp, flags = release
     remote = f"{gcs_bucket}/release-{uuid.uuid4().hex[:8]}"
-    paths = {name: _upload(tmp / name, f"{remote}/{name}")
-             for name in ("xar", "vae", "inception", "stats.npz")}
+    paths = {
+        name: _upload(tmp / name, f"{remote}/{name}")
+        for name in ("xar", "vae", "inception", "stats.npz")
+    }
     remote_flags = [
-        f"--config.weights={paths['xar']}", f"--config.latent.vae_checkpoint={paths['vae']}",
+        f"--config.weights={paths['xar']}",
+        f"--config.latent.vae_checkpoint={paths['vae']}",
         f"--config.eval.inception_checkpoint={paths['inception']}",
         f"--config.eval.reference_stats={paths['stats.npz']}",
-        *[f for f in flags if not f.startswith(("--config.weights=", "--config.latent.vae_",
-                                                 "--config.eval.inception_", "--config.eval.ref"))],
+        *[
+            f
+            for f in flags
+            if not f.startswith(
+                (
+                    "--config.weights=",
+                    "--config.latent.vae_",
+                    "--config.eval.inception_",
+                    "--config.eval.ref",
+                )
+            )
+        ],
     ]
     workdir = epath.Path(f"{remote}/eval_run")
     proc = run_main(workdir, "--mode=eval", *remote_flags, config=CONFIG)
@@ -113,9 +144,11 @@ def test_converted_weights_evaluate_with_everything_on_gs(release, gcs_bucket):
 
 def test_weights_of_another_model_are_refused_before_any_work(release, tmp_path):
     _, flags = release
-    proc = run_main(tmp_path / "w", "--mode=sample", *flags, "--config.model.width=32",
-                    config=CONFIG)
+    proc = run_main(
+        tmp_path / "w", "--mode=sample", *flags, "--config.model.width=32", config=CONFIG
+    )
     assert proc.returncode != 0
     assert "does not fit the config's model (model.width: 64 in the weights, 32 in the config" in (
-        proc.stderr)
+        proc.stderr
+    )
     assert not (tmp_path / "w" / "generated").exists()

@@ -136,8 +136,9 @@ def test_two_processes_write_to_gs_and_the_interrupted_one_resumes(reference, gc
     out = f"{gcs_bucket}/writer-{uuid.uuid4().hex[:8]}"
     common = dict(process_count=2, barrier=lambda: None, progress=False, **PLAN)
     with pytest.raises(RuntimeError, match="simulated preemption"):
-        sample_writer.write_samples(CountingGenerator(fail_on_call=2), out, process_index=1,
-                                    **common)
+        sample_writer.write_samples(
+            CountingGenerator(fail_on_call=2), out, process_index=1, **common
+        )
     fileio.write_bytes(f"{out}/shards/batch_000003.npz.tmp-host-123-abc", b"partial")
     first = CountingGenerator()
     with pytest.raises(RuntimeError, match="1 batch shards are missing \\(first: \\[3\\]\\)"):

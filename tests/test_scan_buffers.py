@@ -51,15 +51,23 @@ def test_swap_applies_under_the_trainers_mesh():
 
     with jax.set_mesh(sharding_lib.make_mesh(1, 1, 1)):
         with scan_buffers.uninitialised_scan_outputs():
-            text = _scan_grad().trace(jnp.ones((3, 8, 8)), jnp.ones((4, 8))).lower(
-                lowering_platforms=("cuda",)).as_text()
+            text = (
+                _scan_grad()
+                .trace(jnp.ones((3, 8, 8)), jnp.ones((4, 8)))
+                .lower(lowering_platforms=("cuda",))
+                .as_text()
+            )
     assert text.count("AllocateBuffer") >= 3
 
 
 def test_disabled_swap_changes_nothing():
     with scan_buffers.uninitialised_scan_outputs(enabled=False) as active:
-        text = _scan_grad().trace(jnp.ones((3, 8, 8)), jnp.ones((4, 8))).lower(
-            lowering_platforms=("cuda",)).as_text()
+        text = (
+            _scan_grad()
+            .trace(jnp.ones((3, 8, 8)), jnp.ones((4, 8)))
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
     assert not active and "AllocateBuffer" not in text
 
 
@@ -68,8 +76,20 @@ def test_no_slot_of_a_scanned_models_outputs_is_read_before_written():
     (the training gradient of a scanned, rematerialised model: stacked residuals forward,
     stacked parameter gradients backward)."""
     layout = make_layout("cell", 8, cell_size=4)
-    model = XAR(layout, 32, 2, 1, 2, 2, in_channels=1, num_classes=10, dropout=0.0,
-                attn_dropout=0.0, scan_layers=True, remat="dots_no_batch")
+    model = XAR(
+        layout,
+        32,
+        2,
+        1,
+        2,
+        2,
+        in_channels=1,
+        num_classes=10,
+        dropout=0.0,
+        attn_dropout=0.0,
+        scan_layers=True,
+        remat="dots_no_batch",
+    )
     rng = np.random.default_rng(0)
     labels = jnp.asarray(rng.integers(0, 10, 4), jnp.int32)
     tokens = jnp.asarray(rng.uniform(-1, 1, (4, layout.num_tokens, 1)), jnp.float32)

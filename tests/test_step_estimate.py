@@ -90,13 +90,17 @@ def test_loops_count_their_trip_count_and_stacked_buffers_only_the_rows_moved():
     assert cost["bytes"] == 4 * per_iteration + 5 * 9 + STACK + STACK
     reduce = next(o for o in ops if o.collective)
     assert (reduce.collective, reduce.result_bytes, reduce.group) == (
-        "all-reduce", STACK, (0, 1, 2, 3))
+        "all-reduce",
+        STACK,
+        (0, 1, 2, 3),
+    )
 
 
 def test_per_op_roofline_and_ring_collectives_make_the_step():
     ops, _ = hlo_cost.module_ops(LOOP, num_devices=4)
-    est = step_estimate.estimate(ops, peak_tflops=1.0, hbm_gbps=1.0, chips_per_slice=4,
-                                 ici_gbps=2.0, dcn_gbits=8.0)
+    est = step_estimate.estimate(
+        ops, peak_tflops=1.0, hbm_gbps=1.0, chips_per_slice=4, ici_gbps=2.0, dcn_gbits=8.0
+    )
     flops_s = 2 * 1024 * 1024 / 1e12
     dot_s = max(flops_s, (2 * ROW + MATRIX) / 1e9)
     assert dot_s > flops_s  # Memory-bound at these rates: per op, the larger term counts.
@@ -110,15 +114,18 @@ def test_per_op_roofline_and_ring_collectives_make_the_step():
     assert est["est_step_s"] == max(est["est_compute_memory_s"], est["est_collective_s"])
 
 
-@pytest.mark.parametrize("attrs,group", [
-    ("replica_groups={{0,2},{1,3}}", [0, 2]),
-    ("replica_groups=[2,2]<=[4]", [0, 1]),
-    ("replica_groups=[2,2]<=[2,2]T(1,0)", [0, 2]),
-    ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", [0, 4]),
-    ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", [0, 1, 2, 3]),
-    ("source_target_pairs={{0,1},{1,0}}", [0, 1]),
-    ("replica_groups={}", [0, 1, 2, 3, 4, 5, 6, 7]),
-])
+@pytest.mark.parametrize(
+    "attrs,group",
+    [
+        ("replica_groups={{0,2},{1,3}}", [0, 2]),
+        ("replica_groups=[2,2]<=[4]", [0, 1]),
+        ("replica_groups=[2,2]<=[2,2]T(1,0)", [0, 2]),
+        ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}", [0, 4]),
+        ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", [0, 1, 2, 3]),
+        ("source_target_pairs={{0,1},{1,0}}", [0, 1]),
+        ("replica_groups={}", [0, 1, 2, 3, 4, 5, 6, 7]),
+    ],
+)
 def test_replica_groups_are_read_in_every_printed_form(attrs, group):
     assert hlo_cost.replica_group(attrs, 8) == group
 
@@ -126,11 +133,13 @@ def test_replica_groups_are_read_in_every_printed_form(attrs, group):
 def test_cross_slice_groups_go_over_dcn():
     # An all-reduce of 1 GB over the same chip of 2 slices (4 chips each): DCN only.
     ici, dcn = step_estimate.collective_seconds(
-        "all-reduce", 1e9, [0, 4], chips_per_slice=4, ici_gbps=1200, dcn_gbits=50)
+        "all-reduce", 1e9, [0, 4], chips_per_slice=4, ici_gbps=1200, dcn_gbits=50
+    )
     assert ici == 0 and dcn == pytest.approx(2 * 1e9 * 1 / 2 / (50 / 8 * 1e9))
     # Over all 8 chips: the ring inside each slice on ICI, the slices' share over DCN.
     ici, dcn = step_estimate.collective_seconds(
-        "all-reduce", 1e9, range(8), chips_per_slice=4, ici_gbps=1200, dcn_gbits=50)
+        "all-reduce", 1e9, range(8), chips_per_slice=4, ici_gbps=1200, dcn_gbits=50
+    )
     assert ici == pytest.approx(2 * 1e9 * 3 / 4 / 600e9)
     assert dcn == pytest.approx(2 * (1e9 * 2 / 8) * 1 / 2 / (50 / 8 * 1e9))
 
@@ -170,19 +179,26 @@ def test_tpu_fused_reduce_scatter_counts_as_a_reduce_scatter_of_the_shard():
     (rs,) = [o for o in ops if o.collective]
     assert (rs.collective, rs.result_bytes, rs.group) == ("reduce-scatter", shard, (0, 1, 2, 3))
     # Ring reduce-scatter: (n - 1) shards cross each chip's links, half of an all-reduce's.
-    ici, _ = step_estimate.collective_seconds("reduce-scatter", shard, rs.group,
-                                              chips_per_slice=4, ici_gbps=2.0, dcn_gbits=1.0)
-    all_reduce, _ = step_estimate.collective_seconds("all-reduce", 4 * shard, rs.group,
-                                                     chips_per_slice=4, ici_gbps=2.0,
-                                                     dcn_gbits=1.0)
+    ici, _ = step_estimate.collective_seconds(
+        "reduce-scatter", shard, rs.group, chips_per_slice=4, ici_gbps=2.0, dcn_gbits=1.0
+    )
+    all_reduce, _ = step_estimate.collective_seconds(
+        "all-reduce", 4 * shard, rs.group, chips_per_slice=4, ici_gbps=2.0, dcn_gbits=1.0
+    )
     assert ici == pytest.approx(3 * shard / 1e9) and all_reduce == pytest.approx(2 * ici)
 
 
 def test_a_collective_permute_uses_one_link():
     # v5p: 1,200 GB/s both ways over 6 ports, so 100 GB/s one way per link.
     ici, dcn = step_estimate.collective_seconds(
-        "collective-permute", 1e9, [0, 1], chips_per_slice=4, ici_gbps=1200, dcn_gbits=50,
-        ici_links=6)
+        "collective-permute",
+        1e9,
+        [0, 1],
+        chips_per_slice=4,
+        ici_gbps=1200,
+        dcn_gbits=50,
+        ici_links=6,
+    )
     assert ici == pytest.approx(1e9 / 100e9) and dcn == 0
 
 

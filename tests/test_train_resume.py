@@ -32,8 +32,14 @@ def tiny_config(**overrides):
 
 
 def _cli(workdir, *extra):
-    return [sys.executable, "-m", "xar_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "xar_jax.main",
+        f"--config={TINY}",
+        f"--workdir={workdir}",
+        *extra,
+    ]
 
 
 def _final_params(workdir, config):
@@ -54,8 +60,13 @@ STEPS = TINY_RUN_STEPS
 def test_sigkill_then_restart_matches_uninterrupted_run_and_skips_the_compile(tmp_path, tiny_run):
     workdir = tmp_path / "killed"
     args = _cli(workdir, *TINY_RUN_FLAGS)
-    proc = subprocess.Popen(args, env=main_env(TINY_RUN_DEVICES), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args,
+        env=main_env(TINY_RUN_DEVICES),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = workdir / "checkpoints" / "4"
     deadline = time.time() + 240
     while not first.exists() and time.time() < deadline and proc.poll() is None:
@@ -69,8 +80,14 @@ def test_sigkill_then_restart_matches_uninterrupted_run_and_skips_the_compile(tm
     assert any(name.startswith("jit_train_step-") for name in cached), cached
 
     # JAX_LOG_COMPILES makes JAX log its cache hits.
-    resumed = subprocess.run(args, env=main_env(TINY_RUN_DEVICES, JAX_LOG_COMPILES="1"),
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        args,
+        env=main_env(TINY_RUN_DEVICES, JAX_LOG_COMPILES="1"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {saved[-1]}" in resumed.stderr
     assert "Persistent compilation cache hit for 'jit_train_step'" in resumed.stderr
@@ -97,8 +114,9 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, tiny_run, c
         state, _ = experiment.restore_train_state(config, str(workdir))
     previous = max(s for s in range(0, STEPS, config.checkpoint.every_steps))
     assert int(state.step) == previous
-    assert any(f"step {STEPS}" in r.getMessage() and "unreadable" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        f"step {STEPS}" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
+    )
     # Nothing is deleted: the damaged directory is moved aside.
     assert any((workdir / "checkpoints_unreadable").iterdir())
 
@@ -108,15 +126,23 @@ def test_damaged_newest_checkpoint_is_skipped_with_warning(tmp_path, tiny_run, c
         assert data["images"].shape == (config.sample.num_images, 8, 8, 1)
         np.testing.assert_array_equal(data["labels"][:12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
         assert np.all(np.isfinite(data["images"]))
-    scores = score.evaluate(experiment.build(config, "eval"), str(workdir))  # --mode=eval: digits score of samples.npz.
+    scores = score.evaluate(
+        experiment.build(config, "eval"), str(workdir)
+    )  # --mode=eval: digits score of samples.npz.
     assert set(scores) == {"class_accuracy", "frechet_distance"}
     assert 0.0 <= scores["class_accuracy"] <= 1.0
     assert (workdir / "eval.json").exists()
 
 
 def test_bad_config_value_fails_before_compilation(tmp_path):
-    proc = subprocess.run(_cli(tmp_path, "--config.train.nan_policy=ignore"), env=main_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        _cli(tmp_path, "--config.train.nan_policy=ignore"),
+        env=main_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "config.train.nan_policy='ignore' is not allowed; allowed: stop | skip" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
@@ -138,6 +164,12 @@ def test_compile_cache_dir_defaults_to_the_workdir_and_can_be_turned_off():
 
 def test_tensorboard_events_hold_training_metrics(tiny_run):
     tags = event_tags(tiny_run)
-    expected = {"loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec_per_device",
-                "loss_entity_0"}
+    expected = {
+        "loss",
+        "grad_norm",
+        "lr",
+        "steps_per_sec",
+        "images_per_sec_per_device",
+        "loss_entity_0",
+    }
     assert expected <= tags, tags

@@ -18,11 +18,23 @@ EMA = 0.5
 
 @pytest.fixture(scope="module")
 def setup():
-    model = XAR(LAYOUT, 32, 1, 1, 2, 2, in_channels=1, num_classes=10, dropout=0.0,
-                attn_dropout=0.0, scan_layers=True)
+    model = XAR(
+        LAYOUT,
+        32,
+        1,
+        1,
+        2,
+        2,
+        in_channels=1,
+        num_classes=10,
+        dropout=0.0,
+        attn_dropout=0.0,
+        scan_layers=True,
+    )
     mask = ts.weight_decay_mask_fn(abstract_params(model))
-    tx = ts.make_optimizer(learning_rate=LR, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0,
-                           weight_decay_mask=mask)
+    tx = ts.make_optimizer(
+        learning_rate=LR, b1=0.9, b2=0.96, weight_decay=0.02, clip_norm=1.0, weight_decay_mask=mask
+    )
     state = ts.create_train_state(model, tx, seed=0)
     rng = np.random.default_rng(0)
     batch = {
@@ -32,8 +44,15 @@ def setup():
     steps = {}
     for accum in (1, 2):
         for policy in ("stop", "skip"):
-            fn = ts.make_train_step(model, LAYOUT, tx, ema_decay=EMA, label_drop_prob=0.1,
-                                    grad_accum_steps=accum, nan_policy=policy)
+            fn = ts.make_train_step(
+                model,
+                LAYOUT,
+                tx,
+                ema_decay=EMA,
+                label_drop_prob=0.1,
+                grad_accum_steps=accum,
+                nan_policy=policy,
+            )
             steps[accum, policy] = jax.jit(fn)
     return model, tx, mask, state, batch, steps
 
@@ -55,15 +74,19 @@ def test_weight_decay_mask_uses_unstacked_rank(setup):
 
 
 def test_lr_schedule_warmup_constant_cosine():
-    f = ts.make_lr_schedule(base_lr=4e-4, end_lr=1e-5, warmup_steps=100, decay_start_step=600,
-                            total_steps=800)
+    f = ts.make_lr_schedule(
+        base_lr=4e-4, end_lr=1e-5, warmup_steps=100, decay_start_step=600, total_steps=800
+    )
     np.testing.assert_allclose(
         [f(0), f(50), f(100), f(599), f(700), f(800), f(900)],
-        [0.0, 2e-4, 4e-4, 4e-4, 1e-5 + (4e-4 - 1e-5) * 0.5, 1e-5, 1e-5], rtol=1e-5, atol=1e-9,
+        [0.0, 2e-4, 4e-4, 4e-4, 1e-5 + (4e-4 - 1e-5) * 0.5, 1e-5, 1e-5],
+        rtol=1e-5,
+        atol=1e-9,
     )
     with pytest.raises(ValueError, match="warmup_steps"):
-        ts.make_lr_schedule(base_lr=1.0, end_lr=0.0, warmup_steps=10, decay_start_step=5,
-                            total_steps=20)
+        ts.make_lr_schedule(
+            base_lr=1.0, end_lr=0.0, warmup_steps=10, decay_start_step=5, total_steps=20
+        )
 
 
 def test_gradient_accumulation_matches_full_batch(setup):
@@ -100,8 +123,9 @@ def test_nonfinite_step_never_reaches_params_and_stop_freezes(setup):
     from xar_jax.train import NonFiniteError, check_finite
 
     with pytest.raises(NonFiniteError, match="Step 0 produced a non-finite"):
-        check_finite(after, ml_collections.ConfigDict(
-            {"nan_policy": "stop", "max_consecutive_skips": 10}))
+        check_finite(
+            after, ml_collections.ConfigDict({"nan_policy": "stop", "max_consecutive_skips": 10})
+        )
 
 
 def test_nonfinite_step_is_skipped_under_skip_policy(setup):
@@ -159,8 +183,9 @@ def test_train_step_module_imports_without_trainer_only_packages():
         "sys.meta_path.insert(0, Block())\n"
         "import xar_jax.train_state, xar_jax.sharding\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

@@ -210,8 +210,13 @@ def test_converter_rejects_wrong_shape(state_dict):
 
 
 def test_converter_ignores_ldm_loss_entries_and_unwraps_state_dict(state_dict, converted):
-    wrapped = {"state_dict": {**state_dict, "loss.logvar": np.zeros(()),
-                              "loss.discriminator.main.0.weight": np.ones((64, 3, 4, 4))}}
+    wrapped = {
+        "state_dict": {
+            **state_dict,
+            "loss.logvar": np.zeros(()),
+            "loss.discriminator.main.0.weight": np.ones((64, 3, 4, 4)),
+        }
+    }
     _, params = convert_vae.vae_from_torch(wrapped)
     jax.tree.map(np.testing.assert_array_equal, params, converted[1])
 
@@ -256,8 +261,9 @@ def test_missing_torch_gives_install_hint(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_file_round_trip_gives_same_outputs(tmp_path, state_dict, converted, golden,
-                                                    moments):
+def test_convert_file_round_trip_gives_same_outputs(
+    tmp_path, state_dict, converted, golden, moments
+):
     src, out = str(tmp_path / "kl16.npz"), str(tmp_path / "vae")
     np.savez(src, **state_dict)
     convert_vae.convert_file(src, out)
@@ -299,8 +305,9 @@ def test_latent_cache_encoder_of_a_converted_directory_gives_the_golden_moments(
     from xar_jax.data.latent_cache import converted_vae_encoder
 
     model, params = converted
-    weights.save_params(str(tmp_path / "kl16"), params,
-                          {"kind": convert_vae.KIND, "config": model.arch_config()})
+    weights.save_params(
+        str(tmp_path / "kl16"), params, {"kind": convert_vae.KIND, "config": model.arch_config()}
+    )
     encode_fn = converted_vae_encoder(str(tmp_path / "kl16"))
     out = encode_fn(nhwc(golden["enc/image_nchw"]))
     assert isinstance(out, np.ndarray)
@@ -344,8 +351,17 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 def test_batch_sharded_encode_and_decode_keep_examples_independent():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

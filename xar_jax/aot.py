@@ -80,40 +80,82 @@ from xar_jax import sharding as sharding_lib
 from xar_jax.model import PRESETS, mlp_hidden_width
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                 lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py).", lock_config=True
+)
 flags.DEFINE_string("topology", None, f"TPU slice: {tpu_topology.ACCEPTED_FORMS}.")
 flags.DEFINE_integer("num_slices", None, "Slices joined over DCN (sets config.mesh.num_slices).")
 flags.DEFINE_enum("what", "train", ("train", "sample"), "The trainer's step or the sampler.")
-flags.DEFINE_integer("per_chip_batch", None,
-                     "Examples per chip per step (sets train.global_batch_size = N x chips, or "
-                     "sample.batch_size for --what=sample); default: the config's batch.")
+flags.DEFINE_integer(
+    "per_chip_batch",
+    None,
+    "Examples per chip per step (sets train.global_batch_size = N x chips, or "
+    "sample.batch_size for --what=sample); default: the config's batch.",
+)
 flags.DEFINE_bool("find_max_batch", False, "Bisect for the largest per-chip batch that fits.")
-flags.DEFINE_bool("estimate", True, "Estimate the step time from the compiled HLO "
-                  "(--noestimate: memory and collectives only).")
-flags.DEFINE_bool("plan", False, "Search the fastest settings that fit (xar_jax/plan.py): mesh "
-                  "split, grad accumulation keeping the global batch, remat, layer scan.")
-flags.DEFINE_string("plan_depths", "auto", "--plan, unrolled candidates: 'K1,K2' compiles K1 and "
-                    "K2 blocks per stack and extrapolates to the real depth; 'full' compiles the "
-                    "real depth; 'auto': 2,4 above 4 blocks per stack. Scanned: always full.")
-flags.DEFINE_list("plan_remat", [], "--plan: remat policies to try (default: the config's); "
-                  "e.g. none,dots_no_batch,full.")
-flags.DEFINE_enum("plan_scan", "config", ("config", "both"),
-                  "--plan: try the config's model.scan_layers only, or scanned and unrolled.")
-flags.DEFINE_list("plan_tensor", ["1"], "--plan: mesh.tensor sizes, tried in order; a later one "
-                  "only if nothing fits with the earlier ones (e.g. 1,2,4).")
-flags.DEFINE_integer("plan_jobs", 1, "--plan: compiles run side by side in subprocesses (the "
-                     "first compile of every candidate; each takes a few GiB of host memory).")
+flags.DEFINE_bool(
+    "estimate",
+    True,
+    "Estimate the step time from the compiled HLO (--noestimate: memory and collectives only).",
+)
+flags.DEFINE_bool(
+    "plan",
+    False,
+    "Search the fastest settings that fit (xar_jax/plan.py): mesh "
+    "split, grad accumulation keeping the global batch, remat, layer scan.",
+)
+flags.DEFINE_string(
+    "plan_depths",
+    "auto",
+    "--plan, unrolled candidates: 'K1,K2' compiles K1 and "
+    "K2 blocks per stack and extrapolates to the real depth; 'full' compiles the "
+    "real depth; 'auto': 2,4 above 4 blocks per stack. Scanned: always full.",
+)
+flags.DEFINE_list(
+    "plan_remat",
+    [],
+    "--plan: remat policies to try (default: the config's); e.g. none,dots_no_batch,full.",
+)
+flags.DEFINE_enum(
+    "plan_scan",
+    "config",
+    ("config", "both"),
+    "--plan: try the config's model.scan_layers only, or scanned and unrolled.",
+)
+flags.DEFINE_list(
+    "plan_tensor",
+    ["1"],
+    "--plan: mesh.tensor sizes, tried in order; a later one "
+    "only if nothing fits with the earlier ones (e.g. 1,2,4).",
+)
+flags.DEFINE_integer(
+    "plan_jobs",
+    1,
+    "--plan: compiles run side by side in subprocesses (the "
+    "first compile of every candidate; each takes a few GiB of host memory).",
+)
 flags.DEFINE_integer("plan_budget", 40, "--plan: most compiles (cached ones are free).")
 flags.DEFINE_integer("plan_meshes", 2, "--plan: data x fsdp splits tried, most sharded first.")
-flags.DEFINE_bool("plan_verify", True, "--plan: compile the chosen plan as planned (real depth "
-                  "and accumulation; doubling the accumulation if it does not fit) and report "
-                  "the compiler's numbers (--noplan_verify: the prediction).")
-flags.DEFINE_string("plan_cache", None, "--plan: directory of cached compile reports ('none': "
-                    "no cache); default $XDG_CACHE_HOME/xar_jax/aot or ~/.cache/xar_jax/aot.")
+flags.DEFINE_bool(
+    "plan_verify",
+    True,
+    "--plan: compile the chosen plan as planned (real depth "
+    "and accumulation; doubling the accumulation if it does not fit) and report "
+    "the compiler's numbers (--noplan_verify: the prediction).",
+)
+flags.DEFINE_string(
+    "plan_cache",
+    None,
+    "--plan: directory of cached compile reports ('none': "
+    "no cache); default $XDG_CACHE_HOME/xar_jax/aot or ~/.cache/xar_jax/aot.",
+)
 flags.DEFINE_string("json", None, "Write the result as JSON to this file, or '-' for stdout.")
-flags.DEFINE_string("record", None, "Merge the result into this JSON list (docs/tpu_aot.json), "
-                    "replacing a record of the same config, topology, slices, what and batch.")
+flags.DEFINE_string(
+    "record",
+    None,
+    "Merge the result into this JSON list (docs/tpu_aot.json), "
+    "replacing a record of the same config, topology, slices, what and batch.",
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 log = logging.getLogger("xar_jax.aot")
@@ -163,18 +205,19 @@ def libtpu_version() -> str:
 def compile_train(config, devices):
     """``(compiled, mesh)`` of the trainer's jitted step for ``devices``."""
 
-
     exp = experiment.build(config, "train", devices=devices)
     setup = experiment.training_setup(exp)
     with jax.set_mesh(exp.mesh), exp.rules_context():
-        lowered = train.lower_train_step(train.jit_train_step(exp, setup), setup.abstract_state,
-                                         train.train_batch_spec(config, exp.mesh))
+        lowered = train.lower_train_step(
+            train.jit_train_step(exp, setup),
+            setup.abstract_state,
+            train.train_batch_spec(config, exp.mesh),
+        )
         return lowered.compile(), exp.mesh
 
 
 def compile_sample(config, devices):
     """``(compiled, mesh)`` of the sampler on one host's chips (as `generate` runs it)."""
-
 
     exp = experiment.build(config, "sample", devices=devices)
     local = [d for d in devices if d.process_index == devices[0].process_index]
@@ -183,12 +226,17 @@ def compile_sample(config, devices):
     mesh = sharding_lib.make_mesh(-1, 1, 1, devices=local)
     replicated = NamedSharding(mesh, PartitionSpec())
     s = config.sample
-    fn = sampling.make_sampler(exp.model, num_steps=s.num_steps, cfg=float(s.cfg),
-                               sampler=s.sampler, cfg_schedule=s.cfg_schedule)
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          exp.abstract_params)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32,
-                                  sharding=sharding_lib.batch_sharding(mesh))
+    fn = sampling.make_sampler(
+        exp.model,
+        num_steps=s.num_steps,
+        cfg=float(s.cfg),
+        sampler=s.sampler,
+        cfg_schedule=s.cfg_schedule,
+    )
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), exp.abstract_params
+    )
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding_lib.batch_sharding(mesh))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     with jax.set_mesh(mesh), exp.rules_context():
         return fn.lower(params, labels, key, None).compile(), mesh
@@ -205,8 +253,13 @@ def hbm_per_chip(compiled) -> dict[str, float]:
         "aliased": m.alias_size_in_bytes,
         "code": m.generated_code_size_in_bytes,
     }
-    total = (parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"]
-             + parts["code"])
+    total = (
+        parts["arguments"]
+        + parts["outputs"]
+        - parts["aliased"]
+        + parts["temporaries"]
+        + parts["code"]
+    )
     out = {k: round(v / GIB, 3) for k, v in parts.items()}
     out["total"] = round(total / GIB, 3)
     return out
@@ -216,8 +269,11 @@ def cost(compiled) -> dict[str, float]:
     """Per-chip FLOPs, HBM bytes and the compiler's optimal_seconds (while bodies counted once)."""
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)),
-            "optimal_seconds": float(ca.get("optimal_seconds", float("nan")))}
+    return {
+        "flops": float(ca.get("flops", 0.0)),
+        "bytes": float(ca.get("bytes accessed", 0.0)),
+        "optimal_seconds": float(ca.get("optimal_seconds", float("nan"))),
+    }
 
 
 def _depths(config) -> tuple[int, int]:
@@ -244,8 +300,14 @@ def model_flops_per_example(config) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-def prepare_config(config, topo: tpu_topology.Topology, *, num_slices: int | None,
-                   per_chip_batch: int | None, what: str):
+def prepare_config(
+    config,
+    topo: tpu_topology.Topology,
+    *,
+    num_slices: int | None,
+    per_chip_batch: int | None,
+    what: str,
+):
     """A copy of ``config`` set up for compiling: slices, batch, and a placeholder data path
     (validation asks for the latent cache, which compiling never reads)."""
     config = copy.deepcopy(config)
@@ -263,8 +325,14 @@ def prepare_config(config, topo: tpu_topology.Topology, *, num_slices: int | Non
     return config
 
 
-def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
-                   estimate: bool = True, config_name: str = "") -> dict[str, Any]:
+def compile_report(
+    config,
+    topo: tpu_topology.Topology,
+    *,
+    what: str = "train",
+    estimate: bool = True,
+    config_name: str = "",
+) -> dict[str, Any]:
     """Compiles ``config`` (already `prepare_config`-ed) for ``topo`` and returns the report."""
 
     num_slices = config.mesh.num_slices
@@ -272,11 +340,18 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     chips = len(devices)
     gen = topo.generation
     record: dict[str, Any] = {
-        "config": config_name, "what": what, "topology": topo.name,
-        "topology_name": topo.topology_name, "num_slices": num_slices, "chips": chips,
-        "hosts": topo.hosts * num_slices, "hbm_capacity_gib": gen.hbm_gib,
-        "peak_bf16_tflops": gen.peak_bf16_tflops, "hbm_gbps": gen.hbm_gbps,
-        "libtpu": libtpu_version(), "date": datetime.date.today().isoformat(),
+        "config": config_name,
+        "what": what,
+        "topology": topo.name,
+        "topology_name": topo.topology_name,
+        "num_slices": num_slices,
+        "chips": chips,
+        "hosts": topo.hosts * num_slices,
+        "hbm_capacity_gib": gen.hbm_gib,
+        "peak_bf16_tflops": gen.peak_bf16_tflops,
+        "hbm_gbps": gen.hbm_gbps,
+        "libtpu": libtpu_version(),
+        "date": datetime.date.today().isoformat(),
     }
     record.update(ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits)
     # The layers as compiled: 'auto' resolved for the chips, as `experiment.build` does.
@@ -299,9 +374,12 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
         message = str(e)
         if not any(m in message for m in OOM_MARKERS):
             raise
-        record.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
-                      error=" ".join(message.split())[:600],
-                      estimate_basis="none: the program does not fit (the compiler refused it)")
+        record.update(
+            compile_s=round(time.perf_counter() - start, 1),
+            fits=False,
+            error=" ".join(message.split())[:600],
+            estimate_basis="none: the program does not fit (the compiler refused it)",
+        )
         needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
         if needed:  # XLA's "G" is GiB.
             record["hbm_temporaries_needed_gib"] = float(needed.group(1))
@@ -316,7 +394,8 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
     c1 = cost(compiled)
     # libtpu's own estimate: a negative sentinel on compile-only devices (see the docstring).
     record["compiler_optimal_seconds"] = (
-        c1["optimal_seconds"] if c1["optimal_seconds"] >= 0 else None)
+        c1["optimal_seconds"] if c1["optimal_seconds"] >= 0 else None
+    )
     record["compiler_optimal_seconds_raw"] = c1["optimal_seconds"]
     # The cost analysis as compiled: every loop body counted once (see the module docstring).
     record["flops_per_chip_as_compiled"] = c1["flops"]
@@ -325,26 +404,55 @@ def compile_report(config, topo: tpu_topology.Topology, *, what: str = "train",
         record["estimate_basis"] = "none: --noestimate"
         return record
     # The program's own devices: all chips for the train step, one host's for the sampler.
-    ops, notes = hlo_cost.module_ops(text, int(mesh.devices.size),
-                                     num_slices if what == "train" else 1)
+    ops, notes = hlo_cost.module_ops(
+        text, int(mesh.devices.size), num_slices if what == "train" else 1
+    )
     est = step_estimate.estimate(
-        ops, peak_tflops=gen.peak_bf16_tflops, hbm_gbps=gen.hbm_gbps,
-        chips_per_slice=topo.chips, ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits,
-        ici_links=gen.ici_links)
-    record.update(_estimate_keys(config, est, notes, what=what, chips=chips,
-                                 peak_tflops=gen.peak_bf16_tflops))
+        ops,
+        peak_tflops=gen.peak_bf16_tflops,
+        hbm_gbps=gen.hbm_gbps,
+        chips_per_slice=topo.chips,
+        ici_gbps=gen.ici_gbps,
+        dcn_gbits=gen.dcn_gbits,
+        ici_links=gen.ici_links,
+    )
+    record.update(
+        _estimate_keys(config, est, notes, what=what, chips=chips, peak_tflops=gen.peak_bf16_tflops)
+    )
     return record
 
 
-ESTIMATE_KEYS = ("est_step_s", "est_step_s_serial", "est_compute_s", "est_memory_s",
-                 "est_compute_memory_s", "est_collective_s", "est_ici_s", "est_dcn_s",
-                 "est_overlap")
+ESTIMATE_KEYS = (
+    "est_step_s",
+    "est_step_s_serial",
+    "est_compute_s",
+    "est_memory_s",
+    "est_compute_memory_s",
+    "est_collective_s",
+    "est_ici_s",
+    "est_dcn_s",
+    "est_overlap",
+)
 REPORT_KEYS = (
-    "mesh", "compile_s", "fits", "error", "hbm_temporaries_needed_gib", "hbm_per_chip_gib",
-    "collectives", "compiler_optimal_seconds", "compiler_optimal_seconds_raw",
-    "flops_per_chip_as_compiled", "bytes_per_chip_as_compiled", "compiled_flops_per_chip",
-    "compiled_bytes_per_chip", "model_flops_per_step", *ESTIMATE_KEYS, "est_img_per_s_per_chip",
-    "est_mfu", "opaque_kernels", "estimate_basis",
+    "mesh",
+    "compile_s",
+    "fits",
+    "error",
+    "hbm_temporaries_needed_gib",
+    "hbm_per_chip_gib",
+    "collectives",
+    "compiler_optimal_seconds",
+    "compiler_optimal_seconds_raw",
+    "flops_per_chip_as_compiled",
+    "bytes_per_chip_as_compiled",
+    "compiled_flops_per_chip",
+    "compiled_bytes_per_chip",
+    "model_flops_per_step",
+    *ESTIMATE_KEYS,
+    "est_img_per_s_per_chip",
+    "est_mfu",
+    "opaque_kernels",
+    "estimate_basis",
 )
 
 
@@ -352,14 +460,16 @@ def _planned_mesh(config, chips: int, num_slices: int) -> dict[str, int] | None:
     """The mesh the trainer would build (known before compiling; None if the config's is bad)."""
     try:
         data, fsdp, tensor = sharding_lib.resolve_mesh_shape(
-            config.mesh.data, config.mesh.fsdp, config.mesh.tensor, chips // num_slices)
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor, chips // num_slices
+        )
     except ValueError:
         return None
     return {"dcn": num_slices, "data": data, "fsdp": fsdp, "tensor": tensor}
 
 
-def _estimate_keys(config, est: dict[str, Any], notes: dict[str, Any], *, what: str,
-                   chips: int, peak_tflops: float) -> dict[str, Any]:
+def _estimate_keys(
+    config, est: dict[str, Any], notes: dict[str, Any], *, what: str, chips: int, peak_tflops: float
+) -> dict[str, Any]:
     """The report's estimate keys from a `step_estimate.estimate` of the compiled program."""
     if what == "train":
         examples = config.train.global_batch_size / chips
@@ -369,25 +479,35 @@ def _estimate_keys(config, est: dict[str, Any], notes: dict[str, Any], *, what: 
         model_flops = None
     out = {k: est[k] for k in ESTIMATE_KEYS}
     out.update(
-        compiled_flops_per_chip=est["flops"], compiled_bytes_per_chip=est["bytes"],
+        compiled_flops_per_chip=est["flops"],
+        compiled_bytes_per_chip=est["bytes"],
         model_flops_per_step=model_flops,
         est_img_per_s_per_chip=examples / est["est_step_s"] if est["est_step_s"] else None,
-        est_mfu=(model_flops / (chips * peak_tflops * 1e12 * est["est_step_s"])
-                 if model_flops and est["est_step_s"] else None),
+        est_mfu=(
+            model_flops / (chips * peak_tflops * 1e12 * est["est_step_s"])
+            if model_flops and est["est_step_s"]
+            else None
+        ),
         opaque_kernels=notes["opaque_kernels"],
         estimate_basis=(
             "xar_jax.step_estimate on the optimised HLO: matmul FLOPs and HBM bytes per op "
             "(loops counted their trip count times), collectives from bytes and replica groups "
-            "over ICI/DCN; " + est["est_overlap"]
-            + ("; unknown loop trip counts (counted once): " + ", ".join(
-                notes["unknown_trip_counts"]) if notes["unknown_trip_counts"] else "")
+            "over ICI/DCN; "
+            + est["est_overlap"]
+            + (
+                "; unknown loop trip counts (counted once): "
+                + ", ".join(notes["unknown_trip_counts"])
+                if notes["unknown_trip_counts"]
+                else ""
+            )
         ),
     )
     return out
 
 
-def find_max_batch(config, topo, *, what: str, config_name: str,
-                   first: tuple[int, bool]) -> dict[str, Any]:
+def find_max_batch(
+    config, topo, *, what: str, config_name: str, first: tuple[int, bool]
+) -> dict[str, Any]:
     """Largest per-chip batch that fits, from ``first`` = (batch already compiled, fits): double
     while it fits (halve while it does not) to the first change, then one bisection step
     between the last fit and the first failure. Returns ``{'max_per_chip_batch',
@@ -397,8 +517,14 @@ def find_max_batch(config, topo, *, what: str, config_name: str,
     def fits(b: int) -> bool:
         c = prepare_config(config, topo, num_slices=None, per_chip_batch=b, what=what)
         r = compile_report(c, topo, what=what, estimate=False, config_name=config_name)
-        tried.append({"per_chip_batch": b, "fits": r["fits"], "compile_s": r["compile_s"],
-                      "hbm_total_gib": r.get("hbm_per_chip_gib", {}).get("total")})
+        tried.append(
+            {
+                "per_chip_batch": b,
+                "fits": r["fits"],
+                "compile_s": r["compile_s"],
+                "hbm_total_gib": r.get("hbm_per_chip_gib", {}).get("total"),
+            }
+        )
         log.info("per-chip batch %d: %s", b, "fits" if r["fits"] else "does not fit")
         return r["fits"]
 
@@ -439,24 +565,41 @@ def format_table(r: dict[str, Any]) -> str:
     c = r.get("collectives") or {}
     rows = [
         ("config / what", f"{r['config']} / {r['what']}"),
-        ("topology", f"{r['topology']} ({r['topology_name']}) x {r['num_slices']} slice(s), "
-                     f"{r['chips']} chips, {r['hosts']} host(s); libtpu {r['libtpu']}"),
+        (
+            "topology",
+            f"{r['topology']} ({r['topology_name']}) x {r['num_slices']} slice(s), "
+            f"{r['chips']} chips, {r['hosts']} host(s); libtpu {r['libtpu']}",
+        ),
         ("mesh", str(r.get("mesh", "n/a"))),
         ("batch", f"global {r['global_batch']}, per chip {r['per_chip_batch']}"),
         ("compile", f"{r['compile_s']} s"),
         ("HBM per chip (GiB)", ", ".join(f"{k} {v}" for k, v in hbm.items()) or "n/a"),
         ("fits", f"{r['fits']} (capacity {r['hbm_capacity_gib']} GiB)"),
-        ("est. step", duration(r.get("est_step_s"))
-         + (f" = max(compute+memory per op {duration(r['est_compute_memory_s'])}, collectives "
-            f"{duration(r['est_collective_s'])}); compute {duration(r['est_compute_s'])}, memory "
-            f"{duration(r['est_memory_s'])}, serial {duration(r['est_step_s_serial'])}"
-            if r.get("est_step_s") is not None else "")),
+        (
+            "est. step",
+            duration(r.get("est_step_s"))
+            + (
+                f" = max(compute+memory per op {duration(r['est_compute_memory_s'])}, collectives "
+                f"{duration(r['est_collective_s'])}); compute {duration(r['est_compute_s'])}, memory "
+                f"{duration(r['est_memory_s'])}, serial {duration(r['est_step_s_serial'])}"
+                if r.get("est_step_s") is not None
+                else ""
+            ),
+        ),
         ("est. img/s/chip", num(r.get("est_img_per_s_per_chip"), ".1f")),
-        ("est. MFU", num(r.get("est_mfu"), ".1%")
-         + f" (peak bf16 {r['peak_bf16_tflops']} TFLOP/s per chip)"),
+        (
+            "est. MFU",
+            num(r.get("est_mfu"), ".1%") + f" (peak bf16 {r['peak_bf16_tflops']} TFLOP/s per chip)",
+        ),
     ]
-    for kind in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                 "collective-permute", "dcn"):
+    for kind in (
+        "all-gather",
+        "reduce-scatter",
+        "all-reduce",
+        "all-to-all",
+        "collective-permute",
+        "dcn",
+    ):
         if kind in c:
             rows.append((kind, f"{c[kind]['count']} ops, {c[kind]['bytes'] / 2**20:.1f} MiB"))
     if "max_per_chip_batch" in r:
@@ -468,8 +611,14 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def record_key(r: dict[str, Any]) -> tuple:
-    return (r["config"], r["what"], r["topology"], r["num_slices"], r["per_chip_batch"],
-            r.get("grad_accum_steps", 1))
+    return (
+        r["config"],
+        r["what"],
+        r["topology"],
+        r["num_slices"],
+        r["per_chip_batch"],
+        r.get("grad_accum_steps", 1),
+    )
 
 
 def merge_record(path: str, record: dict[str, Any]) -> None:
@@ -490,8 +639,10 @@ def merge_record(path: str, record: dict[str, Any]) -> None:
 def run_plan(config, topo: tpu_topology.Topology, name: str) -> None:
     """``--plan``: `xar_jax.plan.search` with this module's compiler; prints and writes it."""
     if FLAGS.what != "train" or FLAGS.find_max_batch or FLAGS.per_chip_batch:
-        sys.exit("error: --plan plans the train step at the config's global batch; drop "
-                 "--what=sample, --find_max_batch and --per_chip_batch.")
+        sys.exit(
+            "error: --plan plans the train step at the config's global batch; drop "
+            "--what=sample, --find_max_batch and --per_chip_batch."
+        )
     try:
         if FLAGS.plan_depths == "auto":
             deep = max(plan_lib.depths(config)) > 4
@@ -504,30 +655,51 @@ def run_plan(config, topo: tpu_topology.Topology, name: str) -> None:
                 raise ValueError
             depth_points = (k1, k2)
     except ValueError:
-        sys.exit(f"error: --plan_depths={FLAGS.plan_depths!r}; allowed: auto, full or K1,K2 "
-                 "(1 <= K1 < K2).")
+        sys.exit(
+            f"error: --plan_depths={FLAGS.plan_depths!r}; allowed: auto, full or K1,K2 "
+            "(1 <= K1 < K2)."
+        )
     bad = [r for r in FLAGS.plan_remat if r not in plan_lib.REMAT_ORDER]
     if bad:
-        sys.exit(f"error: --plan_remat={','.join(bad)}; allowed: "
-                 f"{', '.join(plan_lib.REMAT_ORDER)}.")
+        sys.exit(
+            f"error: --plan_remat={','.join(bad)}; allowed: {', '.join(plan_lib.REMAT_ORDER)}."
+        )
     gb, chips = config.train.global_batch_size, topo.chips * config.mesh.num_slices
     if gb % chips:
-        sys.exit(f"error: train.global_batch_size={gb} does not split over {chips} chips; "
-                 "a plan keeps the global batch.")
+        sys.exit(
+            f"error: train.global_batch_size={gb} does not split over {chips} chips; "
+            "a plan keeps the global batch."
+        )
     cache_dir = FLAGS.plan_cache or plan_lib.default_cache_dir()
-    cache = plan_lib.ReportCache(None if cache_dir == "none" else cache_dir,
-                                 f"jax {jax.__version__} libtpu {libtpu_version()}")
+    cache = plan_lib.ReportCache(
+        None if cache_dir == "none" else cache_dir,
+        f"jax {jax.__version__} libtpu {libtpu_version()}",
+    )
     config = experiment.resolve_config(config, "tpu")  # The layers of 'auto', as compiled.
-    scans = None if FLAGS.plan_scan == "config" else (config.model.scan_layers,
-                                                     not config.model.scan_layers)
+    scans = (
+        None
+        if FLAGS.plan_scan == "config"
+        else (config.model.scan_layers, not config.model.scan_layers)
+    )
     result = plan_lib.search(
-        config, topo, compile_report=compile_report, cache=cache, config_name=name,
-        depth_points=depth_points, remats=tuple(FLAGS.plan_remat) or None, scans=scans,
-        max_meshes=FLAGS.plan_meshes, tensors=tuple(int(t) for t in FLAGS.plan_tensor),
-        jobs=FLAGS.plan_jobs, config_file=config_flags.get_config_filename(FLAGS["config"]),
-        budget=FLAGS.plan_budget, verify=FLAGS.plan_verify)
-    result.update(libtpu=libtpu_version(), jax=jax.__version__,
-                  date=datetime.date.today().isoformat())
+        config,
+        topo,
+        compile_report=compile_report,
+        cache=cache,
+        config_name=name,
+        depth_points=depth_points,
+        remats=tuple(FLAGS.plan_remat) or None,
+        scans=scans,
+        max_meshes=FLAGS.plan_meshes,
+        tensors=tuple(int(t) for t in FLAGS.plan_tensor),
+        jobs=FLAGS.plan_jobs,
+        config_file=config_flags.get_config_filename(FLAGS["config"]),
+        budget=FLAGS.plan_budget,
+        verify=FLAGS.plan_verify,
+    )
+    result.update(
+        libtpu=libtpu_version(), jax=jax.__version__, date=datetime.date.today().isoformat()
+    )
     print(plan_lib.format_plan(result), file=sys.stderr if FLAGS.json == "-" else sys.stdout)
     text = json.dumps(result, indent=1)
     if FLAGS.json == "-":
@@ -548,15 +720,28 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     name = os.path.relpath(config_flags.get_config_filename(FLAGS["config"]))
-    config = prepare_config(FLAGS.config, topo, num_slices=FLAGS.num_slices,
-                            per_chip_batch=FLAGS.per_chip_batch, what=FLAGS.what)
+    config = prepare_config(
+        FLAGS.config,
+        topo,
+        num_slices=FLAGS.num_slices,
+        per_chip_batch=FLAGS.per_chip_batch,
+        what=FLAGS.what,
+    )
     if FLAGS.plan:
         return run_plan(config, topo, name)
-    record = compile_report(config, topo, what=FLAGS.what, estimate=FLAGS.estimate,
-                            config_name=name)
+    record = compile_report(
+        config, topo, what=FLAGS.what, estimate=FLAGS.estimate, config_name=name
+    )
     if FLAGS.find_max_batch:
-        record.update(find_max_batch(config, topo, what=FLAGS.what, config_name=name,
-                                     first=(record["per_chip_batch"], record["fits"])))
+        record.update(
+            find_max_batch(
+                config,
+                topo,
+                what=FLAGS.what,
+                config_name=name,
+                first=(record["per_chip_batch"], record["fits"]),
+            )
+        )
     print(format_table(record), file=sys.stderr if FLAGS.json == "-" else sys.stdout)
     text = json.dumps(record, indent=1)
     if FLAGS.json == "-":

@@ -145,7 +145,9 @@ class Checkpointer:
             lambda step: self._check_against(step, abstract_state, ""),
         )
 
-    def restore_params(self, abstract_params: Any, *, use_ema: bool = True) -> tuple[Any, int] | None:
+    def restore_params(
+        self, abstract_params: Any, *, use_ema: bool = True
+    ) -> tuple[Any, int] | None:
         """The EMA (or raw) params of the newest readable checkpoint, nothing else.
 
         An Orbax partial restore: the optimizer state and the other params are not read.
@@ -185,7 +187,10 @@ class Checkpointer:
                     ) from e
                 log.warning(
                     "Checkpoint step %d in %s is unreadable (%s); %s and falling back to the "
-                    "previous one.", step, self.directory, reason,
+                    "previous one.",
+                    step,
+                    self.directory,
+                    reason,
                     "leaving it (read-only)" if self.read_only else "setting it aside",
                 )
                 if not self.read_only:
@@ -203,7 +208,8 @@ class Checkpointer:
         problems = [f"{k}: missing from the checkpoint" for k in wanted if k not in stored]
         problems += [
             f"{k}: stored {stored[k]}, config gives {shape}"
-            for k, shape in wanted.items() if k in stored and stored[k] != shape
+            for k, shape in wanted.items()
+            if k in stored and stored[k] != shape
         ]
         if problems:
             more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""

@@ -15,8 +15,20 @@ from absl import logging as absl_logging
 
 # Libraries whose INFO lines are routine (one per checkpoint file, per backend probe, per
 # asyncio loop) and would otherwise be most of a run's log.
-QUIET_LOGGERS = ("absl", "jax", "orbax", "grain", "etils", "tensorstore", "asyncio", "fsspec",
-                 "gcsfs", "google", "urllib3", "tensorflow_datasets")
+QUIET_LOGGERS = (
+    "absl",
+    "jax",
+    "orbax",
+    "grain",
+    "etils",
+    "tensorstore",
+    "asyncio",
+    "fsspec",
+    "gcsfs",
+    "google",
+    "urllib3",
+    "tensorflow_datasets",
+)
 
 
 # Warnings that are known to be harmless here, by logger: (the logger, a piece of the message).

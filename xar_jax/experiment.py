@@ -90,8 +90,9 @@ def resolve_config(
         record = workdir_lib.read_record(workdir)
         scan = None if record is None else record.model.get("model.scan_layers")
         recorded = scan if isinstance(scan, bool) else None
-    scan_layers, remat = resolve_layers(m.preset, m.scan_layers, m.remat, backend, recorded,
-                                        training=mode == "train")
+    scan_layers, remat = resolve_layers(
+        m.preset, m.scan_layers, m.remat, backend, recorded, training=mode == "train"
+    )
     fields = config.to_dict()
     fields["model"].update(scan_layers=scan_layers, remat=remat)
     resolved = ml_collections.ConfigDict(fields)
@@ -123,22 +124,36 @@ def build(
     checked = validate_config(config, len(devices), training=mode == "train")
     config = resolve_config(config, devices[0].platform, workdir, mode)
     jax.config.update("jax_default_prng_impl", config.prng_impl)
-    mesh = sharding_lib.make_mesh(*checked.mesh_shape, devices=devices,
-                                  num_slices=config.mesh.num_slices)
+    mesh = sharding_lib.make_mesh(
+        *checked.mesh_shape, devices=devices, num_slices=config.mesh.num_slices
+    )
     settings = resolve_model_settings(config.model, devices[0].platform)
     # The class embedding has num_classes + 1 rows; the last is the null class.
-    model = build_model(config.model, checked.layout, settings,
-                        in_channels=config.latent.channels, num_classes=config.latent.num_classes)
+    model = build_model(
+        config.model,
+        checked.layout,
+        settings,
+        in_channels=config.latent.channels,
+        num_classes=config.latent.num_classes,
+    )
     boxed = abstract_params(model)
     shardings = sharding_lib.logical_shardings(nn.get_partition_spec(boxed), mesh)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.meta.unbox(boxed), shardings,
+        nn.meta.unbox(boxed),
+        shardings,
     )
-    return Experiment(config=config, mode=mode, mesh=mesh, layout=checked.layout,
-                      settings=settings, model=model,
-                      param_shardings=shardings, abstract_params=abstract,
-                      num_params=count_params(boxed, model=model))
+    return Experiment(
+        config=config,
+        mode=mode,
+        mesh=mesh,
+        layout=checked.layout,
+        settings=settings,
+        model=model,
+        param_shardings=shardings,
+        abstract_params=abstract,
+        num_params=count_params(boxed, model=model),
+    )
 
 
 def resolve_model_settings(model_cfg: ml_collections.ConfigDict, platform: str) -> ResolvedSettings:
@@ -210,8 +225,9 @@ def training_setup(exp: Experiment) -> Training:
     )
 
 
-def checkpointer(config: ml_collections.ConfigDict, workdir: str, *,
-                 read_only: bool = False) -> Checkpointer:
+def checkpointer(
+    config: ml_collections.ConfigDict, workdir: str, *, read_only: bool = False
+) -> Checkpointer:
     """The workdir's checkpoint manager (``read_only`` for sampling: creates and cleans nothing)."""
     c = config.checkpoint
     return Checkpointer(

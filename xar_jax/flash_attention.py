@@ -439,7 +439,9 @@ def flash_attention(
     if rate > 0 and key is None and streams is None:
         raise ValueError("attention dropout needs a PRNG key (or its head streams).")
     if max(t, s) >= _KEY_STRIDE:
-        raise ValueError(f"flash_attention supports at most {_KEY_STRIDE - 1} tokens; got {t}, {s}.")
+        raise ValueError(
+            f"flash_attention supports at most {_KEY_STRIDE - 1} tokens; got {t}, {s}."
+        )
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)

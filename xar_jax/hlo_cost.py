@@ -46,10 +46,30 @@ _INT_CONST = re.compile(r"^[su](?:32|64)\[\]\S*$")
 # Ops that move no data: tuple plumbing, views, control flow (their bodies are walked), the
 # completions of async pairs (the start is charged).
 _FREE = {
-    "parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional",
-    "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
-    "copy-done", "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done",
-    "call-done", "send-done", "recv-done", "async-update", "domain", "get-dimension-size",
+    "parameter",
+    "get-tuple-element",
+    "tuple",
+    "constant",
+    "bitcast",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+    "copy-done",
+    "all-gather-done",
+    "all-reduce-done",
+    "collective-permute-done",
+    "async-done",
+    "call-done",
+    "send-done",
+    "recv-done",
+    "async-update",
+    "domain",
+    "get-dimension-size",
 }
 _SLICERS = {"dynamic-slice", "slice", "gather"}
 _FLASH = re.compile(r'op_name="[^"]*flash_attention\w*_(fwd|dkdv|dq)/pallas_call')
@@ -108,7 +128,7 @@ def parse(text: str) -> tuple[dict[str, Computation], str]:
         m = _INSTR.match(line)
         if current is None or not m:
             continue
-        rest = line[m.end():]
+        rest = line[m.end() :]
         if rest.startswith("("):
             end = _match_paren(rest, 0)
             shape, rest = rest[:end], rest[end:].lstrip()
@@ -118,9 +138,18 @@ def parse(text: str) -> tuple[dict[str, Computation], str]:
         if not op_match:
             continue
         end = _match_paren(rest, op_match.end() - 1)
-        args = rest[op_match.end(): end - 1]
-        current.instrs.append(Instr(m.group(2), shape, op_match.group(1), _NAME.findall(args),
-                                    args, rest[end:], bool(m.group(1))))
+        args = rest[op_match.end() : end - 1]
+        current.instrs.append(
+            Instr(
+                m.group(2),
+                shape,
+                op_match.group(1),
+                _NAME.findall(args),
+                args,
+                rest[end:],
+                bool(m.group(1)),
+            )
+        )
     return comps, entry
 
 
@@ -166,8 +195,15 @@ def _attr(attrs: str, key: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _valid_pairs(size_in: int, size_k: int, size_out: int, stride: int, pad_low: int,
-                 lhs_dilate: int, rhs_dilate: int) -> int:
+def _valid_pairs(
+    size_in: int,
+    size_k: int,
+    size_out: int,
+    stride: int,
+    pad_low: int,
+    lhs_dilate: int,
+    rhs_dilate: int,
+) -> int:
     """(output, kernel) positions of one convolution dimension that read an input element."""
     extent = (size_in - 1) * lhs_dilate
     count = 0
@@ -225,8 +261,10 @@ class _Module:
                 targets: list[tuple[str, float]] = []
                 if i.op == "while":
                     n = self.trip_count(i)
-                    targets += [(_attr(i.attrs, "body") or "", n),
-                                (_attr(i.attrs, "condition") or "", n + 1)]
+                    targets += [
+                        (_attr(i.attrs, "body") or "", n),
+                        (_attr(i.attrs, "condition") or "", n + 1),
+                    ]
                 elif i.op == "fusion":
                     body = _attr(i.attrs, "calls") or ""
                     fusion_bodies.add(body)
@@ -236,8 +274,11 @@ class _Module:
                 elif i.op == "conditional":
                     b = re.search(r"branch_computations=\{([^}]*)\}", i.attrs)
                     names = _NAME.findall(b.group(1)) if b else []
-                    names += [x for k in ("true_computation", "false_computation")
-                              if (x := _attr(i.attrs, k))]
+                    names += [
+                        x
+                        for k in ("true_computation", "false_computation")
+                        if (x := _attr(i.attrs, k))
+                    ]
                     targets += [(x, 1) for x in names]
                 calls.setdefault(c.name, []).extend(targets)
         counts: dict[str, float] = {}
@@ -302,16 +343,18 @@ class _Module:
 
         spatial = sorted(c for c in out_l if c.isdigit())
         n = len(spatial)
-        stride, lhs_dil, rhs_dil = (per_dim(k, n, 1) for k in ("stride", "lhs_dilate",
-                                                                "rhs_dilate"))
+        stride, lhs_dil, rhs_dil = (
+            per_dim(k, n, 1) for k in ("stride", "lhs_dilate", "rhs_dilate")
+        )
         pad_low = per_dim("pad", n, 0)
         pairs = 1
         for j, c in enumerate(spatial):
             size_in = lhs_d[lhs_l.index(c)]
             size_k = rhs_d[rhs_l.index(c)]
             size_out = out_dims[out_l.index(c)]
-            pairs *= _valid_pairs(size_in, size_k, size_out, stride[j], pad_low[j], lhs_dil[j],
-                                  rhs_dil[j])
+            pairs *= _valid_pairs(
+                size_in, size_k, size_out, stride[j], pad_low[j], lhs_dil[j], rhs_dil[j]
+            )
         batch = out_dims[out_l.index("b")]
         features_out = out_dims[out_l.index("f")]
         features_in = rhs_d[rhs_l.index("i")]
@@ -337,9 +380,13 @@ class _Module:
             return False
         target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
         target = target.group(1) if target else ""
-        return (target not in _GEMM_TARGETS and target != "AllocateBuffer"
-                and not re.search(r'"flops"\s*:', instr.attrs) and not _FLASH.search(instr.attrs)
-                and ("triton" in target or "tpu_custom_call" in target or "mosaic" in target))
+        return (
+            target not in _GEMM_TARGETS
+            and target != "AllocateBuffer"
+            and not re.search(r'"flops"\s*:', instr.attrs)
+            and not _FLASH.search(instr.attrs)
+            and ("triton" in target or "tpu_custom_call" in target or "mosaic" in target)
+        )
 
     # -- HBM bytes -----------------------------------------------------------------------------
     def _param_reads(self, body: Computation, depth: int = 0) -> dict[int, float | None]:
@@ -369,8 +416,11 @@ class _Module:
                         total += hbm_bytes(u.shape) or sum(b for _, b, _ in arrays(u.shape))
                     elif u.op == "dynamic-update-slice" and u.operands[0] == name:
                         pass  # The buffer updated in place: not read.
-                    elif u.op == "fusion" and depth < 8 and (
-                            nested := self.comps.get(_attr(u.attrs, "calls") or "")):
+                    elif (
+                        u.op == "fusion"
+                        and depth < 8
+                        and (nested := self.comps.get(_attr(u.attrs, "calls") or ""))
+                    ):
                         inner = self._param_reads(nested, depth + 1)
                         for k, o in enumerate(u.operands):
                             if o == name:
@@ -393,8 +443,7 @@ class _Module:
         result = arrays(result_shape)
         if root is None:
             return hbm_bytes(result_shape)
-        elements = ([self.producer(root, o) for o in root.operands] if root.op == "tuple"
-                    else [root])
+        elements = [self.producer(root, o) for o in root.operands] if root.op == "tuple" else [root]
         if len(elements) != len(result):
             return hbm_bytes(result_shape)
         total = 0.0
@@ -426,7 +475,7 @@ class _Module:
             # Async collectives return (operands, results, contexts): the results once.
             res = [b for _, b, hbm in arrays(instr.shape) if hbm and b > 4]
             read = sum(hbm_bytes(s) for s in operand_shapes)
-            return read + float(sum(res[len(res) // 2:]))
+            return read + float(sum(res[len(res) // 2 :]))
         if op == "fusion":
             body = self.comps.get(_attr(instr.attrs, "calls") or "")
             if body is not None:
@@ -458,7 +507,7 @@ def replica_group(attrs: str, num_devices: int) -> list[int]:
         axes = re.findall(r"'([^']+)'=(\d+)", named.group(1))
         sizes = [int(n) for _, n in axes]
         chosen = set(re.findall(r"'([^']+)'", named.group(2)))
-        strides = [math.prod(sizes[k + 1:]) for k in range(len(sizes))]
+        strides = [math.prod(sizes[k + 1 :]) for k in range(len(sizes))]
         ids = [0]
         for (name, _), size, stride in zip(axes, sizes, strides, strict=True):
             if name in chosen:
@@ -468,11 +517,12 @@ def replica_group(attrs: str, num_devices: int) -> list[int]:
     if iota:
         size = int(iota.group(2))
         dims = [int(x) for x in iota.group(3).split(",")]
-        perm = [int(x) for x in iota.group(4).split(",")] if iota.group(4) else list(
-            range(len(dims)))
+        perm = (
+            [int(x) for x in iota.group(4).split(",")] if iota.group(4) else list(range(len(dims)))
+        )
         # Device ids = iota(dims) transposed by perm, flattened, cut into groups of `size`.
         total = math.prod(dims)
-        strides = [math.prod(dims[k + 1:]) for k in range(len(dims))]
+        strides = [math.prod(dims[k + 1 :]) for k in range(len(dims))]
         tdims = [dims[p] for p in perm]
         out = []
         for flat in range(min(size, total)):
@@ -503,8 +553,9 @@ class Op:
     slices: int = 0  # > 1: a collective between slices (multi-slice "megascale" transfer).
 
 
-def module_ops(hlo_text: str, num_devices: int = 1,
-               num_slices: int = 1) -> tuple[list[Op], dict[str, Any]]:
+def module_ops(
+    hlo_text: str, num_devices: int = 1, num_slices: int = 1
+) -> tuple[list[Op], dict[str, Any]]:
     """Every op outside fusion bodies with its FLOPs (its fusion body's included), HBM bytes and
     executions per module execution; plus ``{'opaque_kernels', 'unknown_trip_counts'}``.
 
@@ -545,11 +596,21 @@ def module_ops(hlo_text: str, num_devices: int = 1,
             callee = _attr(i.attrs, "calls") or ""
             if callee.startswith(REDUCE_SCATTER_FUSION) and callee in m.comps:
                 # TPU's reduce-scatter (see `hlo_stats`): the shard is the fusion's result.
-                inner = next((j for j in m.comps[callee].instrs if j.op.startswith("all-reduce")),
-                             None)
+                inner = next(
+                    (j for j in m.comps[callee].instrs if j.op.startswith("all-reduce")), None
+                )
                 group = replica_group(inner.attrs if inner else "", num_devices)
-                ops.append(Op(i.op, 0.0, m.bytes(i), times, "reduce-scatter",
-                              float(sum(b for _, b, _ in arrays(i.shape))), tuple(group)))
+                ops.append(
+                    Op(
+                        i.op,
+                        0.0,
+                        m.bytes(i),
+                        times,
+                        "reduce-scatter",
+                        float(sum(b for _, b, _ in arrays(i.shape))),
+                        tuple(group),
+                    )
+                )
                 continue
             if i.op == "fusion":
                 flops += fused_flops(callee)
@@ -558,9 +619,18 @@ def module_ops(hlo_text: str, num_devices: int = 1,
                 res = [b for _, b, _ in arrays(i.shape)]
                 if i.op.endswith("-start") and len(res) > 1:
                     res = [b for b in res if b > 4] or res
-                    res = res[len(res) // 2:]
-                ops.append(Op(i.op, 0.0, m.bytes(i), times, kind, float(sum(res)),
-                              tuple(replica_group(i.attrs, num_devices))))
+                    res = res[len(res) // 2 :]
+                ops.append(
+                    Op(
+                        i.op,
+                        0.0,
+                        m.bytes(i),
+                        times,
+                        kind,
+                        float(sum(res)),
+                        tuple(replica_group(i.attrs, num_devices)),
+                    )
+                )
                 continue
             b = m.bytes(i)
             if flops or b:
@@ -571,8 +641,11 @@ def module_ops(hlo_text: str, num_devices: int = 1,
 def module_cost(hlo_text: str) -> dict[str, Any]:
     """``{'flops', 'bytes', 'opaque_kernels', 'unknown_trip_counts'}`` of one execution."""
     ops, notes = module_ops(hlo_text)
-    return {"flops": sum(o.flops * o.times for o in ops),
-            "bytes": sum(o.bytes * o.times for o in ops), **notes}
+    return {
+        "flops": sum(o.flops * o.times for o in ops),
+        "bytes": sum(o.bytes * o.times for o in ops),
+        **notes,
+    }
 
 
 def backend_config(instr_attrs: str) -> dict[str, Any] | None:

@@ -32,9 +32,28 @@ KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective
 REDUCE_SCATTER_FUSION = "all-reduce-scatter"
 
 _DTYPE_BYTES = {
-    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-    "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
-    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+    "pred": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "f8e4m3b11fnuz": 1,
+    "f8e4m3fnuz": 1,
+    "f8e5m2fnuz": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
 }
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
@@ -73,7 +92,7 @@ def _result_bytes(shape_text: str, is_start: bool) -> float:
     if is_start and len(arrays) > 1:
         # Async starts return (operands..., results..., [scalar contexts]): keep the results.
         arrays = [a for a in arrays if a > 4] or arrays
-        arrays = arrays[len(arrays) // 2:]
+        arrays = arrays[len(arrays) // 2 :]
     return float(sum(arrays))
 
 
@@ -213,7 +232,7 @@ def entry_traffic(hlo_text: str, batch: int) -> dict[str, float]:
     The byte counts do not enter loop bodies (a scan's work shows once, in its while op's
     buffers); ``batch_minor_arrays`` counts the arrays of every computation in the text.
     """
-    entry = hlo_text[hlo_text.index("\nENTRY"):] if "\nENTRY" in hlo_text else hlo_text
+    entry = hlo_text[hlo_text.index("\nENTRY") :] if "\nENTRY" in hlo_text else hlo_text
     out = {"written_gb": 0.0, "transpose_gb": 0.0, "zero_fill_gb": 0.0, "allocate_buffers": 0}
     for line in entry.splitlines():
         m = _ENTRY_OP.match(line)

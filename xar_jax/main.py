@@ -36,26 +36,33 @@ from xar_jax.workdir import ALLOWED_CHANGES
 log = logging.getLogger("xar_jax.main")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                 lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_enum(
-    "distributed", "auto", ("auto", "on", "off"),
+    "distributed",
+    "auto",
+    ("auto", "on", "off"),
     "Call jax.distributed.initialize(): 'on' always (the launch/ scripts pass it on Cloud TPU VMs), "
     "'off' never, 'auto' when environment variables show several processes "
     "(JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES, or TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES on GKE).",
 )
 flags.DEFINE_multi_enum(
-    "allow_change", [], ALLOWED_CHANGES,
+    "allow_change",
+    [],
+    ALLOWED_CHANGES,
     "A resume may change these recorded run fields (repeat the flag for both): 'mesh' (mesh axes "
     "or process count; the checkpoint is resharded onto the new mesh), 'data' (data pipeline, "
     "global batch or seed; the data iterator restarts). Model fields can never change in a workdir.",
 )
-flags.DEFINE_bool("print_config", False,
-                  "Print the effective config (file + overrides) as JSON and exit.")
 flags.DEFINE_bool(
-    "check_only", False,
+    "print_config", False, "Print the effective config (file + overrides) as JSON and exit."
+)
+flags.DEFINE_bool(
+    "check_only",
+    False,
     "Parse the flags and the config with its overrides, validate the config for --mode (no device "
     "count: the mesh is not checked), print 'ok' and exit. Touches no workdir, starts no "
     "jax.distributed and compiles nothing: the launch tests run every launched command this way.",
@@ -167,8 +174,9 @@ def enable_compile_cache(config, workdir: str) -> str | None:
     if path is None:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(config.compile_cache_min_compile_secs))
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(config.compile_cache_min_compile_secs)
+    )
     # -1: no size floor (JAX's 0 lets it pick one per filesystem); small programs count too.
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
@@ -189,7 +197,7 @@ def _unknown_override(argv: list[str]) -> str | None:
     base = load_config_file(path)
     for arg in argv:
         if arg.startswith("--config.") and "=" in arg:
-            field = arg[len("--config."):].split("=", 1)[0]
+            field = arg[len("--config.") :].split("=", 1)[0]
             node = base
             for part in field.split("."):
                 if not hasattr(node, "keys") or part not in node:
@@ -227,8 +235,7 @@ def main(argv):
     config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
     if FLAGS.print_config:
         # As the run would use it: 'auto' layer settings resolved for this machine (and workdir).
-        resolved = experiment.resolve_config(config, jax.default_backend(), workdir or None,
-                                             mode)
+        resolved = experiment.resolve_config(config, jax.default_backend(), workdir or None, mode)
         print(resolved.to_json_best_effort(indent=2, sort_keys=True))
         return
     if not workdir:
@@ -253,8 +260,9 @@ def main(argv):
         # itself goes to WORKDIR/config.json and TensorBoard (training), or --print_config.
         exp = experiment.build(config, mode, workdir=workdir)
         if mode == "train":
-            train.train_and_evaluate(exp.config, workdir, allow_change=tuple(FLAGS.allow_change),
-                                     exp=exp)
+            train.train_and_evaluate(
+                exp.config, workdir, allow_change=tuple(FLAGS.allow_change), exp=exp
+            )
         elif mode == "sample":
             generate.sample_to_workdir(exp, workdir)
         else:

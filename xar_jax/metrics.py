@@ -102,8 +102,10 @@ class ConsoleWriter(NullWriter):
     ``eta_seconds`` reads ``ETA 1h02m03s``."""
 
     def write_scalars(self, step, scalars):
-        parts = [f"ETA {format_eta(v)}" if k == "eta_seconds" else f"{k} {_format(v)}"
-                 for k, v in scalars.items()]
+        parts = [
+            f"ETA {format_eta(v)}" if k == "eta_seconds" else f"{k} {_format(v)}"
+            for k, v in scalars.items()
+        ]
         log.info("step %d | %s", int(step), " | ".join(parts))
 
 
@@ -153,8 +155,10 @@ def create_writer(logdir: str, *, is_main_process: bool) -> NullWriter:
 def module_totals(params: Any, limit: int = 6) -> str:
     """``'encoder_blocks 23,040 | decoder_blocks 23,040 | ... | 5 more 1,234'``: parameter counts
     per top-level module of a params tree (arrays or ShapeDtypeStructs), largest first."""
-    totals = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub))
-              for name, sub in params.items()}
+    totals = {
+        name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub))
+        for name, sub in params.items()
+    }
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
     parts = [f"{name} {count:,}" for name, count in ranked[:limit]]
     rest = ranked[limit:]
@@ -234,8 +238,9 @@ class IntervalMeans:
         self._acc = None
 
     def add(self, step_metrics: Mapping[str, Any]) -> None:
-        self._acc = (self._first(step_metrics) if self._acc is None
-                     else self._merge(self._acc, step_metrics))
+        self._acc = (
+            self._first(step_metrics) if self._acc is None else self._merge(self._acc, step_metrics)
+        )
 
     def result(self) -> dict[str, float]:
         """``{name: mean over the steps added since the last result}``; resets."""
@@ -259,7 +264,7 @@ def memory_summary(compiled: Any) -> str:
         "temporaries": analysis.temp_size_in_bytes,
         "generated code": analysis.generated_code_size_in_bytes,
     }
-    total = (fields["arguments"] + fields["outputs"] - fields["aliased"] + fields["temporaries"])
+    total = fields["arguments"] + fields["outputs"] - fields["aliased"] + fields["temporaries"]
     parts = ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in fields.items())
     return f"{parts}; peak about {total / gib:.3f} GiB"
 
@@ -276,8 +281,9 @@ class ProfilerWindow:
         if self._start > 0 and step == self._start and not self._active:
             jax.profiler.start_trace(self._dir)
             self._active = True
-            log.info("Profiling steps %d-%d into %s/plugins/profile.", self._start, self._end,
-                     self._dir)
+            log.info(
+                "Profiling steps %d-%d into %s/plugins/profile.", self._start, self._end, self._dir
+            )
 
     def after_step(self, step: int, state: Any) -> None:
         if self._active and step >= self._end:
@@ -308,5 +314,7 @@ def image_grid(images: np.ndarray, columns: int | None = None, min_size: int = 0
     grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = pixels[i]
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = pixels[
+            i
+        ]
     return grid

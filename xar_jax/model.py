@@ -418,8 +418,14 @@ class ResolvedSettings:
     attention_impl: str
 
 
-def build_model(model_cfg, layout: ent.EntityLayout, resolved: ResolvedSettings, *,
-                in_channels: int, num_classes: int) -> XAR:
+def build_model(
+    model_cfg,
+    layout: ent.EntityLayout,
+    resolved: ResolvedSettings,
+    *,
+    in_channels: int,
+    num_classes: int,
+) -> XAR:
     """Builds `XAR` from a validated config's ``model`` section (see configs/*.py for every
     field) and the settings the experiment resolved for its devices."""
     if model_cfg.get("preset"):
@@ -489,9 +495,18 @@ def model_signature(model: XAR, *, storage: bool = True) -> dict[str, Any]:
         heads = [model.encoder_heads, model.decoder_heads]
     value = {"cell": lay.cell_size, "subsample": lay.subsample_factor,
              "scale": list(lay.scale_sizes)}.get(lay.kind)  # fmt: skip
-    return _signature(model.width, model.encoder_depth, model.decoder_depth, heads,
-                      model.in_channels, model.num_classes, h if h == w else [h, w], lay.kind,
-                      value, (model.mlp_multiple, model.scan_layers) if storage else None)
+    return _signature(
+        model.width,
+        model.encoder_depth,
+        model.decoder_depth,
+        heads,
+        model.in_channels,
+        model.num_classes,
+        h if h == w else [h, w],
+        lay.kind,
+        value,
+        (model.mlp_multiple, model.scan_layers) if storage else None,
+    )
 
 
 def config_signature(config) -> dict[str, Any]:
@@ -514,15 +529,26 @@ def config_signature(config) -> dict[str, Any]:
         value = [int(v) for v in value]
     elif field:
         value = int(value)
-    return _signature(*sizes, config.latent.channels, config.latent.num_classes, grid, kind,
-                      value, (m.get("mlp_multiple", 1), m.scan_layers))
+    return _signature(
+        *sizes,
+        config.latent.channels,
+        config.latent.num_classes,
+        grid,
+        kind,
+        value,
+        (m.get("mlp_multiple", 1), m.scan_layers),
+    )
 
 
 def preset_signature(preset: str) -> dict[str, Any]:
     """The size fields of `model_signature` for a preset (run records that named a preset)."""
     size = PRESETS[preset]
-    return {"model.width": size.width, "model.encoder_depth": size.encoder_depth,
-            "model.decoder_depth": size.decoder_depth, "model.num_heads": size.num_heads}
+    return {
+        "model.width": size.width,
+        "model.encoder_depth": size.encoder_depth,
+        "model.decoder_depth": size.decoder_depth,
+        "model.num_heads": size.num_heads,
+    }
 
 
 def abstract_params(model: XAR, batch_size: int = 1) -> Any:
@@ -535,7 +561,8 @@ def abstract_params(model: XAR, batch_size: int = 1) -> Any:
     """
     portable = model.clone(attention_impl="xla")
     return jax.eval_shape(
-        lambda: portable.init(jax.random.key(0), *example_inputs(model, batch_size))["params"])
+        lambda: portable.init(jax.random.key(0), *example_inputs(model, batch_size))["params"]
+    )
 
 
 def example_inputs(model: XAR, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -51,12 +51,30 @@ log = logging.getLogger("xar_jax.plan")
 # Weakest first: each saves fewer activations for the backward pass than the one before.
 REMAT_ORDER = ("none", "dots", "matmuls", "dots_no_batch", "full")
 # Report keys that are facts of the setup, not per-chip costs: never extrapolated in depth.
-_NOT_PER_BLOCK = {"chips", "hosts", "num_slices", "global_batch", "per_chip_batch",
-                  "grad_accum_steps", "hbm_capacity_gib", "peak_bf16_tflops", "hbm_gbps",
-                  "compile_s", "estimate_compile_s", "compiler_optimal_seconds", "mesh",
-                  "est_img_per_s_per_chip", "est_mfu", "model_flops_per_step", "date",
-                  "fits", "ici_gbps", "dcn_gbits", "compiler_optimal_seconds_raw",
-                  "unknown_trip_counts"}
+_NOT_PER_BLOCK = {
+    "chips",
+    "hosts",
+    "num_slices",
+    "global_batch",
+    "per_chip_batch",
+    "grad_accum_steps",
+    "hbm_capacity_gib",
+    "peak_bf16_tflops",
+    "hbm_gbps",
+    "compile_s",
+    "estimate_compile_s",
+    "compiler_optimal_seconds",
+    "mesh",
+    "est_img_per_s_per_chip",
+    "est_mfu",
+    "model_flops_per_step",
+    "date",
+    "fits",
+    "ici_gbps",
+    "dcn_gbits",
+    "compiler_optimal_seconds_raw",
+    "unknown_trip_counts",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +89,24 @@ class Settings:
     scan: bool
 
     def overrides(self) -> list[str]:
-        return [f"--config.mesh.data={self.data}", f"--config.mesh.fsdp={self.fsdp}",
-                f"--config.mesh.tensor={self.tensor}",
-                f"--config.train.grad_accum_steps={self.accum}",
-                f"--config.model.remat={self.remat}",
-                f"--config.model.scan_layers={self.scan}"]
+        return [
+            f"--config.mesh.data={self.data}",
+            f"--config.mesh.fsdp={self.fsdp}",
+            f"--config.mesh.tensor={self.tensor}",
+            f"--config.train.grad_accum_steps={self.accum}",
+            f"--config.model.remat={self.remat}",
+            f"--config.model.scan_layers={self.scan}",
+        ]
 
     def apply(self, config):
         """A copy of ``config`` with these settings."""
         config = copy.deepcopy(config)
         with config.unlocked():
-            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (self.data, self.fsdp,
-                                                                      self.tensor)
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (
+                self.data,
+                self.fsdp,
+                self.tensor,
+            )
             config.train.grad_accum_steps = self.accum
             config.model.remat = self.remat
             config.model.scan_layers = self.scan
@@ -138,8 +162,9 @@ class ReportCache:
         self.hits = 0
 
     def key(self, config, topology: str, what: str, estimate: bool) -> str:
-        text = json.dumps([config.to_json_best_effort(sort_keys=True), topology, what, estimate,
-                           self.versions])
+        text = json.dumps(
+            [config.to_json_best_effort(sort_keys=True), topology, what, estimate, self.versions]
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def get(self, key: str) -> dict | None:
@@ -169,11 +194,17 @@ def extrapolate(r1: dict, r2: dict, n1: int, n2: int, n: int) -> dict:
     Every numeric leaf not in ``_NOT_PER_BLOCK`` is taken as linear in the block count; the
     rest comes from ``r2``. Counts stay integers.
     """
+
     def go(a, b, name):
         if isinstance(b, dict):
             return {k: go(a.get(k) if isinstance(a, dict) else None, v, k) for k, v in b.items()}
-        if (name in _NOT_PER_BLOCK or isinstance(b, bool) or not isinstance(b, (int, float))
-                or not isinstance(a, (int, float)) or isinstance(a, bool)):
+        if (
+            name in _NOT_PER_BLOCK
+            or isinstance(b, bool)
+            or not isinstance(b, (int, float))
+            or not isinstance(a, (int, float))
+            or isinstance(a, bool)
+        ):
             return b
         value = a + (n - n1) * (b - a) / (n2 - n1)
         return round(value) if isinstance(b, int) and isinstance(a, int) else value
@@ -191,9 +222,17 @@ class Evaluator:
     measured microbatches, after extrapolating each linearly in depth where asked.
     """
 
-    def __init__(self, config, topo, *, compile_report: Callable[..., dict], cache: ReportCache,
-                 depth_points: tuple[int, int] | None, config_name: str,
-                 budget: int | None = None):
+    def __init__(
+        self,
+        config,
+        topo,
+        *,
+        compile_report: Callable[..., dict],
+        cache: ReportCache,
+        depth_points: tuple[int, int] | None,
+        config_name: str,
+        budget: int | None = None,
+    ):
         self.config, self.topo = config, topo
         self.compile_report, self.cache = compile_report, cache
         self.depth_points, self.config_name = depth_points, config_name
@@ -210,14 +249,21 @@ class Evaluator:
             return hit
         if self.budget is not None and self.compiles >= self.budget:
             raise BudgetExhausted(self.compiles)
-        record = self.compile_report(config, self.topo, what="train", estimate=True,
-                                     config_name=self.config_name)
+        record = self.compile_report(
+            config, self.topo, what="train", estimate=True, config_name=self.config_name
+        )
         self.compiles += 1
-        log.info("plan: compiled %s, %s examples per chip, %s blocks per stack: %s (%s GiB), "
-                 "est. step %s s, %s s to compile", record["mesh"], record["per_chip_batch"],
-                 max(depths(config)), "fits" if record["fits"] else "does not fit",
-                 (record.get("hbm_per_chip_gib") or {}).get("total"), record.get("est_step_s"),
-                 record.get("compile_s"))
+        log.info(
+            "plan: compiled %s, %s examples per chip, %s blocks per stack: %s (%s GiB), "
+            "est. step %s s, %s s to compile",
+            record["mesh"],
+            record["per_chip_batch"],
+            max(depths(config)),
+            "fits" if record["fits"] else "does not fit",
+            (record.get("hbm_per_chip_gib") or {}).get("total"),
+            record.get("est_step_s"),
+            record.get("compile_s"),
+        )
         self.cache.put(key, record)
         return record
 
@@ -249,13 +295,16 @@ class Evaluator:
             if r2.get(key):
                 out[key] = r2[key] * self.full_blocks / (2 * k2)
         out["compile_s"] = round(r1["compile_s"] + r2["compile_s"], 1)
-        out["basis"] = (f"extrapolated linearly in depth from {k1} and {k2} blocks per stack "
-                        f"to {self.full_blocks} blocks")
+        out["basis"] = (
+            f"extrapolated linearly in depth from {k1} and {k2} blocks per stack "
+            f"to {self.full_blocks} blocks"
+        )
         return out
 
 
-def predict(lo: tuple[int, dict], hi: tuple[int, dict] | None, micro: int, accum: int,
-            shards: int) -> dict:
+def predict(
+    lo: tuple[int, dict], hi: tuple[int, dict] | None, micro: int, accum: int, shards: int
+) -> dict:
     """The step of ``accum`` microbatches of ``micro`` per batch shard (per chip unless
     ``mesh.tensor`` > 1; ``shards`` = dcn x data x fsdp) from measured microbatches.
 
@@ -290,12 +339,14 @@ def predict(lo: tuple[int, dict], hi: tuple[int, dict] | None, micro: int, accum
         r["est_img_per_s_per_chip"] = r["global_batch"] / r["chips"] / r["est_step_s"]
         if r.get("model_flops_per_step"):
             r["est_mfu"] = r["model_flops_per_step"] / (
-                r["chips"] * r["peak_bf16_tflops"] * 1e12 * r["est_step_s"])
+                r["chips"] * r["peak_bf16_tflops"] * 1e12 * r["est_step_s"]
+            )
     return r
 
 
 def config_overrides(base, target) -> list[str]:
     """``--config.a.b=v`` flags that turn ``base`` into ``target`` (scalar fields)."""
+
     def leaves(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict):
@@ -326,7 +377,7 @@ def prefetch(ev: Evaluator, configs: list, *, config_file: str, jobs: int) -> No
             todo.append((key, c))
     ev.cache.hits = 0
     if ev.budget is not None:
-        todo = todo[:max(0, ev.budget - ev.compiles)]
+        todo = todo[: max(0, ev.budget - ev.compiles)]
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         running: list[tuple[subprocess.Popen, str, str]] = []
@@ -334,12 +385,25 @@ def prefetch(ev: Evaluator, configs: list, *, config_file: str, jobs: int) -> No
             while todo and len(running) < jobs:
                 key, c = todo.pop(0)
                 out = os.path.join(tmp, key + ".json")
-                cmd = [sys.executable, "-m", "xar_jax.aot", f"--config={config_file}",
-                       f"--topology={ev.topo.name}", f"--json={out}",
-                       *config_overrides(base, c)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "xar_jax.aot",
+                    f"--config={config_file}",
+                    f"--topology={ev.topo.name}",
+                    f"--json={out}",
+                    *config_overrides(base, c),
+                ]
                 log.info("plan: compiling in a subprocess: %s", " ".join(cmd[3:]))
-                running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                                 stderr=subprocess.DEVNULL), key, out))
+                running.append(
+                    (
+                        subprocess.Popen(
+                            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                        ),
+                        key,
+                        out,
+                    )
+                )
             proc, key, out = running.pop(0)
             if proc.wait() == 0 and os.path.exists(out):
                 with open(out) as f:
@@ -372,10 +436,14 @@ def accum_options(global_batch: int, shards: int) -> list[int]:
 
 
 def _point(s: Settings, micro: int, r: dict) -> dict:
-    return dict(dataclasses.asdict(s), micro=micro, fits=r["fits"],
-                hbm_total_gib=(r.get("hbm_per_chip_gib") or {}).get("total"),
-                hbm_temporaries_needed_gib=r.get("hbm_temporaries_needed_gib"),
-                est_step_s=r.get("est_step_s"))
+    return dict(
+        dataclasses.asdict(s),
+        micro=micro,
+        fits=r["fits"],
+        hbm_total_gib=(r.get("hbm_per_chip_gib") or {}).get("total"),
+        hbm_temporaries_needed_gib=r.get("hbm_temporaries_needed_gib"),
+        est_step_s=r.get("est_step_s"),
+    )
 
 
 def ladder(per_shard: int, levels: int) -> list[int]:
@@ -389,12 +457,23 @@ def ladder(per_shard: int, levels: int) -> list[int]:
     return out
 
 
-def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCache,
-           config_name: str = "", depth_points: tuple[int, int] | None = None,
-           remats: tuple[str, ...] | None = None, scans: tuple[bool, ...] | None = None,
-           max_meshes: int = 2, budget: int | None = 40, verify: bool = True,
-           tensors: tuple[int, ...] = (1,), jobs: int = 1,
-           config_file: str | None = None) -> dict[str, Any]:
+def search(
+    config,
+    topo,
+    *,
+    compile_report: Callable[..., dict],
+    cache: ReportCache,
+    config_name: str = "",
+    depth_points: tuple[int, int] | None = None,
+    remats: tuple[str, ...] | None = None,
+    scans: tuple[bool, ...] | None = None,
+    max_meshes: int = 2,
+    budget: int | None = 40,
+    verify: bool = True,
+    tensors: tuple[int, ...] = (1,),
+    jobs: int = 1,
+    config_file: str | None = None,
+) -> dict[str, Any]:
     """The fastest fitting plan for ``config`` (already `aot.prepare_config`-ed) on ``topo``.
 
     Each candidate (scan, remat, data x fsdp x tensor mesh) compiles its one-microbatch step with
@@ -424,8 +503,15 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
     Returns:
       The plan as a dict (`plan_record`).
     """
-    ev = Evaluator(config, topo, compile_report=compile_report, cache=cache,
-                   depth_points=depth_points, config_name=config_name, budget=budget)
+    ev = Evaluator(
+        config,
+        topo,
+        compile_report=compile_report,
+        cache=cache,
+        depth_points=depth_points,
+        config_name=config_name,
+        budget=budget,
+    )
     slices = config.mesh.num_slices
     gb = config.train.global_batch_size
     m = config.model  # Its 'auto' layers as `experiment.build` resolves them for TPU chips.
@@ -446,12 +532,18 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
                         continue
                     first.append((base, gb // shards))
         levels = max(1, jobs // max(1, len(first)))
-        configs = [ev.measure_config(base, m, k) for base, per_shard in first
-                   for m in ladder(per_shard, levels)
-                   for k in (ev.depth_points if ev.depth_points and not base.scan else (None,))]
+        configs = [
+            ev.measure_config(base, m, k)
+            for base, per_shard in first
+            for m in ladder(per_shard, levels)
+            for k in (ev.depth_points if ev.depth_points and not base.scan else (None,))
+        ]
         if verify:  # Each level's accumulating step as `verify_plan` would compile it.
-            configs += [dataclasses.replace(base, accum=per_shard // m).apply(config)
-                        for base, per_shard in first for m in ladder(per_shard, levels)[1:]]
+            configs += [
+                dataclasses.replace(base, accum=per_shard // m).apply(config)
+                for base, per_shard in first
+                for m in ladder(per_shard, levels)[1:]
+            ]
         prefetch(ev, configs, config_file=config_file, jobs=jobs)
     try:
         for tensor in tensors:
@@ -474,9 +566,12 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
                         measured.append(_point(base, m, r))
                         if r["fits"]:
                             accum = per_shard // m
-                            candidates.append((dataclasses.replace(base, accum=accum),
-                                               predict((m, r), None, m, accum,
-                                                       slices * data * fsdp)))
+                            candidates.append(
+                                (
+                                    dataclasses.replace(base, accum=accum),
+                                    predict((m, r), None, m, accum, slices * data * fsdp),
+                                )
+                            )
             if candidates:
                 break
     except BudgetExhausted as e:
@@ -488,14 +583,24 @@ def search(config, topo, *, compile_report: Callable[..., dict], cache: ReportCa
             winner, verified = verify_plan(ev, winner, gb, slices)
         except BudgetExhausted as e:
             stopped = f"not verified: the compile budget ({e.args[0]} compiles) ran out"
-    return plan_record(config, topo, config_name=config_name, winner=winner,
-                       candidates=candidates, measured=measured, compiles=ev.compiles,
-                       cache_hits=cache.hits, stopped=stopped, depth_points=depth_points,
-                       verified=verified)
+    return plan_record(
+        config,
+        topo,
+        config_name=config_name,
+        winner=winner,
+        candidates=candidates,
+        measured=measured,
+        compiles=ev.compiles,
+        cache_hits=cache.hits,
+        stopped=stopped,
+        depth_points=depth_points,
+        verified=verified,
+    )
 
 
-def verify_plan(ev: Evaluator, winner: tuple[Settings, dict], gb: int,
-                slices: int) -> tuple[tuple[Settings, dict] | None, dict]:
+def verify_plan(
+    ev: Evaluator, winner: tuple[Settings, dict], gb: int, slices: int
+) -> tuple[tuple[Settings, dict] | None, dict]:
     """Compiles the chosen plan as planned (real depth, with its accumulation); where the
     prediction was wrong and it does not fit, doubles the accumulation until it does. The
     plan's numbers are then the compiler's."""
@@ -504,13 +609,21 @@ def verify_plan(ev: Evaluator, winner: tuple[Settings, dict], gb: int,
     tries = []
     while True:
         real = ev.report(s.apply(ev.config))
-        tries.append({"grad_accum_steps": s.accum, "fits": real["fits"],
-                      "hbm_total_gib": (real.get("hbm_per_chip_gib") or {}).get("total")})
+        tries.append(
+            {
+                "grad_accum_steps": s.accum,
+                "fits": real["fits"],
+                "hbm_total_gib": (real.get("hbm_per_chip_gib") or {}).get("total"),
+            }
+        )
         if real["fits"] or s.accum == accums[-1]:
             break
         s = dataclasses.replace(s, accum=accums[accums.index(s.accum) + 1])
-    note = {"predicted_hbm_total_gib": (predicted.get("hbm_per_chip_gib") or {}).get("total"),
-            "predicted_est_step_s": predicted.get("est_step_s"), "compiled": tries}
+    note = {
+        "predicted_hbm_total_gib": (predicted.get("hbm_per_chip_gib") or {}).get("total"),
+        "predicted_est_step_s": predicted.get("est_step_s"),
+        "compiled": tries,
+    }
     return ((s, real) if real["fits"] else None), note
 
 
@@ -523,20 +636,39 @@ def needs(topo, measured: list[dict]) -> str:
     """What a plan that fits nowhere would need: about the chips that bring the smallest
     per-chip need within HBM (sharded state and the microbatch shrink with the chips)."""
     g = topo.generation
-    asked = [m.get("hbm_total_gib") or m.get("hbm_temporaries_needed_gib") for m in measured
-             if m.get("hbm_total_gib") or m.get("hbm_temporaries_needed_gib")]
+    asked = [
+        m.get("hbm_total_gib") or m.get("hbm_temporaries_needed_gib")
+        for m in measured
+        if m.get("hbm_total_gib") or m.get("hbm_temporaries_needed_gib")
+    ]
     if not asked:
-        return (f"nothing fits {g.hbm_gib:g} GiB per chip on {topo.chips} chips, not even a "
-                "microbatch of 1 per chip: try a slice with more chips")
+        return (
+            f"nothing fits {g.hbm_gib:g} GiB per chip on {topo.chips} chips, not even a "
+            "microbatch of 1 per chip: try a slice with more chips"
+        )
     need = min(asked)
     factor = 2 ** math.ceil(math.log2(max(need / g.hbm_gib, 1.0001)))
     chips = topo.chips * factor
-    return (f"nothing fits {g.hbm_gib:g} GiB per chip on {topo.chips} chips (the least needs "
-            f"{need:.1f} GiB): try {chips} chips ({cloud_name(g.name, chips)}) or more")
+    return (
+        f"nothing fits {g.hbm_gib:g} GiB per chip on {topo.chips} chips (the least needs "
+        f"{need:.1f} GiB): try {chips} chips ({cloud_name(g.name, chips)}) or more"
+    )
 
 
-def plan_record(config, topo, *, config_name, winner, candidates, measured, compiles,
-                cache_hits, stopped, depth_points, verified) -> dict[str, Any]:
+def plan_record(
+    config,
+    topo,
+    *,
+    config_name,
+    winner,
+    candidates,
+    measured,
+    compiles,
+    cache_hits,
+    stopped,
+    depth_points,
+    verified,
+) -> dict[str, Any]:
     """Every key of a plan; None where unknown."""
     slices = config.mesh.num_slices
     chips = topo.chips * slices
@@ -544,36 +676,52 @@ def plan_record(config, topo, *, config_name, winner, candidates, measured, comp
     s, r = winner if winner else (None, {})
     r = r or {}
     out: dict[str, Any] = {
-        "config": config_name, "topology": topo.name, "topology_name": topo.topology_name,
-        "num_slices": slices, "chips": chips, "generation": topo.generation.name,
-        "global_batch": gb, "per_chip_batch": gb // chips if gb % chips == 0 else None,
+        "config": config_name,
+        "topology": topo.name,
+        "topology_name": topo.topology_name,
+        "num_slices": slices,
+        "chips": chips,
+        "generation": topo.generation.name,
+        "global_batch": gb,
+        "per_chip_batch": gb // chips if gb % chips == 0 else None,
         "model": model_identity(config),
         "fits": bool(s is not None and r.get("fits", True)),
         "settings": dataclasses.asdict(s) if s else None,
-        "mesh": ({"dcn": slices, "data": s.data, "fsdp": s.fsdp, "tensor": s.tensor}
-                 if s else None),
+        "mesh": (
+            {"dcn": slices, "data": s.data, "fsdp": s.fsdp, "tensor": s.tensor} if s else None
+        ),
         "grad_accum_steps": s.accum if s else None,
         "microbatch_per_chip": (gb // chips // s.accum) if s and gb % chips == 0 else None,
-        "remat": s.remat if s else None, "scan_layers": s.scan if s else None,
+        "remat": s.remat if s else None,
+        "scan_layers": s.scan if s else None,
         "overrides": s.overrides() if s else None,
         "override_line": " ".join(s.overrides()) if s else None,
-        "hbm_per_chip_gib": r.get("hbm_per_chip_gib"), "hbm_capacity_gib":
-            topo.generation.hbm_gib,
-        "est_step_s": r.get("est_step_s"), "est_img_per_s_per_chip":
-            r.get("est_img_per_s_per_chip"), "est_mfu": r.get("est_mfu"),
+        "hbm_per_chip_gib": r.get("hbm_per_chip_gib"),
+        "hbm_capacity_gib": topo.generation.hbm_gib,
+        "est_step_s": r.get("est_step_s"),
+        "est_img_per_s_per_chip": r.get("est_img_per_s_per_chip"),
+        "est_mfu": r.get("est_mfu"),
         "estimate": {k: v for k, v in r.items() if k.startswith("est_")} or None,
-        "estimate_basis": r.get("estimate_basis"), "depth_basis": r.get("basis"),
+        "estimate_basis": r.get("estimate_basis"),
+        "depth_basis": r.get("basis"),
         "collectives": r.get("collectives"),
         "verified": verified,
         "needs": None if s else needs(topo, measured),
         "search": {
-            "compiles": compiles, "cache_hits": cache_hits, "stopped": stopped,
+            "compiles": compiles,
+            "cache_hits": cache_hits,
+            "stopped": stopped,
             "depth_points": list(depth_points) if depth_points else None,
             "measured": measured,
-            "candidates": [dict(dataclasses.asdict(c), est_step_s=e.get("est_step_s"),
-                                est_mfu=e.get("est_mfu"),
-                                hbm_total_gib=(e.get("hbm_per_chip_gib") or {}).get("total"))
-                           for c, e in candidates],
+            "candidates": [
+                dict(
+                    dataclasses.asdict(c),
+                    est_step_s=e.get("est_step_s"),
+                    est_mfu=e.get("est_mfu"),
+                    hbm_total_gib=(e.get("hbm_per_chip_gib") or {}).get("total"),
+                )
+                for c, e in candidates
+            ],
         },
     }
     return out
@@ -587,7 +735,8 @@ def model_identity(config) -> dict[str, Any]:
         "preset": m.preset or None,
         "width": size.width if size else m.width,
         "depths": list(depths(config)),
-        "grid_size": config.latent.grid_size, "channels": config.latent.channels,
+        "grid_size": config.latent.grid_size,
+        "channels": config.latent.channels,
         "global_batch": config.train.global_batch_size,
     }
 
@@ -604,16 +753,28 @@ def format_plan(p: dict[str, Any]) -> str:
         f"per chip, remat {p['remat']}, scan_layers {p['scan_layers']}",
         f"HBM per chip {(p['hbm_per_chip_gib'] or {}).get('total', 'n/a')} of "
         f"{p['hbm_capacity_gib']:g} GiB; est. step "
-        + ("n/a" if est is None else f"{est:.4f} s, {p['est_img_per_s_per_chip']:.1f} img/s per "
-           f"chip, MFU {p['est_mfu']:.1%}" if p.get("est_mfu") else f"{est:.4f} s"),
-        "est. parts (s): " + ", ".join(
-            f"{k[4:-2]} {v:.4f}" for k, v in (p.get("estimate") or {}).items()
-            if k.endswith("_s") and k != "est_step_s" and isinstance(v, (int, float))),
+        + (
+            "n/a"
+            if est is None
+            else f"{est:.4f} s, {p['est_img_per_s_per_chip']:.1f} img/s per "
+            f"chip, MFU {p['est_mfu']:.1%}"
+            if p.get("est_mfu")
+            else f"{est:.4f} s"
+        ),
+        "est. parts (s): "
+        + ", ".join(
+            f"{k[4:-2]} {v:.4f}"
+            for k, v in (p.get("estimate") or {}).items()
+            if k.endswith("_s") and k != "est_step_s" and isinstance(v, (int, float))
+        ),
         f"search: {p['search']['compiles']} compiles, {p['search']['cache_hits']} cached"
-        + (f"; {p['search']['stopped']}" if p['search']['stopped'] else "")
+        + (f"; {p['search']['stopped']}" if p["search"]["stopped"] else "")
         + (f"; {p['depth_basis']}" if p.get("depth_basis") else "")
-        + ("; compiled as planned (predicted HBM "
-           f"{p['verified']['predicted_hbm_total_gib']} GiB)" if p.get("verified") else ""),
+        + (
+            f"; compiled as planned (predicted HBM {p['verified']['predicted_hbm_total_gib']} GiB)"
+            if p.get("verified")
+            else ""
+        ),
         "override line: " + p["override_line"],
     ]
     return "\n".join(lines)

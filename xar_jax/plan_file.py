@@ -25,15 +25,26 @@ from xar_jax.plan import cloud_name, model_identity
 
 log = logging.getLogger("xar_jax.plan_file")
 # What a plan may set: how the step runs, never what is trained.
-PLAN_FIELDS = ("mesh.data", "mesh.fsdp", "mesh.tensor", "train.grad_accum_steps", "model.remat",
-               "model.scan_layers", "model.scan_unroll")
+PLAN_FIELDS = (
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+    "train.grad_accum_steps",
+    "model.remat",
+    "model.scan_layers",
+    "model.scan_unroll",
+)
 
 
 def generation_of(device_kind: str) -> str | None:
     """The TPU generation of a jax ``device_kind`` ('TPU v5 lite' -> 'v5e'); None off TPU."""
     kind = device_kind.lower().replace(" ", "")
-    for names, gen in ((("v5lite", "v5e"), "v5e"), (("v6lite", "v6e"), "v6e"),
-                       (("v5p", "tpuv5"), "v5p"), (("tpuv4",), "v4")):
+    for names, gen in (
+        (("v5lite", "v5e"), "v5e"),
+        (("v6lite", "v6e"), "v6e"),
+        (("v5p", "tpuv5"), "v5p"),
+        (("tpuv4",), "v4"),
+    ):
         if any(n in kind for n in names):
             return gen
     return None
@@ -50,14 +61,19 @@ def check_plan(plan: dict[str, Any], config, *, devices: list | None) -> None:
     theirs = plan.get("model") or {}
     for key in ("preset", "width", "depths", "grid_size", "channels"):
         if theirs.get(key) != mine[key]:
-            raise UserError(f"{where} is for another model: {key} {theirs.get(key)} there, "
-                            f"{mine[key]} here.")
+            raise UserError(
+                f"{where} is for another model: {key} {theirs.get(key)} there, {mine[key]} here."
+            )
     if plan.get("global_batch") != config.train.global_batch_size:
-        raise UserError(f"{where} is for global batch {plan.get('global_batch')}; "
-                        f"train.global_batch_size is {config.train.global_batch_size}.")
+        raise UserError(
+            f"{where} is for global batch {plan.get('global_batch')}; "
+            f"train.global_batch_size is {config.train.global_batch_size}."
+        )
     if plan.get("num_slices", 1) != config.mesh.num_slices:
-        raise UserError(f"{where} is for {plan.get('num_slices')} slice(s); mesh.num_slices is "
-                        f"{config.mesh.num_slices}.")
+        raise UserError(
+            f"{where} is for {plan.get('num_slices')} slice(s); mesh.num_slices is "
+            f"{config.mesh.num_slices}."
+        )
     for item in plan["overrides"]:
         field = item.removeprefix("--config.").split("=", 1)[0]
         if field not in PLAN_FIELDS:
@@ -66,8 +82,10 @@ def check_plan(plan: dict[str, Any], config, *, devices: list | None) -> None:
         return
     kind = devices[0].device_kind
     if generation_of(kind) != plan.get("generation") or len(devices) != plan.get("chips"):
-        raise UserError(f"{where} is for {plan.get('chips')} TPU {plan.get('generation')} chips; "
-                        f"this run has {len(devices)} {devices[0].platform} device(s) ({kind}).")
+        raise UserError(
+            f"{where} is for {plan.get('chips')} TPU {plan.get('generation')} chips; "
+            f"this run has {len(devices)} {devices[0].platform} device(s) ({kind})."
+        )
 
 
 def apply_overrides(config, overrides: list[str]):
@@ -75,7 +93,7 @@ def apply_overrides(config, overrides: list[str]):
     config = copy.deepcopy(config)
     with config.unlocked():
         for item in overrides:
-            field, value = item[len("--config."):].split("=", 1)
+            field, value = item[len("--config.") :].split("=", 1)
             *parents, leaf = field.split(".")
             node = config
             for p in parents:
@@ -96,23 +114,34 @@ def load_plan(path: str) -> dict[str, Any]:
         raise UserError(f"train.plan={path!r}: cannot read a plan file ({e}).") from None
 
 
-def search_in_subprocess(argv: list[str], generation: str, chips: int,
-                         num_slices: int) -> dict[str, Any]:
+def search_in_subprocess(
+    argv: list[str], generation: str, chips: int, num_slices: int
+) -> dict[str, Any]:
     """``train.plan=auto``: the AOT planner (`python -m xar_jax.aot --plan`) for this slice, run
     with the trainer's config file and overrides; compile reports cached as the CLI caches them.
     """
-    args = [a for a in argv[1:] if a.startswith("--config") and
-            not a.startswith("--config.train.plan=")]
+    args = [
+        a for a in argv[1:] if a.startswith("--config") and not a.startswith("--config.train.plan=")
+    ]
     topology = cloud_name(generation, chips // num_slices)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "plan.json")
-        cmd = [sys.executable, "-m", "xar_jax.aot", "--plan", f"--topology={topology}",
-               f"--num_slices={num_slices}", *args, f"--json={out}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "xar_jax.aot",
+            "--plan",
+            f"--topology={topology}",
+            f"--num_slices={num_slices}",
+            *args,
+            f"--json={out}",
+        ]
         log.info("train.plan=auto: %s", " ".join(cmd))
         proc = subprocess.run(cmd, check=False)
         if proc.returncode or not os.path.exists(out):
-            raise UserError(f"train.plan=auto: the planner failed (exit {proc.returncode}): "
-                            f"{' '.join(cmd)}")
+            raise UserError(
+                f"train.plan=auto: the planner failed (exit {proc.returncode}): {' '.join(cmd)}"
+            )
         with open(out) as f:
             return json.load(f)
 
@@ -137,7 +166,8 @@ def config_with_plan(config, *, devices: list | None, argv: list[str]):
                 f"train.plan='auto' searches on TPU devices; this run has {len(devices)} "
                 f"{devices[0].platform} device(s): make a plan with python -m xar_jax.aot --plan "
                 "--config=... --topology=... --json=plan.json and pass --config.train.plan="
-                "plan.json.")
+                "plan.json."
+            )
         plan = search_in_subprocess(argv, generation, len(devices), config.mesh.num_slices)
     else:
         plan = load_plan(value)

@@ -309,7 +309,8 @@ def make_sampler(
         seq = jnp.zeros((call.batch, layout.num_tokens, model.in_channels), jnp.float32)
         caches = _empty_caches(model, call.row_labels.shape[0]) if use_cache else {}
         seq, _ = _for_each_entity(
-            layout, lambda e, n, start, carry: _solve_entity(plan, call, e, n, start, carry),
+            layout,
+            lambda e, n, start, carry: _solve_entity(plan, call, e, n, start, carry),
             (seq, caches),
         )
         return layout.from_sequence(seq)

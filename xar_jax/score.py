@@ -73,8 +73,7 @@ def score_imagenet(config, path: str, scorer=None) -> dict[str, float]:
     ``scorer``: `open_scorer`'s result if already opened.
     """
     params, reference = scorer or open_scorer(config)
-    metrics = evaluate_images(params, NpzImages(path), reference,
-                              batch_size=config.eval.batch_size)
+    metrics = evaluate_images(params, NpzImages(path), reference, batch_size=config.eval.batch_size)
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -105,21 +104,33 @@ def evaluate(exp: experiment_lib.Experiment, workdir: str) -> dict[str, float]:
     else:
         metrics = score_imagenet(config, path, scorer)
         if config.eval.num_images < PAPER_NUM_IMAGES:
-            note = {"note": f"FID of {config.eval.num_images:,} images: not comparable to the "
-                            f"paper below {PAPER_NUM_IMAGES:,} (fewer images give a higher FID)."}
+            note = {
+                "note": f"FID of {config.eval.num_images:,} images: not comparable to the "
+                f"paper below {PAPER_NUM_IMAGES:,} (fewer images give a higher FID)."
+            }
             log.warning("%s", note["note"])
     settings = samples.settings
     step = settings.checkpoint_step
     if jax.process_index() == 0:
-        record = {**metrics, **note, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "samples": samples.published, "settings": dataclasses.asdict(settings)}
+        record = {
+            **metrics,
+            **note,
+            "step": step,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "samples": samples.published,
+            "settings": dataclasses.asdict(settings),
+        }
         fileio.write_json(os.path.join(os.path.dirname(samples.published), METRICS_FILE), record)
-        history_path = fileio.write_json(fileio.as_path(workdir) / EVAL_HISTORY_FILE,
-                                         [*read_history(workdir), record])
+        history_path = fileio.write_json(
+            fileio.as_path(workdir) / EVAL_HISTORY_FILE, [*read_history(workdir), record]
+        )
         writer = metrics_lib.create_writer(workdir, is_main_process=True)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         writer.close()
-        log.info("Wrote %s and %s.", os.path.join(os.path.dirname(samples.published), METRICS_FILE),
-                 history_path)
+        log.info(
+            "Wrote %s and %s.",
+            os.path.join(os.path.dirname(samples.published), METRICS_FILE),
+            history_path,
+        )
     log.info("Eval of %s: %s", settings.dir_name(), metrics)
     return metrics

@@ -120,7 +120,10 @@ def _device_grid(devices: list, num_slices: int, ici: tuple[int, int, int]) -> n
         return np.asarray(devices).reshape(shape)  # Slices = consecutive groups (CPU tests).
     found = len({getattr(d, "slice_index", None) or 0 for d in devices})
     if found != num_slices:
-        raise ValueError(f"mesh.num_slices={num_slices}, but the TPU devices form {found} slice(s).")
+        raise ValueError(
+            f"mesh.num_slices={num_slices}, but the TPU devices form {found} slice(s)."
+        )
+
     def grid(split: bool) -> np.ndarray:
         if num_slices == 1:
             return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)

@@ -35,13 +35,21 @@ from typing import Any
 
 from xar_jax.hlo_cost import Op
 
-OVERLAP = ("max(compute+memory per op, collectives): collectives overlap compute and HBM "
-           "traffic; est_step_s_serial = their sum")
+OVERLAP = (
+    "max(compute+memory per op, collectives): collectives overlap compute and HBM "
+    "traffic; est_step_s_serial = their sum"
+)
 
 
 def collective_seconds(
-    kind: str, result_bytes: float, group: Iterable[int], *, chips_per_slice: int,
-    ici_gbps: float, dcn_gbits: float, ici_links: int = 1,
+    kind: str,
+    result_bytes: float,
+    group: Iterable[int],
+    *,
+    chips_per_slice: int,
+    ici_gbps: float,
+    dcn_gbits: float,
+    ici_links: int = 1,
 ) -> tuple[float, float]:
     """``(ici_s, dcn_s)`` of one collective (see the module docstring)."""
     group = list(group)
@@ -55,8 +63,11 @@ def collective_seconds(
 
     if kind == "collective-permute":
         crosses = slices > 1
-        return (0.0, b_over(result_bytes, dcn_gbits)) if crosses else (
-            result_bytes / (ici_gbps / 2 / max(ici_links, 1) * 1e9), 0.0)
+        return (
+            (0.0, b_over(result_bytes, dcn_gbits))
+            if crosses
+            else (result_bytes / (ici_gbps / 2 / max(ici_links, 1) * 1e9), 0.0)
+        )
     per_slice = n // slices
     # Reduce-scatter's B is the shard: the data per chip in the ring over a slice's members is
     # the shard times the cross-slice members (the other slices' shards still to reduce).
@@ -87,8 +98,14 @@ def b_over(nbytes: float, gbits: float) -> float:
 
 
 def estimate(
-    ops: list[Op], *, peak_tflops: float, hbm_gbps: float, chips_per_slice: int = 1,
-    ici_gbps: float = 0.0, dcn_gbits: float = 0.0, ici_links: int = 1,
+    ops: list[Op],
+    *,
+    peak_tflops: float,
+    hbm_gbps: float,
+    chips_per_slice: int = 1,
+    ici_gbps: float = 0.0,
+    dcn_gbits: float = 0.0,
+    ici_links: int = 1,
 ) -> dict[str, Any]:
     """The step's parts and total (seconds), FLOPs and HBM bytes, per chip."""
     peak, bw = peak_tflops * 1e12, hbm_gbps * 1e9
@@ -99,9 +116,15 @@ def estimate(
             if o.slices > 1:  # Between slices: a ring over the slices on the DCN.
                 i, d = 0.0, b_over(ring_bytes(o.collective, o.slices, o.result_bytes), dcn_gbits)
             else:
-                i, d = collective_seconds(o.collective, o.result_bytes, o.group,
-                                          chips_per_slice=chips_per_slice, ici_gbps=ici_gbps,
-                                          dcn_gbits=dcn_gbits, ici_links=ici_links)
+                i, d = collective_seconds(
+                    o.collective,
+                    o.result_bytes,
+                    o.group,
+                    chips_per_slice=chips_per_slice,
+                    ici_gbps=ici_gbps,
+                    dcn_gbits=dcn_gbits,
+                    ici_links=ici_links,
+                )
             ici += i * o.times
             dcn += d * o.times
             continue
@@ -113,15 +136,28 @@ def estimate(
         per_op += max(c, m) * o.times
     collective = ici + dcn
     return {
-        "flops": flops, "bytes": hbm, "est_compute_s": compute, "est_memory_s": memory,
-        "est_compute_memory_s": per_op, "est_ici_s": ici, "est_dcn_s": dcn,
-        "est_collective_s": collective, "est_step_s": max(per_op, collective),
-        "est_step_s_serial": per_op + collective, "est_overlap": OVERLAP,
+        "flops": flops,
+        "bytes": hbm,
+        "est_compute_s": compute,
+        "est_memory_s": memory,
+        "est_compute_memory_s": per_op,
+        "est_ici_s": ici,
+        "est_dcn_s": dcn,
+        "est_collective_s": collective,
+        "est_step_s": max(per_op, collective),
+        "est_step_s_serial": per_op + collective,
+        "est_overlap": OVERLAP,
     }
 
 
-def rates(est: dict[str, Any], *, examples_per_chip: float, model_flops_per_step: float,
-          chips: int, peak_tflops: float) -> dict[str, float | None]:
+def rates(
+    est: dict[str, Any],
+    *,
+    examples_per_chip: float,
+    model_flops_per_step: float,
+    chips: int,
+    peak_tflops: float,
+) -> dict[str, float | None]:
     """Images per second per chip and MFU of an estimate."""
     step = est.get("est_step_s")
     if not step or not math.isfinite(step):

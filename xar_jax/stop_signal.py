@@ -89,8 +89,11 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            log.warning("%s again: already stopping; finishing and saving first (SIGKILL stops "
-                        "at once, keeping the checkpoints saved before).", signal_name(signum))
+            log.warning(
+                "%s again: already stopping; finishing and saving first (SIGKILL stops "
+                "at once, keeping the checkpoints saved before).",
+                signal_name(signum),
+            )
             return
         self.received = signum
         log.warning("%s: finishing %s, then saving and stopping.", signal_name(signum), self.what)

@@ -193,7 +193,13 @@ def parse(name: str) -> Topology:
         if len(sides) == gen.dims and all(s >= 1 for s in sides):
             grid = sides
     if gen is None or grid is None:
-        raise ValueError(f"--topology={name!r} is not a TPU slice this tool knows; allowed: "
-                         f"{ACCEPTED_FORMS}.")
-    return Topology(name=name, generation=gen, grid=grid, wrap=_wrap(gen, grid),
-                    chips_per_host=_host_bounds(gen, grid))
+        raise ValueError(
+            f"--topology={name!r} is not a TPU slice this tool knows; allowed: {ACCEPTED_FORMS}."
+        )
+    return Topology(
+        name=name,
+        generation=gen,
+        grid=grid,
+        wrap=_wrap(gen, grid),
+        chips_per_host=_host_bounds(gen, grid),
+    )

@@ -30,7 +30,9 @@ from xar_jax.stop_signal import StopSignals, signal_name
 
 log = logging.getLogger("xar_jax.train")
 
-PARAMETERS_FILE = "parameters.txt"  # The parameter table (name, shape, dtype, size), in the workdir.
+PARAMETERS_FILE = (
+    "parameters.txt"  # The parameter table (name, shape, dtype, size), in the workdir.
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -141,8 +143,9 @@ def _claim_workdir(exp, workdir: str, allow_change: tuple[str, ...]):
     record = workdir_lib.read_record(workdir)
     accepted: list[str] = []
     if record is not None:
-        accepted = workdir_lib.check_resume(record, exp.config, exp.mesh_shape,
-                                            jax.process_count(), workdir, allow_change)
+        accepted = workdir_lib.check_resume(
+            record, exp.config, exp.mesh_shape, jax.process_count(), workdir, allow_change
+        )
     lock, refusal = None, None
     if jax.process_index() == 0:
         fileio_root = workdir_lib.fileio.as_path(workdir)
@@ -170,14 +173,20 @@ def _claim_workdir(exp, workdir: str, allow_change: tuple[str, ...]):
 def _record_start(exp, workdir, record, accepted) -> None:
     if jax.process_index() != 0:
         return
-    log.info("Effective config written to %s.",
-             workdir_lib.write_effective_config(workdir, exp.config))
+    log.info(
+        "Effective config written to %s.", workdir_lib.write_effective_config(workdir, exp.config)
+    )
     if record is None:
-        workdir_lib.write_record(workdir, workdir_lib.RunRecord.for_config(
-            exp.config, exp.mesh_shape, jax.process_count(), "train"))
+        workdir_lib.write_record(
+            workdir,
+            workdir_lib.RunRecord.for_config(
+                exp.config, exp.mesh_shape, jax.process_count(), "train"
+            ),
+        )
     else:
-        workdir_lib.update_record(workdir, record, exp.config, exp.mesh_shape,
-                                  jax.process_count(), accepted)
+        workdir_lib.update_record(
+            workdir, record, exp.config, exp.mesh_shape, jax.process_count(), accepted
+        )
 
 
 def train_and_evaluate(
@@ -220,15 +229,22 @@ def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainS
     writer = metrics_lib.create_writer(workdir, is_main_process=is_main)
     log.info(
         "Model %s params; mesh %s; %d steps (%d per epoch); global batch %d.",
-        f"{exp.num_params:,}", exp.mesh_shape, setup.total_steps, setup.steps_per_epoch,
+        f"{exp.num_params:,}",
+        exp.mesh_shape,
+        setup.total_steps,
+        setup.steps_per_epoch,
         config.train.global_batch_size,
     )
     if is_main:
         table = fileio.write_text(
             fileio.as_path(workdir) / PARAMETERS_FILE,
-            parameter_overview.get_parameter_overview(exp.abstract_params, include_stats=False))
-        log.info("Parameters by module: %s (every array: %s).",
-                 metrics_lib.module_totals(exp.abstract_params), table)
+            parameter_overview.get_parameter_overview(exp.abstract_params, include_stats=False),
+        )
+        log.info(
+            "Parameters by module: %s (every array: %s).",
+            metrics_lib.module_totals(exp.abstract_params),
+            table,
+        )
     checkpointer = experiment_lib.checkpointer(config, workdir)
     data_iterator = make_data_iterator(config, exp.mesh)
     # With an accepted data change the saved iterator position belongs to the old pipeline.
@@ -239,11 +255,13 @@ def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainS
         log.info("Resumed from checkpoint step %d in %s.", step, workdir)
     else:
         log.info("No checkpoint in %s: initialising (seed %d).", workdir, config.seed)
-        state = ts.create_train_state(exp.model, setup.optimizer, config.seed,
-                                      setup.state_shardings)
+        state = ts.create_train_state(
+            exp.model, setup.optimizer, config.seed, setup.state_shardings
+        )
     _record_start(exp, workdir, record, accepted)
-    log.info("Writing checkpoints to %s and TensorBoard events to %s.",
-             checkpointer.directory, workdir)
+    log.info(
+        "Writing checkpoints to %s and TensorBoard events to %s.", checkpointer.directory, workdir
+    )
     step = int(jax.device_get(state.step))
     t = config.train
     check_finite(state, t)
@@ -258,8 +276,9 @@ def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainS
         batch = to_model_batch(next(data_iterator), config.latent.tokenizer)
         compiled = _compile(jit_train_step(exp, setup), state, batch)
         means = metrics_lib.IntervalMeans(exp.layout.num_entities)
-        profiler = metrics_lib.ProfilerWindow(workdir, config.log.profile_start_step,
-                                              config.log.profile_num_steps)
+        profiler = metrics_lib.ProfilerWindow(
+            workdir, config.log.profile_start_step, config.log.profile_num_steps
+        )
         throughput = None
         stopping = not stop.synchronised and stop.requested()  # Before any step: nothing to save.
         while step < setup.total_steps and not stopping:
@@ -272,8 +291,11 @@ def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainS
                 # Rates and ETA from the steady state: the first step (warm-up) is not counted.
                 jax.block_until_ready(state.step)
                 throughput = metrics_lib.Throughput(
-                    start_step=step, total_steps=setup.total_steps,
-                    global_batch_size=t.global_batch_size, num_devices=jax.device_count())
+                    start_step=step,
+                    total_steps=setup.total_steps,
+                    global_batch_size=t.global_batch_size,
+                    num_devices=jax.device_count(),
+                )
             last = step == setup.total_steps
             if step % config.log.every_steps == 0 or last:
                 _log_step(writer, step, means.result(), step_metrics, throughput, state, t)
@@ -298,11 +320,15 @@ def _train(exp, workdir, record, accepted, lock, stop: StopSignals) -> ts.TrainS
     if stopping and step < setup.total_steps:  # A stop after the last step is just the end.
         name = signal_name(stop.received)
         if saved is None or saved < step:  # Stopped before this start's first step.
-            raise stop.stopped(f"Stopped by {name} before the first step: nothing new to save "
-                               f"(newest checkpoint: {saved}).")
-        raise stop.stopped(f"Stopped by {name} after step {step}: checkpoint {saved} (with the "
-                           f"data iterator) is in {checkpointer.directory}. The same command "
-                           "resumes from it.")
+            raise stop.stopped(
+                f"Stopped by {name} before the first step: nothing new to save "
+                f"(newest checkpoint: {saved})."
+            )
+        raise stop.stopped(
+            f"Stopped by {name} after step {step}: checkpoint {saved} (with the "
+            f"data iterator) is in {checkpointer.directory}. The same command "
+            "resumes from it."
+        )
     log.info("Training done at step %d; checkpoints in %s.", step, checkpointer.directory)
     return state
 
@@ -318,8 +344,10 @@ def lower_train_step(jitted, state, batch):
 def _compile(jitted, state, batch):
     """Compiles the step ahead of the loop, saying so, and logs its memory per device."""
     cache = jax.config.jax_compilation_cache_dir
-    log.info("Compiling the train step (compilation cache: %s; a first compile can take "
-             "minutes)...", cache or "off")
+    log.info(
+        "Compiling the train step (compilation cache: %s; a first compile can take minutes)...",
+        cache or "off",
+    )
     start = time.perf_counter()
     compiled = lower_train_step(jitted, state, batch).compile()
     log.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
@@ -331,8 +359,12 @@ def _log_step(writer, step, interval_means, step_metrics, throughput, state, tra
     """Interval means of the losses and gradient norm, the step's learning rate, the rates."""
     check_finite(state, train_config)
     # Loss, gradient norm and learning rate lead the console line; per-entity losses follow.
-    scalars = {"loss": interval_means.pop("loss"), "grad_norm": interval_means.pop("grad_norm"),
-               "lr": jax.device_get(step_metrics["lr"]), **interval_means}
+    scalars = {
+        "loss": interval_means.pop("loss"),
+        "grad_norm": interval_means.pop("grad_norm"),
+        "lr": jax.device_get(step_metrics["lr"]),
+        **interval_means,
+    }
     rates = throughput.report(step) if throughput.measurable(step) else None
     if rates is not None:
         scalars["steps_per_sec"] = rates["steps_per_sec"]

@@ -287,12 +287,18 @@ def validate_config(
     if not isinstance(cfg.weights, str):
         _fail("weights", cfg.weights, "a converted xAR directory or ''")
     if training and cfg.weights:
-        _fail("weights", cfg.weights,
-              "'' for --mode=train (converted weights are for --mode=sample and --mode=eval)")
+        _fail(
+            "weights",
+            cfg.weights,
+            "'' for --mode=train (converted weights are for --mode=sample and --mode=eval)",
+        )
     value = cfg.compile_cache_dir
     if not isinstance(value, str) or value != value.strip():
-        _fail("compile_cache_dir", value,
-              "'' (<workdir>/compile_cache), 'none' (off) or a directory (local or gs://)")
+        _fail(
+            "compile_cache_dir",
+            value,
+            "'' (<workdir>/compile_cache), 'none' (off) or a directory (local or gs://)",
+        )
     _check_number(cfg, "compile_cache_min_compile_secs", 0.0)
     if not isinstance(cfg.latent.vae_checkpoint, str):
         _fail("latent.vae_checkpoint", cfg.latent.vae_checkpoint, "a directory path or ''")
@@ -310,25 +316,34 @@ def validate_config(
         _check_number(cfg, "model.num_heads", 1, integer=True)
         w, h = cfg.model.width, cfg.model.num_heads
         if w % h or (w // h) % 4:
-            _fail("model.num_heads", h,
-                  f"a divisor of model.width={w} leaving a head size divisible by 4")
+            _fail(
+                "model.num_heads",
+                h,
+                f"a divisor of model.width={w} leaving a head size divisible by 4",
+            )
     _check_number(cfg, "model.mlp_multiple", 1, integer=True)
     _check_number(cfg, "model.dropout", 0.0, 1.0)
     _check_number(cfg, "model.attn_dropout", 0.0, 1.0)
     _check_choice(cfg, "model.dtype", tuple(DTYPES))
     _check_choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
     _check_choice(cfg, "model.dropout_impl", DROPOUT_IMPLS)
-    if not (cfg.model.scan_layers is True or cfg.model.scan_layers is False
-            or cfg.model.scan_layers == "auto"):
+    if not (
+        cfg.model.scan_layers is True
+        or cfg.model.scan_layers is False
+        or cfg.model.scan_layers == "auto"
+    ):
         _fail("model.scan_layers", cfg.model.scan_layers, "True | False | 'auto'")
     _check_number(cfg, "model.scan_unroll", 1, integer=True)
     _check_choice(cfg, "model.remat", (*REMAT_POLICIES, "auto"))
     impl = cfg.model.attention_impl
     if training and cfg.model.attn_dropout > 0 and not attention.supports_dropout(impl):
         *some, last = [repr(k) for k in ATTENTION_IMPLS if attention.supports_dropout(k)]
-        _fail("model.attn_dropout", cfg.model.attn_dropout,
-              f"0.0 unless model.attention_impl is {', '.join(some)} or {last} ({impl!r} has no "
-              "attention dropout)")
+        _fail(
+            "model.attn_dropout",
+            cfg.model.attn_dropout,
+            f"0.0 unless model.attention_impl is {', '.join(some)} or {last} ({impl!r} has no "
+            "attention dropout)",
+        )
 
     _check_number(cfg, "train.global_batch_size", 1, integer=True)
     _check_number(cfg, "train.num_epochs", 0, low_open=True)
@@ -342,17 +357,23 @@ def validate_config(
     _check_choice(cfg, "train.nan_policy", NAN_POLICIES)
     _check_number(cfg, "train.max_consecutive_skips", 1, integer=True)
     if cfg.train.global_batch_size % cfg.train.grad_accum_steps:
-        _fail("train.grad_accum_steps", cfg.train.grad_accum_steps,
-              f"a divisor of train.global_batch_size={cfg.train.global_batch_size}")
+        _fail(
+            "train.grad_accum_steps",
+            cfg.train.grad_accum_steps,
+            f"a divisor of train.global_batch_size={cfg.train.global_batch_size}",
+        )
 
     _check_number(cfg, "optim.lr", 0, low_open=True)
     _check_number(cfg, "optim.end_lr", 0)
     _check_number(cfg, "optim.warmup_epochs", 0)
     _check_number(cfg, "optim.decay_start_epoch", 0)
     if not cfg.optim.warmup_epochs <= cfg.optim.decay_start_epoch <= cfg.train.num_epochs:
-        _fail("optim.decay_start_epoch", cfg.optim.decay_start_epoch,
-              f"between optim.warmup_epochs={cfg.optim.warmup_epochs} and "
-              f"train.num_epochs={cfg.train.num_epochs}")
+        _fail(
+            "optim.decay_start_epoch",
+            cfg.optim.decay_start_epoch,
+            f"between optim.warmup_epochs={cfg.optim.warmup_epochs} and "
+            f"train.num_epochs={cfg.train.num_epochs}",
+        )
     _check_number(cfg, "optim.b1", 0.0, 1.0)
     _check_number(cfg, "optim.b2", 0.0, 1.0)
     _check_number(cfg, "optim.weight_decay", 0.0)
@@ -368,15 +389,19 @@ def validate_config(
         if num_devices % slices:
             _fail("mesh.num_slices", slices, f"a divisor of the {num_devices} devices")
         try:
-            shape = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
-                                                num_devices // slices)
+            shape = sharding.resolve_mesh_shape(
+                cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices // slices
+            )
         except ValueError as e:
             raise ConfigError(f"config.{e}") from None
         shards = slices * shape[0] * shape[1]
         if cfg.train.global_batch_size % (shards * cfg.train.grad_accum_steps):
-            _fail("train.global_batch_size", cfg.train.global_batch_size,
-                  f"a multiple of num_slices x data x fsdp shards ({shards}) x grad_accum_steps "
-                  f"({cfg.train.grad_accum_steps})")
+            _fail(
+                "train.global_batch_size",
+                cfg.train.global_batch_size,
+                f"a multiple of num_slices x data x fsdp shards ({shards}) x grad_accum_steps "
+                f"({cfg.train.grad_accum_steps})",
+            )
 
     _check_number(cfg, "checkpoint.every_steps", 1, integer=True)
     _check_number(cfg, "checkpoint.max_to_keep", 1, integer=True)
@@ -400,8 +425,11 @@ def validate_config(
     _check_choice(cfg, "sample.format", SAMPLE_FORMATS)
     _check_choice(cfg, "sample.write_png", (True, False))
     if not isinstance(cfg.sample.out_dir, str):
-        _fail("sample.out_dir", cfg.sample.out_dir,
-              "'' (workdir/generated), a path shared by all hosts, or gs:// (one process)")
+        _fail(
+            "sample.out_dir",
+            cfg.sample.out_dir,
+            "'' (workdir/generated), a path shared by all hosts, or gs:// (one process)",
+        )
     _check_number(cfg, "eval.num_images", 1, integer=True)
     for field in ("eval.reference_stats", "eval.inception_checkpoint"):
         if not isinstance(config_field(cfg, field), str):
@@ -416,8 +444,11 @@ def validate_config(
 def _validate_balance(cfg, num_devices: int | None) -> None:
     """Sample batches that split over the devices; enough images for the Inception Score."""
     if cfg.sample.format == "adm" and num_devices and cfg.sample.batch_size % num_devices:
-        _fail("sample.batch_size", cfg.sample.batch_size,
-              f"a multiple of the {num_devices} devices (sample.format='adm')")
+        _fail(
+            "sample.batch_size",
+            cfg.sample.batch_size,
+            f"a multiple of the {num_devices} devices (sample.format='adm')",
+        )
     if cfg.data.source != "digits" and cfg.eval.num_images < 10:
         _fail("eval.num_images", cfg.eval.num_images, ">= 10 (the Inception Score's splits)")
 

@@ -307,8 +307,11 @@ def make_train_step(
 
             zeros = jax.tree.map(
                 jnp.zeros_like,
-                (jnp.zeros((), jnp.float32), {"loss_per_entity": jnp.zeros(layout.num_entities)},
-                 state.params),
+                (
+                    jnp.zeros((), jnp.float32),
+                    {"loss_per_entity": jnp.zeros(layout.num_entities)},
+                    state.params,
+                ),
             )
             (loss, aux, grads), _ = jax.lax.scan(
                 accumulate, zeros, (jnp.arange(grad_accum_steps), micro)

@@ -73,12 +73,27 @@ def _group_norm(dtype: Any, name: str) -> nn.GroupNorm:
     )
 
 
-def _conv(features: int, kernel: int, dtype: Any, precision: Any, name: str, *, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
+def _conv(
+    features: int,
+    kernel: int,
+    dtype: Any,
+    precision: Any,
+    name: str,
+    *,
+    stride: int = 1,
+    padding: Any = None,
+) -> nn.Conv:
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2  # torch's padding=k//2 for odd kernels
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=dtype, precision=precision, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        precision=precision,
+        name=name,
+    )
 
 
 class ResnetBlock(nn.Module):
@@ -113,8 +128,9 @@ class AttnBlock(nn.Module):
             _conv(c, 1, self.dtype, self.precision, n)(h).reshape(b, hgt * wid, c)
             for n in ("q", "k", "v")
         )
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=self.precision,
-                            preferred_element_type=jnp.float32) * (c ** -0.5)
+        logits = jnp.einsum(
+            "bqc,bkc->bqk", q, k, precision=self.precision, preferred_element_type=jnp.float32
+        ) * (c**-0.5)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bqk,bkc->bqc", weights, v, precision=self.precision)
         out = _conv(c, 1, self.dtype, self.precision, "proj_out")(out.reshape(b, hgt, wid, c))
@@ -130,8 +146,9 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return _conv(x.shape[-1], 3, self.dtype, self.precision, "conv", stride=2,
-                     padding="VALID")(x)
+        return _conv(x.shape[-1], 3, self.dtype, self.precision, "conv", stride=2, padding="VALID")(
+            x
+        )
 
 
 class Upsample(nn.Module):
@@ -206,8 +223,14 @@ class Encoder(nn.Module):
         for i, mult in enumerate(self.ch_mult):
             # Attention placement follows the nominal resolution, as in LDM, not the input size.
             nominal = self.resolution // 2**i
-            x = Level(self.ch * mult, self.num_res_blocks, nominal in self.attn_resolutions,
-                      None if i == last else "down", name=f"down_{i}", **kw)(x)
+            x = Level(
+                self.ch * mult,
+                self.num_res_blocks,
+                nominal in self.attn_resolutions,
+                None if i == last else "down",
+                name=f"down_{i}",
+                **kw,
+            )(x)
         x = MidBlock(x.shape[-1], name="mid", **kw)(x)
         x = nn.swish(_group_norm(self.dtype, "norm_out")(x))
         return _conv(2 * self.z_channels, 3, self.dtype, self.precision, "conv_out")(x)
@@ -229,8 +252,14 @@ class Decoder(nn.Module):
         x = _conv(self.ch * self.ch_mult[-1], 3, self.dtype, self.precision, "conv_in")(z)
         x = MidBlock(x.shape[-1], name="mid", **kw)(x)
         for i in reversed(range(len(self.ch_mult))):
-            x = Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, False,
-                      None if i == 0 else "up", name=f"up_{i}", **kw)(x)
+            x = Level(
+                self.ch * self.ch_mult[i],
+                self.num_res_blocks + 1,
+                False,
+                None if i == 0 else "up",
+                name=f"up_{i}",
+                **kw,
+            )(x)
         x = nn.swish(_group_norm(self.dtype, "norm_out")(x))
         return _conv(IMAGE_CHANNELS, 3, self.dtype, self.precision, "conv_out")(x)
 
@@ -283,12 +312,20 @@ class VAE(nn.Module):
 
     def setup(self):
         kw = dict(dtype=self.dtype, precision=self.precision)
-        self.encoder = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
-                               self.resolution, self.z_channels, **kw)
+        self.encoder = Encoder(
+            self.ch,
+            self.ch_mult,
+            self.num_res_blocks,
+            self.attn_resolutions,
+            self.resolution,
+            self.z_channels,
+            **kw,
+        )
         self.decoder = Decoder(self.ch, self.ch_mult, self.num_res_blocks, **kw)
         self.quant_conv = _conv(2 * self.embed_dim, 1, self.dtype, self.precision, "quant_conv")
-        self.post_quant_conv = _conv(self.z_channels, 1, self.dtype, self.precision,
-                                     "post_quant_conv")
+        self.post_quant_conv = _conv(
+            self.z_channels, 1, self.dtype, self.precision, "post_quant_conv"
+        )
 
     def encode(self, images: jax.Array) -> jax.Array:
         """(B, H, W, 3) images in [-1, 1] -> (B, H/16, W/16, 2 * embed_dim) float32 moments
@@ -419,9 +456,7 @@ def _check_images(images: Any, model: VAE) -> None:
 def _check_latents(latents: Any, model: VAE) -> None:
     shape = tuple(getattr(latents, "shape", ()))
     if len(shape) != 4 or shape[-1] != model.embed_dim:
-        raise ValueError(
-            f"latents must be NHWC (B, h, w, {model.embed_dim}); got shape {shape}."
-        )
+        raise ValueError(f"latents must be NHWC (B, h, w, {model.embed_dim}); got shape {shape}.")
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -431,10 +466,12 @@ def _encode_jit(params: Any, images: jax.Array, model: VAE) -> jax.Array:
 
 # ``scale`` and ``clip`` are traced, so changing them never recompiles the decoder.
 @functools.partial(jax.jit, static_argnames=("model",))
-def _decode_jit(params: Any, latents: jax.Array, scale: jax.Array, clip: jax.Array,
-                model: VAE) -> jax.Array:
-    images = model.apply({"params": params}, jnp.asarray(latents, jnp.float32) / scale,
-                         method=VAE.decode)
+def _decode_jit(
+    params: Any, latents: jax.Array, scale: jax.Array, clip: jax.Array, model: VAE
+) -> jax.Array:
+    images = model.apply(
+        {"params": params}, jnp.asarray(latents, jnp.float32) / scale, method=VAE.decode
+    )
     return jnp.where(clip, jnp.clip(images, -1.0, 1.0), images)
 
 
@@ -455,8 +492,9 @@ def encode(params: Any, images: jax.Array, *, model: VAE) -> jax.Array:
     return _encode_jit(params, images, model)
 
 
-def decode(params: Any, latents: jax.Array, *, model: VAE, scale: float = LATENT_SCALE,
-           clip: bool = True) -> jax.Array:
+def decode(
+    params: Any, latents: jax.Array, *, model: VAE, scale: float = LATENT_SCALE, clip: bool = True
+) -> jax.Array:
     """Decodes scaled latents to images (jitted; one compile per model and latent shape).
 
     Args:
@@ -475,5 +513,6 @@ def decode(params: Any, latents: jax.Array, *, model: VAE, scale: float = LATENT
         raise ValueError(
             f"scale must be positive (MAR's latent scale is {LATENT_SCALE}); got {scale}."
         )
-    return _decode_jit(params, latents, jnp.asarray(scale, jnp.float32), jnp.asarray(clip, bool),
-                       model)
+    return _decode_jit(
+        params, latents, jnp.asarray(scale, jnp.float32), jnp.asarray(clip, bool), model
+    )

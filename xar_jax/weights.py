@@ -157,7 +157,7 @@ def converter_output_problem(path: str) -> str | None:
         os.path.join(path, PARAMS_DIR)
     ):
         return None  # Written before the marker.
-    return f"its {METADATA_FILE} lacks \"{MARKER_KEY}\": \"{MARKER}\""
+    return f'its {METADATA_FILE} lacks "{MARKER_KEY}": "{MARKER}"'
 
 
 def check_writable(out_dir: str, overwrite: bool) -> None:
@@ -272,8 +272,11 @@ def _pad_mlp(block: dict, width: int) -> dict:
     pad = lambda x, axis: np.pad(x, [(0, width - x.shape[axis]) if a == axis else (0, 0)
                                      for a in range(x.ndim)])  # fmt: skip
     fc1 = lambda lin: {"kernel": pad(lin["kernel"], 1), "bias": pad(lin["bias"], 0)}
-    mlp = {"fc1_g": fc1(mlp["fc1_g"]), "fc1_x": fc1(mlp["fc1_x"]),
-           "fc2": {"kernel": pad(mlp["fc2"]["kernel"], 0), "bias": mlp["fc2"]["bias"]}}
+    mlp = {
+        "fc1_g": fc1(mlp["fc1_g"]),
+        "fc1_x": fc1(mlp["fc1_x"]),
+        "fc2": {"kernel": pad(mlp["fc2"]["kernel"], 0), "bias": mlp["fc2"]["bias"]},
+    }
     return {**block, "mlp": mlp}
 
 

@@ -92,8 +92,10 @@ def data_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def mesh_signature(mesh_shape: dict[str, int], process_count: int) -> dict[str, Any]:
     # One slice (dcn = 1) is recorded as before the dcn axis existed, so older runs resume.
-    return {**{f"mesh.{k}": int(v) for k, v in mesh_shape.items() if k != "dcn" or v != 1},
-            "process_count": int(process_count)}
+    return {
+        **{f"mesh.{k}": int(v) for k, v in mesh_shape.items() if k != "dcn" or v != 1},
+        "process_count": int(process_count),
+    }
 
 
 def _code_version() -> str:
@@ -129,8 +131,12 @@ class RunRecord:
 
 
 def _history_entry(mode: str, accepted: list[str]) -> dict[str, Any]:
-    return {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "mode": mode, "host": socket.gethostname(), "accepted_changes": accepted}
+    return {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "mode": mode,
+        "host": socket.gethostname(),
+        "accepted_changes": accepted,
+    }
 
 
 def read_record(workdir: str) -> RunRecord | None:
@@ -142,12 +148,17 @@ def read_record(workdir: str) -> RunRecord | None:
     path = fileio.as_path(workdir) / RUN_FILE
     if not path.exists():
         return None
-    remedy = ("It records the run (config, mesh, history); restore it from a backup, or move it "
-              "away and the next training start writes a new one from its config "
-              "(the checkpoints are still checked against the config at restore).")
+    remedy = (
+        "It records the run (config, mesh, history); restore it from a backup, or move it "
+        "away and the next training start writes a new one from its config "
+        "(the checkpoints are still checked against the config at restore)."
+    )
     raw = fileio.read_json(path, remedy=remedy)
-    missing = [f.name for f in dataclasses.fields(RunRecord)
-               if not isinstance(raw, dict) or f.name not in raw]
+    missing = [
+        f.name
+        for f in dataclasses.fields(RunRecord)
+        if not isinstance(raw, dict) or f.name not in raw
+    ]
     if missing:
         raise CorruptInputError(f"{path} is damaged: no {', '.join(missing)}. {remedy}")
     return RunRecord(**{f.name: raw[f.name] for f in dataclasses.fields(RunRecord)})
@@ -193,14 +204,21 @@ def check_resume(
     """
     check_model(record, config, workdir, "train")
     accepted, refused = [], []
-    for group, diff in (("mesh", _diff(record.mesh, mesh_signature(mesh_shape, process_count))),
-                        ("data", _diff(record.data, data_signature(config)))):
+    for group, diff in (
+        ("mesh", _diff(record.mesh, mesh_signature(mesh_shape, process_count))),
+        ("data", _diff(record.data, data_signature(config))),
+    ):
         if not diff:
             continue
         if group in allow:
             accepted.append(group)
-            log.warning("Resuming %s with changed %s fields (--allow_change=%s): %s.",
-                        workdir, group, group, _describe(diff))
+            log.warning(
+                "Resuming %s with changed %s fields (--allow_change=%s): %s.",
+                workdir,
+                group,
+                group,
+                _describe(diff),
+            )
         else:
             refused.append((group, diff))
     if refused:
@@ -218,24 +236,30 @@ def check_resume(
 
 def write_effective_config(workdir: str, config: ml_collections.ConfigDict) -> str:
     """``workdir/config.json``: this start's config with its overrides (every start)."""
-    return str(fileio.write_json(fileio.as_path(workdir) / CONFIG_FILE, _jsonable(config.to_dict())))
+    return str(
+        fileio.write_json(fileio.as_path(workdir) / CONFIG_FILE, _jsonable(config.to_dict()))
+    )
 
 
 def write_record(workdir: str, record: RunRecord) -> None:
     fileio.write_json(fileio.as_path(workdir) / RUN_FILE, dataclasses.asdict(record))
 
 
-def update_record(workdir: str, record: RunRecord, config, mesh_shape, process_count,
-                  accepted: list[str]) -> None:
+def update_record(
+    workdir: str, record: RunRecord, config, mesh_shape, process_count, accepted: list[str]
+) -> None:
     """Records a resume: accepted changes become the run's new mesh / data fields."""
     new = RunRecord.for_config(config, mesh_shape, process_count, "train")
-    write_record(workdir, dataclasses.replace(
-        record,
-        mesh=new.mesh if "mesh" in accepted else record.mesh,
-        data=new.data if "data" in accepted else record.data,
-        versions=new.versions,
-        history=[*record.history, _history_entry("train", accepted)],
-    ))
+    write_record(
+        workdir,
+        dataclasses.replace(
+            record,
+            mesh=new.mesh if "mesh" in accepted else record.mesh,
+            data=new.data if "data" in accepted else record.data,
+            versions=new.versions,
+            history=[*record.history, _history_entry("train", accepted)],
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,8 +291,12 @@ class TrainLock:
 
     def __init__(self, workdir: str):
         self.path = fileio.as_path(workdir) / LOCK_FILE
-        self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                        "started": time.time(), "heartbeat": time.time()}
+        self._holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "heartbeat": time.time(),
+        }
         self._last_beat = 0.0
 
     def acquire(self) -> None:

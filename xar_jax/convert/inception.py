@@ -27,8 +27,9 @@ from xar_jax.convert import torch_io
 
 MODEL_KIND = "inception_v3_compat"
 RELEASED_FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"
-RELEASED_FILE_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                     + RELEASED_FILE_NAME)
+RELEASED_FILE_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + RELEASED_FILE_NAME
+)
 _BN_TORCH_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _IGNORED_SUFFIX = ".num_batches_tracked"
 

@@ -191,7 +191,7 @@ def make_train_iterator(
         records=records,
     )
     if sharding is not None:
-            ds = device.prefetch_to_device(ds, sharding, buffer_size=data_cfg.device_prefetch)
+        ds = device.prefetch_to_device(ds, sharding, buffer_size=data_cfg.device_prefetch)
     return iter(ds)
 
 

@@ -29,8 +29,10 @@ class CorruptRecordError(CorruptInputError):
     """A record that cannot be read or decoded; the message names its shard/file and index."""
 
 
-SKIP_HINT = ("Set --config.data.allow_corrupt_records=True to skip such records (each is logged), "
-             "or rebuild the file (docs/data.md).")
+SKIP_HINT = (
+    "Set --config.data.allow_corrupt_records=True to skip such records (each is logged), "
+    "or rebuild the file (docs/data.md)."
+)
 
 
 class ExampleReader(Protocol):

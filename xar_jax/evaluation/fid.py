@@ -211,8 +211,10 @@ def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
     in ``arr_0``; those are not loaded).
     """
     path = os.fspath(path)
-    remedy = ("Reference statistics are ADM's VIRTUAL_imagenet256_labeled.npz or the output of "
-              "`python -m xar_jax.evaluation.reference_stats`.")
+    remedy = (
+        "Reference statistics are ADM's VIRTUAL_imagenet256_labeled.npz or the output of "
+        "`python -m xar_jax.evaluation.reference_stats`."
+    )
     if not os.path.isfile(path):
         raise MissingInputError(f"Reference statistics file not found: {path}. {remedy}")
     try:

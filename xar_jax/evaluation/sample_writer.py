@@ -146,8 +146,9 @@ def _finished_batches(out_dir: str) -> set[int]:
     """The batches whose shard exists: one listing (other processes' new shards included)."""
     shards = os.path.join(out_dir, SHARD_DIR)
     fileio.forget_listings(shards)
-    return {int(m.group(1)) for name in fileio.list_names(shards)
-            if (m := _SHARD_NAME.fullmatch(name))}
+    return {
+        int(m.group(1)) for name in fileio.list_names(shards) if (m := _SHARD_NAME.fullmatch(name))
+    }
 
 
 def _load_shard(out_dir: str, batch: int) -> dict[str, np.ndarray]:
@@ -241,8 +242,14 @@ def _assemble(out_dir: str, plan: SamplingPlan, labels: np.ndarray, path: str) -
             yield shard["images"]
 
     def write(local_path: str) -> None:
-        npz_io.write_npz_streaming(local_path, "arr_0", (plan.num_images, *image_shape),
-                                   np.uint8, chunks(), extra={"labels": labels})
+        npz_io.write_npz_streaming(
+            local_path,
+            "arr_0",
+            (plan.num_images, *image_shape),
+            np.uint8,
+            chunks(),
+            extra={"labels": labels},
+        )
 
     if not fileio.is_remote(path):
         write(path)
@@ -322,8 +329,13 @@ def write_samples(
     mine = list(range(process_index, plan.num_batches, process_count))
     finished = _finished_batches(out_dir)
     todo = [b for b in mine if b not in finished]
-    log.info("Process %d: %d of its %d batches finished earlier; %d to generate.", process_index,
-             len(mine) - len(todo), len(mine), len(todo))
+    log.info(
+        "Process %d: %d of its %d batches finished earlier; %d to generate.",
+        process_index,
+        len(mine) - len(todo),
+        len(mine),
+        len(todo),
+    )
     show = progress and process_index == 0
     for b in _progress(todo, len(mine) - len(todo), len(mine), show):
         batch_labels, keep = plan.batch_labels(labels, b)
