@@ -114,8 +114,10 @@ def main_env(devices: int = 1, **extra) -> dict:
     return env
 
 
-def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600):
-    """Runs the real entry point; returns the CompletedProcess (output captured as text)."""
+def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600, **env):
+    """Runs the real entry point; returns the CompletedProcess (output captured as text).
+
+    ``env``: further environment variables (`main_env`'s ``extra``)."""
     import subprocess
     import sys
 
@@ -128,7 +130,12 @@ def run_main(workdir, *flags, config=TINY_CONFIG, devices=1, timeout=600):
         *flags,
     ]
     return subprocess.run(
-        args, env=main_env(devices), cwd=REPO, capture_output=True, text=True, timeout=timeout
+        args,
+        env=main_env(devices, **env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

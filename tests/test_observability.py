@@ -44,6 +44,10 @@ def runs(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("observed")
     cache = f"--config.compile_cache_dir={root / 'compile_cache'}"
+    # A CPU user's install has no libtpu; this machine has it for the aot tests, and at start-up
+    # it probes for a TPU and prints its own lines when there is none. The CPU platform alone, as
+    # on a user's CPU machine.
+    cpu = {"JAX_PLATFORMS": "cpu"}
     every4 = run_main(
         root / "every4",
         *OVERRIDES,
@@ -51,8 +55,9 @@ def runs(tmp_path_factory):
         "--config.log.every_steps=4",
         "--config.log.profile_start_step=5",
         "--config.log.profile_num_steps=2",
+        **cpu,
     )
-    every1 = run_main(root / "every1", *OVERRIDES, cache, "--config.log.every_steps=1")
+    every1 = run_main(root / "every1", *OVERRIDES, cache, "--config.log.every_steps=1", **cpu)
     for proc in (every4, every1):
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"every4": (root / "every4", every4), "every1": (root / "every1", every1)}
