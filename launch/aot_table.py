@@ -107,13 +107,14 @@ def provenance(records: list[dict]) -> str:
     )
 
 
-def update(doc_path: str, text: str) -> None:
+def update(doc_path: str, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the ``begin`` ... ``end`` block of the Markdown file ``doc_path`` with ``text``."""
     with open(doc_path) as f:
         doc = f.read()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
-        raise SystemExit(f"{doc_path} has no {BEGIN} ... {END} block to replace.")
-    doc = pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc)
+        raise SystemExit(f"{doc_path} has no {begin} ... {end} block to replace.")
+    doc = pattern.sub(lambda _: f"{begin}\n{text}\n{end}", doc)
     with open(doc_path, "w") as f:
         f.write(doc)
 

@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 
+import aot_table
 import projections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,17 +226,6 @@ def table(results: dict) -> str:
     return head + "\n\n" + "\n".join(rows + lines)
 
 
-def update(doc_path: str, text: str) -> None:
-    with open(doc_path) as f:
-        doc = f.read()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(doc):
-        raise SystemExit(f"{doc_path} has no {BEGIN} ... {END} block to replace.")
-    doc = pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc)
-    with open(doc_path, "w") as f:
-        f.write(doc)
-
-
 def _slices(text: str) -> list[tuple[str, int]]:
     out = []
     for item in text.split(","):
@@ -268,7 +258,7 @@ def main() -> None:
         run(args.models.split(","), _slices(args.slices), args.sampler_topology or None, args.cache)
     text = table(load())
     if args.update:
-        update(args.update, text)
+        aot_table.update(args.update, text, BEGIN, END)
     else:
         print(text)
 
