@@ -157,20 +157,6 @@ def apply_overrides(config, names: list[str]):
     return config
 
 
-def enable_compile_cache(config) -> str | None:
-    """JAX's persistent compilation cache at ``config.compile_cache_dir`` when it names a
-    directory (as the trainer's; '' and 'none' leave it off here). Returns the directory."""
-    path = config.compile_cache_dir
-    if path in ("", "none"):
-        return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update(
-        "jax_persistent_cache_min_compile_time_secs", float(config.compile_cache_min_compile_secs)
-    )
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return path
-
-
 def add_xla_option_flag(parser) -> None:
     """``--xla_option NAME=VALUE`` (repeatable): an XLA debug option for this program's compile
     only (`jax.stages.Lowered.compile`'s ``compiler_options``), e.g.

@@ -20,7 +20,7 @@ from absl import app, flags
 from flax import linen as nn
 
 from benchmarks import common
-from xar_jax import experiment, generate, sampling
+from xar_jax import compile_cache, experiment, generate, sampling
 from xar_jax import sharding as sharding_lib
 from xar_jax.model import example_inputs
 
@@ -111,7 +111,7 @@ def run(config) -> dict:
 def main(argv):
     del argv
     config = common.apply_overrides(FLAGS.config, FLAGS.overrides)
-    common.enable_compile_cache(config)
+    compile_cache.enable(config)
     row = run(config)
     common.report(
         "sample",

@@ -27,7 +27,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import common
-from xar_jax import experiment, train
+from xar_jax import compile_cache, experiment, train
 from xar_jax import train_state as ts
 from xar_jax.console import report_user_error
 from xar_jax.errors import UserError
@@ -173,7 +173,7 @@ def main(argv):
     del argv
     common.xla_options(FLAGS.xla_option)  # A malformed --xla_option fails before any compile.
     config = common.apply_overrides(FLAGS.config, FLAGS.overrides)
-    common.enable_compile_cache(config)
+    compile_cache.enable(config)
     try:
         row = run(config)
     except UserError as e:

@@ -164,7 +164,7 @@ def test_missing_gcs_cache_names_the_path_and_the_caching_command(gcs_dir):
 _COMPILE_CACHE_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp
-from xar_jax.main import enable_compile_cache
+from xar_jax.compile_cache import enable as enable_compile_cache
 from xar_jax.train_config import base_config
 config = base_config()
 config.compile_cache_dir = sys.argv[1]

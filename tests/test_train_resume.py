@@ -149,7 +149,7 @@ def test_bad_config_value_fails_before_compilation(tmp_path):
 
 
 def test_compile_cache_dir_defaults_to_the_workdir_and_can_be_turned_off():
-    from xar_jax.main import compile_cache_path
+    from xar_jax.compile_cache import cache_path as compile_cache_path
 
     config = tiny_config()
     assert compile_cache_path(config, "gs://b/runs/x") == "gs://b/runs/x/compile_cache"

@@ -25,7 +25,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from xar_jax import experiment, fileio, generate, plan_file, score, train
+from xar_jax import compile_cache, experiment, generate, plan_file, score, train
 from xar_jax.console import configure_logging, report_user_error
 from xar_jax.errors import UserError
 from xar_jax.experiment import MODES
@@ -154,34 +154,6 @@ def initialize_distributed(mode: str = "auto") -> bool:
     return True
 
 
-def compile_cache_path(config, workdir: str) -> str | None:
-    """Where ``config.compile_cache_dir`` puts JAX's compilation cache; None when it is 'none'."""
-    value = config.compile_cache_dir
-    if value == "none":
-        return None
-    if not value:
-        value = os.path.join(workdir, "compile_cache")
-    return value if fileio.is_remote(value) else os.path.abspath(value)
-
-
-def enable_compile_cache(config, workdir: str) -> str | None:
-    """Turns on JAX's persistent compilation cache (before anything compiles). Returns its path.
-
-    A gs:// path goes through etils.epath (the [gcs] extra); JAX creates the directory at the
-    first compilation.
-    """
-    path = compile_cache_path(config, workdir)
-    if path is None:
-        return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update(
-        "jax_persistent_cache_min_compile_time_secs", float(config.compile_cache_min_compile_secs)
-    )
-    # -1: no size floor (JAX's 0 lets it pick one per filesystem); small programs count too.
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return path
-
-
 def _config_file_flag(argv: list[str]) -> str | None:
     for arg in argv:
         if arg.startswith("--config="):
@@ -251,7 +223,7 @@ def main(argv):
             sys.exit(2)
         print("ok")
         return
-    enable_compile_cache(config, workdir)
+    compile_cache.enable(config, workdir)
     initialize_distributed(FLAGS.distributed)
     try:
         if mode == "train":  # The plan's settings, before validation.
