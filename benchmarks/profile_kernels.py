@@ -83,6 +83,23 @@ def main(argv):
             f"{dur / total:6.1%} {dur / 1e3 / calls:9.2f} ms  x{counts[name] // calls:<5d} "
             f"{name[:110]}"
         )
+    if FLAGS.json:
+        kernels = [
+            {"name": name, "ms_per_call": dur / 1e3 / calls, "count_per_call": counts[name] / calls}
+            for name, dur in totals.most_common()
+        ]
+        with open(FLAGS.json, "w") as f:
+            json.dump(
+                {
+                    "what": FLAGS.what,
+                    "model": model,
+                    "batch": batch,
+                    "device_ms_per_call": total / 1e3 / calls,
+                    "kernels": kernels,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":
@@ -90,4 +107,5 @@ if __name__ == "__main__":
     flags.DEFINE_enum("what", "train", ("train", "sample"), "The trainer's step or the sampler.")
     flags.DEFINE_integer("calls", 3, "Traced calls.")
     flags.DEFINE_integer("top", 30, "Kernels listed.")
+    flags.DEFINE_string("json", None, "Also write every kernel's time per call to this file.")
     app.run(main)
