@@ -45,6 +45,7 @@ import time
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # Never touch a GPU, even where one exists.
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -77,16 +78,39 @@ MEASURED = {
 }
 
 
+def tile_fraction(name: str) -> float:
+    """The fraction of attention tiles the flash kernels compute for ``configs/<name>.py``'s
+    entity mask (they skip fully masked ones)."""
+    from xar_jax import entities, flash_attention
+
+    cfg = paper_config(name, DEFAULT_BATCH.get(name, 256))
+    layout = entities.layout_from_config(cfg.entity, cfg.latent.grid_size)
+    return flash_attention.computed_tile_fraction(np.asarray(layout.attention_mask))
+
+
+def estimate(ops, gpu) -> dict:
+    """`step_estimate.estimate` with one GPU's figures."""
+    return step_estimate.estimate(
+        ops,
+        peak_tflops=gpu.peak_bf16_tflops,
+        hbm_gbps=gpu.hbm_gbps,
+        sm_count=gpu.sm_count,
+        sm_clock_ghz=gpu.sm_clock_ghz,
+    )
+
+
 def estimate_rows(name: str, text: str, batch: int) -> dict:
     """The step-time estimate of one compiled train step with the H200's figures."""
-    ops, notes = hlo_cost.module_ops(text, num_devices=1)
+    fraction = tile_fraction(name) if os.path.exists(os.path.join(CONFIG_DIR, f"{name}.py")) else 1
+    ops, notes = hlo_cost.module_ops(text, num_devices=1, flash_tile_fraction=fraction)
     row = {}
     for tag, gpu in (("sheet", tpu_topology.H200), ("ceil", tpu_topology.H200_MEASURED)):
-        est = step_estimate.estimate(ops, peak_tflops=gpu.peak_bf16_tflops, hbm_gbps=gpu.hbm_gbps)
+        est = estimate(ops, gpu)
         row[f"est_ms_{tag}"] = round(est["est_step_s"] * 1e3, 1)
         row[f"est_img_s_{tag}"] = round(batch / est["est_step_s"], 1)
     row["compute_ms_ceil"] = round(est["est_compute_s"] * 1e3, 1)
     row["memory_ms_ceil"] = round(est["est_memory_s"] * 1e3, 1)
+    row["element_work_ms"] = round(est["est_element_work_s"] * 1e3, 1)
     row["opaque_kernels"] = notes["opaque_kernels"]
     measured, tag = MEASURED.get(name, (None, ""))
     if measured:
