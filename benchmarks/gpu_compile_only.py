@@ -33,12 +33,17 @@ project's H200), against the measured rate of the same recipe (`MEASURED`, rows 
 docs/benchmarks.json): the estimator's check on real hardware.
 
 ``--from_hlo DIR`` reads the programs a run with ``--hlo_dir DIR`` wrote instead of compiling
-(seconds; no CUDA plugin needed).
+(seconds; no CUDA plugin needed), or a device run's dumps ``DIR/hlo_<b|l|h>.txt.gz``; with
+``--profile DIR`` also the kernel profiles of the same programs (``prof_<b|l|h>.json``,
+`benchmarks.profile_kernels` ``--json``) against the estimate per kernel class: GEMMs, the
+flash-attention kernels, reductions, the other fusions.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import os
 import time
 
@@ -121,6 +126,56 @@ def estimate_rows(name: str, text: str, batch: int) -> dict:
     return row
 
 
+def kernel_class(name: str, flash: bool = False, flops: float = 0.0) -> str:
+    """'attention' (the flash kernels), 'gemm', 'reduction' or 'other', of an HLO op (its name,
+    whether it is a flash kernel, its FLOPs) or of a profiled kernel (its name alone)."""
+    if flash or name.startswith("flash_attention"):
+        return "attention"
+    if flops or any(k in name for k in ("nvjet", "gemm", "cublas", "cutlass", "xmma")):
+        return "gemm"
+    return "reduction" if "reduce" in name else "other"
+
+
+def class_rows(name: str, text: str, profile: dict) -> list[dict]:
+    """Predicted (measured ceilings) against profiled milliseconds per step, by kernel class."""
+    ops, _ = hlo_cost.module_ops(text, num_devices=1, flash_tile_fraction=tile_fraction(name))
+    gpu = tpu_topology.H200_MEASURED
+    predicted: dict[str, float] = {}
+    for o in ops:
+        if o.collective:
+            continue
+        k = kernel_class(o.name, bool(o.kernel), o.flops)
+        predicted[k] = predicted.get(k, 0.0) + estimate([o], gpu)["est_step_s"] * 1e3
+    measured: dict[str, float] = {}
+    for kernel in profile["kernels"]:
+        k = kernel_class(kernel["name"])
+        measured[k] = measured.get(k, 0.0) + kernel["ms_per_call"]
+    rows = []
+    for k in ("gemm", "attention", "reduction", "other"):
+        p, m = predicted.get(k, 0.0), measured.get(k, 0.0)
+        rows.append(
+            {
+                "model": name,
+                "class": k,
+                "pred_ms": round(p, 1),
+                "meas_ms": round(m, 1),
+                "pred/meas": round(p / m, 2) if m else None,
+            }
+        )
+    return rows
+
+
+def read_hlo(directory: str, name: str) -> str:
+    """``DIR/<name>_train_step.hlo.txt`` (written by --hlo_dir) or ``DIR/hlo_<b|l|h>.txt.gz``
+    (a device run's dump)."""
+    path = os.path.join(directory, f"{name}_train_step.hlo.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    with gzip.open(os.path.join(directory, f"hlo_{name.removeprefix('xar_')}.txt.gz"), "rt") as f:
+        return f.read()
+
+
 def h200_device():
     """A compile-only H200 (needs jax's CUDA plugin; no GPU or driver)."""
     topology = topologies.get_topology_desc(
@@ -176,6 +231,12 @@ def main():
         default="",
         help="estimate from the HLO a run with --hlo_dir wrote; no compile",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="with --from_hlo: a folder of prof_<b|l|h>.json (benchmarks.profile_kernels --json "
+        "of the same programs on the H200): predicted against measured time per kernel class",
+    )
     common.add_xla_option_flag(parser)
     args = parser.parse_args()
     options = common.xla_options(args.xla_option)  # A malformed one fails before any compile.
@@ -185,11 +246,15 @@ def main():
             parser.error(f"--models: no config {name!r} in configs/")
     if args.from_hlo:
         for name in names:
-            with open(os.path.join(args.from_hlo, f"{name}_train_step.hlo.txt")) as f:
-                text = f.read()
+            text = read_hlo(args.from_hlo, name)
             batch = args.batch or DEFAULT_BATCH.get(name, 0)
             row = {"model": name, "batch": batch, **estimate_rows(name, text, batch)}
             common.print_table([row], list(row))
+            prof = os.path.join(args.profile, f"prof_{name.removeprefix('xar_')}.json")
+            if args.profile and os.path.exists(prof):
+                with open(prof) as f:
+                    rows = class_rows(name, text, json.load(f))
+                common.print_table(rows, list(rows[0]))
         return
 
     device = h200_device()
