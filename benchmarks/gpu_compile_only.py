@@ -33,18 +33,24 @@ project's H200), against the measured rate of the same recipe (`MEASURED`, rows 
 docs/benchmarks.json): the estimator's check on real hardware.
 
 ``--from_hlo DIR`` reads the programs a run with ``--hlo_dir DIR`` wrote instead of compiling
-(seconds; no CUDA plugin needed).
+(seconds; no CUDA plugin needed), or a device run's dumps ``DIR/hlo_<b|l|h>.txt.gz``; with
+``--profile DIR`` also the kernel profiles of the same programs (``prof_<b|l|h>.json``,
+`benchmarks.profile_kernels` ``--json``) against the estimate per kernel class: GEMMs, the
+flash-attention kernels, reductions, the other fusions.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import os
 import time
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # Never touch a GPU, even where one exists.
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -77,16 +83,39 @@ MEASURED = {
 }
 
 
+def tile_fraction(name: str) -> float:
+    """The fraction of attention tiles the flash kernels compute for ``configs/<name>.py``'s
+    entity mask (they skip fully masked ones)."""
+    from xar_jax import entities, flash_attention
+
+    cfg = paper_config(name, DEFAULT_BATCH.get(name, 256))
+    layout = entities.layout_from_config(cfg.entity, cfg.latent.grid_size)
+    return flash_attention.computed_tile_fraction(np.asarray(layout.attention_mask))
+
+
+def estimate(ops, gpu) -> dict:
+    """`step_estimate.estimate` with one GPU's figures."""
+    return step_estimate.estimate(
+        ops,
+        peak_tflops=gpu.peak_bf16_tflops,
+        hbm_gbps=gpu.hbm_gbps,
+        sm_count=gpu.sm_count,
+        sm_clock_ghz=gpu.sm_clock_ghz,
+    )
+
+
 def estimate_rows(name: str, text: str, batch: int) -> dict:
     """The step-time estimate of one compiled train step with the H200's figures."""
-    ops, notes = hlo_cost.module_ops(text, num_devices=1)
+    fraction = tile_fraction(name) if os.path.exists(os.path.join(CONFIG_DIR, f"{name}.py")) else 1
+    ops, notes = hlo_cost.module_ops(text, num_devices=1, flash_tile_fraction=fraction)
     row = {}
     for tag, gpu in (("sheet", tpu_topology.H200), ("ceil", tpu_topology.H200_MEASURED)):
-        est = step_estimate.estimate(ops, peak_tflops=gpu.peak_bf16_tflops, hbm_gbps=gpu.hbm_gbps)
+        est = estimate(ops, gpu)
         row[f"est_ms_{tag}"] = round(est["est_step_s"] * 1e3, 1)
         row[f"est_img_s_{tag}"] = round(batch / est["est_step_s"], 1)
     row["compute_ms_ceil"] = round(est["est_compute_s"] * 1e3, 1)
     row["memory_ms_ceil"] = round(est["est_memory_s"] * 1e3, 1)
+    row["element_work_ms"] = round(est["est_element_work_s"] * 1e3, 1)
     row["opaque_kernels"] = notes["opaque_kernels"]
     measured, tag = MEASURED.get(name, (None, ""))
     if measured:
@@ -95,6 +124,56 @@ def estimate_rows(name: str, text: str, batch: int) -> dict:
         for t in ("sheet", "ceil"):
             row[f"pred/meas_{t}"] = round(row[f"est_img_s_{t}"] / measured, 3)
     return row
+
+
+def kernel_class(name: str, flash: bool = False, flops: float = 0.0) -> str:
+    """'attention' (the flash kernels), 'gemm', 'reduction' or 'other', of an HLO op (its name,
+    whether it is a flash kernel, its FLOPs) or of a profiled kernel (its name alone)."""
+    if flash or name.startswith("flash_attention"):
+        return "attention"
+    if flops or any(k in name for k in ("nvjet", "gemm", "cublas", "cutlass", "xmma")):
+        return "gemm"
+    return "reduction" if "reduce" in name else "other"
+
+
+def class_rows(name: str, text: str, profile: dict) -> list[dict]:
+    """Predicted (measured ceilings) against profiled milliseconds per step, by kernel class."""
+    ops, _ = hlo_cost.module_ops(text, num_devices=1, flash_tile_fraction=tile_fraction(name))
+    gpu = tpu_topology.H200_MEASURED
+    predicted: dict[str, float] = {}
+    for o in ops:
+        if o.collective:
+            continue
+        k = kernel_class(o.name, bool(o.kernel), o.flops)
+        predicted[k] = predicted.get(k, 0.0) + estimate([o], gpu)["est_step_s"] * 1e3
+    measured: dict[str, float] = {}
+    for kernel in profile["kernels"]:
+        k = kernel_class(kernel["name"])
+        measured[k] = measured.get(k, 0.0) + kernel["ms_per_call"]
+    rows = []
+    for k in ("gemm", "attention", "reduction", "other"):
+        p, m = predicted.get(k, 0.0), measured.get(k, 0.0)
+        rows.append(
+            {
+                "model": name,
+                "class": k,
+                "pred_ms": round(p, 1),
+                "meas_ms": round(m, 1),
+                "pred/meas": round(p / m, 2) if m else None,
+            }
+        )
+    return rows
+
+
+def read_hlo(directory: str, name: str) -> str:
+    """``DIR/<name>_train_step.hlo.txt`` (written by --hlo_dir) or ``DIR/hlo_<b|l|h>.txt.gz``
+    (a device run's dump)."""
+    path = os.path.join(directory, f"{name}_train_step.hlo.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    with gzip.open(os.path.join(directory, f"hlo_{name.removeprefix('xar_')}.txt.gz"), "rt") as f:
+        return f.read()
 
 
 def h200_device():
@@ -152,6 +231,12 @@ def main():
         default="",
         help="estimate from the HLO a run with --hlo_dir wrote; no compile",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="with --from_hlo: a folder of prof_<b|l|h>.json (benchmarks.profile_kernels --json "
+        "of the same programs on the H200): predicted against measured time per kernel class",
+    )
     common.add_xla_option_flag(parser)
     args = parser.parse_args()
     options = common.xla_options(args.xla_option)  # A malformed one fails before any compile.
@@ -161,11 +246,15 @@ def main():
             parser.error(f"--models: no config {name!r} in configs/")
     if args.from_hlo:
         for name in names:
-            with open(os.path.join(args.from_hlo, f"{name}_train_step.hlo.txt")) as f:
-                text = f.read()
+            text = read_hlo(args.from_hlo, name)
             batch = args.batch or DEFAULT_BATCH.get(name, 0)
             row = {"model": name, "batch": batch, **estimate_rows(name, text, batch)}
             common.print_table([row], list(row))
+            prof = os.path.join(args.profile, f"prof_{name.removeprefix('xar_')}.json")
+            if args.profile and os.path.exists(prof):
+                with open(prof) as f:
+                    rows = class_rows(name, text, json.load(f))
+                common.print_table(rows, list(rows[0]))
         return
 
     device = h200_device()

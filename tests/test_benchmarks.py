@@ -3,10 +3,12 @@
 Speed is measured on the GPU (docs/benchmarks.md), never here; these only keep the scripts working.
 """
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import FAST_COMPILE_FLAGS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -121,6 +123,10 @@ def test_gpu_compile_only_estimates_a_saved_program(tmp_path):
     s = jax.ShapeDtypeStruct((n, n), jnp.bfloat16)
     text = jax.jit(lambda a, b: a @ b).lower(s, s).compile().as_text()
     (tmp_path / "tiny_train_step.hlo.txt").write_text(text)
+    # A profile of the same program: the matmul's kernel and a reduction, per step.
+    kernels = [{"name": "nvjet_sm90_tst_128x160", "ms_per_call": 12.0, "count_per_call": 1}]
+    kernels.append({"name": "input_reduce_fusion_3", "ms_per_call": 1.0, "count_per_call": 1})
+    (tmp_path / "prof_tiny.json").write_text(json.dumps({"kernels": kernels}))
     out = subprocess.run(
         [
             sys.executable,
@@ -129,6 +135,7 @@ def test_gpu_compile_only_estimates_a_saved_program(tmp_path):
             "--models=tiny",
             "--batch=64",
             f"--from_hlo={tmp_path}",
+            f"--profile={tmp_path}",
         ],
         capture_output=True,
         text=True,
@@ -137,9 +144,23 @@ def test_gpu_compile_only_estimates_a_saved_program(tmp_path):
         env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    row = _table(out.stdout)
+    estimate, per_class = out.stdout.split("| class ")
+    row = _table(estimate)
     assert (row["model"], row["batch"], row["opaque_kernels"]) == ("tiny", "64", "0")
     peak = tpu_topology.H200_MEASURED.peak_bf16_tflops
     assert float(row["compute_ms_ceil"]) == round(2 * n**3 / (peak * 1e12) * 1e3, 1)
     assert float(row["est_ms_ceil"]) >= float(row["compute_ms_ceil"])
     assert float(row["est_ms_sheet"]) < float(row["est_ms_ceil"])  # The datasheet is faster.
+    # Predicted against profiled time per kernel class: the matmul is the GEMM class, at its
+    # compute term; the classes add up to the step.
+    classes = {
+        cells[1]: [float(c) if c != "None" else None for c in cells[2:]]
+        for line in per_class.splitlines()
+        if (cells := [c.strip() for c in line.split("|")])[0] == "tiny"
+    }
+    gemm_ms = float(row["compute_ms_ceil"])
+    assert classes["gemm"][:2] == [gemm_ms, 12.0]
+    assert classes["gemm"][2] == pytest.approx(gemm_ms / 12, abs=0.01)
+    assert classes["reduction"] == [0.0, 1.0, 0.0]
+    assert classes["attention"] == [0.0, 0.0, None]
+    assert sum(c[0] for c in classes.values()) == pytest.approx(float(row["est_ms_ceil"]), abs=0.2)

@@ -241,3 +241,49 @@ ENTRY %main (stack: f32[20,1024], i: s32[]) -> f32[1,1024] {
 """
     # The row read, the index read, the row written: not the 20-row stack.
     assert hlo_cost.module_cost(text)["bytes"] == ROW + 4 + ROW
+
+
+# A flash-attention forward kernel as the GPU program calls it: q, k, v (B=2, T=S=128, N=4, H=64).
+FLASH = """HloModule m
+
+ENTRY %main (q: bf16[2,128,4,64], k: bf16[2,128,4,64], v: bf16[2,128,4,64]) -> bf16[2,128,4,64] {
+  %q = bf16[2,128,4,64]{3,2,1,0} parameter(0)
+  %k = bf16[2,128,4,64]{3,2,1,0} parameter(1)
+  %v = bf16[2,128,4,64]{3,2,1,0} parameter(2)
+  %call = (bf16[2,128,4,64]{3,2,1,0}, f32[2,4,128]{2,1,0}) custom-call(%q, %k, %v), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/attn/flash_attention_dropout_fwd/pallas_call"}
+  ROOT %out = bf16[2,128,4,64]{3,2,1,0} get-tuple-element(%call), index=0
+}
+"""
+
+
+def test_flash_kernels_add_their_element_work_to_their_matmuls_on_a_gpu_only():
+    ops, _ = hlo_cost.module_ops(FLASH, flash_tile_fraction=0.5)
+    (op,) = ops
+    elements = 0.5 * 2 * 4 * 128 * 128  # Half the tiles computed.
+    assert (op.kernel, op.elements) == ("flash_fwd", elements)
+    assert op.flops == 4 * elements * 64
+    matmul_s, bytes_s = op.flops / 1e12, op.bytes / 1e12
+    tpu = step_estimate.estimate(ops, peak_tflops=1.0, hbm_gbps=1000.0)
+    assert tpu["est_element_work_s"] == 0
+    assert tpu["est_compute_memory_s"] == pytest.approx(max(matmul_s, bytes_s))
+    gpu = step_estimate.estimate(
+        ops, peak_tflops=1.0, hbm_gbps=1000.0, sm_count=2, sm_clock_ghz=1.0
+    )
+    # Per element: 6.38 FP32 / 128 + 20.22 integer / 64 + exp2 1.06 / 16 + 1 conversion / 16 +
+    # 0.97 shared loads / 32 cycles of one SM (the forward kernel's counts).
+    cycles = 6.38 / 128 + 20.22 / 64 + 1.06 / 16 + 1.0 / 16 + 0.97 / 32
+    work_s = elements * cycles / (2 * 1e9)
+    assert gpu["est_element_work_s"] == pytest.approx(work_s)
+    assert work_s > bytes_s  # The sum, not the larger, of matmul and element work.
+    assert gpu["est_compute_memory_s"] == pytest.approx(matmul_s + work_s)
+
+
+def test_the_computed_tile_fraction_follows_the_kernels_block_skipping():
+    import numpy as np
+
+    from xar_jax.flash_attention import BlockSizes, computed_tile_fraction
+
+    entities = np.tril(np.ones((4, 4), bool)).repeat(64, 0).repeat(64, 1)  # 4 entities of 64.
+    assert computed_tile_fraction(entities) == 10 / 16
+    assert computed_tile_fraction(entities, BlockSizes(128, 128, 128, 128)) == 3 / 4
+    assert computed_tile_fraction(np.ones((100, 100), bool)) == 1.0

@@ -398,6 +398,21 @@ def _block_bounds(mask: Array, bq: int, bk: int) -> tuple[Array, Array]:
     return jnp.maximum(kv_hi, 1).astype(jnp.int32), q_lo.astype(jnp.int32)
 
 
+def computed_tile_fraction(mask: np.ndarray, blocks: BlockSizes | None = None) -> float:
+    """The fraction of (query block, key block) tiles of a (T, S) mask that the forward kernel
+    computes (it skips tiles with no visible entry), for the step-time estimate."""
+    blocks = blocks or BlockSizes()
+    t, s = mask.shape
+    bq, bk = min(blocks.block_q, t), min(blocks.block_k, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    padded = np.zeros((nq * bq, nk * bk), bool)
+    padded[:t, :s] = mask
+    any_visible = padded.reshape(nq, bq, nk, bk).any(axis=(1, 3))
+    # The loop runs from key block 0 to the last visible one of each query block.
+    last = np.where(any_visible.any(axis=1), nk - np.argmax(any_visible[:, ::-1], axis=1), 1)
+    return float(last.sum() / (nq * nk))
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 

@@ -365,15 +365,23 @@ class _Module:
         (B, T, N, H): forward 4 B N T^2 H (scores and values), the dK/dV kernel 8 (scores
         recomputed, dP, dV, dK), the dQ kernel 6 (scores, dP, dQ); dense, as if no block were
         skipped (the mask is not in the text)."""
-        kernel = _FLASH.search(instr.attrs)
+        kernel, elements, h = self.flash_scores(instr)
+        return _FLASH_UNITS[kernel] * elements * h if kernel else 0.0
+
+    def flash_scores(self, instr: Instr) -> tuple[str, float, int]:
+        """``(kernel, score elements, head dim)`` of a flash-attention kernel: kernel is 'fwd',
+        'dkdv' or 'dq' ('' for any other op), score elements B N T S (dense), from q (B, T, N, H)
+        and k (B, S, N, H), the first two 4-D operands."""
+        kernel = _FLASH.search(instr.attrs) if instr.op == "custom-call" else None
         if not kernel:
-            return 0.0
-        for name in instr.operands:
-            a = arrays(self.shape(instr, name))
-            if len(a) == 1 and len(a[0][0]) == 4:
-                b, t, n, h = a[0][0]
-                return _FLASH_UNITS[kernel.group(1)] * b * n * t * t * h
-        return 0.0
+            return "", 0.0, 0
+        dims = [a[0][0] for o in instr.operands if len(a := arrays(self.shape(instr, o))) == 1]
+        dims = [d for d in dims if len(d) == 4]
+        if not dims:
+            return "", 0.0, 0
+        b, t, n, h = dims[0]
+        s = dims[1][1] if len(dims) > 1 else t
+        return kernel.group(1), float(b * n * t * s), h
 
     def is_opaque_kernel(self, instr: Instr) -> bool:
         if instr.op != "custom-call":
@@ -551,13 +559,20 @@ class Op:
     result_bytes: float = 0.0  # A collective's result on one chip (hlo_stats' convention).
     group: tuple[int, ...] = ()  # A collective's first replica group (device ids).
     slices: int = 0  # > 1: a collective between slices (multi-slice "megascale" transfer).
+    name: str = ""  # The instruction's name (profiles name kernels after it).
+    kernel: str = ""  # 'flash_fwd' | 'flash_dkdv' | 'flash_dq': a flash-attention kernel.
+    elements: float = 0.0  # A flash-attention kernel's score elements computed (B N T S).
 
 
 def module_ops(
-    hlo_text: str, num_devices: int = 1, num_slices: int = 1
+    hlo_text: str, num_devices: int = 1, num_slices: int = 1, flash_tile_fraction: float = 1.0
 ) -> tuple[list[Op], dict[str, Any]]:
     """Every op outside fusion bodies with its FLOPs (its fusion body's included), HBM bytes and
     executions per module execution; plus ``{'opaque_kernels', 'unknown_trip_counts'}``.
+
+    ``flash_tile_fraction``: the fraction of (query block, key block) tiles the flash-attention
+    kernels compute (they skip fully masked tiles; the mask is a constant the text elides), which
+    scales their FLOPs and score elements; 1 = dense.
 
     A program for several slices is compiled per slice (its replica groups stay inside one);
     what crosses slices is a ``send`` to the multi-slice runtime marked with the collective it
@@ -633,8 +648,22 @@ def module_ops(
                 )
                 continue
             b = m.bytes(i)
+            flash, elements, _ = m.flash_scores(i)
+            if flash:
+                flops *= flash_tile_fraction
+                elements *= flash_tile_fraction
             if flops or b:
-                ops.append(Op(i.op, flops, b, times))
+                ops.append(
+                    Op(
+                        i.op,
+                        flops,
+                        b,
+                        times,
+                        name=i.name,
+                        kernel=f"flash_{flash}" if flash else "",
+                        elements=elements,
+                    )
+                )
     return ops, {"opaque_kernels": opaque, "unknown_trip_counts": m.unknown_trips}
 
 

@@ -10,6 +10,11 @@ The model (pure functions of `xar_jax.hlo_cost.module_ops` and a chip's figures 
   matrix products only; bytes are counted as the hardware moves them (`xar_jax.hlo_cost`:
   slices of stacked buffers, in-place updates, VMEM prefetches). ``est_compute_s`` and
   ``est_memory_s`` are the two sums taken apart (the whole-step roofline's terms).
+* **Element work of GPU kernels** (only given a GPU's SM count and clock): this package's
+  flash-attention kernels also spend time per score element on the CUDA cores and
+  special-function units (softmax, dropout hash, conversions; `xar_jax.gpu_kernel_time`),
+  which adds to their matmul time: ``max(flops / peak + element work, bytes / bandwidth)``.
+  Its sum is ``est_element_work_s``. TPU programs have no such kernels.
 * **Collectives**, per op, from the bytes on one chip and its replica group of ``n`` chips, as
   ring algorithms move them: all-gather ``B (n-1)/n`` (B: the gathered result), reduce-scatter
   ``B (n-1)`` (B: the shard), all-reduce ``2 B (n-1)/n``, all-to-all ``B (n-1)/n``,
@@ -33,6 +38,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from xar_jax import gpu_kernel_time
 from xar_jax.hlo_cost import Op
 
 OVERLAP = (
@@ -106,10 +112,15 @@ def estimate(
     ici_gbps: float = 0.0,
     dcn_gbits: float = 0.0,
     ici_links: int = 1,
+    sm_count: int = 0,
+    sm_clock_ghz: float = 0.0,
 ) -> dict[str, Any]:
-    """The step's parts and total (seconds), FLOPs and HBM bytes, per chip."""
+    """The step's parts and total (seconds), FLOPs and HBM bytes, per chip.
+
+    ``sm_count`` and ``sm_clock_ghz`` (a GPU's) turn on the flash-attention kernels' element
+    work; 0 leaves it out."""
     peak, bw = peak_tflops * 1e12, hbm_gbps * 1e9
-    flops = hbm = compute = memory = per_op = ici = dcn = 0.0
+    flops = hbm = compute = memory = per_op = ici = dcn = elements = 0.0
     for o in ops:
         if o.collective:
             hbm += o.bytes * o.times
@@ -131,15 +142,20 @@ def estimate(
         flops += o.flops * o.times
         hbm += o.bytes * o.times
         c, m = o.flops / peak, o.bytes / bw
+        e = gpu_kernel_time.element_seconds(
+            o.kernel, o.elements, sm_count=sm_count, sm_clock_ghz=sm_clock_ghz
+        )
         compute += c * o.times
         memory += m * o.times
-        per_op += max(c, m) * o.times
+        elements += e * o.times
+        per_op += max(c + e, m) * o.times
     collective = ici + dcn
     return {
         "flops": flops,
         "bytes": hbm,
         "est_compute_s": compute,
         "est_memory_s": memory,
+        "est_element_work_s": elements,
         "est_compute_memory_s": per_op,
         "est_ici_s": ici,
         "est_dcn_s": dcn,

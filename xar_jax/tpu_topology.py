@@ -48,7 +48,11 @@ H200   989 (d)    141 GB      4800 (d)      --                 --      --
 (102.4 TB/s / 256 = 800 / 2) pages' figures obey. (b) v5e's "data center network bandwidth per
 Pod", 6.4 Tbit/s / 256 chips. (c) Not on the page; assumed equal to v5e's. (d) Datasheet (dense
 bf16 989 TFLOP/s, 4.8 TB/s); measured ceilings on this project's H200 are lower (~790 TFLOP/s
-bf16 matmul, ~4.3 TB/s copy: `H200_MEASURED`).
+bf16 matmul, ~4.3 TB/s copy: `H200_MEASURED`). (e) `Gpu.sm_count` and `sm_clock_ghz`: the H200's 132 SMs (GH100, as the H100 SXM5:
+NVIDIA's Hopper architecture whitepaper) at 1.98 GHz, the GPU's maximum SM clock (the device
+description XLA compiles for, `benchmarks.gpu_compile_only.H200_TARGET`): the rate of the
+flash-attention kernels' CUDA-core work (`xar_jax.gpu_kernel_time`). The datasheet's bf16 peak
+is 132 SMs x 4,096 FLOP per clock at 1.83 GHz.
 """
 
 from __future__ import annotations
@@ -97,10 +101,12 @@ class Gpu:
     hbm_gib: float
     peak_bf16_tflops: float
     hbm_gbps: float
+    sm_count: int = 0  # Streaming multiprocessors.
+    sm_clock_ghz: float = 0.0  # SM clock the CUDA-core work runs at (see the table's (e)).
 
 
-H200 = Gpu("H200", 131.1, 989.0, 4800.0)  # Datasheet: 141 GB = 131.1 GiB.
-H200_MEASURED = Gpu("H200 (measured ceilings)", 131.1, 790.0, 4300.0)
+H200 = Gpu("H200", 131.1, 989.0, 4800.0, 132, 1.98)  # Datasheet: 141 GB = 131.1 GiB.
+H200_MEASURED = Gpu("H200 (measured ceilings)", 131.1, 790.0, 4300.0, 132, 1.98)
 _ALIASES = {"v5litepod": "v5e"}
 
 
