@@ -241,3 +241,27 @@ ENTRY %main (stack: f32[20,1024], i: s32[]) -> f32[1,1024] {
 """
     # The row read, the index read, the row written: not the 20-row stack.
     assert hlo_cost.module_cost(text)["bytes"] == ROW + 4 + ROW
+
+
+def test_a_chunked_prefetch_into_vmem_is_charged_its_chunks_not_the_array_each_time():
+    # TPU v6e's memory-space assignment: an array evicted to HBM is brought back into VMEM (S(1))
+    # in chunks by asynchronous slices of a byte view of it, then joined in VMEM. Each
+    # slice-start's shape is ((operand), chunk, context); its slice-done is the chunk. An empty
+    # buffer (AllocateBuffer) moves nothing.
+    text = """HloModule m
+
+ENTRY %main (p: f32[8,256,1024]) -> f32[8,256,1024] {
+  %p = f32[8,256,1024]{2,1,0:T(8,128)} parameter(0)
+  %bytes = s8[8388608]{0:T(1024)(128)(4,1)} bitcast(%p)
+  %s0 = ((s8[8388608]{0:T(1024)(128)(4,1)}), s8[4194304]{0:T(1024)(128)(4,1)S(1)}, s32[]{:S(2)}) slice-start(%bytes), slice={[0:4194304]}
+  %s1 = ((s8[8388608]{0:T(1024)(128)(4,1)}), s8[4194304]{0:T(1024)(128)(4,1)S(1)}, s32[]{:S(2)}) slice-start(%bytes), slice={[4194304:8388608]}
+  %d0 = s8[4194304]{0:T(1024)(128)(4,1)S(1)} slice-done(%s0)
+  %d1 = s8[4194304]{0:T(1024)(128)(4,1)S(1)} slice-done(%s1)
+  %v = f32[8,256,1024]{2,1,0:T(8,128)S(1)} custom-call(%d0, %d1), custom_call_target="ConcatBitcast"
+  %e = f32[8,256,1024]{2,1,0:T(8,128)} custom-call(), custom_call_target="AllocateBuffer"
+  ROOT %n = f32[8,256,1024]{2,1,0:T(8,128)} negate(%v)
+}
+"""
+    array = 8 * 256 * 1024 * 4
+    # The two chunks read from HBM (together the array, once), the negation's result written.
+    assert hlo_cost.module_cost(text)["bytes"] == array + array

@@ -16,7 +16,8 @@ gradients) as if it read and wrote the whole buffer. `module_cost` walks the tex
 * **HBM bytes** are counted per op outside fusion bodies, as the hardware moves them: operands
   read plus results written, where only arrays in HBM count (TPU layouts mark on-chip VMEM as
   memory space ``S(1)``: a ``copy-start`` that prefetches into VMEM is charged its read, and the
-  fusion that then reads the VMEM copy is not charged for it). A fusion operand that the body
+  fusion that then reads the VMEM copy is not charged for it; a ``slice-start``, an asynchronous
+  slice that prefetches one chunk of an array, is charged the chunk, not the array). A fusion operand that the body
   only slices (``dynamic-slice``, ``slice``, ``gather``) is charged the slices; a fusion (or
   op) whose result is a ``dynamic-update-slice`` of an operand writes in place and is charged
   the update, not the buffer. Tuple plumbing, bitcasts, parameters, constants and loop ops
@@ -60,6 +61,7 @@ _FREE = {
     "opt-barrier",
     "add-dependency",
     "copy-done",
+    "slice-done",
     "all-gather-done",
     "all-reduce-done",
     "collective-permute-done",
@@ -467,6 +469,16 @@ class _Module:
             dest = arrays(instr.shape)
             written = dest[0][1] if dest and dest[0][2] else 0.0
             return hbm_bytes(operand_shapes[0] if operand_shapes else "") + written
+        if op == "slice-start" and operand_shapes:
+            # An asynchronous slice, ((operand), result, context): TPU prefetches an array into
+            # VMEM in chunks this way. It reads its result's bytes of the operand, not the whole.
+            parts = arrays(instr.shape)
+            if len(parts) > 1:
+                _, size, to_hbm = parts[1]
+                from_hbm = any(hbm for _, _, hbm in arrays(operand_shapes[0]))
+                return size * from_hbm + size * to_hbm
+        if op == "custom-call" and 'custom_call_target="AllocateBuffer"' in instr.attrs:
+            return 0.0  # An uninitialised buffer: nothing is written.
         if op == "dynamic-update-slice" and len(operand_shapes) > 1:
             return 2.0 * hbm_bytes(operand_shapes[1])
         if op in _SLICERS:
