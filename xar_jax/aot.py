@@ -38,7 +38,12 @@ It reports per chip:
 
 ``--plan`` searches the fastest settings that fit the slice while keeping the config's global
 batch (mesh split, gradient accumulation, remat, layer scan; `xar_jax.plan`), prints the override
-line for the trainer and writes the plan with ``--json``; compile reports are cached on disk.
+line for the trainer and writes the plan with ``--json``; compile reports are cached on disk with
+their programs' HLO, and re-estimated from it on every hit.
+
+What is compiled lives in `xar_jax.tpu_compile`; what is read from the compiled program's text
+(collectives, the estimate) in `xar_jax.hlo_report`, which can run again on a stored program
+(``--hlo=FILE`` writes it).
 
 ``--find_max_batch`` doubles the per-chip batch from the compiled one while it fits (or halves it
 while it does not), then takes one bisection step between the last fit and the first failure;

@@ -20,9 +20,12 @@ whose absl flags would clash with the trainer's):
   the report (HBM parts, FLOPs, bytes, collectives, the estimate's terms) is extrapolated
   linearly to the real depth, as the layers' FLOPs are: parameters, optimizer state, saved
   residuals and per-layer collectives are per block.
-* **Cache.** Every report is kept on disk (`ReportCache`), keyed by the compiled config,
-  topology, jax, libtpu and the source of this package, so a rerun, the time-to-train table
-  and the trainer's ``train.plan=auto`` reuse the compiles.
+* **Cache.** Every report is kept on disk with its program's optimised HLO (`ReportCache`),
+  keyed by what determines the program: the compiled config, the topology, jax, libtpu and the
+  package source outside `REPORT_SOURCES` (the modules that only read or report a program). A
+  rerun, the time-to-train table and the trainer's ``train.plan=auto`` reuse the compiles, and
+  each hit is re-estimated from its HLO (`hlo_report.from_hlo`): estimator fixes need no
+  compile.
 
 The plan (`plan_record`) carries every key, ``None`` where unknown, and the override line the
 trainer takes unchanged; `xar_jax.plan_file` applies a plan file (or ``auto``) in the trainer.
