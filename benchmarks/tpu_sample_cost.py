@@ -3,7 +3,7 @@ counts per chip, to compare two trees of the code.
 
 The cost analysis counts each loop body once (the flow-step loop, the layer scan), so these are
 not per-image figures: they compare programs of the same loop structure. ``optimal_ms`` is
-libtpu's own ``optimal_seconds`` for the program (`xar_jax.aot.cost`), counted the same way.
+libtpu's own ``optimal_seconds`` for the program (`xar_jax.tpu_compile.cost`), counted the same way.
 
   python -m benchmarks.tpu_sample_cost --config configs/xar_b.py --topology v5p-8 --per_chip_batch 16
 """
@@ -14,7 +14,7 @@ import argparse
 import os
 
 from benchmarks import common
-from xar_jax import aot, tpu_topology
+from xar_jax import aot, tpu_compile, tpu_topology
 from xar_jax.train_config import load_config_file
 
 
@@ -29,9 +29,9 @@ def main() -> None:
     config = aot.prepare_config(
         config, topo, num_slices=None, per_chip_batch=args.per_chip_batch, what="sample"
     )
-    compiled, _ = aot.compile_sample(config, aot.topology_devices(topo, 1))
-    c = aot.cost(compiled)
-    hbm = aot.hbm_per_chip(compiled)
+    compiled, _ = tpu_compile.compile_sample(config, tpu_compile.topology_devices(topo, 1))
+    c = tpu_compile.cost(compiled)
+    hbm = tpu_compile.hbm_per_chip(compiled)
     row = {
         "config": os.path.basename(args.config),
         "topology": args.topology,

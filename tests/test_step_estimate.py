@@ -287,3 +287,73 @@ def test_the_computed_tile_fraction_follows_the_kernels_block_skipping():
     assert computed_tile_fraction(entities) == 10 / 16
     assert computed_tile_fraction(entities, BlockSizes(128, 128, 128, 128)) == 3 / 4
     assert computed_tile_fraction(np.ones((100, 100), bool)) == 1.0
+
+
+def test_a_chunked_prefetch_into_vmem_is_charged_its_chunks_not_the_array_each_time():
+    # TPU v6e's memory-space assignment: an array evicted to HBM is brought back into VMEM (S(1))
+    # in chunks by asynchronous slices of a byte view of it, then joined in VMEM. Each
+    # slice-start's shape is ((operand), chunk, context); its slice-done is the chunk. An empty
+    # buffer (AllocateBuffer) moves nothing.
+    text = """HloModule m
+
+ENTRY %main (p: f32[8,256,1024]) -> f32[8,256,1024] {
+  %p = f32[8,256,1024]{2,1,0:T(8,128)} parameter(0)
+  %bytes = s8[8388608]{0:T(1024)(128)(4,1)} bitcast(%p)
+  %s0 = ((s8[8388608]{0:T(1024)(128)(4,1)}), s8[4194304]{0:T(1024)(128)(4,1)S(1)}, s32[]{:S(2)}) slice-start(%bytes), slice={[0:4194304]}
+  %s1 = ((s8[8388608]{0:T(1024)(128)(4,1)}), s8[4194304]{0:T(1024)(128)(4,1)S(1)}, s32[]{:S(2)}) slice-start(%bytes), slice={[4194304:8388608]}
+  %d0 = s8[4194304]{0:T(1024)(128)(4,1)S(1)} slice-done(%s0)
+  %d1 = s8[4194304]{0:T(1024)(128)(4,1)S(1)} slice-done(%s1)
+  %v = f32[8,256,1024]{2,1,0:T(8,128)S(1)} custom-call(%d0, %d1), custom_call_target="ConcatBitcast"
+  %e = f32[8,256,1024]{2,1,0:T(8,128)} custom-call(), custom_call_target="AllocateBuffer"
+  ROOT %n = f32[8,256,1024]{2,1,0:T(8,128)} negate(%v)
+}
+"""
+    array = 8 * 256 * 1024 * 4
+    # The two chunks read from HBM (together the array, once), the negation's result written.
+    assert hlo_cost.module_cost(text)["bytes"] == array + array
+
+
+# XLA's windowed einsum (a collective matmul over 8 chips, both ring directions): its loop
+# counts i = 0, 2 while i < 4, two shards per iteration; the start is a copy of a constant.
+WINDOWED = """HloModule m
+
+%body (t: (u32[], f32[128,256], f32[256,256])) -> (u32[], f32[128,256], f32[256,256]) {
+  %t = (u32[], f32[128,256]{1,0}, f32[256,256]{1,0}) parameter(0)
+  %i = u32[] get-tuple-element(%t), index=0
+  %x = f32[128,256]{1,0} get-tuple-element(%t), index=1
+  %w = f32[256,256]{1,0} get-tuple-element(%t), index=2
+  %y = f32[128,256]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %cp = f32[128,256]{1,0} collective-permute(%y), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,4},{4,5},{5,6},{6,7},{7,0}}
+  %two = u32[] constant(2)
+  %next = u32[] add(%i, %two)
+  ROOT %out = (u32[], f32[128,256]{1,0}, f32[256,256]{1,0}) tuple(%next, %cp, %w)
+}
+
+%cond (t: (u32[], f32[128,256], f32[256,256])) -> pred[] {
+  %t = (u32[], f32[128,256]{1,0}, f32[256,256]{1,0}) parameter(0)
+  %i = u32[] get-tuple-element(%t), index=0
+  %n = u32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[128,256], w: f32[256,256]) -> f32[128,256] {
+  %x = f32[128,256]{1,0} parameter(0)
+  %w = f32[256,256]{1,0} parameter(1)
+  %zero = u32[] constant(0)
+  %start = u32[] copy(%zero)
+  %t = (u32[], f32[128,256]{1,0}, f32[256,256]{1,0}) tuple(%start, %x, %w)
+  %loop = (u32[], f32[128,256]{1,0}, f32[256,256]{1,0}) while(%t), condition=%cond, body=%body
+  ROOT %r = f32[128,256]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_a_loop_whose_counter_steps_by_two_runs_half_its_bound():
+    assert hlo_cost.module_cost(WINDOWED)["flops"] == 2 * (2 * 128 * 256 * 256)
+    stats = hlo_stats.collectives(WINDOWED)
+    assert stats["collective-permute"] == {"count": 2, "bytes": 2 * 128 * 256 * 4}
+    assert hlo_cost.loop_trip_counts(WINDOWED) == {"cond": 2}
+    # A loop from 1 by 1 (the start read from the initial tuple) runs bound - 1 times.
+    from_one = WINDOWED.replace("%two = u32[] constant(2)", "%two = u32[] constant(1)")
+    from_one = from_one.replace("%zero = u32[] constant(0)", "%zero = u32[] constant(1)")
+    assert hlo_cost.loop_trip_counts(from_one) == {"cond": 3}

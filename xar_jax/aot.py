@@ -38,7 +38,12 @@ It reports per chip:
 
 ``--plan`` searches the fastest settings that fit the slice while keeping the config's global
 batch (mesh split, gradient accumulation, remat, layer scan; `xar_jax.plan`), prints the override
-line for the trainer and writes the plan with ``--json``; compile reports are cached on disk.
+line for the trainer and writes the plan with ``--json``; compile reports are cached on disk with
+their programs' HLO, and re-estimated from it on every hit.
+
+What is compiled lives in `xar_jax.tpu_compile`; what is read from the compiled program's text
+(collectives, the estimate) in `xar_jax.hlo_report`, which can run again on a stored program
+(``--hlo=FILE`` writes it).
 
 ``--find_max_batch`` doubles the per-chip batch from the compiled one while it fits (or halves it
 while it does not), then takes one bisection step between the last fit and the first failure;
@@ -49,35 +54,31 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gzip
 import json
 import logging
 import os
 import re
 import sys
 import time
-from importlib import metadata
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
-from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from xar_jax import (
-    experiment,
-    generate,
-    hlo_cost,
-    hlo_stats,
-    sampling,
-    step_estimate,
-    tpu_topology,
-    train,
-)
+from xar_jax import experiment, hlo_report, tpu_topology
 from xar_jax import plan as plan_lib
 from xar_jax import sharding as sharding_lib
-from xar_jax.model import PRESETS, mlp_hidden_width
+from xar_jax.tpu_compile import (
+    OOM_MARKERS,
+    compile_sample,
+    compile_train,
+    cost,
+    hbm_per_chip,
+    libtpu_version,
+    topology_devices,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -151,6 +152,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("json", None, "Write the result as JSON to this file, or '-' for stdout.")
 flags.DEFINE_string(
+    "hlo",
+    None,
+    "Write the compiled program's optimised HLO text (gzip) to this file (the planner's "
+    "cache keeps it to re-estimate without compiling).",
+)
+flags.DEFINE_string(
     "record",
     None,
     "Merge the result into this JSON list (docs/tpu_aot.json), "
@@ -159,144 +166,6 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "topology"])
 
 log = logging.getLogger("xar_jax.aot")
-GIB = 2**30
-OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory", "exceeds the memory")
-
-
-def quiet_libtpu(topo: tpu_topology.Topology | None = None) -> None:
-    """Environment for a compile-only libtpu on a machine without TPUs (defaults only: a TPU
-    VM's own values win).
-
-    No metadata-server lookup (not a Cloud VM), and no exclusive /tmp/libtpu_lockfile: any JAX
-    process on the machine may hold it once libtpu is installed, and compiling needs no chip.
-    The worker list and accelerator type the metadata server would give (one local host;
-    ``topo``'s Cloud name), without which libtpu logs an INVALID_ARGUMENT error as it loads.
-    """
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    if topo is not None:
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topo))
-
-
-def accelerator_type(topo: tpu_topology.Topology) -> str:
-    """The Cloud accelerator type of ``topo`` ('v5litepod-4', 'v5p-8': v4 and v5p count cores)."""
-    gen = topo.generation
-    family = "v5litepod" if gen.name == "v5e" else gen.name
-    return f"{family}-{2 * topo.chips if gen.counts_cores else topo.chips}"
-
-
-def topology_devices(topo: tpu_topology.Topology, num_slices: int) -> list:
-    """Abstract (compile-only) devices of ``num_slices`` copies of ``topo``."""
-    quiet_libtpu(topo)
-
-    return list(topologies.get_topology_desc(**topo.describe(num_slices)).devices)
-
-
-def libtpu_version() -> str:
-    try:
-        return metadata.version("libtpu")
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-# ----------------------------------------------------------------------------------------------
-# What gets compiled.
-def compile_train(config, devices):
-    """``(compiled, mesh)`` of the trainer's jitted step for ``devices``."""
-
-    exp = experiment.build(config, "train", devices=devices)
-    setup = experiment.training_setup(exp)
-    with jax.set_mesh(exp.mesh), exp.rules_context():
-        lowered = train.lower_train_step(
-            train.jit_train_step(exp, setup),
-            setup.abstract_state,
-            train.train_batch_spec(config, exp.mesh),
-        )
-        return lowered.compile(), exp.mesh
-
-
-def compile_sample(config, devices):
-    """``(compiled, mesh)`` of the sampler on one host's chips (as `generate` runs it)."""
-
-    exp = experiment.build(config, "sample", devices=devices)
-    local = [d for d in devices if d.process_index == devices[0].process_index]
-    hosts = len(devices) // len(local)
-    batch = generate.per_process_batch(config, hosts, len(local))
-    mesh = sharding_lib.make_mesh(-1, 1, 1, devices=local)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    s = config.sample
-    fn = sampling.make_sampler(
-        exp.model,
-        num_steps=s.num_steps,
-        cfg=float(s.cfg),
-        sampler=s.sampler,
-        cfg_schedule=s.cfg_schedule,
-    )
-    params = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), exp.abstract_params
-    )
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding_lib.batch_sharding(mesh))
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    with jax.set_mesh(mesh), exp.rules_context():
-        return fn.lower(params, labels, key, None).compile(), mesh
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the compiled program.
-def hbm_per_chip(compiled) -> dict[str, float]:
-    m = compiled.memory_analysis()
-    parts = {
-        "arguments": m.argument_size_in_bytes,
-        "temporaries": m.temp_size_in_bytes,
-        "outputs": m.output_size_in_bytes,
-        "aliased": m.alias_size_in_bytes,
-        "code": m.generated_code_size_in_bytes,
-    }
-    total = (
-        parts["arguments"]
-        + parts["outputs"]
-        - parts["aliased"]
-        + parts["temporaries"]
-        + parts["code"]
-    )
-    out = {k: round(v / GIB, 3) for k, v in parts.items()}
-    out["total"] = round(total / GIB, 3)
-    return out
-
-
-def cost(compiled) -> dict[str, float]:
-    """Per-chip FLOPs, HBM bytes and the compiler's optimal_seconds (while bodies counted once)."""
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return {
-        "flops": float(ca.get("flops", 0.0)),
-        "bytes": float(ca.get("bytes accessed", 0.0)),
-        "optimal_seconds": float(ca.get("optimal_seconds", float("nan"))),
-    }
-
-
-def _depths(config) -> tuple[int, int]:
-
-    m = config.model
-    if m.preset:
-        return PRESETS[m.preset].encoder_depth, PRESETS[m.preset].decoder_depth
-    return m.encoder_depth, m.decoder_depth
-
-
-def model_flops_per_example(config) -> float:
-    """Training FLOPs of one example: 3 x (forward matmuls + attention), MLP padding excluded.
-
-    Per token and block the forward does 2 x (4 D^2 + 3 D H) for qkv, projection and the gated
-    MLP, and 4 T D for scores and values over the whole sequence (the block-causal mask is
-    applied as a dense mask, so all of it is computed). adaLN runs per entity and is left out.
-    """
-    m = config.model
-    d = PRESETS[m.preset].width if m.preset else m.width
-    h = mlp_hidden_width(d)
-    t = config.latent.grid_size**2
-    depth = sum(_depths(config))
-    return 3.0 * t * depth * (2.0 * (4 * d * d + 3 * d * h) + 4.0 * t * d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,13 +201,17 @@ def compile_report(
     what: str = "train",
     estimate: bool = True,
     config_name: str = "",
+    hlo_file: str | None = None,
 ) -> dict[str, Any]:
-    """Compiles ``config`` (already `prepare_config`-ed) for ``topo`` and returns the report."""
+    """Compiles ``config`` (already `prepare_config`-ed) for ``topo`` and returns the report.
+
+    With ``hlo_file``, a program that compiles also leaves its optimised HLO text there
+    (gzip): all `hlo_report.from_hlo` needs to recompute the report's estimate later.
+    """
 
     num_slices = config.mesh.num_slices
     devices = topology_devices(topo, num_slices)
     chips = len(devices)
-    gen = topo.generation
     record: dict[str, Any] = {
         "config": config_name,
         "what": what,
@@ -347,13 +220,10 @@ def compile_report(
         "num_slices": num_slices,
         "chips": chips,
         "hosts": topo.hosts * num_slices,
-        "hbm_capacity_gib": gen.hbm_gib,
-        "peak_bf16_tflops": gen.peak_bf16_tflops,
-        "hbm_gbps": gen.hbm_gbps,
+        **hlo_report.chip_figures(topo),
         "libtpu": libtpu_version(),
         "date": datetime.date.today().isoformat(),
     }
-    record.update(ici_gbps=gen.ici_gbps, dcn_gbits=gen.dcn_gbits)
     # The layers as compiled: 'auto' resolved for the chips, as `experiment.build` does.
     layers = experiment.resolve_config(config, devices[0].platform, mode=what).model
     record.update(scan_layers=layers.scan_layers, remat=layers.remat)
@@ -365,7 +235,7 @@ def compile_report(
         record["global_batch"] = config.sample.batch_size
         record["per_chip_batch"] = config.sample.batch_size // chips
     # Every key is present whatever happens next; null where the compile does not tell.
-    record.update({k: None for k in REPORT_KEYS if k not in record})
+    record.update({k: None for k in hlo_report.REPORT_KEYS if k not in record})
     record["mesh"] = _planned_mesh(config, chips, num_slices) if what == "train" else None
     start = time.perf_counter()
     try:
@@ -386,11 +256,7 @@ def compile_report(
         return record
     record["compile_s"] = round(time.perf_counter() - start, 1)
     record["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
-    hbm = hbm_per_chip(compiled)
-    record["hbm_per_chip_gib"] = hbm
-    record["fits"] = hbm["total"] <= gen.hbm_gib
-    text = compiled.as_text()
-    record["collectives"] = hlo_stats.collectives(text)
+    record["hbm_per_chip_gib"] = hbm_per_chip(compiled)
     c1 = cost(compiled)
     # libtpu's own estimate: a negative sentinel on compile-only devices (see the docstring).
     record["compiler_optimal_seconds"] = (
@@ -400,60 +266,18 @@ def compile_report(
     # The cost analysis as compiled: every loop body counted once (see the module docstring).
     record["flops_per_chip_as_compiled"] = c1["flops"]
     record["bytes_per_chip_as_compiled"] = c1["bytes"]
-    if not estimate:
-        record["estimate_basis"] = "none: --noestimate"
-        return record
-    # The program's own devices: all chips for the train step, one host's for the sampler.
-    ops, notes = hlo_cost.module_ops(
-        text, int(mesh.devices.size), num_slices if what == "train" else 1
-    )
-    est = step_estimate.estimate(
-        ops,
-        peak_tflops=gen.peak_bf16_tflops,
-        hbm_gbps=gen.hbm_gbps,
-        chips_per_slice=topo.chips,
-        ici_gbps=gen.ici_gbps,
-        dcn_gbits=gen.dcn_gbits,
-        ici_links=gen.ici_links,
-    )
-    record.update(
-        _estimate_keys(config, est, notes, what=what, chips=chips, peak_tflops=gen.peak_bf16_tflops)
-    )
-    return record
+    text = compiled.as_text()
+    if hlo_file:
+        write_hlo(hlo_file, text)
+    return hlo_report.from_hlo(record, text, config, topo, estimate=estimate)
 
 
-ESTIMATE_KEYS = (
-    "est_step_s",
-    "est_step_s_serial",
-    "est_compute_s",
-    "est_memory_s",
-    "est_compute_memory_s",
-    "est_collective_s",
-    "est_ici_s",
-    "est_dcn_s",
-    "est_overlap",
-)
-REPORT_KEYS = (
-    "mesh",
-    "compile_s",
-    "fits",
-    "error",
-    "hbm_temporaries_needed_gib",
-    "hbm_per_chip_gib",
-    "collectives",
-    "compiler_optimal_seconds",
-    "compiler_optimal_seconds_raw",
-    "flops_per_chip_as_compiled",
-    "bytes_per_chip_as_compiled",
-    "compiled_flops_per_chip",
-    "compiled_bytes_per_chip",
-    "model_flops_per_step",
-    *ESTIMATE_KEYS,
-    "est_img_per_s_per_chip",
-    "est_mfu",
-    "opaque_kernels",
-    "estimate_basis",
-)
+def write_hlo(path: str, text: str) -> None:
+    """``text`` gzipped at ``path`` (written whole or not at all)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with gzip.open(tmp, "wt", compresslevel=6) as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _planned_mesh(config, chips: int, num_slices: int) -> dict[str, int] | None:
@@ -465,44 +289,6 @@ def _planned_mesh(config, chips: int, num_slices: int) -> dict[str, int] | None:
     except ValueError:
         return None
     return {"dcn": num_slices, "data": data, "fsdp": fsdp, "tensor": tensor}
-
-
-def _estimate_keys(
-    config, est: dict[str, Any], notes: dict[str, Any], *, what: str, chips: int, peak_tflops: float
-) -> dict[str, Any]:
-    """The report's estimate keys from a `step_estimate.estimate` of the compiled program."""
-    if what == "train":
-        examples = config.train.global_batch_size / chips
-        model_flops = model_flops_per_example(config) * config.train.global_batch_size
-    else:
-        examples = config.sample.batch_size / chips
-        model_flops = None
-    out = {k: est[k] for k in ESTIMATE_KEYS}
-    out.update(
-        compiled_flops_per_chip=est["flops"],
-        compiled_bytes_per_chip=est["bytes"],
-        model_flops_per_step=model_flops,
-        est_img_per_s_per_chip=examples / est["est_step_s"] if est["est_step_s"] else None,
-        est_mfu=(
-            model_flops / (chips * peak_tflops * 1e12 * est["est_step_s"])
-            if model_flops and est["est_step_s"]
-            else None
-        ),
-        opaque_kernels=notes["opaque_kernels"],
-        estimate_basis=(
-            "xar_jax.step_estimate on the optimised HLO: matmul FLOPs and HBM bytes per op "
-            "(loops counted their trip count times), collectives from bytes and replica groups "
-            "over ICI/DCN; "
-            + est["est_overlap"]
-            + (
-                "; unknown loop trip counts (counted once): "
-                + ", ".join(notes["unknown_trip_counts"])
-                if notes["unknown_trip_counts"]
-                else ""
-            )
-        ),
-    )
-    return out
 
 
 def find_max_batch(
@@ -730,7 +516,12 @@ def main(argv):
     if FLAGS.plan:
         return run_plan(config, topo, name)
     record = compile_report(
-        config, topo, what=FLAGS.what, estimate=FLAGS.estimate, config_name=name
+        config,
+        topo,
+        what=FLAGS.what,
+        estimate=FLAGS.estimate,
+        config_name=name,
+        hlo_file=FLAGS.hlo,
     )
     if FLAGS.find_max_batch:
         record.update(

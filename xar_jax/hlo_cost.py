@@ -5,7 +5,8 @@ fusion that updates one slice of a loop-carried stacked buffer (a scan's per-lay
 gradients) as if it read and wrote the whole buffer. `module_cost` walks the text instead:
 
 * Every computation runs as often as its callers say: a ``while`` body the loop's trip count
-  (`hlo_stats.trip_count` rules: ``known_trip_count``, else ``i < N`` in the condition), a fusion
+  (``known_trip_count``, else ``for (i = start; i < N; i += step)`` read from the condition,
+  the initial tuple and the body: XLA's windowed einsums step by 2; `loop_trip_counts`), a fusion
   body as often as its fusion op, branches of a ``conditional`` once each (an upper bound).
 * **FLOPs** are the matrix products, wherever they are (fusion bodies included): ``dot`` =
   2 x result elements x contracted size; ``convolution`` = 2 x result elements x kernel input
@@ -16,7 +17,8 @@ gradients) as if it read and wrote the whole buffer. `module_cost` walks the tex
 * **HBM bytes** are counted per op outside fusion bodies, as the hardware moves them: operands
   read plus results written, where only arrays in HBM count (TPU layouts mark on-chip VMEM as
   memory space ``S(1)``: a ``copy-start`` that prefetches into VMEM is charged its read, and the
-  fusion that then reads the VMEM copy is not charged for it). A fusion operand that the body
+  fusion that then reads the VMEM copy is not charged for it; a ``slice-start``, an asynchronous
+  slice that prefetches one chunk of an array, is charged the chunk, not the array). A fusion operand that the body
   only slices (``dynamic-slice``, ``slice``, ``gather``) is charged the slices; a fusion (or
   op) whose result is a ``dynamic-update-slice`` of an operand writes in place and is charged
   the update, not the buffer. Tuple plumbing, bitcasts, parameters, constants and loop ops
@@ -60,6 +62,7 @@ _FREE = {
     "opt-barrier",
     "add-dependency",
     "copy-done",
+    "slice-done",
     "all-gather-done",
     "all-reduce-done",
     "collective-permute-done",
@@ -241,16 +244,66 @@ class _Module:
 
     # -- execution counts ----------------------------------------------------------------------
     def trip_count(self, instr: Instr) -> int:
+        """Iterations of a ``while``: its ``known_trip_count``, else read from the loop as
+        ``for (i = start; i < N; i += step)``: N from the condition's compare with a constant,
+        start from the loop's initial tuple (0 if not a constant) and step from the body's
+        ``add`` to the counter (1 if not a constant; XLA's windowed einsums step by 2)."""
         m = _TRIP.search(instr.attrs)
         if m:
             return int(m.group(1))
         cond = self.comps.get(_attr(instr.attrs, "condition") or "")
         if cond is not None and any("direction=LT" in i.attrs for i in cond.instrs):
+            counter = self._loop_counter(instr, cond)
+            if counter is not None:
+                return counter
             consts = [i for i in cond.instrs if i.op == "constant" and _INT_CONST.match(i.shape)]
             if len(consts) == 1 and consts[0].args.strip().isdigit():
                 return int(consts[0].args)
         self.unknown_trips.append(instr.name)
         return 1
+
+    def _constant(self, instr: Instr, name: str) -> int | None:
+        """The integer value of ``name`` seen from ``instr`` through copies, bitcasts and
+        converts; None if it is not a constant."""
+        p = self.producer(instr, name)
+        for _ in range(8):
+            if p is None:
+                return None
+            if p.op == "constant" and _INT_CONST.match(p.shape):
+                value = p.args.strip()
+                return int(value) if value.lstrip("-").isdigit() else None
+            if p.op not in ("copy", "bitcast", "convert") or not p.operands:
+                return None
+            p = self.producer(p, p.operands[0])
+        return None
+
+    def _loop_counter(self, loop: Instr, cond: Computation) -> int | None:
+        """``ceil((N - start) / step)`` of a loop whose condition is ``i < N`` on one element
+        of the loop tuple; None where the loop does not read that way."""
+        compare = cond.root
+        if compare is None or compare.op != "compare" or "direction=LT" not in compare.attrs:
+            return None
+        if len(compare.operands) != 2:
+            return None
+        counter = self.producer(compare, compare.operands[0])
+        limit = self._constant(compare, compare.operands[1])
+        index = re.search(r"\bindex=(\d+)", counter.attrs) if counter is not None else None
+        if counter is None or counter.op != "get-tuple-element" or limit is None or not index:
+            return None
+        k = int(index.group(1))
+        start = 0
+        init = self.producer(loop, loop.operands[0]) if loop.operands else None
+        if init is not None and init.op == "tuple" and k < len(init.operands):
+            start = self._constant(init, init.operands[k]) or 0
+        step = 1
+        body = self.comps.get(_attr(loop.attrs, "body") or "")
+        root = body.root if body is not None else None
+        if root is not None and root.op == "tuple" and k < len(root.operands):
+            update = self.producer(root, root.operands[k])
+            if update is not None and update.op == "add" and len(update.operands) == 2:
+                values = [self._constant(update, o) for o in update.operands]
+                step = next((v for v in values if v is not None and v > 0), 1)
+        return max(0, -(-(limit - start) // step))
 
     def counts(self) -> tuple[dict[str, float], set[str]]:
         """Executions of every computation per module execution; the set of fusion bodies."""
@@ -475,6 +528,16 @@ class _Module:
             dest = arrays(instr.shape)
             written = dest[0][1] if dest and dest[0][2] else 0.0
             return hbm_bytes(operand_shapes[0] if operand_shapes else "") + written
+        if op == "slice-start" and operand_shapes:
+            # An asynchronous slice, ((operand), result, context): TPU prefetches an array into
+            # VMEM in chunks this way. It reads its result's bytes of the operand, not the whole.
+            parts = arrays(instr.shape)
+            if len(parts) > 1:
+                _, size, to_hbm = parts[1]
+                from_hbm = any(hbm for _, _, hbm in arrays(operand_shapes[0]))
+                return size * from_hbm + size * to_hbm
+        if op == "custom-call" and 'custom_call_target="AllocateBuffer"' in instr.attrs:
+            return 0.0  # An uninitialised buffer: nothing is written.
         if op == "dynamic-update-slice" and len(operand_shapes) > 1:
             return 2.0 * hbm_bytes(operand_shapes[1])
         if op in _SLICERS:
@@ -665,6 +728,21 @@ def module_ops(
                     )
                 )
     return ops, {"opaque_kernels": opaque, "unknown_trip_counts": m.unknown_trips}
+
+
+def loop_trip_counts(hlo_text: str) -> dict[str, int]:
+    """``{condition computation: trip count}`` of every ``while`` whose count is known or read
+    from the loop (`_Module.trip_count`); loops it cannot read are left out."""
+    m = _Module(hlo_text)
+    out = {}
+    for c in m.comps.values():
+        for i in c.instrs:
+            if i.op == "while" and (cond := _attr(i.attrs, "condition")):
+                unknown = len(m.unknown_trips)
+                n = m.trip_count(i)
+                if len(m.unknown_trips) == unknown:
+                    out[cond] = n
+    return out
 
 
 def module_cost(hlo_text: str) -> dict[str, Any]:

@@ -5,9 +5,10 @@ the bytes each moves. A collective inside a ``while`` body (a scan over layers) 
 iteration: each computation's counts are multiplied by the trip count XLA recorded for its loop
 (``known_trip_count`` in the loop's backend config), through every level of nesting.
 
-Compiled TPU modules often carry no ``known_trip_count``; then the count is read from the loop's
-condition, ``i < N`` with a constant N (the form of every `jax.lax.scan` and ``fori_loop`` with
-static bounds, which count from 0).
+Compiled TPU modules often carry no ``known_trip_count``; then the count is read from the loop
+as `xar_jax.hlo_cost` reads it: ``i < N`` in the condition with a constant N, the counter's start
+in the loop's initial tuple and its step in the body (every `jax.lax.scan` and ``fori_loop`` with
+static bounds counts from 0 by 1; XLA's windowed einsums, the collective matmuls, count by 2).
 
 Bytes are those of the collective's result on one chip (all-gather: the gathered array;
 reduce-scatter: the scattered shard; all-reduce: the reduced array), summed over executions.
@@ -168,7 +169,10 @@ def collectives(hlo_text: str) -> dict[str, Any]:
     """Collectives of one execution of the module: ``{kind: {'count', 'bytes'}}`` for every kind
     in `KINDS` and ``'dcn'`` (zeros included), plus ``'unknown_trip_counts'``: loops counted once because XLA
     recorded no trip count (an undercount; empty in the train step's scan over layers)."""
+    from xar_jax import hlo_cost  # Imports this module: its loop reading, here when called.
+
     comps, entry, unknown = _parse(hlo_text)
+    trips = hlo_cost.loop_trip_counts(hlo_text)
     memo: dict[str, dict[str, list[float]]] = {}
 
     def total(name: str, depth: int = 0) -> dict[str, list[float]]:
@@ -181,7 +185,7 @@ def collectives(hlo_text: str) -> dict[str, Any]:
                 out[kind] = [n, b]
             for callee, times, cond in comp.calls:
                 if times is None:
-                    times = _trip_count(comps, cond)
+                    times = trips.get(cond, _trip_count(comps, cond))
                     if times is None:
                         unknown.append(f"loop with condition {cond}")
                         times = 1

@@ -20,9 +20,12 @@ whose absl flags would clash with the trainer's):
   the report (HBM parts, FLOPs, bytes, collectives, the estimate's terms) is extrapolated
   linearly to the real depth, as the layers' FLOPs are: parameters, optimizer state, saved
   residuals and per-layer collectives are per block.
-* **Cache.** Every report is kept on disk (`ReportCache`), keyed by the compiled config,
-  topology, jax, libtpu and the source of this package, so a rerun, the time-to-train table
-  and the trainer's ``train.plan=auto`` reuse the compiles.
+* **Cache.** Every report is kept on disk with its program's optimised HLO (`ReportCache`),
+  keyed by what determines the program: the compiled config, the topology, jax, libtpu and the
+  package source outside `REPORT_SOURCES` (the modules that only read or report a program). A
+  rerun, the time-to-train table and the trainer's ``train.plan=auto`` reuse the compiles, and
+  each hit is re-estimated from its HLO (`hlo_report.from_hlo`): estimator fixes need no
+  compile.
 
 The plan (`plan_record`) carries every key, ``None`` where unknown, and the override line the
 trainer takes unchanged; `xar_jax.plan_file` applies a plan file (or ``auto``) in the trainer.
@@ -32,17 +35,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from xar_jax import hlo_report
 from xar_jax.model import PRESETS, resolve_layers
 from xar_jax.train_config import load_config_file
 
@@ -135,16 +141,38 @@ def with_depth(config, k: int):
 
 # ----------------------------------------------------------------------------------------------
 # The compile cache.
-def _source_digest() -> str:
-    """Hash of this package's Python source (a changed model or step invalidates the cache)."""
-    root = os.path.dirname(os.path.abspath(__file__))
+# Modules that read, estimate or report a compiled program but never shape it, left out of the
+# cache key: a fix to the estimate re-estimates cached programs (`Evaluator.report`) instead of
+# compiling them again. tpu_topology.py's table of chip figures feeds the estimate; what it tells
+# the compiler (`Topology.describe`) is in the key instead. What shapes the program (the model,
+# the step, sharding, `xar_jax.tpu_compile`, ...) stays in it.
+REPORT_SOURCES = frozenset(
+    {
+        "aot.py",
+        "hlo_cost.py",
+        "hlo_report.py",
+        "hlo_stats.py",
+        "plan.py",
+        "plan_file.py",
+        "step_estimate.py",
+        "tpu_topology.py",
+    }
+)
+
+
+def source_digest(root: str | None = None) -> str:
+    """Hash of the package's Python source (under ``root``, default this package) that shapes
+    a compiled program, all but `REPORT_SOURCES`: a changed model or step invalidates the
+    cache."""
+    root = root or os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
         for name in sorted(filenames):
-            if name.endswith(".py") and name != "plan.py":
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if name.endswith(".py") and rel not in REPORT_SOURCES:
                 with open(os.path.join(dirpath, name), "rb") as f:
-                    h.update(name.encode() + f.read())
+                    h.update(rel.encode() + f.read())
     return h.hexdigest()[:16]
 
 
@@ -154,37 +182,63 @@ def default_cache_dir() -> str:
 
 
 class ReportCache:
-    """Compile reports on disk, one JSON file per (config, topology, what, estimate, versions)."""
+    """Compile reports on disk: per compiled program, ``KEY.json`` (the report as compiled) and,
+    for a program that compiled, ``KEY.hlo.gz`` (its optimised HLO text) to re-estimate it.
+
+    The key (`key`) is what determines the program: the config, the topology as libtpu is
+    told it, the kind of program, jax, libtpu and the package source outside `REPORT_SOURCES`.
+    """
 
     def __init__(self, path: str | None, versions: str):
         self.path = path
-        self.versions = versions + "/" + _source_digest()
+        self.versions = versions + "/" + source_digest()
         self.hits = 0
 
-    def key(self, config, topology: str, what: str, estimate: bool) -> str:
+    def key(self, config, topo, what: str) -> str:
         text = json.dumps(
-            [config.to_json_best_effort(sort_keys=True), topology, what, estimate, self.versions]
+            [
+                config.to_json_best_effort(sort_keys=True),
+                topo.name,
+                topo.describe(config.mesh.num_slices),
+                what,
+                self.versions,
+            ]
         )
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
+    def _file(self, key: str, suffix: str) -> str:
+        return os.path.join(self.path or "", key + suffix)
+
+    def has(self, key: str) -> bool:
+        return bool(self.path) and os.path.exists(self._file(key, ".json"))
+
     def get(self, key: str) -> dict | None:
-        if not self.path:
+        """The report stored under ``key`` (counted as a hit), or None."""
+        if not self.has(key):
             return None
-        file = os.path.join(self.path, key + ".json")
-        if not os.path.exists(file):
-            return None
-        with open(file) as f:
+        with open(self._file(key, ".json")) as f:
             self.hits += 1
             return json.load(f)
 
-    def put(self, key: str, record: dict) -> None:
+    def hlo(self, key: str) -> str | None:
+        """The optimised HLO text stored under ``key``, or None (a program that did not fit)."""
+        file = self._file(key, ".hlo.gz")
+        if not self.path or not os.path.exists(file):
+            return None
+        with gzip.open(file, "rt") as f:
+            return f.read()
+
+    def put(self, key: str, record: dict, hlo_file: str | None = None) -> None:
+        """Stores ``record`` and moves ``hlo_file`` (gzipped HLO text) in beside it."""
         if not self.path:
             return
         os.makedirs(self.path, exist_ok=True)
+        if hlo_file and os.path.exists(hlo_file):  # First: a report implies its HLO is there.
+            shutil.move(hlo_file, self._file(key, ".hlo.gz"))
         tmp = os.path.join(self.path, f".{key}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             json.dump(record, f)
-        os.replace(tmp, os.path.join(self.path, key + ".json"))
+        os.replace(tmp, self._file(key, ".json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,16 +296,27 @@ class Evaluator:
         self.chips = topo.chips * config.mesh.num_slices
 
     def report(self, config) -> dict:
-        """One cached compile report (memory and the estimate: one compile)."""
-        key = self.cache.key(config, self.topo.name, "train", True)
+        """One compile report (memory and the estimate: one compile). A cached one is
+        re-estimated from its stored HLO text (`hlo_report.from_hlo`), so it carries the
+        current estimator's numbers."""
+        key = self.cache.key(config, self.topo, "train")
         hit = self.cache.get(key)
         if hit is not None:
-            return hit
+            text = self.cache.hlo(key)
+            return hit if text is None else hlo_report.from_hlo(hit, text, config, self.topo)
         if self.budget is not None and self.compiles >= self.budget:
             raise BudgetExhausted(self.compiles)
-        record = self.compile_report(
-            config, self.topo, what="train", estimate=True, config_name=self.config_name
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            hlo_file = os.path.join(tmp, "program.hlo.gz")
+            record = self.compile_report(
+                config,
+                self.topo,
+                what="train",
+                estimate=True,
+                config_name=self.config_name,
+                hlo_file=hlo_file,
+            )
+            self.cache.put(key, record, hlo_file)
         self.compiles += 1
         log.info(
             "plan: compiled %s, %s examples per chip, %s blocks per stack: %s (%s GiB), "
@@ -264,7 +329,6 @@ class Evaluator:
             record.get("est_step_s"),
             record.get("compile_s"),
         )
-        self.cache.put(key, record)
         return record
 
     def measure_config(self, s: Settings, micro: int, k: int | None):
@@ -372,10 +436,9 @@ def prefetch(ev: Evaluator, configs: list, *, config_file: str, jobs: int) -> No
     base = load_config_file(config_file)
     todo = []
     for c in configs:
-        key = ev.cache.key(c, ev.topo.name, "train", True)
-        if ev.cache.get(key) is None and key not in [k for k, _ in todo]:
+        key = ev.cache.key(c, ev.topo, "train")
+        if not ev.cache.has(key) and key not in [k for k, _ in todo]:
             todo.append((key, c))
-    ev.cache.hits = 0
     if ev.budget is not None:
         todo = todo[: max(0, ev.budget - ev.compiles)]
     env = dict(os.environ)
@@ -392,6 +455,7 @@ def prefetch(ev: Evaluator, configs: list, *, config_file: str, jobs: int) -> No
                     f"--config={config_file}",
                     f"--topology={ev.topo.name}",
                     f"--json={out}",
+                    f"--hlo={os.path.join(tmp, key + '.hlo.gz')}",
                     *config_overrides(base, c),
                 ]
                 log.info("plan: compiling in a subprocess: %s", " ".join(cmd[3:]))
@@ -407,7 +471,7 @@ def prefetch(ev: Evaluator, configs: list, *, config_file: str, jobs: int) -> No
             proc, key, out = running.pop(0)
             if proc.wait() == 0 and os.path.exists(out):
                 with open(out) as f:
-                    ev.cache.put(key, json.load(f))
+                    ev.cache.put(key, json.load(f), os.path.join(tmp, key + ".hlo.gz"))
                 ev.compiles += 1
 
 
