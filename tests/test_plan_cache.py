@@ -72,7 +72,7 @@ def test_a_cached_report_is_re_estimated_from_its_hlo_without_compiling(tmp_path
     assert hit["compile_s"] == 1.0  # The compiler's own numbers are kept.
 
 
-def test_the_key_follows_the_program_not_the_estimator(tmp_path):
+def test_the_key_follows_the_program_not_the_estimator(tmp_path, monkeypatch):
     package = tmp_path / "xar_jax"
     shutil.copytree(f"{REPO}/xar_jax", package, ignore=shutil.ignore_patterns("__pycache__"))
     digest = plan.source_digest(str(package))
@@ -91,3 +91,6 @@ def test_the_key_follows_the_program_not_the_estimator(tmp_path):
     with config.unlocked():
         config.model.remat = "full"
     assert cache.key(config, v5e, "train") != cache.key(load_config_file(TINY_CONFIG), v5e, "train")
+    key = cache.key(config, v5e, "train")
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_windowed_einsum_for_all_gather=false")
+    assert cache.key(config, v5e, "train") != key

@@ -160,6 +160,10 @@ REPORT_SOURCES = frozenset(
 )
 
 
+# Environment variables that set compiler options (libtpu's and XLA's): part of the cache key.
+COMPILER_FLAG_VARIABLES = ("LIBTPU_INIT_ARGS", "XLA_FLAGS")
+
+
 def source_digest(root: str | None = None) -> str:
     """Hash of the package's Python source (under ``root``, default this package) that shapes
     a compiled program, all but `REPORT_SOURCES`: a changed model or step invalidates the
@@ -186,7 +190,8 @@ class ReportCache:
     for a program that compiled, ``KEY.hlo.gz`` (its optimised HLO text) to re-estimate it.
 
     The key (`key`) is what determines the program: the config, the topology as libtpu is
-    told it, the kind of program, jax, libtpu and the package source outside `REPORT_SOURCES`.
+    told it, the kind of program, jax, libtpu, the compiler flags in the environment
+    (`COMPILER_FLAG_VARIABLES`) and the package source outside `REPORT_SOURCES`.
     """
 
     def __init__(self, path: str | None, versions: str):
@@ -195,15 +200,16 @@ class ReportCache:
         self.hits = 0
 
     def key(self, config, topo, what: str) -> str:
-        text = json.dumps(
-            [
-                config.to_json_best_effort(sort_keys=True),
-                topo.name,
-                topo.describe(config.mesh.num_slices),
-                what,
-                self.versions,
-            ]
-        )
+        parts = [
+            config.to_json_best_effort(sort_keys=True),
+            topo.name,
+            topo.describe(config.mesh.num_slices),
+            what,
+            self.versions,
+        ]
+        # The compiler's own flags change the program as much as the config does.
+        flags = {k: os.environ[k] for k in COMPILER_FLAG_VARIABLES if os.environ.get(k)}
+        text = json.dumps(parts + [flags] if flags else parts)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def _file(self, key: str, suffix: str) -> str:
