@@ -151,6 +151,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("json", None, "Write the result as JSON to this file, or '-' for stdout.")
 flags.DEFINE_string(
+    "hlo_out",
+    None,
+    "Write the optimised HLO text of the compiled program to this file (for "
+    "`python -m xar_jax.step_estimate FILE`: where the estimated time goes, per part).",
+)
+flags.DEFINE_string(
     "record",
     None,
     "Merge the result into this JSON list (docs/tpu_aot.json), "
@@ -332,8 +338,10 @@ def compile_report(
     what: str = "train",
     estimate: bool = True,
     config_name: str = "",
+    hlo_out: str | None = None,
 ) -> dict[str, Any]:
-    """Compiles ``config`` (already `prepare_config`-ed) for ``topo`` and returns the report."""
+    """Compiles ``config`` (already `prepare_config`-ed) for ``topo`` and returns the report
+    (``hlo_out``: also write the optimised HLO text there)."""
 
     num_slices = config.mesh.num_slices
     devices = topology_devices(topo, num_slices)
@@ -390,6 +398,9 @@ def compile_report(
     record["hbm_per_chip_gib"] = hbm
     record["fits"] = hbm["total"] <= gen.hbm_gib
     text = compiled.as_text()
+    if hlo_out:
+        with open(hlo_out, "w") as f:
+            f.write(text)
     record["collectives"] = hlo_stats.collectives(text)
     c1 = cost(compiled)
     # libtpu's own estimate: a negative sentinel on compile-only devices (see the docstring).
@@ -730,7 +741,12 @@ def main(argv):
     if FLAGS.plan:
         return run_plan(config, topo, name)
     record = compile_report(
-        config, topo, what=FLAGS.what, estimate=FLAGS.estimate, config_name=name
+        config,
+        topo,
+        what=FLAGS.what,
+        estimate=FLAGS.estimate,
+        config_name=name,
+        hlo_out=FLAGS.hlo_out,
     )
     if FLAGS.find_max_batch:
         record.update(
