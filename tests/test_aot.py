@@ -3,6 +3,7 @@
 Each compile runs in a subprocess: libtpu is loaded only there, and the CLI is what users run.
 """
 
+import gzip
 import importlib.util
 import json
 import os
@@ -77,12 +78,37 @@ DEPTHS = ["--config.model.encoder_depth=3", "--config.model.decoder_depth=2"]
 
 
 @pytest.fixture(scope="module")
-def v5p_8_report():
+def v5p_8_hlo(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hlo") / "train.hlo.gz")
+
+
+@pytest.fixture(scope="module")
+def v5p_8_report(v5p_8_hlo):
     """The CLI's report of the tiny config (scanned, depths 3 + 2) on a v5p-8 with fsdp; its
-    layer scan 'auto', which the TPU resolves to the scan."""
+    layer scan 'auto', which the TPU resolves to the scan. Its HLO goes to ``v5p_8_hlo``."""
     return _json(
-        _aot("--topology=v5p-8", "--json=-", *FSDP, *DEPTHS, "--config.model.scan_layers=auto")
+        _aot(
+            "--topology=v5p-8",
+            "--json=-",
+            f"--hlo={v5p_8_hlo}",
+            *FSDP,
+            *DEPTHS,
+            "--config.model.scan_layers=auto",
+        )
     )
+
+
+def test_the_written_hlo_breaks_the_estimate_down_by_model_part(v5p_8_report, v5p_8_hlo):
+    from xar_jax import hlo_cost, step_estimate
+
+    with gzip.open(v5p_8_hlo, "rt") as f:
+        ops, _ = hlo_cost.module_ops(f.read(), v5p_8_report["chips"])
+    rows = step_estimate.breakdown(ops, peak_tflops=459.0, hbm_gbps=2765.0)
+    total = sum(r["est_s"] for r in rows)
+    assert total == pytest.approx(v5p_8_report["est_compute_memory_s"])
+    parts = {r["part"] for r in rows}
+    for part in ("forward attention core", "backward attention core", "forward mlp"):
+        assert part in parts, parts
 
 
 def test_tiny_train_step_compiles_for_v5p_8_with_fsdp_and_reports_memory_speed_collectives(

@@ -169,6 +169,70 @@ def test_attention_layer_draws_a_new_mask_per_layer_and_step():
     assert not np.allclose(first, second)
 
 
+def _xla_with_hash_dropout(q, k, v, key, rate=RATE):
+    drop = lambda p: dropout.hash_attention_dropout(p, rate, key)
+    return attention.masked_softmax_attention(q, k, v, MASK, 1.0 / np.sqrt(D), drop)
+
+
+def test_xla_kernel_with_hash_dropout_equals_the_pallas_kernel_and_its_gradients():
+    q, k, v = _qkv(12)
+    key = jax.random.key(13)
+    _assert_close(_xla_with_hash_dropout(q, k, v, key), _fused(q, k, v, key, RATE))
+    weights = jax.random.normal(jax.random.key(14), (B, T, H, D))
+
+    def grads(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * weights)
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    got = grads(lambda q, k, v: _xla_with_hash_dropout(q, k, v, key))
+    want = grads(lambda q, k, v: _fused(q, k, v, key, RATE))
+    for g, w in zip(got, want, strict=True):
+        _assert_close(g, w)
+    # Another key drops other probabilities.
+    other = _xla_with_hash_dropout(q, k, v, jax.random.key(15))
+    assert not np.allclose(other, _xla_with_hash_dropout(q, k, v, key), atol=1e-3)
+
+
+def test_hash_attention_dropout_at_rate_zero_is_the_identity_and_rehashes_backward():
+    p = jax.random.uniform(jax.random.key(16), (B, H, T, T))
+    key = jax.random.key(17)
+    assert dropout.hash_attention_dropout(p, 0.0, key) is p
+    out = np.asarray(dropout.hash_attention_dropout(p, RATE, key))
+    keep = _mask(key)
+    np.testing.assert_array_equal(out != 0, keep)
+    np.testing.assert_allclose(out[keep], np.asarray(p)[keep] / (1 - RATE), rtol=1e-6)
+    # No (B, H, T, S) mask is kept for the backward pass: only the two seed words.
+    residuals = saved_residuals(lambda p: dropout.hash_attention_dropout(p, RATE, key).sum(), p)
+    assert [r[0].shape for r in residuals] == [(2,)]
+
+
+def test_xla_layer_with_hash_dropout_trains_as_the_pallas_layer():
+    x, cos, sin = _layer_inputs()
+    layer = lambda impl: layers.Attention(
+        num_heads=H, dtype=DTYPE, attn_dropout=RATE, impl=impl, dropout_impl="hash"
+    )
+    params = layer("xla").init(jax.random.key(0), x, cos, sin, MASK, None, True)
+
+    def loss(impl):
+        def f(params, x):
+            rngs = {"dropout": jax.random.key(18)}
+            out = layer(impl).apply(params, x, cos, sin, MASK, None, False, rngs=rngs)[0]
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        return f
+
+    want = jax.value_and_grad(loss("pallas"), (0, 1))(params, x)
+    got = jax.value_and_grad(loss("xla"), (0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        _assert_close(g, w)
+    # And 'rng' (threefry bits) draws another mask.
+    rng_layer = layers.Attention(num_heads=H, dtype=DTYPE, attn_dropout=RATE, impl="xla")
+    rngs = {"dropout": jax.random.key(18)}
+    other = rng_layer.apply(params, x, cos, sin, MASK, None, False, rngs=rngs)[0]
+    hashed = layer("xla").apply(params, x, cos, sin, MASK, None, False, rngs=rngs)[0]
+    assert not np.allclose(other, hashed, atol=1e-3)
+
+
 class _ModelConfig(dict):
     """The attribute access of a config's ``model`` section, without ml_collections (GPU image)."""
 

@@ -38,7 +38,7 @@ LOOP = """HloModule m
   %ys = f32[4,1024]{1,0} get-tuple-element(%t), index=2
   %w = f32[1024,1024]{1,0} get-tuple-element(%t), index=3
   %x = f32[1,1024]{1,0} fusion(%xs, %i), kind=kLoop, calls=%slice_body
-  %y = f32[1,1024]{1,0} fusion(%x, %w), kind=kOutput, calls=%dot_body
+  %y = f32[1,1024]{1,0} fusion(%x, %w), kind=kOutput, calls=%dot_body, metadata={op_name="jit(step)/transpose(jvp(XAR))/blocks/attn/bthd,bshd->bhts/dot_general"}
   %ys2 = f32[4,1024]{1,0} fusion(%ys, %y, %i), kind=kLoop, calls=%update_body
   %one = s32[] constant(1)
   %i2 = s32[] add(%i, %one)
@@ -357,3 +357,23 @@ def test_a_loop_whose_counter_steps_by_two_runs_half_its_bound():
     from_one = WINDOWED.replace("%two = u32[] constant(2)", "%two = u32[] constant(1)")
     from_one = from_one.replace("%zero = u32[] constant(0)", "%zero = u32[] constant(1)")
     assert hlo_cost.loop_trip_counts(from_one) == {"cond": 3}
+
+
+def test_breakdown_sums_the_per_op_terms_by_the_part_they_came_from():
+    ops, _ = hlo_cost.module_ops(LOOP, num_devices=4)
+    rows = step_estimate.breakdown(ops, peak_tflops=1.0, hbm_gbps=1.0)
+    est = step_estimate.estimate(
+        ops, peak_tflops=1.0, hbm_gbps=1.0, chips_per_slice=4, ici_gbps=2.0
+    )
+    by_part = {r["part"]: r for r in rows}
+    # The matmul carries its JAX op name: the backward pass of the attention's logits.
+    dot = by_part["backward attention core"]
+    assert (dot["ops"], dot["flops"]) == (4, 4 * 2 * 1024 * 1024)
+    assert dot["est_s"] == pytest.approx(4 * (2 * ROW + MATRIX) / 1e9)
+    assert rows[0] is dot  # Slowest first.
+    assert sum(r["est_s"] for r in rows) == pytest.approx(est["est_compute_memory_s"])
+    assert by_part["collectives"]["est_s"] == 0.0 and by_part["collectives"]["ops"] == 1
+    assert step_estimate.part("jit(f)/jvp(XAR)/blocks/mlp/fc1/dot_general") == "forward mlp"
+    assert step_estimate.part("x/rematted_computation/blocks/attn/qkv/add") == (
+        "remat attention qkv"
+    )

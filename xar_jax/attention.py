@@ -4,7 +4,8 @@ Shapes: B batch, T tokens of this call, S attended tokens, L layers, N tokens of
 sequence, H heads, d head dim. Queries, keys and values are (B, T, H, d) after RoPE.
 
 The kernels (`KERNELS`; `model.attention_impl` names one, or 'auto'):
-* ``xla``: einsum, masked softmax and ``nn.Dropout`` on the probabilities; runs everywhere.
+* ``xla``: einsum, masked softmax and dropout on the probabilities (``nn.Dropout``, or with
+  ``model.dropout_impl='hash'`` the ``pallas`` kernel's hashed mask); runs everywhere.
 * ``dot_product``: ``jax.nn.dot_product_attention`` with the backend's choice of implementation
   (its XLA form on a CPU or TPU); no attention dropout.
 * ``cudnn``: the same function forced onto cuDNN's fused kernel (GPU, half dtypes only).
@@ -175,7 +176,8 @@ def attend(
       scale: the logits' scale.
       dtype: the compute dtype (decides whether the fused cached routes run).
       rate: the attention dropout rate of this call (0 when deterministic).
-      probs_dropout: dropout of the probabilities for 'xla' (``nn.Dropout`` of the caller).
+      probs_dropout: dropout of the probabilities for 'xla' (the caller's ``nn.Dropout`` or
+        `dropout.hash_attention_dropout`).
       dropout_key: draws the caller's 'dropout' key for 'pallas' (called only when rate > 0).
     """
     if kernel not in KERNELS:

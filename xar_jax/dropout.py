@@ -1,8 +1,11 @@
-"""Dropout after the attention projection and in the MLP: Bernoulli bits or a counter hash.
+"""Dropout (after the attention projection, in the MLP, on the attention probabilities): Bernoulli
+bits or a counter hash.
 
-'rng' is ``nn.Dropout`` (Bernoulli bits from the 'dropout' PRNG, a materialised bits array);
-'hash' (`hash_dropout`) hashes each element's index under a seed from that PRNG, computed inside
-the consumer's fusion (no bits array). Both are dropout with the same rate; only the masks differ.
+'rng' is ``nn.Dropout`` (Bernoulli bits from the 'dropout' PRNG's threefry); 'hash' hashes each
+element's index under a seed from that PRNG (`hash_dropout`; on the attention probabilities of
+the 'xla' kernel, `hash_attention_dropout`: the (key, b, h, q, k) mask of the fused 'pallas'
+kernel), integer work that XLA fuses into the neighbouring ops, and the backward pass hashes
+again instead of keeping a mask. Both are dropout with the same rate; only the masks differ.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from xar_jax.flash_attention import fmix32, seed_words
+from xar_jax.flash_attention import dropout_keep_mask, fmix32, seed_words
 
 Array = jax.Array
 
@@ -63,6 +66,33 @@ def _masked_scale_bwd(rate, seeds, d_out):
 
 
 _masked_scale.defvjp(_masked_scale_fwd, _masked_scale_bwd)
+
+
+def hash_attention_dropout(probs: Array, rate: float, key: Array) -> Array:
+    """Inverted dropout of attention probabilities ``probs`` (B, H, T, S) with the keep mask of
+    `flash_attention.attention_dropout_mask` for ``key``: the mask the 'pallas' kernel draws for
+    the same key, so the 'xla' and 'pallas' kernels train alike. The backward pass hashes again
+    (the only residual is the two seed words)."""
+    if rate == 0.0:
+        return probs
+    return _attention_masked_scale(probs, seed_words(key), rate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _attention_masked_scale(p: Array, seeds: Array, rate: float) -> Array:
+    keep = dropout_keep_mask(seeds, p.shape, rate)
+    return jnp.where(keep, p * jnp.asarray(1.0 / (1.0 - rate), p.dtype), jnp.zeros((), p.dtype))
+
+
+def _attention_masked_scale_fwd(p, seeds, rate):
+    return _attention_masked_scale(p, seeds, rate), seeds
+
+
+def _attention_masked_scale_bwd(rate, seeds, d_out):
+    return _attention_masked_scale(d_out, seeds, rate), None
+
+
+_attention_masked_scale.defvjp(_attention_masked_scale_fwd, _attention_masked_scale_bwd)
 
 
 def apply_dropout(module: nn.Module, x, rate, name, deterministic, impl):

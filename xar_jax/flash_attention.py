@@ -89,10 +89,15 @@ def attention_dropout_mask(key: Array, shape: tuple[int, int, int, int], rate: f
     Kept probabilities are scaled by ``1 / (1 - rate)``; the kept fraction is ``1 - rate`` up to
     a quantisation of 2^-24.
     """
+    return dropout_keep_mask(seed_words(key), shape, rate)
+
+
+def dropout_keep_mask(seeds: Array, shape: tuple[int, int, int, int], rate: float) -> Array:
+    """`attention_dropout_mask` from the key's two `seed_words` (traced or not)."""
     batch, heads, t, s = shape
     if max(t, s) >= _KEY_STRIDE:
         raise ValueError(f"attention dropout numbers tokens below {_KEY_STRIDE}; got T={t}, S={s}.")
-    streams = head_streams(seed_words(key), batch, heads)
+    streams = head_streams(seeds, batch, heads)
     return _keep(
         streams[:, :, None, None],
         jnp.arange(t, dtype=jnp.int32),

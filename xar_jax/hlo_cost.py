@@ -79,6 +79,7 @@ _FLASH = re.compile(r'op_name="[^"]*flash_attention\w*_(fwd|dkdv|dq)/pallas_call
 _FLASH_UNITS = {"fwd": 4.0, "dkdv": 8.0, "dq": 6.0}
 _MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul", "__cublasLt$matmul")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 @dataclasses.dataclass
@@ -625,6 +626,7 @@ class Op:
     name: str = ""  # The instruction's name (profiles name kernels after it).
     kernel: str = ""  # 'flash_fwd' | 'flash_dkdv' | 'flash_dq': a flash-attention kernel.
     elements: float = 0.0  # A flash-attention kernel's score elements computed (B N T S).
+    source: str = ""  # The JAX op it came from (the HLO metadata's op_name), for reports.
 
 
 def module_ops(
@@ -661,6 +663,8 @@ def module_ops(
         if name in fusion_bodies:
             continue
         for i in m.comps[name].instrs:
+            source = _OP_NAME.search(i.attrs)
+            source = source.group(1) if source else ""
             if m.is_opaque_kernel(i):
                 opaque += int(times)
             megascale = _MEGASCALE.search(i.attrs) if i.op == "send" else None
@@ -668,7 +672,7 @@ def module_ops(
                 kind = megascale.group(1).lower().replace("_", "-")
                 sent = float(sum(b for _, b, _ in arrays(m.shape(i, i.operands[0]))))
                 if kind in COLLECTIVES:
-                    ops.append(Op(i.op, 0.0, sent, times, kind, sent, (), num_slices))
+                    ops.append(Op(i.op, 0.0, sent, times, kind, sent, (), num_slices, source))
                 continue
             flops = m.flops(i)
             callee = _attr(i.attrs, "calls") or ""
@@ -687,6 +691,7 @@ def module_ops(
                         "reduce-scatter",
                         float(sum(b for _, b, _ in arrays(i.shape))),
                         tuple(group),
+                        source=source,
                     )
                 )
                 continue
@@ -707,6 +712,7 @@ def module_ops(
                         kind,
                         float(sum(res)),
                         tuple(replica_group(i.attrs, num_devices)),
+                        source=source,
                     )
                 )
                 continue
@@ -725,6 +731,7 @@ def module_ops(
                         name=i.name,
                         kernel=f"flash_{flash}" if flash else "",
                         elements=elements,
+                        source=source,
                     )
                 )
     return ops, {"opaque_kernels": opaque, "unknown_trip_counts": m.unknown_trips}

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from xar_jax import attention
 from xar_jax.attention import KVContext
-from xar_jax.dropout import apply_dropout
+from xar_jax.dropout import apply_dropout, hash_attention_dropout
 from xar_jax.mlp import GatedMLP
 from xar_jax.rope import apply_rope
 
@@ -118,8 +118,7 @@ class Attention(nn.Module):
             q, k, v, kernel=self.impl, mask=mask, context=kv_context,
             scale=1.0 / np.sqrt(head_dim), dtype=self.dtype,
             rate=0.0 if deterministic else self.attn_dropout,
-            probs_dropout=lambda p: nn.Dropout(self.attn_dropout, name="attn_drop")(
-                p, deterministic=deterministic),
+            probs_dropout=self._probs_dropout(deterministic),
             dropout_key=lambda: self.make_rng("dropout"),
         )  # fmt: skip
         out = checkpoint_name(out.reshape(b, t, d_model), "attention")
@@ -130,6 +129,18 @@ class Attention(nn.Module):
             self, out, self.proj_dropout, "proj_drop", deterministic, self.dropout_impl
         )
         return out, (k, v)
+
+    def _probs_dropout(self, deterministic: bool):
+        """Dropout of the 'xla' kernel's probabilities: ``nn.Dropout`` ('rng'), or ('hash') the
+        'pallas' kernel's hashed mask under the key it would draw here (the next 'dropout' key
+        of this module), so both kernels drop the same probabilities."""
+        if self.dropout_impl != "hash":
+            return lambda p: nn.Dropout(self.attn_dropout, name="attn_drop")(
+                p, deterministic=deterministic
+            )
+        if deterministic or self.attn_dropout == 0.0:
+            return lambda p: p
+        return lambda p: hash_attention_dropout(p, self.attn_dropout, self.make_rng("dropout"))
 
 
 class Block(nn.Module):

@@ -244,7 +244,8 @@ class XAR(nn.Module):
       scan_unroll: blocks per iteration of the layer scan (1 = a loop over single blocks; larger
         values trade compile time for fewer loop iterations; the params are the same).
       dropout_impl: 'rng' (nn.Dropout) or 'hash' (`dropout.hash_dropout`, fused; other masks)
-        for the dropout after the projection and in the MLP.
+        for the dropout after the projection and in the MLP, and on the attention probabilities
+        of the 'xla' kernel ('hash': `dropout.hash_attention_dropout`, the 'pallas' kernel's mask).
       remat: rematerialisation policy of each block: 'none', 'full', 'dots', 'dots_no_batch',
         'matmuls' (keep the named matmul and attention outputs, ``layers.MATMUL_OUTPUTS``).
     """

@@ -38,16 +38,37 @@ def rope_tables(positions: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.nd
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """``x * cos + rotate_half(x) * sin`` on ``x`` (B, T, H, d) with tables (T, d) or (B, T, d).
 
-    rotate_half maps each adjacent pair (x[2j], x[2j+1]) to (-x[2j+1], x[2j]). It is written as
-    a reversal of each pair times a (-1, +1) sign folded into the sin table: an index remap that
-    fuses into the surrounding elementwise kernel (a stack of the two halves lowers to a
-    concatenation on GPU). Bit-identical to the stacked form.
+    rotate_half maps each adjacent pair (x[2j], x[2j+1]) to (-x[2j+1], x[2j]). Off TPU it is a
+    reversal of each pair times a (-1, +1) sign: an index remap that fuses into the surrounding
+    elementwise kernel (a stack of the two halves lowers to a concatenation on GPU). On TPU that
+    reshape to (..., d/2, 2) (or two lane rotations) gave layouts a minor dimension of 2 and XLA
+    copied q and k several times per layer around it (about 6% of xAR-H's estimated step); there
+    it is a product with a signed permutation matrix, which reads x once and lets the rest fuse
+    into the attention's logits. Both are exact: bit-identical to the stacked form.
     """
-    swapped = jnp.flip(x.reshape(*x.shape[:-1], -1, 2), axis=-1).reshape(x.shape)
-    sign = jnp.tile(jnp.asarray([-1.0, 1.0], sin.dtype), sin.shape[-1] // 2)
-    signed_sin = sin * sign
     if cos.ndim == 2:
-        cos, signed_sin = cos[None, :, None, :], signed_sin[None, :, None, :]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
-        cos, signed_sin = cos[:, :, None, :], signed_sin[:, :, None, :]
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    # Chosen when lowering for the platform (also ahead of time for a TPU on another host).
+    return jax.lax.platform_dependent(x, cos, sin, tpu=_rope_by_product, default=_rope_by_reversal)
+
+
+def _rope_by_reversal(x: Array, cos: Array, sin: Array) -> Array:
+    """`apply_rope` with the pairs reversed and the sign folded into the sin table."""
+    swapped = jnp.flip(x.reshape(*x.shape[:-1], -1, 2), axis=-1).reshape(x.shape)
+    signed_sin = sin * jnp.tile(jnp.asarray([-1.0, 1.0], sin.dtype), sin.shape[-1] // 2)
     return (x * cos + swapped * signed_sin).astype(x.dtype)
+
+
+def _rope_by_product(x: Array, cos: Array, sin: Array) -> Array:
+    """`apply_rope` with the signed pair swap as a product with a signed permutation matrix
+    (one +-1 term per output: exact)."""
+    d = x.shape[-1]
+    perm = np.zeros((d, d), np.float32)
+    perm[np.arange(1, d, 2), np.arange(0, d, 2)] = -1.0
+    perm[np.arange(0, d, 2), np.arange(1, d, 2)] = 1.0
+    swapped = jnp.einsum(
+        "...d,de->...e", x, jnp.asarray(perm, x.dtype), precision=jax.lax.Precision.HIGHEST
+    )
+    return (x * cos + swapped * sin).astype(x.dtype)

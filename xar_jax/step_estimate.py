@@ -35,6 +35,7 @@ microbatches, the sampler's flow steps and entities) are in the ops' execution c
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -182,3 +183,84 @@ def rates(
         "est_img_per_s_per_chip": examples_per_chip / step,
         "est_mfu": model_flops_per_step / (chips * peak_tflops * 1e12 * step),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the time goes: the per-op terms grouped by what the ops came from.
+_PARTS = (
+    ("attention qkv", re.compile(r"/attn/qkv/")),
+    ("attention proj", re.compile(r"/attn/(proj|proj_drop)/")),
+    ("attention core", re.compile(r"/attn/")),
+    ("mlp", re.compile(r"/mlp/")),
+    ("block (norms, modulation, residual)", re.compile(r"_blocks?\b|/blocks/")),
+)
+
+
+def part(source: str) -> str:
+    """The part of the model an op comes from, read from its JAX op name (``Op.source``): the
+    attention's qkv and proj matmuls, its core (logits, softmax, dropout, values), the MLP, the
+    rest of the blocks, or 'other' (embeddings, loss, optimizer, collectives' plumbing); prefixed
+    by the pass, 'forward', 'backward' or 'remat' (the backward pass recomputing the forward)."""
+    phase = (
+        "remat"
+        if "rematted_computation" in source
+        else "backward"
+        if "transpose(" in source
+        else "forward"
+    )
+    name = next((n for n, pattern in _PARTS if pattern.search(source)), "other")
+    return f"{phase} {name}"
+
+
+def breakdown(
+    ops: list[Op], *, peak_tflops: float, hbm_gbps: float, key=part
+) -> list[dict[str, Any]]:
+    """The compute+memory term (collectives apart) summed per ``key(op.source)``, slowest first:
+    ``[{'part', 'est_s', 'bytes', 'flops', 'ops'}]`` (executions counted, per chip)."""
+    peak, bw = peak_tflops * 1e12, hbm_gbps * 1e9
+    groups: dict[str, dict[str, Any]] = {}
+    for o in ops:
+        name = "collectives" if o.collective else key(o.source)
+        g = groups.setdefault(
+            name, {"part": name, "est_s": 0.0, "bytes": 0.0, "flops": 0.0, "ops": 0}
+        )
+        g["bytes"] += o.bytes * o.times
+        g["flops"] += o.flops * o.times
+        g["ops"] += int(o.times)
+        if not o.collective:
+            g["est_s"] += max(o.flops / peak, o.bytes / bw) * o.times
+    return sorted(groups.values(), key=lambda g: -g["est_s"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m xar_jax.step_estimate HLO_FILE [--chip v5p] [--devices N]``: the per-part
+    table of a program written by ``python -m xar_jax.aot --hlo=HLO_FILE`` (gzip or plain text)."""
+    import argparse
+    import gzip
+
+    from xar_jax import hlo_cost, tpu_topology
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("hlo")
+    parser.add_argument("--chip", default="v5p", choices=sorted(tpu_topology.GENERATIONS))
+    parser.add_argument("--devices", type=int, default=1, help="devices of the program")
+    args = parser.parse_args(argv)
+    gen = tpu_topology.GENERATIONS[args.chip]
+    with open(args.hlo, "rb") as f:
+        raw = f.read()
+    text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
+    ops, _ = hlo_cost.module_ops(text, args.devices)
+    rows = breakdown(ops, peak_tflops=gen.peak_bf16_tflops, hbm_gbps=gen.hbm_gbps)
+    total = sum(r["est_s"] for r in rows)
+    print(f"{'part':48s} {'est. ms':>8s} {'share':>6s} {'HBM GB':>8s} {'TFLOP':>7s}")
+    for r in rows:
+        share = r["est_s"] / total if total else 0.0
+        print(
+            f"{r['part']:48s} {r['est_s'] * 1e3:8.2f} {share:6.1%} {r['bytes'] / 1e9:8.2f} "
+            f"{r['flops'] / 1e12:7.2f}"
+        )
+    print(f"{'total (compute+memory per op)':48s} {total * 1e3:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -110,8 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
     # and pallas sample with the cached-attention kernel on GPUs (xar_jax/cached_attention.py).
     # pallas draws its own dropout masks (docs/training.md).
     c.model.attention_impl = "xla"
-    # Dropout after attention proj and in the MLP: rng (nn.Dropout, bits from the dropout PRNG) |
-    # hash (a counter hash fused into the neighbouring kernels; same rate, other masks).
+    # Dropout after attention proj and in the MLP, and on the 'xla' kernel's attention
+    # probabilities: rng (nn.Dropout, threefry bits from the dropout PRNG) | hash (a counter hash
+    # fused into the neighbouring kernels; same rate, other masks). With hash the probabilities'
+    # mask is the 'pallas' kernel's, so 'xla' (TPU, CPU) and 'pallas' (GPU) drop the same ones.
     c.model.dropout_impl = "rng"
     # Layer scan: True (scan over blocks: compile time flat in depth, params stacked) | False
     # (unrolled blocks) | 'auto'. 'auto' and remat='auto' are resolved once, when the experiment is
