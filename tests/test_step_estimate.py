@@ -377,3 +377,31 @@ def test_breakdown_sums_the_per_op_terms_by_the_part_they_came_from():
     assert step_estimate.part("x/rematted_computation/blocks/attn/qkv/add") == (
         "remat attention qkv"
     )
+
+
+def test_tuple_element_operands_and_async_wrapped_fusions_are_charged_what_they_move():
+    # Newer XLA prints element k of a tuple-shaped value as `%name#k`, and runs some fusions
+    # through `async-start` of a computation: the element's bytes count, not the whole tuple,
+    # and the wrapped fusion is charged once, where its computation runs.
+    text = """HloModule m
+
+%neg_body (a: f32[256,1024]) -> f32[256,1024] {
+  %a = f32[256,1024]{1,0} parameter(0)
+  ROOT %n = f32[256,1024]{1,0} negate(%a)
+}
+
+%wrapped (p: f32[256,1024]) -> f32[256,1024] {
+  %p = f32[256,1024]{1,0} parameter(0)
+  ROOT %f = f32[256,1024]{1,0} fusion(%p), kind=kLoop, calls=%neg_body
+}
+
+ENTRY %main (t: (f32[64,1024], f32[256,1024], f32[4096,1024])) -> f32[256,1024] {
+  %t = (f32[64,1024]{1,0}, f32[256,1024]{1,0}, f32[4096,1024]{1,0}) parameter(0)
+  %s = ((f32[256,1024]{1,0}), f32[256,1024]{1,0}, u32[]) async-start(%t#1), calls=%wrapped
+  ROOT %d = f32[256,1024]{1,0} async-done(%s)
+}
+"""
+    array = 256 * 1024 * 4
+    # The wrapped negation reads element 1 and writes its result; the tuple's other (larger)
+    # elements are not read, and the async pair moves nothing itself.
+    assert hlo_cost.module_cost(text)["bytes"] == 2 * array

@@ -39,7 +39,9 @@ from xar_jax.hlo_stats import _DTYPE_BYTES, REDUCE_SCATTER_FUSION
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*")
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
-_NAME = re.compile(r"%([\w.\-]+)")
+# An operand: an instruction's name, or element k of a tuple-shaped one as ``%name#k`` (the form
+# newer XLA prints instead of a get-tuple-element).
+_NAME = re.compile(r"%([\w.\-]+(?:#\d+)?)")
 _SPACE = re.compile(r"S\((\d+)\)")
 _TILE = re.compile(r":T\(([\d,]+)\)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
@@ -157,6 +159,27 @@ def parse(text: str) -> tuple[dict[str, Computation], str]:
     return comps, entry
 
 
+def tuple_elements(shape: str) -> list[str]:
+    """The element shapes of a tuple shape ``(s32[], f32[2,3]{1,0}, ...)``, in order."""
+    text = re.sub(r"/\*.*?\*/", "", shape.strip())
+    if not text.startswith("("):
+        return [text]
+    out, depth, start = [], 0, 1
+    for i, c in enumerate(text):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if (c == "," and depth == 1) or (depth == 0 and c == ")"):
+            element = text[start:i].strip()
+            if element:
+                out.append(element)
+            start = i + 1
+        if depth == 0 and c == ")":
+            break
+    return out
+
+
 def _padded(dims: list[int], layout: str) -> list[int]:
     """Dims padded to the layout's first tile (TPU ``{1,0:T(8,128)}``: the most minor dim to a
     multiple of 128, the next to 8), as the array lies in memory."""
@@ -235,13 +258,21 @@ class _Module:
         self._reads_memo: dict[str, dict[int, float | None]] = {}
 
     def producer(self, instr: Instr, name: str) -> Instr | None:
-        """The instruction named ``name`` as seen from ``instr``'s computation."""
+        """The instruction named ``name`` as seen from ``instr``'s computation (for ``name#k``,
+        the tuple-shaped instruction)."""
+        name = name.partition("#")[0]
         local = self.local.get(self.where.get(id(instr), ""), {})
         return local.get(name) or self.producers.get(name)
 
     def shape(self, instr: Instr, name: str) -> str:
         p = self.producer(instr, name)
-        return p.shape if p is not None else ""
+        if p is None:
+            return ""
+        base, _, k = name.partition("#")
+        if not k:
+            return p.shape
+        elements = tuple_elements(p.shape)
+        return elements[int(k)] if int(k) < len(elements) else ""
 
     # -- execution counts ----------------------------------------------------------------------
     def trip_count(self, instr: Instr) -> int:
@@ -543,6 +574,10 @@ class _Module:
             return 2.0 * hbm_bytes(operand_shapes[1])
         if op in _SLICERS:
             return 2.0 * hbm_bytes(instr.shape)
+        if op == "async-start" and _attr(instr.attrs, "calls"):
+            # A wrapped op run asynchronously: its computation's ops are counted where that
+            # computation runs (`counts`); the start moves nothing of its own.
+            return 0.0
         if op.endswith("-start"):
             # Async collectives return (operands, results, contexts): the results once.
             res = [b for _, b, hbm in arrays(instr.shape) if hbm and b > 4]
