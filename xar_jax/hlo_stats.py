@@ -28,34 +28,9 @@ import dataclasses
 import re
 from typing import Any
 
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-# The computation name TPU's compiler gives a reduce-scatter it lowers as a fusion.
-REDUCE_SCATTER_FUSION = "all-reduce-scatter"
+from xar_jax.hlo_cost import _DTYPE_BYTES, REDUCE_SCATTER_FUSION, loop_trip_counts
 
-_DTYPE_BYTES = {
-    "pred": 1,
-    "s4": 0.5,
-    "u4": 0.5,
-    "s8": 1,
-    "u8": 1,
-    "f8e4m3fn": 1,
-    "f8e5m2": 1,
-    "f8e4m3b11fnuz": 1,
-    "f8e4m3fnuz": 1,
-    "f8e5m2fnuz": 1,
-    "s16": 2,
-    "u16": 2,
-    "bf16": 2,
-    "f16": 2,
-    "s32": 4,
-    "u32": 4,
-    "f32": 4,
-    "s64": 8,
-    "u64": 8,
-    "f64": 8,
-    "c64": 8,
-    "c128": 16,
-}
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _OP = re.compile(r"\s(" + "|".join(KINDS) + r")(-start)?\(")
@@ -169,10 +144,8 @@ def collectives(hlo_text: str) -> dict[str, Any]:
     """Collectives of one execution of the module: ``{kind: {'count', 'bytes'}}`` for every kind
     in `KINDS` and ``'dcn'`` (zeros included), plus ``'unknown_trip_counts'``: loops counted once because XLA
     recorded no trip count (an undercount; empty in the train step's scan over layers)."""
-    from xar_jax import hlo_cost  # Imports this module: its loop reading, here when called.
-
     comps, entry, unknown = _parse(hlo_text)
-    trips = hlo_cost.loop_trip_counts(hlo_text)
+    trips = loop_trip_counts(hlo_text)
     memo: dict[str, dict[str, list[float]]] = {}
 
     def total(name: str, depth: int = 0) -> dict[str, list[float]]:
