@@ -74,12 +74,12 @@ device_description_str: "NVIDIA H200"
 """
 
 
-# Measured img/s of the paper recipe with the same layers on one H200 (docs/benchmarks.json
-# "train" rows, named here), at the batches of DEFAULT_BATCH.
+# Measured img/s of the configs' defaults on one H200 (docs/benchmarks.json "train" rows, named
+# here), at the batches of DEFAULT_BATCH.
 MEASURED = {
-    "xar_b": (1886.8, "xar_b_base_r4c17"),
-    "xar_l": (517.8, "xar_l_base_r4c15"),
-    "xar_h": (271.2, "xar_h_dsf_r4c15"),
+    "xar_b": (1869.4, "xar_b_defaults"),
+    "xar_l": (505.7, "xar_l_defaults"),
+    "xar_h": (265.3, "xar_h_defaults"),
 }
 
 
