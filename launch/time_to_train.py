@@ -42,9 +42,9 @@ SLICES = (
     ("v5litepod-64", 1),
     ("v5litepod-256", 1),
 )
-# The search per row: the planner's defaults (the config's remat and layer scan, the two most
-# sharded meshes: two compiles each, and the winner compiled as planned).
-PLAN_FLAGS = ("--plan_meshes=2",)
+# The search per row: the planner's defaults (the config's remat and layer scan) over the three
+# most sharded data x fsdp meshes, two compiles side by side, the winner compiled as planned.
+PLAN_FLAGS = ("--plan_meshes=3", "--plan_jobs=2")
 
 
 def row_key(model: str, topology: str, slices: int) -> str:
