@@ -51,18 +51,19 @@ def _hash_keep_mask(shape: tuple[int, ...], seeds: Array, rate: float) -> Array:
     return jax.lax.shift_right_logical(bits, np.int32(8)) >= np.int32(threshold)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _masked_scale(x: Array, seeds: Array, rate: float) -> Array:
-    keep = _hash_keep_mask(x.shape, seeds, rate)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _masked_scale(x: Array, seeds: Array, rate: float, keep_mask=_hash_keep_mask) -> Array:
+    """``x`` scaled by 1 / (1 - rate) where ``keep_mask(shape, seeds, rate)`` keeps it, else 0."""
+    keep = keep_mask(x.shape, seeds, rate)
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
-def _masked_scale_fwd(x, seeds, rate):
-    return _masked_scale(x, seeds, rate), seeds
+def _masked_scale_fwd(x, seeds, rate, keep_mask):
+    return _masked_scale(x, seeds, rate, keep_mask), seeds
 
 
-def _masked_scale_bwd(rate, seeds, d_out):
-    return _masked_scale(d_out, seeds, rate), None
+def _masked_scale_bwd(rate, keep_mask, seeds, d_out):
+    return _masked_scale(d_out, seeds, rate, keep_mask), None
 
 
 _masked_scale.defvjp(_masked_scale_fwd, _masked_scale_bwd)
@@ -75,24 +76,11 @@ def hash_attention_dropout(probs: Array, rate: float, key: Array) -> Array:
     (the only residual is the two seed words)."""
     if rate == 0.0:
         return probs
-    return _attention_masked_scale(probs, seed_words(key), rate)
+    return _masked_scale(probs, seed_words(key), rate, _attention_keep_mask)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _attention_masked_scale(p: Array, seeds: Array, rate: float) -> Array:
-    keep = dropout_keep_mask(seeds, p.shape, rate)
-    return jnp.where(keep, p * jnp.asarray(1.0 / (1.0 - rate), p.dtype), jnp.zeros((), p.dtype))
-
-
-def _attention_masked_scale_fwd(p, seeds, rate):
-    return _attention_masked_scale(p, seeds, rate), seeds
-
-
-def _attention_masked_scale_bwd(rate, seeds, d_out):
-    return _attention_masked_scale(d_out, seeds, rate), None
-
-
-_attention_masked_scale.defvjp(_attention_masked_scale_fwd, _attention_masked_scale_bwd)
+def _attention_keep_mask(shape: tuple[int, ...], seeds: Array, rate: float) -> Array:
+    return dropout_keep_mask(seeds, shape, rate)
 
 
 def apply_dropout(module: nn.Module, x, rate, name, deterministic, impl):
