@@ -104,8 +104,9 @@ def estimate(ops, gpu) -> dict:
     )
 
 
-def estimate_rows(name: str, text: str, batch: int) -> dict:
-    """The step-time estimate of one compiled train step with the H200's figures."""
+def estimate_rows(name: str, text: str, batch: int, measured: tuple | None = None) -> dict:
+    """The step-time estimate of one compiled train step with the H200's figures, against
+    ``measured`` (img/s, where it comes from; default: `MEASURED`'s row of the model)."""
     fraction = tile_fraction(name) if os.path.exists(os.path.join(CONFIG_DIR, f"{name}.py")) else 1
     ops, notes = hlo_cost.module_ops(text, num_devices=1, flash_tile_fraction=fraction)
     row = {}
@@ -116,8 +117,9 @@ def estimate_rows(name: str, text: str, batch: int) -> dict:
     row["compute_ms_ceil"] = round(est["est_compute_s"] * 1e3, 1)
     row["memory_ms_ceil"] = round(est["est_memory_s"] * 1e3, 1)
     row["element_work_ms"] = round(est["est_element_work_s"] * 1e3, 1)
+    row["launch_ms"] = round(est["est_launch_s"] * 1e3, 1)
     row["opaque_kernels"] = notes["opaque_kernels"]
-    measured, tag = MEASURED.get(name, (None, ""))
+    measured, tag = measured or MEASURED.get(name, (None, ""))
     if measured:
         row["measured_img_s"] = measured
         row["measured_row"] = tag
@@ -165,14 +167,15 @@ def class_rows(name: str, text: str, profile: dict) -> list[dict]:
     return rows
 
 
-def read_hlo(directory: str, name: str) -> str:
-    """``DIR/<name>_train_step.hlo.txt`` (written by --hlo_dir) or ``DIR/hlo_<b|l|h>.txt.gz``
+def read_hlo(directory: str, name: str, tag: str = "") -> str:
+    """``DIR/<name>_train_step.hlo.txt`` (written by --hlo_dir) or ``DIR/hlo_<b|l|h><tag>.txt.gz``
     (a device run's dump)."""
     path = os.path.join(directory, f"{name}_train_step.hlo.txt")
-    if os.path.exists(path):
+    if os.path.exists(path) and not tag:
         with open(path) as f:
             return f.read()
-    with gzip.open(os.path.join(directory, f"hlo_{name.removeprefix('xar_')}.txt.gz"), "rt") as f:
+    short = name.removeprefix("xar_")
+    with gzip.open(os.path.join(directory, f"hlo_{short}{tag}.txt.gz"), "rt") as f:
         return f.read()
 
 
@@ -237,6 +240,13 @@ def main():
         help="with --from_hlo: a folder of prof_<b|l|h>.json (benchmarks.profile_kernels --json "
         "of the same programs on the H200): predicted against measured time per kernel class",
     )
+    parser.add_argument(
+        "--tag",
+        default="",
+        help="with --from_hlo: read hlo_<b|l|h><tag>.txt.gz and prof_<b|l|h><tag>.json (a "
+        "benchmarks/gpu_profile.sh run with TAG and OVERRIDES) and compare with the wall time "
+        "per step that profile measured, at its batch",
+    )
     common.add_xla_option_flag(parser)
     args = parser.parse_args()
     options = common.xla_options(args.xla_option)  # A malformed one fails before any compile.
@@ -246,14 +256,25 @@ def main():
             parser.error(f"--models: no config {name!r} in configs/")
     if args.from_hlo:
         for name in names:
-            text = read_hlo(args.from_hlo, name)
+            text = read_hlo(args.from_hlo, name, args.tag)
+            path = os.path.join(args.profile, f"prof_{name.removeprefix('xar_')}{args.tag}.json")
+            profile = None
+            if args.profile and os.path.exists(path):
+                with open(path) as f:
+                    profile = json.load(f)
             batch = args.batch or DEFAULT_BATCH.get(name, 0)
-            row = {"model": name, "batch": batch, **estimate_rows(name, text, batch)}
+            measured = None
+            if args.tag:
+                if not profile or "wall_ms_per_call" not in profile:
+                    parser.error(f"--tag: {path} with a wall time per call is needed")
+                batch = profile["batch"]
+                wall_img_s = batch / (profile["wall_ms_per_call"] / 1e3)
+                measured = (round(wall_img_s, 1), f"wall time of prof_*{args.tag}.json")
+            row = {"model": name + args.tag, "batch": batch}
+            row.update(estimate_rows(name, text, batch, measured))
             common.print_table([row], list(row))
-            prof = os.path.join(args.profile, f"prof_{name.removeprefix('xar_')}.json")
-            if args.profile and os.path.exists(prof):
-                with open(prof) as f:
-                    rows = class_rows(name, text, json.load(f))
+            if profile:
+                rows = class_rows(name, text, profile)
                 common.print_table(rows, list(rows[0]))
         return
 

@@ -8,6 +8,9 @@
 #   OUT=/tmp/prof bash benchmarks/gpu_profile.sh
 #   MODELS="xar_b" OUT=/tmp/prof bash benchmarks/gpu_profile.sh
 #   MODELS=tiny BATCHES="tiny=8" OUT=/tmp/prof bash benchmarks/gpu_profile.sh   # a CPU smoke run
+# Other programs of the same models: OVERRIDES (config flags) and TAG (appended to the names):
+#   MODELS=xar_b TAG=_scan OVERRIDES="--config.model.scan_layers=True --config.model.remat=dots" \
+#     OUT=/tmp/prof bash benchmarks/gpu_profile.sh        # $OUT/prof_b_scan.json, hlo_b_scan.txt.gz
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 MODELS=${MODELS-"xar_b xar_l xar_h"}
@@ -20,11 +23,11 @@ for m in $MODELS; do
   dump=$(mktemp -d)
   XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump --xla_dump_hlo_as_text" \
     timeout "$LIMIT" python3 -m benchmarks.profile_kernels --what=train --config="configs/$m.py" \
-    --config.train.global_batch_size="${BATCH[$m]}" --json="$OUT/prof_$s.json" 2>&1 \
+    --config.train.global_batch_size="${BATCH[$m]}" ${OVERRIDES:-} --json="$OUT/prof_$s${TAG:-}.json" 2>&1 \
     | grep -v Pallas | tail -12
   hlo=$(find "$dump" -name "*after_optimizations.txt" -printf "%s %p\n" | sort -rn | head -1 \
     | cut -d" " -f2-)
-  [ -n "$hlo" ] && gzip -c "$hlo" > "$OUT/hlo_$s.txt.gz"
+  [ -n "$hlo" ] && gzip -c "$hlo" > "$OUT/hlo_$s${TAG:-}.txt.gz"
   rm -rf "$dump"
 done
 ls -la "$OUT"

@@ -7,9 +7,10 @@
 
 Builds and compiles what it profiles as benchmarks/train_step.py and benchmarks/sample.py do (the
 config through `xar_jax.experiment.build`, the trainer's jitted step on synthetic batches, or the
-sampler `generate` runs), traces a few warm calls with `jax.profiler` (perfetto JSON), sums the
-durations of device-side events by kernel name and prints the top entries with their share of the
-traced device time.
+sampler `generate` runs), times ``--timed_calls`` warm calls by the wall clock (untraced), traces
+a few more with `jax.profiler` (perfetto JSON), sums the durations of device-side events by kernel
+name and prints the top entries with their share of the traced device time. The wall time per call
+is the step time a run sees: the device time plus the gaps between kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import gzip
 import json
 import os
 import tempfile
+import time
 
 import jax
 from absl import app, flags
@@ -51,6 +53,10 @@ def main(argv):
     call, batch = _train_call(config) if FLAGS.what == "train" else _sample_call(config)
     for _ in range(2):  # Warm-up.
         jax.block_until_ready(call())
+    start = time.perf_counter()
+    for _ in range(FLAGS.timed_calls):
+        jax.block_until_ready(call())
+    wall_ms = (time.perf_counter() - start) * 1e3 / max(FLAGS.timed_calls, 1)
     log_dir = tempfile.mkdtemp()
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(FLAGS.calls):
@@ -77,7 +83,10 @@ def main(argv):
     total = max(sum(totals.values()), 1)
     calls = FLAGS.calls
     model = config.model.preset or "custom"
-    print(f"{FLAGS.what} {model} batch {batch}: {total / 1e3 / calls:.1f} ms device time per call")
+    print(
+        f"{FLAGS.what} {model} batch {batch}: {total / 1e3 / calls:.1f} ms device time per call, "
+        f"{wall_ms:.1f} ms wall time per call ({FLAGS.timed_calls} untraced calls)"
+    )
     for name, dur in totals.most_common(FLAGS.top):
         print(
             f"{dur / total:6.1%} {dur / 1e3 / calls:9.2f} ms  x{counts[name] // calls:<5d} "
@@ -95,6 +104,7 @@ def main(argv):
                     "model": model,
                     "batch": batch,
                     "device_ms_per_call": total / 1e3 / calls,
+                    "wall_ms_per_call": wall_ms,
                     "kernels": kernels,
                 },
                 f,
@@ -106,6 +116,7 @@ if __name__ == "__main__":
     common.define_config_flags()
     flags.DEFINE_enum("what", "train", ("train", "sample"), "The trainer's step or the sampler.")
     flags.DEFINE_integer("calls", 3, "Traced calls.")
+    flags.DEFINE_integer("timed_calls", 10, "Calls timed by the wall clock before the trace.")
     flags.DEFINE_integer("top", 30, "Kernels listed.")
     flags.DEFINE_string("json", None, "Also write every kernel's time per call to this file.")
     app.run(main)

@@ -164,3 +164,29 @@ def test_gpu_compile_only_estimates_a_saved_program(tmp_path):
     assert classes["reduction"] == [0.0, 1.0, 0.0]
     assert classes["attention"] == [0.0, 0.0, None]
     assert sum(c[0] for c in classes.values()) == pytest.approx(float(row["est_ms_ceil"]), abs=0.2)
+
+    # --tag: another program of the model (benchmarks/gpu_profile.sh with TAG and OVERRIDES), its
+    # HLO dump and profile named with the tag, compared with the profile's own wall time per step
+    # at the profile's batch.
+    import gzip
+
+    with gzip.open(tmp_path / "hlo_tiny_bs32.txt.gz", "wt") as f:
+        f.write(text)
+    profile = {"batch": 32, "wall_ms_per_call": 40.0, "kernels": kernels}
+    (tmp_path / "prof_tiny_bs32.json").write_text(json.dumps(profile))
+    cmd = [*out.args, "--tag=_bs32"]
+    cmd.remove("--batch=64")
+    tagged = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
+    )
+    assert tagged.returncode == 0, tagged.stderr[-3000:]
+    row = _table(tagged.stdout.split("| class ")[0])
+    assert (row["model"], row["batch"], float(row["measured_img_s"])) == ("tiny_bs32", "32", 800.0)
+    assert float(row["pred/meas_ceil"]) == pytest.approx(
+        float(row["est_img_s_ceil"]) / 800.0, rel=0.01
+    )

@@ -275,7 +275,8 @@ def test_flash_kernels_add_their_element_work_to_their_matmuls_on_a_gpu_only():
     work_s = elements * cycles / (2 * 1e9)
     assert gpu["est_element_work_s"] == pytest.approx(work_s)
     assert work_s > bytes_s  # The sum, not the larger, of matmul and element work.
-    assert gpu["est_compute_memory_s"] == pytest.approx(matmul_s + work_s)
+    assert gpu["est_launch_s"] == 1e-6  # One kernel launched.
+    assert gpu["est_compute_memory_s"] == pytest.approx(matmul_s + work_s + 1e-6)
 
 
 def test_the_computed_tile_fraction_follows_the_kernels_block_skipping():
@@ -405,3 +406,92 @@ ENTRY %main (t: (f32[64,1024], f32[256,1024], f32[4096,1024])) -> f32[256,1024] 
     # The wrapped negation reads element 1 and writes its result; the tuple's other (larger)
     # elements are not read, and the async pair moves nothing itself.
     assert hlo_cost.module_cost(text)["bytes"] == 2 * array
+
+
+# XLA fusions of a GPU program: a dropout-like loop fusion (an integer hash of the index, a
+# compare, a select of the bf16 input scaled) and a reduction fusion (f32 row sums of a bf16
+# input, padded by a pad that only moves elements), over N = 1024 x 1024 elements.
+FUSIONS = """HloModule m
+
+%hash_select (x: bf16[1024,1024]) -> bf16[1024,1024] {
+  %x = bf16[1024,1024]{1,0} parameter(0)
+  %i = s32[1024,1024]{1,0} iota(), iota_dimension=1
+  %c = s32[] constant(-2048144789)
+  %cb = s32[1024,1024]{1,0} broadcast(%c), dimensions={}
+  %m = s32[1024,1024]{1,0} multiply(%i, %cb)
+  %s = s32[1024,1024]{1,0} shift-right-logical(%m, %cb)
+  %h = s32[1024,1024]{1,0} xor(%m, %s)
+  %keep = pred[1024,1024]{1,0} compare(%h, %cb), direction=GE
+  %two = bf16[] constant(2)
+  %twob = bf16[1024,1024]{1,0} broadcast(%two), dimensions={}
+  %scaled = bf16[1024,1024]{1,0} multiply(%x, %twob)
+  %zero = bf16[1024,1024]{1,0} broadcast(%two), dimensions={}
+  ROOT %out = bf16[1024,1024]{1,0} select(%keep, %scaled, %zero)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%row_sums (x: bf16[1024,1024]) -> f32[1024] {
+  %x = bf16[1024,1024]{1,0} parameter(0)
+  %zero = bf16[] constant(0)
+  %padded = bf16[1024,1024]{1,0} pad(%x, %zero), padding=0_0x0_0
+  %wide = f32[1024,1024]{1,0} convert(%padded)
+  %z = f32[] constant(0)
+  ROOT %r = f32[1024]{0} reduce(%wide, %z), dimensions={1}, to_apply=%add
+}
+
+ENTRY %main (x: bf16[1024,1024]) -> (bf16[1024,1024], f32[1024]) {
+  %x = bf16[1024,1024]{1,0} parameter(0)
+  %dropped = bf16[1024,1024]{1,0} fusion(%x), kind=kLoop, calls=%hash_select
+  %sums = f32[1024]{0} fusion(%x), kind=kInput, calls=%row_sums
+  ROOT %t = (bf16[1024,1024]{1,0}, f32[1024]{0}) tuple(%dropped, %sums)
+}
+"""
+
+
+def test_fusions_count_the_elements_of_each_arithmetic_op_and_not_of_moves():
+    ops, _ = hlo_cost.module_ops(FUSIONS)
+    dropped, sums = ops
+    n = 1024 * 1024.0
+    assert sorted(dropped.element_ops) == sorted(
+        [
+            ("multiply", "s32", "s32", n),
+            ("shift-right-logical", "s32", "s32", n),
+            ("xor", "s32", "s32", n),
+            ("compare", "pred", "s32", n),
+            ("multiply", "bf16", "bf16", n),
+            ("select", "bf16", "pred", n),
+        ]
+    )  # iota, broadcasts, parameters and constants compute nothing per element.
+    # The reducer's add once per input element; the pad moves elements only.
+    assert sorted(sums.element_ops) == [("add", "f32", "f32", n), ("convert", "f32", "bf16", n)]
+    assert (dropped.reduction, sums.reduction) == (False, True)
+
+
+def test_gpu_fusions_overlap_element_work_with_bytes_but_reductions_add_them():
+    ops, _ = hlo_cost.module_ops(FUSIONS)
+    dropped, sums = ops
+    n = 1024 * 1024.0
+    sms, ghz, bw = 1, 1.0, 100.0  # A one-SM GPU, so that the element work matters.
+    # Per element: the hash's multiply, shift, xor, compare and the select on the integer unit
+    # (64 per clock per SM), bf16's multiply on the FP32 unit (128); the row sums: bf16 -> f32 is
+    # one shift (integer unit), the add FP32.
+    hash_s = n * (5 / 64 + 1 / 128) / (sms * ghz * 1e9)
+    sums_s = n * (1 / 64 + 1 / 128) / (sms * ghz * 1e9)
+    gpu = dict(peak_tflops=1.0, hbm_gbps=bw, sm_count=sms, sm_clock_ghz=ghz)
+    assert step_estimate.estimate([dropped], **gpu)["est_element_work_s"] == pytest.approx(hash_s)
+    assert hash_s > dropped.bytes / (bw * 1e9)  # Bound by its element work...
+    assert step_estimate.estimate([dropped], **gpu)["est_compute_memory_s"] == pytest.approx(
+        hash_s + 1e-6
+    )  # ...which hides its bytes; plus a launch.
+    assert step_estimate.estimate([sums], **gpu)["est_compute_memory_s"] == pytest.approx(
+        sums.bytes / (bw * 1e9) + sums_s + 1e-6
+    )
+    # A TPU estimate (no SM count) keeps the bytes alone, with no launches.
+    tpu = step_estimate.estimate(ops, peak_tflops=1.0, hbm_gbps=bw)
+    assert tpu["est_element_work_s"] == tpu["est_launch_s"] == 0
+    assert tpu["est_compute_memory_s"] == pytest.approx((dropped.bytes + sums.bytes) / (bw * 1e9))

@@ -11,8 +11,8 @@ gradients) as if it read and wrote the whole buffer. `module_cost` walks the tex
 * **FLOPs** are the matrix products, wherever they are (fusion bodies included): ``dot`` =
   2 x result elements x contracted size; ``convolution`` = 2 x result elements x kernel input
   features x kernel window; cuBLAS GEMM custom calls likewise from their dimension numbers.
-  Element-wise work is not counted (it is far below the matrix units' rate). Kernels the text
-  cannot see into (Pallas/Mosaic/Triton custom calls) count only where their backend config
+  Element-wise work is not in the FLOPs (it runs on other units); it is counted apart (next).
+  Kernels the text cannot see into (Pallas/Mosaic/Triton custom calls) count only where their backend config
   carries a cost estimate (``"flops"``); the others are listed in ``opaque_kernels``.
 * **HBM bytes** are counted per op outside fusion bodies, as the hardware moves them: operands
   read plus results written, where only arrays in HBM count (TPU layouts mark on-chip VMEM as
@@ -23,6 +23,11 @@ gradients) as if it read and wrote the whole buffer. `module_cost` walks the tex
   op) whose result is a ``dynamic-update-slice`` of an operand writes in place and is charged
   the update, not the buffer. Tuple plumbing, bitcasts, parameters, constants and loop ops
   move nothing.
+* **Element-wise work** of a fusion without matrix products (`Op.element_ops`): the elements
+  each arithmetic, logic, comparison or conversion op of its body computes, keyed by opcode and
+  types; a ``reduce`` applies its reducer's ops once per input element. Ops that only move or
+  index elements (broadcast, slice, transpose, pad, ...) count nothing: their cost is in the
+  bytes. `xar_jax.gpu_kernel_time` turns these counts into time on a GPU's cores.
 """
 
 from __future__ import annotations
@@ -103,6 +108,24 @@ _FREE = {
     "get-dimension-size",
 }
 _SLICERS = {"dynamic-slice", "slice", "gather"}
+# Ops that only move, view or index elements: no arithmetic per element (`Op.element_ops`).
+_MOVES = (
+    _FREE
+    | _SLICERS
+    | {
+        "broadcast",
+        "reshape",
+        "transpose",
+        "copy",
+        "concatenate",
+        "pad",
+        "reverse",
+        "iota",
+        "dynamic-update-slice",
+        "scatter",
+        "bitcast-convert",
+    }
+)
 _FLASH = re.compile(r'op_name="[^"]*flash_attention\w*_(fwd|dkdv|dq)/pallas_call')
 _FLASH_UNITS = {"fwd": 4.0, "dkdv": 8.0, "dq": 6.0}
 _MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
@@ -282,6 +305,7 @@ class _Module:
         self.where = {id(i): c.name for c in self.comps.values() for i in c.instrs}
         self.unknown_trips: list[str] = []
         self._reads_memo: dict[str, dict[int, float | None]] = {}
+        self._element_memo: dict[str, dict[tuple[str, str, str], float]] = {}
 
     def producer(self, instr: Instr, name: str) -> Instr | None:
         """The instruction named ``name`` as seen from ``instr``'s computation (for ``name#k``,
@@ -403,6 +427,41 @@ class _Module:
 
         visit(self.entry, 1.0)
         return counts, fusion_bodies
+
+    # -- Element-wise work ---------------------------------------------------------------------
+    def element_ops(self, body: str, depth: int = 0) -> dict[tuple[str, str, str], float]:
+        """``{(opcode, result dtype, first operand's dtype): elements}`` that the computation
+        ``body`` (a fusion body, nested fusions included) computes once; a ``reduce`` is its
+        reducer's ops, each over the reduced operands' elements."""
+        if body in self._element_memo:
+            return self._element_memo[body]
+        out: dict[tuple[str, str, str], float] = {}
+
+        def add(ops: dict[tuple[str, str, str], float], scale: float = 1.0) -> None:
+            for key, n in ops.items():
+                out[key] = out.get(key, 0.0) + n * scale
+
+        comp = self.comps.get(body)
+        for i in comp.instrs if comp is not None and depth < 8 else []:
+            if i.op == "fusion":
+                add(self.element_ops(_attr(i.attrs, "calls") or "", depth + 1))
+                continue
+            if i.op in _MOVES or i.op in ("dot", "convolution", "custom-call"):
+                continue
+            result = _ARRAY.search(i.shape)
+            operand = _ARRAY.search(self.shape(i, i.operands[0])) if i.operands else None
+            if result is None:
+                continue
+            if i.op == "reduce" and operand is not None:
+                reducer = _attr(i.attrs, "to_apply") or ""
+                inputs = math.prod(int(x) for x in operand.group(2).split(",") if x)
+                add(self.element_ops(reducer, depth + 1), inputs)
+                continue
+            elements = math.prod(int(x) for x in result.group(2).split(",") if x)
+            key = (i.op, result.group(1), operand.group(1) if operand else "")
+            out[key] = out.get(key, 0.0) + elements
+        self._element_memo[body] = out
+        return out
 
     # -- FLOPs ---------------------------------------------------------------------------------
     def flops(self, instr: Instr) -> float:
@@ -687,6 +746,9 @@ class Op:
     name: str = ""  # The instruction's name (profiles name kernels after it).
     kernel: str = ""  # 'flash_fwd' | 'flash_dkdv' | 'flash_dq': a flash-attention kernel.
     elements: float = 0.0  # A flash-attention kernel's score elements computed (B N T S).
+    # A fusion's element-wise work per execution: ((opcode, dtype, operand dtype, elements), ...).
+    element_ops: tuple[tuple[str, str, str, float], ...] = ()
+    reduction: bool = False  # A reduction kernel: XLA's input fusion (``kind=kInput``).
     source: str = ""  # The JAX op it came from (the HLO metadata's op_name), for reports.
 
 
@@ -782,6 +844,9 @@ def module_ops(
             if flash:
                 flops *= flash_tile_fraction
                 elements *= flash_tile_fraction
+            element_ops = ()
+            if i.op == "fusion" and not flops:
+                element_ops = tuple((*k, n) for k, n in m.element_ops(callee).items())
             if flops or b:
                 ops.append(
                     Op(
@@ -792,6 +857,8 @@ def module_ops(
                         name=i.name,
                         kernel=f"flash_{flash}" if flash else "",
                         elements=elements,
+                        element_ops=element_ops,
+                        reduction=i.op == "fusion" and _attr(i.attrs, "kind") == "kInput",
                         source=source,
                     )
                 )

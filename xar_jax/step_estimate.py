@@ -10,11 +10,19 @@ The model (pure functions of `xar_jax.hlo_cost.module_ops` and a chip's figures 
   matrix products only; bytes are counted as the hardware moves them (`xar_jax.hlo_cost`:
   slices of stacked buffers, in-place updates, VMEM prefetches). ``est_compute_s`` and
   ``est_memory_s`` are the two sums taken apart (the whole-step roofline's terms).
-* **Element work of GPU kernels** (only given a GPU's SM count and clock): this package's
-  flash-attention kernels also spend time per score element on the CUDA cores and
-  special-function units (softmax, dropout hash, conversions; `xar_jax.gpu_kernel_time`),
+* **Element work and launches of GPU kernels** (only given a GPU's SM count and clock;
+  `xar_jax.gpu_kernel_time`): this package's flash-attention kernels also spend time per score
+  element on the CUDA cores and special-function units (softmax, dropout hash, conversions),
   which adds to their matmul time: ``max(flops / peak + element work, bytes / bandwidth)``.
-  Its sum is ``est_element_work_s``. TPU programs have no such kernels.
+  XLA's element-wise (loop) fusions do their element-wise ops (dropout hashes, ``erf``,
+  conversions) while they stream their bytes: ``max(bytes / bandwidth, element work)``. XLA's
+  reduction kernels do them in turn with the loads: ``bytes / bandwidth + element work`` (each
+  thread folds its inputs into one accumulator, so its loads wait on its arithmetic; the H200
+  profile in docs/tpu.md shows both behaviours). ``est_element_work_s`` sums both kinds of
+  element work. Every kernel also costs a launch (``est_launch_s``: 1 us each).
+  TPU programs are estimated without these terms: the vector units' per-op rates and a TPU
+  core's per-op overhead are not public, so a TPU op's element-wise work is taken to hide under
+  its bytes.
 * **Collectives**, per op, from the bytes on one chip and its replica group of ``n`` chips, as
   ring algorithms move them: all-gather ``B (n-1)/n`` (B: the gathered result), reduce-scatter
   ``B (n-1)`` (B: the shard), all-reduce ``2 B (n-1)/n``, all-to-all ``B (n-1)/n``,
@@ -118,10 +126,11 @@ def estimate(
 ) -> dict[str, Any]:
     """The step's parts and total (seconds), FLOPs and HBM bytes, per chip.
 
-    ``sm_count`` and ``sm_clock_ghz`` (a GPU's) turn on the flash-attention kernels' element
-    work; 0 leaves it out."""
+    ``sm_count`` and ``sm_clock_ghz`` (a GPU's) turn on the kernels' element work and launches;
+    0 leaves them out (TPU)."""
     peak, bw = peak_tflops * 1e12, hbm_gbps * 1e9
-    flops = hbm = compute = memory = per_op = ici = dcn = elements = 0.0
+    flops = hbm = compute = memory = per_op = ici = dcn = elements = launches = 0.0
+    launch_s = gpu_kernel_time.KERNEL_LAUNCH_S if sm_count else 0.0
     for o in ops:
         if o.collective:
             hbm += o.bytes * o.times
@@ -146,10 +155,15 @@ def estimate(
         e = gpu_kernel_time.element_seconds(
             o.kernel, o.elements, sm_count=sm_count, sm_clock_ghz=sm_clock_ghz
         )
+        f = gpu_kernel_time.fusion_seconds(
+            o.element_ops, sm_count=sm_count, sm_clock_ghz=sm_clock_ghz
+        )
         compute += c * o.times
         memory += m * o.times
-        elements += e * o.times
-        per_op += max(c + e, m) * o.times
+        elements += (e + f) * o.times
+        launches += launch_s * o.times
+        busy = max(c + e, m + f) if o.reduction else max(c + e, m, f)
+        per_op += (busy + launch_s) * o.times
     collective = ici + dcn
     return {
         "flops": flops,
@@ -157,6 +171,7 @@ def estimate(
         "est_compute_s": compute,
         "est_memory_s": memory,
         "est_element_work_s": elements,
+        "est_launch_s": launches,
         "est_compute_memory_s": per_op,
         "est_ici_s": ici,
         "est_dcn_s": dcn,
