@@ -11,9 +11,10 @@ gradients) as if it read and wrote the whole buffer. `module_cost` walks the tex
 * **FLOPs** are the matrix products, wherever they are (fusion bodies included): ``dot`` =
   2 x result elements x contracted size; ``convolution`` = 2 x result elements x kernel input
   features x kernel window; cuBLAS GEMM custom calls likewise from their dimension numbers.
-  Element-wise work is not in the FLOPs (it runs on other units); it is counted apart (next).
-  Kernels the text cannot see into (Pallas/Mosaic/Triton custom calls) count only where their backend config
-  carries a cost estimate (``"flops"``); the others are listed in ``opaque_kernels``.
+  Element-wise work is not in the FLOPs (it runs on other units); it is counted apart (last
+  item). Kernels the text cannot see into (Pallas/Mosaic/Triton custom calls) count only where
+  their backend config carries a cost estimate (``"flops"``); the others are listed in
+  ``opaque_kernels``.
 * **HBM bytes** are counted per op outside fusion bodies, as the hardware moves them: operands
   read plus results written, where only arrays in HBM count (TPU layouts mark on-chip VMEM as
   memory space ``S(1)``: a ``copy-start`` that prefetches into VMEM is charged its read, and the
