@@ -149,6 +149,7 @@ def with_depth(config, k: int):
 REPORT_SOURCES = frozenset(
     {
         "aot.py",
+        "gpu_kernel_time.py",
         "hlo_cost.py",
         "hlo_report.py",
         "hlo_stats.py",
