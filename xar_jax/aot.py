@@ -308,7 +308,7 @@ def find_max_batch(
                 "per_chip_batch": b,
                 "fits": r["fits"],
                 "compile_s": r["compile_s"],
-                "hbm_total_gib": r.get("hbm_per_chip_gib", {}).get("total"),
+                "hbm_total_gib": (r.get("hbm_per_chip_gib") or {}).get("total"),
             }
         )
         log.info("per-chip batch %d: %s", b, "fits" if r["fits"] else "does not fit")
