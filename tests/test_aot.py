@@ -262,28 +262,38 @@ def test_a_slice_that_does_not_fit_still_reports_every_key():
     assert "does not fit" in r["estimate_basis"]
 
 
-def test_find_max_batch_searches_past_refusals_that_report_no_memory(monkeypatch):
+def test_find_max_batch_searches_past_refusals_that_report_no_memory():
     # A refused compile reports hbm_per_chip_gib = None (every key, null where unknown): the
-    # search records it and goes on. A fake compiler that fits up to 40 examples per chip.
-    from xar_jax import aot, tpu_topology
-    from xar_jax.train_config import load_config_file
+    # search records it and goes on. A fake compiler that fits up to 40 examples per chip, in a
+    # subprocess (xar_jax.aot defines absl flags that other modules of the suite define too).
+    script = """
+import json, os
+from xar_jax import aot, tpu_topology
+from xar_jax.train_config import load_config_file
 
-    def compile_report(config, topo, **_):
-        b = config.train.global_batch_size // 4
-        if b > 40:
-            return {"fits": False, "compile_s": 1.0, "hbm_per_chip_gib": None}
-        return {"fits": True, "compile_s": 1.0, "hbm_per_chip_gib": {"total": b / 10}}
+def compile_report(config, topo, **_):
+    b = config.train.global_batch_size // 4
+    if b > 40:
+        return {"fits": False, "compile_s": 1.0, "hbm_per_chip_gib": None}
+    return {"fits": True, "compile_s": 1.0, "hbm_per_chip_gib": {"total": b / 10}}
 
-    monkeypatch.setattr(aot, "compile_report", compile_report)
-    config = load_config_file(os.path.join(REPO, "configs", "tiny.py"))
-    topo = tpu_topology.parse("v5litepod-4")
-    found = aot.find_max_batch(config, topo, what="train", config_name="tiny", first=(16, True))
+aot.compile_report = compile_report
+config = load_config_file(os.path.join("configs", "tiny.py"))
+topo = tpu_topology.parse("v5litepod-4")
+print(json.dumps(aot.find_max_batch(config, topo, what="train", config_name="tiny", first=(16, True))))
+"""
+    found = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            env=os.environ | {"JAX_PLATFORMS": "cpu"},
+        ).stdout.splitlines()[-1]
+    )
     # 16 fits: 32 fits, 64 is refused, then one bisection step: 48 is refused.
     assert found["max_per_chip_batch"] == 32
-    assert [
-        (t["per_chip_batch"], t["fits"], t["hbm_total_gib"]) for t in found["max_batch_tried"]
-    ] == [
-        (32, True, 3.2),
-        (64, False, None),
-        (48, False, None),
-    ]
+    tried = [(t["per_chip_batch"], t["fits"], t["hbm_total_gib"]) for t in found["max_batch_tried"]]
+    assert tried == [(32, True, 3.2), (64, False, None), (48, False, None)]
