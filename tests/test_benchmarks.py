@@ -127,22 +127,18 @@ def test_gpu_compile_only_estimates_a_saved_program(tmp_path):
     kernels = [{"name": "nvjet_sm90_tst_128x160", "ms_per_call": 12.0, "count_per_call": 1}]
     kernels.append({"name": "input_reduce_fusion_3", "ms_per_call": 1.0, "count_per_call": 1})
     (tmp_path / "prof_tiny.json").write_text(json.dumps({"kernels": kernels}))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.gpu_compile_only",
-            "--models=tiny",
-            "--batch=64",
-            f"--from_hlo={tmp_path}",
-            f"--profile={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
-    )
+
+    def estimate_cli(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "benchmarks.gpu_compile_only", "--models=tiny", *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
+        )
+
+    out = estimate_cli("--batch=64", f"--from_hlo={tmp_path}", f"--profile={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     estimate, per_class = out.stdout.split("| class ")
     row = _table(estimate)
@@ -174,16 +170,7 @@ def test_gpu_compile_only_estimates_a_saved_program(tmp_path):
         f.write(text)
     profile = {"batch": 32, "wall_ms_per_call": 40.0, "kernels": kernels}
     (tmp_path / "prof_tiny_bs32.json").write_text(json.dumps(profile))
-    cmd = [*out.args, "--tag=_bs32"]
-    cmd.remove("--batch=64")
-    tagged = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
-    )
+    tagged = estimate_cli(f"--from_hlo={tmp_path}", f"--profile={tmp_path}", "--tag=_bs32")
     assert tagged.returncode == 0, tagged.stderr[-3000:]
     row = _table(tagged.stdout.split("| class ")[0])
     assert (row["model"], row["batch"], float(row["measured_img_s"])) == ("tiny_bs32", "32", 800.0)

@@ -10,11 +10,10 @@ that misses three things, modelled here:
    takes longer than the kernels' tensor-core matmuls (`FLASH_INSTRUCTIONS`, below).
 2. The element-wise work of XLA's own fusions (`fusion_seconds`): the dropout hash of the
    projections and MLP, GELU's ``erf``, normalisation, conversions. The HLO names every op of a
-   fusion body and its element count (`xar_jax.hlo_cost.Op.element_ops`); `HLO_OP_INSTRUCTIONS`
-   gives the instructions per element XLA's GPU emitter produces for each op. A kernel streams
-   its elements with many warps per SM, so loads and arithmetic overlap: the fusion takes the
-   larger of its bytes' time and its element work (XLA's own GPU cost model combines them the
-   same way by default).
+   fusion body and its element count (`xar_jax.hlo_cost.Op.element_ops`); `hlo_op_instructions`
+   gives the instructions per element XLA's GPU emitter produces for each op. How that time
+   combines with the fusion's bytes (overlapped in loop kernels, added in reductions) is
+   `xar_jax.step_estimate`'s.
 3. Launches: every kernel costs `KERNEL_LAUNCH_S` beyond its work (the launch and the drain
    before the next one), the figure XLA's GPU cost model uses (``kKernelLaunchOverhead`` in
    ``xla/service/gpu/model/gpu_performance_model_base.h``). A train step launches 2,000-5,000.
